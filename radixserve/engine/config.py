@@ -1,0 +1,88 @@
+"""The engine's configuration: one frozen dataclass, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+EVICTION_POLICIES = ("lru", "lfu", "fifo", "priority")
+SCHEDULE_POLICIES = ("fcfs", "lpm")
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("cpu", "cuda")
+FOLD_MODES = ("off", "mlp", "tree")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything that shapes an engine; `Engine(**config)` takes these names."""
+
+    model: str | None = None  # a Hugging Face directory; None: the built-in SmolLM2-135M-Instruct
+    device: str | None = None  # "cpu" | "cuda" | "cuda:N"; None: cuda when available
+    dtype: str | None = None  # None: float32 on CPU, bfloat16 on GPU
+    enable_prefix_cache: bool = True
+    max_running_requests: int = 64
+    max_prefill_tokens: int = 2048  # prefill tokens per step; longer prompts are chunked
+    kv_cache_tokens: int | None = None  # KV pool size; None: 16384 on CPU, from free memory on GPU
+    gpu_memory_utilization: float = 0.85
+    max_context: int | None = None  # None: the model's max_position_embeddings
+    eviction_policy: str = "lru"
+    schedule_policy: str = "fcfs"
+    # LPM: a waiting request gains this many "matched tokens" per step waited,
+    # so a cache miss always overtakes eventually.
+    lpm_aging_tokens_per_step: int = 16
+    page_size: int = 1
+    # Within-batch folding of shared uncached prefixes (see scheduler/batch_builder.py).
+    fold_mode: str | None = None  # None: "tree" when page_size is 1, else "mlp"
+    fold_threshold: float = 0.95  # fold a batch only when computed rows / tokens is below this
+    attention_backend: str = "auto"
+    seed: int | None = None  # seeds the draws of per-request seeds for unseeded requests
+    check_invariants: bool = False  # verify slot ownership and the tree after every step
+
+    def __post_init__(self) -> None:
+        _check_int(self, "max_running_requests", 1)
+        _check_int(self, "max_prefill_tokens", 1)
+        _check_int(self, "page_size", 1)
+        _check_int(self, "lpm_aging_tokens_per_step", 0)
+        if self.kv_cache_tokens is not None:
+            _check_int(self, "kv_cache_tokens", 1)
+        if self.max_context is not None:
+            _check_int(self, "max_context", 2)
+        if not isinstance(self.enable_prefix_cache, bool):
+            raise ValueError(f"enable_prefix_cache must be a bool, got {self.enable_prefix_cache!r}")
+        if not 0.0 < float(self.gpu_memory_utilization) <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        _check_choice(self, "eviction_policy", EVICTION_POLICIES)
+        _check_choice(self, "schedule_policy", SCHEDULE_POLICIES)
+        if self.fold_mode is None:
+            object.__setattr__(self, "fold_mode", "tree" if self.page_size == 1 else "mlp")
+        _check_choice(self, "fold_mode", FOLD_MODES)
+        if isinstance(self.fold_threshold, bool) or not 0.0 < float(self.fold_threshold) <= 1.0:
+            raise ValueError(f"fold_threshold must be in (0, 1], got {self.fold_threshold!r}")
+        if self.fold_mode == "tree" and self.page_size != 1:
+            raise ValueError("fold_mode 'tree' shares KV slots token by token and needs page_size 1")
+        if self.dtype is not None:
+            _check_choice(self, "dtype", DTYPES)
+        if self.device is not None and self.device.split(":")[0] not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES} (optionally 'cuda:N'), got {self.device!r}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
+        """Build from keyword options; an unknown option is an error, never dropped."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"unknown engine option(s) {unknown}; valid options: {sorted(known)}")
+        return cls(**kwargs)
+
+
+def _check_int(cfg: EngineConfig, name: str, minimum: int) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_choice(cfg: EngineConfig, name: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(cfg, name)
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

@@ -1,0 +1,148 @@
+"""EngineCore: one thread's worth of engine. `step()` is schedule -> run -> process.
+
+Single-threaded and deterministic, so tests drive it step by step; `Engine`
+runs it on a background thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from radixserve.engine.config import EngineConfig
+from radixserve.model_runner.model_runner import DTYPES, ModelRunner
+from radixserve.radix_tree import RadixTree
+from radixserve.scheduler.kv_cache import KVCacheManager
+from radixserve.scheduler.request import Req
+from radixserve.scheduler.scheduler import Scheduler, SchedulerConfig, StepUpdate
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for, but CUDA is not available here")
+    return device
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, model_path: Path) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.runner = ModelRunner(
+            model_path,
+            device=self.device,
+            dtype=self.dtype,
+            max_running_requests=config.max_running_requests,
+            max_context=config.max_context,
+            kv_cache_tokens=config.kv_cache_tokens,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            attention_backend=config.attention_backend,
+        )
+        self.tree = RadixTree(page_size=config.page_size, policy=config.eviction_policy)
+        self.cache = KVCacheManager(
+            self.tree,
+            self.runner.allocator,
+            self.runner.req_to_token,
+            enable_prefix_cache=config.enable_prefix_cache,
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_running_requests=config.max_running_requests,
+                max_prefill_tokens=config.max_prefill_tokens,
+                max_context=self.runner.max_context,
+                schedule_policy=config.schedule_policy,
+                lpm_aging_tokens_per_step=config.lpm_aging_tokens_per_step,
+                fold_mode=config.fold_mode,
+                fold_threshold=config.fold_threshold,
+            ),
+            self.cache,
+            eos_ids=frozenset(self.runner.model_config.eos_token_ids),
+        )
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+        self.computed_tokens = 0
+        self.steps = 0
+
+    @property
+    def kv_capacity(self) -> int:
+        return self.cache.capacity
+
+    @property
+    def max_context(self) -> int:
+        return self.runner.max_context
+
+    def add(self, reqs: list[Req]) -> None:
+        self.prompt_tokens += sum(len(r.prompt_ids) for r in reqs)
+        self.scheduler.add(reqs)
+
+    def abort(self, rid: str) -> None:
+        self.scheduler.abort(rid)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[StepUpdate]:
+        """Run one batch; return what each request gained."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            updates = self.scheduler.take_updates()
+        else:
+            out = self.runner.forward(batch.forward)
+            sampled = None
+            if batch.sample_reqs:
+                sampled = self.runner.sample(out.logits, self.scheduler.sampling_rows(batch))
+            updates = self.scheduler.process(batch, out, sampled)
+            self.steps += 1
+            self.computed_tokens += batch.forward.num_tokens
+            self.generated_tokens += len(batch.sample_reqs)
+        if self.config.check_invariants:
+            self.scheduler.check_invariants()
+        return updates
+
+    def flush_cache(self) -> bool:
+        return self.cache.flush()
+
+    def check_invariants(self) -> None:
+        self.scheduler.check_invariants()
+
+    def stats(self) -> dict[str, Any]:
+        tree = self.tree.stats()
+        cache = self.cache
+        queried = cache.queried_tokens
+        return {
+            "queried_tokens": queried,
+            "hit_tokens": cache.hit_tokens,
+            "hit_rate": cache.hit_tokens / queried if queried else 0.0,
+            "cache_tokens": self.tree.total_size,
+            "evictable_tokens": self.tree.evictable_size,
+            "protected_tokens": self.tree.protected_size,
+            "inserted_tokens": tree.get("inserted_tokens", 0),
+            "evicted_tokens": tree.get("evicted_tokens", 0),
+            "free_slots": self.runner.allocator.num_free,
+            "kv_capacity_tokens": self.kv_capacity,
+            "kv_usage": 1.0 - self.runner.allocator.num_free / self.kv_capacity,
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "computed_tokens": self.computed_tokens,
+            "retractions": self.scheduler.retractions,
+            "folded_tokens": self.scheduler.folded_tokens,
+            # Rows computed over tokens planned (prefill chunks and decodes); 1.0: nothing folded.
+            "fold_ratio": 1.0 - self.scheduler.folded_tokens / max(1, self.scheduler.planned_tokens),
+            "steps": self.steps,
+        }

@@ -1,0 +1,554 @@
+"""The public Engine: validation, a background loop thread, sync/streaming/asyncio APIs.
+
+Requests are validated in the caller's thread (a bad one raises ValueError and
+nothing is enqueued), then handed to the loop thread, which owns the
+`EngineCore` and runs `step()` while there is work. Results flow back through
+per-request sinks (a thread-safe queue, or an asyncio queue fed with
+`call_soon_threadsafe`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import random
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterator, Sequence
+
+from tqdm.auto import tqdm
+
+from radixserve.engine.config import EngineConfig
+from radixserve.engine.core import EngineCore
+from radixserve.engine.detokenizer import IncrementalDetokenizer
+from radixserve.engine.outputs import CompletionOutput, RequestOutput, StreamDelta, TokenLogprob
+from radixserve.sampling_params import SamplingParams
+from radixserve.scheduler.request import Req
+from radixserve.scheduler.scheduler import StepUpdate
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | Sequence[int]
+POOLINGS = ("last", "mean", "cls")
+_PREFILL_PARAMS = SamplingParams(max_tokens=1)  # embed/score requests sample nothing
+
+
+class _Tracker:
+    """Collects one prompt's n completions and forwards each delta to a sink."""
+
+    def __init__(self, rid: str, prompt: str | None, prompt_ids: list[int], n: int, sink: Callable) -> None:
+        self.rid = rid
+        self.prompt = prompt
+        self.prompt_ids = prompt_ids
+        self.outputs = [CompletionOutput(index=i) for i in range(n)]
+        self.sink = sink
+        self.cached_tokens = 0
+        self.folded = [0] * n
+        self.remaining = n
+
+    def on_update(self, u: StepUpdate) -> None:
+        req = u.req
+        out = self.outputs[req.index]
+        out.text += u.text
+        out.token_ids.extend(u.token_ids)
+        lps = tuple(TokenLogprob(t, lp, top) for t, lp, top in u.logprobs)
+        if req.params.logprobs is not None:
+            out.logprobs = (out.logprobs or []) + list(lps)
+        if req.index == 0:
+            self.cached_tokens = req.cached_tokens
+        self.folded[req.index] = req.folded_tokens
+        if u.finished:
+            out.finish_reason = req.finish_reason
+            out.stop_reason = req.stop_reason
+            self.remaining -= 1
+        self.sink(
+            StreamDelta(
+                request_id=self.rid,
+                index=req.index,
+                text=u.text,
+                token_ids=tuple(u.token_ids),
+                logprobs=lps if req.params.logprobs is not None else None,
+                finish_reason=out.finish_reason if u.finished else None,
+                prompt_tokens=len(self.prompt_ids),
+                cached_tokens=req.cached_tokens,
+                completion_tokens=len(out.token_ids),
+                folded_tokens=req.folded_tokens,
+                stop_reason=out.stop_reason if u.finished else None,
+            )
+        )
+
+    def result(self) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.rid,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_ids,
+            outputs=self.outputs,
+            cached_tokens=self.cached_tokens,
+            folded_tokens=sum(self.folded),
+        )
+
+
+_DONE = object()  # sentinel closing a sink
+
+
+class Engine:
+    """An LLM engine with a persistent prefix cache.
+
+    >>> engine = Engine()  # the built-in SmolLM2-135M-Instruct on CPU
+    >>> engine.generate("The capital of France is", SamplingParams(max_tokens=8, temperature=0))
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        enable_prefix_cache: bool = True,
+        **config: Any,
+    ) -> None:
+        self.config = EngineConfig.from_kwargs(
+            model=model, device=device, dtype=dtype, enable_prefix_cache=enable_prefix_cache, **config
+        )
+        model_path = _resolve_model_path(self.config.model)
+        self.model_path = model_path
+        self.tokenizer = _load_tokenizer(model_path)
+        self.core = EngineCore(self.config, model_path)
+        self._rng = random.Random(self.config.seed)
+        self._ids = itertools.count()
+        self._lock = threading.Lock()  # guards the core: held for each step
+        self._cv = threading.Condition()  # guards the inbox and wakes the loop
+        self._inbox: list[tuple[_Tracker, list[Req]]] = []
+        self._aborts: list[str] = []
+        self._trackers: dict[str, _Tracker] = {}
+        self._stopping = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="radixserve-engine", daemon=True)
+        self._thread.start()
+
+    # -- context management ----------------------------------------------------------
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Abort what is in flight and stop the loop thread. Idempotent."""
+        with self._cv:
+            if self._stopping:
+                return
+            self._stopping = True
+            self._aborts.extend(self._trackers)
+            self._cv.notify_all()
+        self._thread.join(timeout=60)
+
+    # -- submitting ------------------------------------------------------------------
+
+    def _prepare(self, prompt: Prompt, params: SamplingParams | None) -> tuple[str | None, list[int], SamplingParams]:
+        """Tokenize and validate one prompt; raise ValueError naming the problem."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            tok = self._require_tokenizer("text prompts")
+            ids = tok.encode(prompt, add_special_tokens=True)
+            text: str | None = prompt
+        else:
+            ids = list(prompt)
+            text = None
+            if any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
+                raise ValueError("prompt token ids must be integers")
+        if not ids:
+            raise ValueError("prompt is empty")
+        vocab = self.core.runner.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
+        limit = min(self.core.max_context, self.core.kv_capacity)
+        if len(ids) >= limit:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; the limit is {limit - 1} "
+                f"(context {self.core.max_context}, KV cache {self.core.kv_capacity} tokens)"
+            )
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
+        return text, ids, params
+
+    def _make_reqs(self, rid: str, ids: list[int], params: SamplingParams) -> list[Req]:
+        base_seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
+        reqs: list[Req] = []
+        for i in range(params.n):
+            # Completion 0 keeps the request's seed; the others derive theirs from it.
+            seed = base_seed if i == 0 else (base_seed * 1_000_003 + i) & (2**62 - 1)
+            first = reqs[0] if reqs and self.config.enable_prefix_cache else None
+            reqs.append(
+                Req(rid, ids, params, seed=seed, index=i, detokenizer=self._detokenizer(ids, params), wait_for=first)
+            )
+        return reqs
+
+    def _detokenizer(self, ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | None:
+        if self.tokenizer is None:
+            return None
+        return IncrementalDetokenizer(
+            self.tokenizer,
+            ids,
+            skip_special_tokens=params.skip_special_tokens,
+            stop=params.stop,
+            include_stop_str_in_output=params.include_stop_str_in_output,
+        )
+
+    def _submit(
+        self,
+        items: list[tuple[str | None, list[int], SamplingParams]],
+        sink_for: Callable,
+        make_reqs: Callable[[str, list[int], SamplingParams], list[Req]] | None = None,
+    ) -> list[_Tracker]:
+        if self._error is not None:
+            raise RuntimeError("the engine loop failed earlier") from self._error
+        make_reqs = make_reqs or self._make_reqs
+        trackers = []
+        batch = []
+        for text, ids, params in items:
+            rid = f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+            reqs = make_reqs(rid, ids, params)
+            tracker = _Tracker(rid, text, ids, len(reqs), sink_for(rid))
+            trackers.append(tracker)
+            batch.append((tracker, reqs))
+        with self._cv:
+            if self._stopping:
+                raise RuntimeError("the engine is shut down")
+            for tracker, reqs in batch:
+                self._trackers[tracker.rid] = tracker
+            self._inbox.extend(batch)
+            self._cv.notify_all()
+        return trackers
+
+    def abort(self, request_id: str) -> None:
+        """End a request early; its completions finish with finish_reason "abort"."""
+        with self._cv:
+            self._aborts.append(request_id)
+            self._cv.notify_all()
+
+    # -- the loop thread -------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while self._iterate():
+                pass
+        except BaseException as exc:  # a failed step must not leave callers waiting forever
+            logger.exception("engine loop failed")
+            self._fail_all(exc)
+
+    def _iterate(self) -> bool:
+        """One pass: take new requests and aborts, run a step, deliver. False: stop."""
+        with self._cv:
+            while not (self._inbox or self._aborts or self._stopping or self.core.has_work()):
+                self._cv.wait()
+            inbox, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, []
+            stopping = self._stopping
+        with self._lock:
+            for _, reqs in inbox:
+                self.core.add(reqs)
+            for rid in aborts:
+                self.core.abort(rid)
+            updates = self.core.step() if self.core.has_work() else []
+        self._dispatch(updates)
+        if stopping and not self.core.has_work():
+            self._close_all()
+            return False
+        return True
+
+    def _dispatch(self, updates: list[StepUpdate]) -> None:
+        for u in updates:
+            tracker = self._trackers.get(u.req.rid)
+            if tracker is None:
+                continue
+            try:
+                tracker.on_update(u)
+                if tracker.remaining == 0:
+                    tracker.sink(_DONE)
+            except Exception:  # the consumer is gone (e.g. its event loop closed): drop it
+                logger.debug("dropping the consumer of %s", tracker.rid, exc_info=True)
+                self.abort(tracker.rid)
+                tracker.remaining = 0
+            if tracker.remaining == 0:
+                with self._cv:
+                    self._trackers.pop(tracker.rid, None)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        self._error = exc
+        with self._cv:
+            trackers, self._trackers = list(self._trackers.values()), {}
+            self._stopping = True
+        for t in trackers:
+            try:
+                t.sink(exc)
+            except Exception:  # that consumer is gone too
+                pass
+
+    def _close_all(self) -> None:
+        with self._cv:
+            trackers, self._trackers = list(self._trackers.values()), {}
+        for t in trackers:
+            try:
+                t.sink(_DONE)
+            except Exception:  # that consumer is gone already
+                pass
+
+    # -- public generation APIs ------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        progress: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; results in the prompts' order."""
+        items = self._prepare_many(prompts, params)
+        sinks: dict[str, queue.SimpleQueue] = {}
+
+        def sink_for(rid: str) -> Callable:
+            sinks[rid] = queue.SimpleQueue()
+            return sinks[rid].put
+
+        trackers = self._submit(items, sink_for)
+        self._wait(trackers, sinks, progress, "generate")
+        return [t.result() for t in trackers]
+
+    def _wait(self, trackers: list[_Tracker], sinks: dict[str, queue.SimpleQueue], progress: bool, what: str) -> None:
+        bar = tqdm(total=len(trackers), desc=what, disable=not progress, unit="req")
+        try:
+            for t in trackers:
+                _drain(sinks[t.rid])
+                bar.update(1)
+        finally:
+            bar.close()
+
+    def _run_prefill(
+        self, items: list[tuple[str | None, list[int], SamplingParams]], make: Callable[[str, list[int]], Req]
+    ) -> list[Req]:
+        """Submit prefill-only requests (embed, score) and wait for them."""
+        sinks: dict[str, queue.SimpleQueue] = {}
+        made: list[Req] = []
+
+        def sink_for(rid: str) -> Callable:
+            sinks[rid] = queue.SimpleQueue()
+            return sinks[rid].put
+
+        def make_reqs(rid: str, ids: list[int], params: SamplingParams) -> list[Req]:
+            made.append(make(rid, ids))
+            return [made[-1]]
+
+        trackers = self._submit(items, sink_for, make_reqs)
+        self._wait(trackers, sinks, False, "prefill")
+        for req in made:
+            if req.finish_reason == "abort":
+                raise RuntimeError(f"request {req.rid} was aborted")
+        return made
+
+    def embed(
+        self, inputs: Prompt | Sequence[Prompt], *, pooling: str = "last", normalize: bool = True
+    ) -> list[list[float]]:
+        """One embedding per input from the final hidden states (after the last norm).
+
+        `last` (what Qwen3-Embedding uses) reads the last token, so a cached
+        prefix is reused; `mean` and `cls` need every (the first) token's hidden
+        state, which the KV cache does not keep, so those tokens are recomputed
+        (still folded with the batch, and inserted into the tree for others).
+        """
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        items = self._prepare_many(inputs, None)
+        reqs = self._run_prefill(
+            items, lambda rid, ids: Req(rid, ids, _PREFILL_PARAMS, seed=0, task="embed", pooling=pooling)
+        )
+        out = []
+        for req in reqs:
+            vec = req.embedding
+            if pooling == "mean":
+                vec = vec / req.fill_len
+            if normalize:
+                vec = vec / vec.norm().clamp_min(1e-12)
+            out.append(vec.tolist())
+        return out
+
+    def score(self, prompt: Prompt, completions: Sequence[Prompt]) -> list[list[float]]:
+        """Per-token logprobs of each completion given the prompt (raw model distribution).
+
+        The GRPO case: many completions of one prompt. The prompt is computed
+        once (cache and folding) and only the completions' rows are scored.
+        """
+        if isinstance(completions, (str, bytes)) or not isinstance(completions, (list, tuple)) or not completions:
+            raise ValueError("completions must be a non-empty list of strings or token-id lists")
+        _, prompt_ids, _ = self._prepare(prompt, None)
+        items = []
+        for i, c in enumerate(completions):
+            if isinstance(c, str):
+                if not c:
+                    raise ValueError(f"completions[{i}] is empty")
+                c_ids = self._require_tokenizer("text completions").encode(c, add_special_tokens=False)
+            else:
+                c_ids = list(c)
+            if not c_ids:
+                raise ValueError(f"completions[{i}] is empty")
+            items.append(self._prepare(prompt_ids + c_ids, None))
+        start = len(prompt_ids)
+        reqs = self._run_prefill(
+            items, lambda rid, ids: Req(rid, ids, _PREFILL_PARAMS, seed=0, task="score", score_start=start)
+        )
+        return [list(r.scores) for r in reqs]
+
+    def _prepare_many(self, prompts: Any, params: Any) -> list[tuple[str | None, list[int], SamplingParams]]:
+        if isinstance(prompts, str) or (
+            isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts)
+        ):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("prompts must be a non-empty str, list of str, or list of token-id lists")
+        if params is None or isinstance(params, SamplingParams):
+            params_list = [params] * len(prompts)
+        else:
+            params_list = list(params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"params has {len(params_list)} entries for {len(prompts)} prompts")
+        return [self._prepare(p, sp) for p, sp in zip(prompts, params_list)]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamDelta]:
+        """Yield deltas as they are generated. Closing the iterator early aborts the request."""
+        (item,) = [self._prepare(prompt, params)]
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        (tracker,) = self._submit([item], lambda rid: q.put)
+        finished = False
+        try:
+            while True:
+                got = q.get()
+                if got is _DONE:
+                    finished = True
+                    return
+                if isinstance(got, BaseException):
+                    raise RuntimeError("the engine loop failed") from got
+                yield got
+        finally:
+            if not finished:
+                self.abort(tracker.rid)
+
+    async def generate_async(
+        self, prompt: Prompt, params: SamplingParams | None = None, *, request_id: str | None = None
+    ) -> AsyncIterator[StreamDelta]:
+        """`async for delta in engine.generate_async(...)`; cancelling the consumer aborts the request."""
+        item = self._prepare(prompt, params)
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        (tracker,) = self._submit([item], lambda rid: lambda x: loop.call_soon_threadsafe(q.put_nowait, x))
+        finished = False
+        try:
+            while True:
+                got = await q.get()
+                if got is _DONE:
+                    finished = True
+                    return
+                if isinstance(got, BaseException):
+                    raise RuntimeError("the engine loop failed") from got
+                yield got
+        finally:
+            if not finished:
+                self.abort(tracker.rid)
+
+    # -- chat ------------------------------------------------------------------------
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Token ids of `messages` through the tokenizer's chat template, ready for a reply."""
+        tok = self._require_tokenizer("chat")
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}] must be a dict with string 'role' and 'content'")
+        if getattr(tok, "chat_template", None) is None:
+            raise ValueError("this model's tokenizer has no chat template")
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> RequestOutput:
+        return self.generate([self.apply_chat_template(messages)], params, progress=False)[0]
+
+    def chat_stream(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> Iterator[StreamDelta]:
+        return self.stream(self.apply_chat_template(messages), params)
+
+    # -- cache and stats -------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return self.core.stats()
+
+    def flush_cache(self) -> bool:
+        """Drop every cached prefix. Refused (False) while requests are running."""
+        with self._lock:
+            if self.core.has_work():
+                return False
+            return self.core.flush_cache()
+
+    def check_invariants(self) -> None:
+        with self._lock:
+            self.core.check_invariants()
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Block until no request is queued or running (tests, graceful drains)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._cv:
+                pending = bool(self._inbox or self._aborts)
+            with self._lock:
+                busy = self.core.has_work()
+            if not pending and not busy:
+                return True
+            time.sleep(0.005)
+        return False
+
+    def _require_tokenizer(self, what: str) -> Any:
+        if self.tokenizer is None:
+            raise ValueError(f"{what} need a tokenizer; the model at {self.model_path} has none")
+        return self.tokenizer
+
+
+def _drain(q: queue.SimpleQueue) -> None:
+    while True:
+        got = q.get()
+        if got is _DONE:
+            return
+        if isinstance(got, BaseException):
+            raise RuntimeError("the engine loop failed") from got
+
+
+def _resolve_model_path(model: str | None) -> Path:
+    if model is None:
+        from radixserve.model_runner.builtin_model import builtin_model_path
+
+        return builtin_model_path()
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"model must be a local Hugging Face directory; {str(path)!r} is not a directory")
+    return path
+
+
+def _load_tokenizer(path: Path) -> Any:
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((path / n).exists() for n in names):
+        logger.info("no tokenizer in %s: token-id prompts only", path)
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))

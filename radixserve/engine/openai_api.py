@@ -1,0 +1,438 @@
+"""OpenAI-compatible request parsing and validation (pure: no engine, no aiohttp).
+
+Every parameter a route knows is either honoured or refused with a 400 naming
+it; a parameter it does not know is refused too (as OpenAI does), so nothing
+is silently ignored. Values that `SamplingParams` validates (ranges, types)
+are left to it, and its `ValueError` becomes a 400 naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from radixserve.sampling_params import MAX_LOGPROBS, SamplingParams
+
+MAX_N = 128  # OpenAI's limit on `n`
+MAX_STOP = 4  # OpenAI's limit on `stop` sequences
+MAX_BATCH = 256  # prompts (or embedding inputs) in one request
+
+# Extensions beyond OpenAI, passed to SamplingParams under the same names.
+EXTENSIONS = (
+    "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos",
+    "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output",
+)
+# OpenAI names that map 1:1 to SamplingParams fields.
+_DIRECT = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed")
+
+
+class ApiError(Exception):
+    """An error answered as `{"error": {"message", "type", "param", "code"}}` with an HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code or "invalid_value")
+
+
+@dataclass
+class GenerateRequest:
+    """A parsed completions/chat/native request, before tokenization."""
+
+    route: str  # "completions" | "chat" | "generate"
+    prompts: list[str | list[int]]  # completions/generate; chat uses `messages`
+    messages: list[dict[str, str]] | None
+    sampling: dict[str, Any]  # SamplingParams kwargs, max_tokens excluded
+    max_tokens: int | None  # None: the route's default
+    max_tokens_param: str  # the name the client used, for error messages
+    stream: bool = False
+    include_usage: bool = False
+    echo: bool = False
+    logprobs: int | None = None  # top-N per token (0: the sampled token's only); None: no logprobs
+    user: str | None = None
+    names: dict[str, str] = field(default_factory=dict)  # SamplingParams field -> the client's name
+
+
+@dataclass
+class EmbeddingRequest:
+    inputs: list[str | list[int]]
+    encoding_format: str  # "float" | "base64"
+    options: dict[str, Any]  # pooling, normalize (extensions)
+
+
+# -- shared checks ------------------------------------------------------------------------
+
+
+def check_object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    return body
+
+
+def check_known(body: dict[str, Any], known: set[str]) -> None:
+    for key in body:
+        if key not in known:
+            raise bad_request(f"Unrecognized request argument supplied: {key}", param=key, code="unknown_parameter")
+
+
+def check_model(body: dict[str, Any], served: str) -> None:
+    model = body.get("model")
+    if model is None:
+        raise bad_request("you must provide a model parameter", param="model", code="missing_required_parameter")
+    if not isinstance(model, str):
+        raise bad_request(f"model must be a string, got {type(model).__name__}", param="model")
+    if model != served:
+        raise bad_request(
+            f"The model `{model}` does not exist; this server serves `{served}`", param="model", code="model_not_found"
+        )
+
+
+def get_bool(body: dict[str, Any], name: str, default: bool = False) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise bad_request(f"{name} must be a boolean, got {value!r}", param=name)
+    return value
+
+
+def get_int(body: dict[str, Any], name: str, low: int, high: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+    if not ok:
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise bad_request(f"{name} must be an integer {allowed}, got {value!r}", param=name)
+    return value
+
+
+def refuse_unless(body: dict[str, Any], name: str, ok: Callable[[Any], bool], why: str) -> None:
+    """Accept `name` only with a value that asks for nothing this server lacks."""
+    value = body.get(name)
+    if value is not None and not ok(value):
+        raise bad_request(f"{name}={value!r} is not supported: {why}", param=name, code="unsupported_value")
+
+
+def check_token_ids(ids: list[Any], param: str) -> list[int]:
+    if not ids:
+        raise bad_request(f"{param} is empty", param=param)
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise bad_request(f"{param} must be a string or a list of integer token ids", param=param)
+    return ids
+
+
+def parse_prompts(value: Any, param: str) -> list[str | list[int]]:
+    """str | list[str] | list[int] | list[list[int]] -> a list of prompts (OpenAI's four forms)."""
+    if value is None:
+        raise bad_request(f"you must provide {param}", param=param, code="missing_required_parameter")
+    if isinstance(value, str):
+        prompts: list[Any] = [value]
+    elif isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        prompts = [value]
+    elif isinstance(value, list) and value:
+        prompts = value
+    else:
+        raise bad_request(
+            f"{param} must be a non-empty string, list of strings, list of token ids, or list of token-id lists",
+            param=param,
+        )
+    if len(prompts) > MAX_BATCH:
+        raise bad_request(f"{param} holds {len(prompts)} prompts; the limit is {MAX_BATCH}", param=param)
+    out: list[str | list[int]] = []
+    for p in prompts:
+        if isinstance(p, str):
+            if not p:
+                raise bad_request(f"{param} must not be an empty string", param=param)
+            out.append(p)
+        elif isinstance(p, list):
+            out.append(check_token_ids(p, param))
+        else:
+            raise bad_request(f"{param} items must be strings or lists of token ids, got {type(p).__name__}", param=param)
+    return out
+
+
+# -- sampling parameters --------------------------------------------------------------------
+
+
+def _stop(body: dict[str, Any]) -> tuple[str, ...] | None:
+    stop = body.get("stop")
+    if stop is None:
+        return None
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise bad_request("stop must be a non-empty string or a list of non-empty strings", param="stop")
+    if len(stops) > MAX_STOP:
+        raise bad_request(f"stop holds {len(stops)} sequences; the limit is {MAX_STOP}", param="stop")
+    return tuple(stops)
+
+
+def _sampling(body: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI + extension fields -> SamplingParams kwargs (values checked there)."""
+    kw: dict[str, Any] = {k: body[k] for k in _DIRECT + EXTENSIONS if body.get(k) is not None}
+    temperature = kw.get("temperature")
+    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and not 0 <= temperature <= 2:
+        raise bad_request(f"temperature must be in [0, 2], got {temperature!r}", param="temperature")
+    if "stop_token_ids" in kw and not isinstance(kw["stop_token_ids"], list):
+        raise bad_request("stop_token_ids must be a list of token ids", param="stop_token_ids")
+    stop = _stop(body)
+    if stop is not None:
+        kw["stop"] = stop
+    n = get_int(body, "n", 1, MAX_N)
+    if n is not None:
+        kw["n"] = n
+    return kw
+
+
+def _stream_options(body: dict[str, Any], stream: bool) -> bool:
+    opts = body.get("stream_options")
+    if opts is None:
+        return False
+    if not stream:
+        raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
+    if not isinstance(opts, dict):
+        raise bad_request("stream_options must be an object", param="stream_options")
+    check_known({f"stream_options.{k}": v for k, v in opts.items()}, {"stream_options.include_usage"})
+    return get_bool(opts, "include_usage")
+
+
+_COMMON = {
+    "model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "presence_penalty",
+    "frequency_penalty", "logit_bias", "user", "seed", *EXTENSIONS,
+}
+COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"}
+CHAT_FIELDS = _COMMON | {
+    "messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "tools", "tool_choice",
+    "parallel_tool_calls", "store",
+}
+
+
+def _common(body: dict[str, Any], served: str, fields: set[str]) -> tuple[dict[str, Any], bool, bool, str | None]:
+    check_known(body, fields)
+    check_model(body, served)
+    refuse_unless(body, "logit_bias", lambda v: v == {}, "logit_bias is not implemented")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise bad_request("user must be a string", param="user")
+    stream = get_bool(body, "stream")
+    include_usage = _stream_options(body, stream)
+    return _sampling(body), stream, include_usage, user
+
+
+def parse_completion(body: Any, served: str) -> GenerateRequest:
+    """POST /v1/completions."""
+    body = check_object(body)
+    sampling, stream, include_usage, user = _common(body, served, COMPLETION_FIELDS)
+    refuse_unless(body, "suffix", lambda v: v == "", "insertion (suffix) is not implemented")
+    n = sampling.get("n", 1)
+    refuse_unless(body, "best_of", lambda v: v == n, "best_of must equal n (no server-side ranking)")
+    logprobs = get_int(body, "logprobs", 0, MAX_LOGPROBS)
+    echo = get_bool(body, "echo")
+    if echo and logprobs is not None:
+        raise bad_request("echo with logprobs needs prompt logprobs, which are not implemented", param="echo",
+                          code="unsupported_value")
+    return GenerateRequest(
+        route="completions",
+        prompts=parse_prompts(body.get("prompt"), "prompt"),
+        messages=None,
+        sampling=sampling,
+        max_tokens=get_int(body, "max_tokens", 1),
+        max_tokens_param="max_tokens",
+        stream=stream,
+        include_usage=include_usage,
+        echo=echo,
+        logprobs=logprobs,
+        user=user,
+    )
+
+
+def parse_chat(body: Any, served: str) -> GenerateRequest:
+    """POST /v1/chat/completions."""
+    body = check_object(body)
+    sampling, stream, include_usage, user = _common(body, served, CHAT_FIELDS)
+    refuse_unless(body, "tools", lambda v: v == [], "tool calling is not implemented")
+    refuse_unless(body, "tool_choice", lambda v: v in ("none", "auto"), "tool calling is not implemented")
+    refuse_unless(body, "parallel_tool_calls", lambda v: isinstance(v, bool), "it must be a boolean")
+    refuse_unless(body, "response_format", lambda v: v == {"type": "text"}, "only {'type': 'text'} is implemented")
+    refuse_unless(body, "store", lambda v: v is False, "stored completions are not implemented")
+    max_tokens = get_int(body, "max_tokens", 1)
+    max_completion = get_int(body, "max_completion_tokens", 1)
+    if max_tokens is not None and max_completion is not None and max_tokens != max_completion:
+        raise bad_request("give max_completion_tokens or max_tokens, not both", param="max_tokens")
+    logprobs = get_bool(body, "logprobs")
+    top = get_int(body, "top_logprobs", 0, MAX_LOGPROBS)
+    if top is not None and not logprobs:
+        raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
+    return GenerateRequest(
+        route="chat",
+        prompts=[],
+        messages=parse_messages(body.get("messages")),
+        sampling=sampling,
+        max_tokens=max_completion if max_completion is not None else max_tokens,
+        max_tokens_param="max_completion_tokens" if max_completion is not None else "max_tokens",
+        stream=stream,
+        include_usage=include_usage,
+        logprobs=(top or 0) if logprobs else None,
+        user=user,
+        names={"logprobs": "top_logprobs"},
+    )
+
+
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def parse_messages(messages: Any) -> list[dict[str, str]]:
+    """Text-only messages; content parts of type "text" are joined with newlines."""
+    if messages is None:
+        raise bad_request("you must provide messages", param="messages", code="missing_required_parameter")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("messages must be a non-empty array", param="messages")
+    if len(messages) > 4096:
+        raise bad_request("too many messages (the limit is 4096)", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad_request(f"{where} must be an object", param=where)
+        check_known({f"{where}.{k}": v for k, v in m.items()}, {f"{where}.role", f"{where}.content"})
+        role = m.get("role")
+        if role not in _ROLES:
+            raise bad_request(f"{where}.role must be one of {sorted(_ROLES)}, got {role!r}", param=f"{where}.role")
+        out.append({"role": _ROLES[role], "content": _content(m.get("content"), f"{where}.content")})
+    return out
+
+
+def _content(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad_request(f"{where}[{j}] must be a text part {{'type': 'text', 'text': ...}}; "
+                                  "other content types are not supported", param=f"{where}[{j}]")
+            if set(part) - {"type", "text"}:
+                raise bad_request(f"{where}[{j}] has unsupported keys {sorted(set(part) - {'type', 'text'})}",
+                                  param=f"{where}[{j}]")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise bad_request(f"{where} must be a string or a non-empty array of text parts", param=where)
+
+
+# -- native /generate ---------------------------------------------------------------------
+
+_SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__)
+
+
+def parse_generate(body: Any) -> GenerateRequest:
+    """POST /generate: {"text" | "input_ids", "sampling_params": {...SamplingParams}, "stream"}."""
+    body = check_object(body)
+    check_known(body, {"text", "input_ids", "sampling_params", "stream"})
+    text, ids = body.get("text"), body.get("input_ids")
+    if (text is None) == (ids is None):
+        raise bad_request("give exactly one of text and input_ids", param="text")
+    if text is not None and (not isinstance(text, str) or not text):
+        raise bad_request("text must be a non-empty string", param="text")
+    if ids is not None and not isinstance(ids, list):
+        raise bad_request("input_ids must be a list of token ids", param="input_ids")
+    prompt: str | list[int] = text if text is not None else check_token_ids(ids, "input_ids")
+    sp = body.get("sampling_params") or {}
+    if not isinstance(sp, dict):
+        raise bad_request("sampling_params must be an object", param="sampling_params")
+    check_known({f"sampling_params.{k}": v for k, v in sp.items()}, {f"sampling_params.{k}" for k in _SAMPLING_FIELDS})
+    sampling = {k: (tuple(v) if isinstance(v, list) else v) for k, v in sp.items() if k != "max_tokens"}
+    max_tokens = get_int(sp, "max_tokens", 1)
+    return GenerateRequest(
+        route="generate",
+        prompts=[prompt],
+        messages=None,
+        sampling=sampling,
+        max_tokens=max_tokens,
+        max_tokens_param="sampling_params.max_tokens",
+        stream=get_bool(body, "stream"),
+        logprobs=None,  # carried in sampling["logprobs"]
+        names={k: f"sampling_params.{k}" for k in _SAMPLING_FIELDS},
+    )
+
+
+def build_sampling_params(
+    req: GenerateRequest, prompt_lens: list[int], max_context: int, default_max_tokens: int | None
+) -> SamplingParams:
+    """SamplingParams for `req`; a prompt plus max_tokens must fit the context (400 otherwise).
+
+    `default_max_tokens` None means "the rest of the context" (chat's default).
+    """
+    longest = max(prompt_lens)
+    room = max_context - longest
+    max_tokens = req.max_tokens if req.max_tokens is not None else (default_max_tokens or room)
+    if req.max_tokens is None:
+        max_tokens = min(max_tokens, room)
+    if longest + max_tokens > max_context:
+        raise bad_request(
+            f"This model's maximum context length is {max_context} tokens. However, you requested "
+            f"{longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} for the completion). "
+            f"Please reduce the prompt or {req.max_tokens_param}.",
+            param=req.max_tokens_param,
+            code="context_length_exceeded",
+        )
+    kw = dict(req.sampling, max_tokens=max_tokens)
+    if req.logprobs is not None:
+        kw["logprobs"] = req.logprobs
+    try:
+        return SamplingParams(**kw)
+    except (ValueError, TypeError) as exc:
+        field_name = str(exc).split(" ", 1)[0]
+        param = req.names.get(field_name, field_name if field_name in _SAMPLING_FIELDS else None)
+        if field_name == "max_tokens":
+            param = req.max_tokens_param
+        raise bad_request(str(exc), param=param) from None
+
+
+# -- embeddings ------------------------------------------------------------------------------
+
+EMBEDDING_FIELDS = {"model", "input", "encoding_format", "dimensions", "user", "pooling", "normalize"}
+POOLINGS = ("last", "mean", "cls")
+
+
+def parse_embedding(body: Any, served: str) -> EmbeddingRequest:
+    """POST /v1/embeddings (extensions: pooling, normalize)."""
+    body = check_object(body)
+    check_known(body, EMBEDDING_FIELDS)
+    check_model(body, served)
+    refuse_unless(body, "dimensions", lambda v: False, "truncating embeddings is not implemented")
+    fmt = body.get("encoding_format") or "float"
+    if fmt not in ("float", "base64"):
+        raise bad_request(f"encoding_format must be 'float' or 'base64', got {fmt!r}", param="encoding_format")
+    pooling = body.get("pooling") or "last"
+    if pooling not in POOLINGS:
+        raise bad_request(f"pooling must be one of {POOLINGS}, got {pooling!r}", param="pooling")
+    return EmbeddingRequest(
+        inputs=parse_prompts(body.get("input"), "input"),
+        encoding_format=fmt,
+        options={"pooling": pooling, "normalize": get_bool(body, "normalize", default=True)},
+    )
+
+
+def finite(values: list[float]) -> bool:
+    return all(math.isfinite(v) for v in values)

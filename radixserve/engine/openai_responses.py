@@ -1,0 +1,274 @@
+"""OpenAI-compatible response bodies and stream chunks, built from the engine's StreamDeltas.
+
+One `ResponseBuilder` per HTTP request accumulates each choice (choice index =
+prompt index * n + completion index) and renders the whole response, or one
+chunk per delta when streaming. Logprobs come from the engine as token ids and
+raw log-probabilities; token strings come from the tokenizer (`TokenText`).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from radixserve.engine.outputs import StreamDelta, TokenLogprob
+
+
+class TokenText:
+    """Token id -> its text, as OpenAI shows it in logprobs (memoized; ids repeat a lot)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._cache.get(token_id)
+        if text is None:
+            if self._tokenizer is None:
+                text = f"<{token_id}>"
+            else:
+                text = self._tokenizer.decode([token_id], skip_special_tokens=False)
+            if len(self._cache) < 1 << 18:
+                self._cache[token_id] = text
+        return text
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    offset: int = 0  # characters before the next token (completions' text_offset)
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
+
+
+class ResponseBuilder:
+    """Accumulates choices for one completions/chat request and renders responses or chunks."""
+
+    def __init__(
+        self,
+        route: str,
+        model: str,
+        n: int,
+        prompt_lens: list[int],
+        token_text: Callable[[int], str],
+        *,
+        echo_texts: list[str] | None = None,
+        include_usage: bool = False,
+        logprobs: bool = False,
+    ) -> None:
+        self.route = route  # "completions" | "chat"
+        self.model = model
+        self.n = n
+        self.token_text = token_text
+        self.echo_texts = echo_texts
+        self.include_usage = include_usage
+        self.logprobs = logprobs
+        self.id = ("chatcmpl-" if route == "chat" else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.choices = [Choice(index=i) for i in range(n * len(prompt_lens))]
+        if echo_texts:
+            for c in self.choices:
+                c.text = echo_texts[c.index // n]
+                c.offset = len(c.text)
+        self.usage = Usage(prompt_tokens=sum(prompt_lens))
+        self._cached = [0] * len(prompt_lens)
+
+    # -- accumulation ------------------------------------------------------------------------
+
+    def add(self, prompt_index: int, delta: StreamDelta) -> Choice:
+        choice = self.choices[prompt_index * self.n + delta.index]
+        choice.text += delta.text
+        choice.token_ids.extend(delta.token_ids)
+        if delta.logprobs:
+            choice.logprobs.extend(delta.logprobs)
+        if delta.finish_reason is not None:
+            choice.finish_reason = delta.finish_reason
+            choice.stop_reason = delta.stop_reason
+        if delta.index == 0:
+            self._cached[prompt_index] = delta.cached_tokens
+        self.usage.cached_tokens = sum(self._cached)
+        self.usage.completion_tokens = sum(len(c.token_ids) for c in self.choices)
+        return choice
+
+    # -- whole responses ---------------------------------------------------------------------
+
+    def response(self) -> dict[str, Any]:
+        if self.route == "chat":
+            choices = [
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text, "refusal": None},
+                    "logprobs": self._chat_logprobs(c.logprobs) if self.logprobs else None,
+                    "finish_reason": c.finish_reason,
+                }
+                for c in self.choices
+            ]
+            obj = "chat.completion"
+        else:
+            choices = [
+                {
+                    "index": c.index,
+                    "text": c.text,
+                    # c.offset is still the echoed prompt's length: only streaming advances it.
+                    "logprobs": self._completion_logprobs(c.logprobs, c.offset)[0] if self.logprobs else None,
+                    "finish_reason": c.finish_reason,
+                }
+                for c in self.choices
+            ]
+            obj = "text_completion"
+        return {
+            "id": self.id, "object": obj, "created": self.created, "model": self.model,
+            "system_fingerprint": None, "choices": choices, "usage": self.usage.body(),
+        }
+
+    # -- stream chunks -----------------------------------------------------------------------
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.route == "chat" else "text_completion"
+        chunk = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                 "system_fingerprint": None, "choices": choices}
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def opening_chunks(self) -> list[dict[str, Any]]:
+        """Chat: the assistant role for every choice; completions with echo: the prompt text."""
+        if self.route == "chat":
+            return [self._chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                  "logprobs": None, "finish_reason": None}]) for c in self.choices]
+        if self.echo_texts:
+            return [self._chunk([{"index": c.index, "text": c.text, "logprobs": None, "finish_reason": None}])
+                    for c in self.choices]
+        return []
+
+    def delta_chunk(self, prompt_index: int, delta: StreamDelta) -> dict[str, Any] | None:
+        """Accumulate `delta` and return its chunk (None when it carries nothing to show)."""
+        choice = self.add(prompt_index, delta)
+        lps = list(delta.logprobs or ())
+        if not delta.text and not lps and delta.finish_reason is None:
+            return None
+        if self.route == "chat":
+            body: dict[str, Any] = {"index": choice.index, "delta": {"content": delta.text} if delta.text else {},
+                                    "logprobs": self._chat_logprobs(lps) if lps else None,
+                                    "finish_reason": delta.finish_reason}
+        else:
+            logprobs = None
+            if lps:
+                logprobs, choice.offset = self._completion_logprobs(lps, choice.offset)
+            body = {"index": choice.index, "text": delta.text, "logprobs": logprobs,
+                    "finish_reason": delta.finish_reason}
+        return self._chunk([body])
+
+    def usage_chunk(self) -> dict[str, Any]:
+        chunk = self._chunk([])
+        chunk["usage"] = self.usage.body()
+        return chunk
+
+    # -- logprobs ----------------------------------------------------------------------------
+
+    def _completion_logprobs(self, lps: list[TokenLogprob], start: int) -> tuple[dict[str, Any], int]:
+        """OpenAI's legacy logprobs object, and the text offset after its last token."""
+        tokens, offsets, offset = [], [], start
+        for lp in lps:
+            text = self.token_text(lp.token_id)
+            tokens.append(text)
+            offsets.append(offset)
+            offset += len(text)
+        body = {
+            "tokens": tokens,
+            "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{self.token_text(t): v for t, v in lp.top} for lp in lps],
+            "text_offset": offsets,
+        }
+        return body, offset
+
+    def _chat_logprobs(self, lps: list[TokenLogprob]) -> dict[str, Any]:
+        def entry(token_id: int, logprob: float) -> dict[str, Any]:
+            text = self.token_text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return {
+            "content": [dict(entry(lp.token_id, lp.logprob), top_logprobs=[entry(t, v) for t, v in lp.top])
+                        for lp in lps],
+            "refusal": None,
+        }
+
+
+# -- the native /generate route ------------------------------------------------------------
+
+
+def native_delta(delta: StreamDelta) -> dict[str, Any]:
+    """One streamed delta of /generate, as the engine gave it."""
+    body: dict[str, Any] = {
+        "id": delta.request_id,
+        "index": delta.index,
+        "text": delta.text,
+        "token_ids": list(delta.token_ids),
+        "finish_reason": delta.finish_reason,
+        "stop_reason": delta.stop_reason,
+        "prompt_tokens": delta.prompt_tokens,
+        "cached_tokens": delta.cached_tokens,
+        "completion_tokens": delta.completion_tokens,
+    }
+    _add_folded(body, delta)
+    if delta.logprobs is not None:
+        body["logprobs"] = [_native_logprob(lp) for lp in delta.logprobs]
+    return body
+
+
+def native_response(builder: ResponseBuilder, request_id: str, last: StreamDelta | None) -> dict[str, Any]:
+    """The whole /generate result: the first completion's text up front, every completion in `outputs`."""
+    outputs = [
+        {
+            "index": c.index,
+            "text": c.text,
+            "token_ids": c.token_ids,
+            "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason,
+            "completion_tokens": len(c.token_ids),
+            **({"logprobs": [_native_logprob(lp) for lp in c.logprobs]} if builder.logprobs else {}),
+        }
+        for c in builder.choices
+    ]
+    body: dict[str, Any] = {
+        "id": request_id,
+        "text": outputs[0]["text"],
+        "outputs": outputs,
+        "prompt_tokens": builder.usage.prompt_tokens,
+        "cached_tokens": builder.usage.cached_tokens,
+        "completion_tokens": builder.usage.completion_tokens,
+    }
+    if last is not None:
+        _add_folded(body, last)
+    return body
+
+
+def _add_folded(body: dict[str, Any], delta: StreamDelta) -> None:
+    # Reported only once the engine's outputs carry it (within-batch folding); never made up here.
+    folded = getattr(delta, "folded_tokens", None)
+    if folded is not None:
+        body["folded_tokens"] = folded
+
+
+def _native_logprob(lp: TokenLogprob) -> dict[str, Any]:
+    return {"token_id": lp.token_id, "logprob": lp.logprob, "top": [list(t) for t in lp.top]}

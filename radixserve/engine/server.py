@@ -1,0 +1,286 @@
+"""The aiohttp HTTP server: configuration, middlewares, lifecycle (graceful drain), background mode.
+
+The engine runs its loop on its own thread (`Engine`), so a slow step never
+blocks the event loop; anything that takes the engine's step lock (stats,
+flush) or may be slow (tokenizing a long prompt) runs in a worker thread.
+
+    serve(engine, ServerConfig(port=8000))              # blocking; SIGTERM/SIGINT drain then return
+    with BackgroundServer(engine, ServerConfig(port=0)) as srv:   # its own thread and loop
+        requests.get(srv.url + "/health")
+
+Errors are OpenAI-style, `{"error": {"message", "type", "param", "code"}}`,
+and a client's mistake is always a 4xx: unknown routes, wrong methods and
+oversized bodies included. An unexpected exception is a logged 500 and the
+server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from radixserve.engine.metrics import ServerMetrics
+from radixserve.engine.openai_api import ApiError
+from radixserve.engine.openai_responses import TokenText
+from radixserve.engine.server_routes import ROUTES, json_response
+
+logger = logging.getLogger(__name__)
+
+_OPEN_PATHS = ("/health",)  # answered without the API key (load balancers' probes)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0: any free port (see `BackgroundServer.url`)
+    api_key: str | None = None  # when set, every route but /health needs `Authorization: Bearer <key>`
+    served_model_name: str | None = None  # None: the model directory's name (the built-in's own name)
+    # Sequences (prompts x n) admitted at once, running or queued in the engine; beyond it, 503 + Retry-After.
+    max_pending_requests: int | None = None  # None: 4 x the engine's max_running_requests
+    max_body_bytes: int = 16 * 2**20
+    drain_timeout: float = 60.0  # seconds SIGTERM waits for in-flight requests
+    retry_after_s: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.port, int) or isinstance(self.port, bool) or not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be an integer in [0, 65535], got {self.port!r}")
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
+            raise ValueError("api_key must be a non-empty string or None")
+        if self.max_pending_requests is not None and (
+            not isinstance(self.max_pending_requests, int) or self.max_pending_requests < 1
+        ):
+            raise ValueError(f"max_pending_requests must be an integer >= 1, got {self.max_pending_requests!r}")
+        if not isinstance(self.max_body_bytes, int) or self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be an integer >= 1024, got {self.max_body_bytes!r}")
+        if not self.drain_timeout >= 0:
+            raise ValueError(f"drain_timeout must be >= 0 seconds, got {self.drain_timeout!r}")
+
+
+class ServerState:
+    """What the handlers share; touched only on the event loop thread (no locks)."""
+
+    def __init__(self, engine: Any, config: ServerConfig) -> None:
+        self.engine = engine
+        self.config = config
+        self.model_name = config.served_model_name or default_model_name(engine)
+        self.max_pending = config.max_pending_requests or 4 * engine.config.max_running_requests
+        core = engine.core
+        # The engine refuses a prompt of this many tokens or more (context or KV pool, whichever is smaller).
+        self.context_limit: int = min(core.max_context, core.kv_capacity)
+        self.vocab_size: int | None = getattr(getattr(core, "runner", None), "vocab_size", None)
+        self.token_text = TokenText(engine.tokenizer)
+        self.metrics = ServerMetrics()
+        self.created = int(time.time())
+        self.pending = 0  # sequences admitted and not finished (Generation keeps it)
+        self.inflight = 0  # HTTP requests inside a handler
+        self.draining = False
+
+    def engine_alive(self) -> bool:
+        # Engine has no public liveness check yet: its loop thread and its recorded failure.
+        thread = getattr(self.engine, "_thread", None)
+        return getattr(self.engine, "_error", None) is None and (thread is None or thread.is_alive())
+
+
+STATE = web.AppKey("radixserve_state", ServerState)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def default_model_name(engine: Any) -> str:
+    if engine.config.model is None:
+        from radixserve.model_runner.builtin_model import BUILTIN_MODEL_NAME
+
+        return BUILTIN_MODEL_NAME
+    return Path(engine.config.model).expanduser().resolve().name
+
+
+def build_app(engine: Any, config: ServerConfig | None = None) -> web.Application:
+    """The aiohttp application over a running `Engine` (which it does not own)."""
+    config = config or ServerConfig()
+    app = web.Application(middlewares=[_errors, _draining, _auth], client_max_size=config.max_body_bytes)
+    app[STATE] = ServerState(engine, config)
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, path, handler)
+    return app
+
+
+# -- middlewares ---------------------------------------------------------------------------
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error as an OpenAI-style JSON body; counts requests per route and status."""
+    state = request.app[STATE]
+    state.inflight += 1
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    try:
+        resp = await handler(request)
+    except ApiError as exc:
+        resp = json_response(exc.body(), status=exc.status, headers=exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        resp = _http_error(exc)
+    except asyncio.CancelledError:
+        # The client closed the connection (499 is nginx's code for it; it only appears in the metrics).
+        state.metrics.count_http(request.method, route, 499)
+        raise
+    except Exception:
+        logger.exception("unhandled error in %s %s", request.method, request.path)
+        resp = json_response(ApiError(500, "internal server error").body(), status=500)
+    finally:
+        state.inflight -= 1
+    state.metrics.count_http(request.method, route, resp.status)
+    return resp
+
+
+def _http_error(exc: web.HTTPException) -> web.Response:
+    codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+    message = f"the request body is too large: {exc.text}" if exc.status == 413 else exc.reason
+    err = ApiError(exc.status, message, code=codes.get(exc.status))
+    headers = {k: v for k, v in exc.headers.items() if k in ("Allow",)}
+    return json_response(err.body(), status=exc.status, headers=headers)
+
+
+@web.middleware
+async def _draining(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.app[STATE].draining and request.path not in ("/health", "/metrics"):
+        raise ApiError(503, "the server is shutting down", code="shutting_down", headers={"Connection": "close"})
+    return await handler(request)
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    key = request.app[STATE].config.api_key
+    if key is not None and request.path not in _OPEN_PATHS:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            message = "Incorrect API key provided" if header else "Missing API key: send 'Authorization: Bearer <key>'"
+            raise ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    return await handler(request)
+
+
+# -- lifecycle -----------------------------------------------------------------------------
+
+
+async def run_app(
+    app: web.Application, config: ServerConfig, stop: asyncio.Event, on_ready: Callable[[str], None] | None = None
+) -> None:
+    """Listen until `stop` is set, then drain: refuse new requests, finish in-flight ones, close."""
+    state = app[STATE]
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=config.drain_timeout)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.host, config.port)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        logger.info("serving %s at %s", state.model_name, url)
+        if on_ready is not None:
+            on_ready(url)
+        await stop.wait()
+        state.draining = True
+        for s in list(runner.sites):
+            await s.stop()  # no new connections
+        deadline = time.monotonic() + config.drain_timeout
+        while state.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if state.inflight:
+            logger.warning("drain timeout: %d requests still in flight are cancelled", state.inflight)
+    finally:
+        await runner.cleanup()
+        # Aborted requests' last deltas are posted to this loop: let them land before it closes.
+        await asyncio.to_thread(state.engine.wait_idle, 30.0)
+
+
+def serve(engine: Any, config: ServerConfig | None = None, on_ready: Callable[[str], None] | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then drain in-flight requests and return (the engine stays up)."""
+    config = config or ServerConfig()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run_app(build_app(engine, config), config, stop, on_ready)
+
+    asyncio.run(main())
+
+
+class BackgroundServer:
+    """The server on its own thread and event loop, for tests and notebooks.
+
+    >>> with BackgroundServer(engine, ServerConfig(port=0)) as srv:
+    ...     print(srv.url)
+    """
+
+    def __init__(self, engine: Any, config: ServerConfig | None = None) -> None:
+        self.app = build_app(engine, config or ServerConfig(port=0))
+        self.config = self.app[STATE].config
+        self.url = ""
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="radixserve-http", daemon=True)
+
+    @property
+    def state(self) -> ServerState:
+        return self.app[STATE]
+
+    def start(self, timeout: float = 60.0) -> "BackgroundServer":
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise RuntimeError("the HTTP server did not start in time")
+        if self._error is not None:
+            raise RuntimeError("the HTTP server failed to start") from self._error
+        return self
+
+    def stop(self, timeout: float = 120.0) -> None:
+        """Drain and stop, as SIGTERM does. Idempotent."""
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout)
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            await run_app(self.app, self.config, self._stop, self._on_ready)
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # surfaced by start()
+            self._error = exc
+            logger.exception("HTTP server thread failed")
+        finally:
+            self._ready.set()
+
+    def _on_ready(self, url: str) -> None:
+        self.url = url
+        self._ready.set()
+
+
+def curl_example(url: str, model: str, api_key: bool = False) -> str:
+    """What the CLI prints on start: a chat request to try."""
+    auth = " -H 'Authorization: Bearer <api-key>'" if api_key else ""
+    body = (f'{{"model": "{model}", "messages": [{{"role": "user", "content": '
+            f'"What is the capital of France?"}}], "max_tokens": 32}}')
+    return f"curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n  -d '{body}'"

@@ -1,0 +1,388 @@
+"""The HTTP routes: OpenAI completions/chat/embeddings/models, native /generate, health, metrics, flush.
+
+Generation requests go through `Generation`, which runs a request's prompts in
+the engine (its own loop thread), merges their deltas on the event loop and
+aborts whatever is unfinished when the handler leaves, normally or not: a
+client that disconnects cancels the handler (aiohttp `handler_cancellation`)
+or fails a write, and either way its sequences are aborted and their KV slots
+freed at the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+import numpy as np
+from aiohttp import web
+
+from radixserve.engine.openai_api import (
+    ApiError,
+    GenerateRequest,
+    bad_request,
+    build_sampling_params,
+    parse_chat,
+    parse_completion,
+    parse_embedding,
+    parse_generate,
+)
+from radixserve.engine.openai_responses import ResponseBuilder, native_delta, native_response
+from radixserve.engine.outputs import StreamDelta
+from radixserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from radixserve.engine.server import ServerState
+
+logger = logging.getLogger(__name__)
+
+_END = object()  # a prompt's stream ended
+_DEFAULT_MAX_TOKENS = {"completions": 16, "chat": None, "generate": SamplingParams().max_tokens}
+_PROMPT_PARAM = {"completions": "prompt", "chat": "messages", "generate": "input_ids"}
+
+
+def state_of(request: web.Request) -> "ServerState":
+    from radixserve.engine.server import STATE
+
+    return request.app[STATE]
+
+
+async def read_json(request: web.Request) -> Any:
+    limit = state_of(request).config.max_body_bytes  # aiohttp enforces it while reading; checked early here
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, f"the request body is {request.content_length} bytes; the limit is {limit}",
+                       code="request_too_large")
+    raw = await request.read()
+    if not raw:
+        raise bad_request("the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(text=json.dumps(body), status=status, content_type="application/json", headers=headers)
+
+
+# -- generation ------------------------------------------------------------------------------
+
+
+class Generation:
+    """A request's prompts running in the engine; `async with` it, then iterate `events()`.
+
+    Leaving the block aborts every prompt not finished yet (cancelling a pump
+    task closes its `generate_async` generator, which calls `Engine.abort`).
+    """
+
+    def __init__(self, state: "ServerState", prompts: list[list[int]], params: SamplingParams) -> None:
+        self.state = state
+        self.prompts = prompts
+        self.params = params
+        self.n_seqs = params.n * len(prompts)
+        self.arrival = time.monotonic()
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._tasks: list[asyncio.Task] = []
+        self._first_token: list[bool] = [False] * len(prompts)
+        self._last_time: dict[tuple[int, int], float] = {}
+
+    async def __aenter__(self) -> "Generation":
+        state = self.state
+        if self.n_seqs > state.max_pending:
+            raise bad_request(
+                f"this request asks for {self.n_seqs} sequences (prompts x n); the server admits at most "
+                f"{state.max_pending} at once", param="n")
+        if state.pending + self.n_seqs > state.max_pending:
+            state.metrics.rejected_full += 1
+            raise ApiError(
+                503, f"the server is at capacity ({state.pending} sequences pending); retry later",
+                code="server_overloaded", headers={"Retry-After": str(state.config.retry_after_s)})
+        state.pending += self.n_seqs
+        self._tasks = [asyncio.create_task(self._pump(i, ids)) for i, ids in enumerate(self.prompts)]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.state.pending -= self.n_seqs
+        unfinished = [t for t in self._tasks if not t.done()]
+        for t in unfinished:
+            t.cancel()
+        if unfinished:
+            self.state.metrics.aborted += 1
+            await asyncio.gather(*unfinished, return_exceptions=True)
+
+    async def _pump(self, i: int, ids: list[int]) -> None:
+        agen = self.state.engine.generate_async(ids, self.params)
+        try:
+            async for delta in agen:
+                self._queue.put_nowait((i, delta))
+            self._queue.put_nowait((i, _END))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # handed to the consumer, which answers the client
+            self._queue.put_nowait((i, exc))
+        finally:
+            await agen.aclose()  # a no-op after a normal end; aborts the request otherwise
+
+    async def events(self) -> AsyncIterator[tuple[int, StreamDelta]]:
+        """(prompt index, delta) in arrival order until every prompt has finished."""
+        open_prompts = len(self.prompts)
+        while open_prompts:
+            i, item = await self._queue.get()
+            if item is _END:
+                open_prompts -= 1
+                self.state.metrics.e2e.observe(time.monotonic() - self.arrival)
+                continue
+            if isinstance(item, BaseException):
+                raise _engine_error(item, self.state, i)
+            self._observe(i, item)
+            yield i, item
+
+    def _observe(self, i: int, delta: StreamDelta) -> None:
+        if not delta.token_ids:
+            return
+        now = time.monotonic()
+        metrics = self.state.metrics
+        if not self._first_token[i]:
+            self._first_token[i] = True
+            metrics.ttft.observe(now - self.arrival)
+        last = self._last_time.get((i, delta.index))
+        if last is not None:
+            gap = (now - last) / len(delta.token_ids)  # one step may bring several tokens
+            for _ in delta.token_ids:
+                metrics.itl.observe(gap)
+        self._last_time[(i, delta.index)] = now
+
+
+def _engine_error(exc: BaseException, state: "ServerState", prompt_index: int) -> ApiError:
+    if isinstance(exc, ValueError):  # the engine's validation: the client's mistake
+        return bad_request(str(exc), param="prompt" if "prompt" in str(exc) else None)
+    if isinstance(exc, RuntimeError) and "shut down" in str(exc):
+        return ApiError(503, "the server is shutting down", code="shutting_down")
+    logger.error("generation failed for prompt %d", prompt_index, exc_info=exc)
+    return ApiError(500, f"the engine failed: {exc}", code="engine_error")
+
+
+async def _tokenize(state: "ServerState", req: GenerateRequest) -> tuple[list[list[int]], list[str]]:
+    """Token ids of every prompt, checked against the context, and their texts (for echo)."""
+    if req.messages is not None:
+        try:
+            ids = await asyncio.to_thread(state.engine.apply_chat_template, req.messages)
+        except ValueError as exc:
+            raise bad_request(str(exc), param="messages") from None
+        check_prompts(state, [ids], "messages")
+        return [ids], [""]
+    param = _PROMPT_PARAM[req.route]
+    if req.route == "generate" and isinstance(req.prompts[0], str):
+        param = "text"
+    prompts = await encode_prompts(state, req.prompts, param)
+    tok = state.engine.tokenizer
+    texts = [p if isinstance(p, str) else tok.decode(p) if req.echo and tok is not None else "" for p in req.prompts]
+    return prompts, texts
+
+
+async def encode_prompts(state: "ServerState", prompts: list[str | list[int]], param: str) -> list[list[int]]:
+    """Token ids of text prompts (in a worker thread: long prompts take a while), checked."""
+    tok = state.engine.tokenizer
+    if tok is None and any(isinstance(p, str) for p in prompts):
+        raise bad_request("this model has no tokenizer: send token ids", param=param)
+    ids = await asyncio.to_thread(
+        lambda: [tok.encode(p, add_special_tokens=True) if isinstance(p, str) else p for p in prompts])
+    check_prompts(state, ids, param)
+    return ids
+
+
+def check_prompts(state: "ServerState", prompts: list[list[int]], param: str) -> None:
+    limit = state.context_limit
+    for ids in prompts:
+        if not ids:
+            raise bad_request("the prompt is empty after tokenization", param=param)
+        if len(ids) >= limit:
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens, and the prompt has {len(ids)}; "
+                "it must leave room for at least one output token.", param=param, code="context_length_exceeded")
+        vocab = state.vocab_size
+        if vocab is not None and not all(0 <= t < vocab for t in ids):
+            raise bad_request(f"token ids must be in [0, {vocab})", param=param)
+
+
+async def _generate(request: web.Request, req: GenerateRequest) -> web.StreamResponse:
+    state = state_of(request)
+    prompts, texts = await _tokenize(state, req)
+    params = build_sampling_params(req, [len(p) for p in prompts], state.context_limit,
+                                   _DEFAULT_MAX_TOKENS[req.route])
+    builder = ResponseBuilder(
+        "chat" if req.route == "chat" else "completions", state.model_name, params.n, [len(p) for p in prompts],
+        state.token_text, echo_texts=texts if req.echo else None, include_usage=req.include_usage,
+        logprobs=params.logprobs is not None,
+    )
+    if req.user:
+        logger.debug("request %s for user %r", builder.id, req.user)
+    last = None
+    async with Generation(state, prompts, params) as gen, contextlib.aclosing(gen.events()) as events:
+        first = await anext(events, None)  # validation errors surface here, before any header is sent
+        if req.stream:
+            return await _stream(request, req, builder, first, events)
+        if first is not None:
+            builder.add(*first)
+            last = first[1]
+            async for i, delta in events:
+                builder.add(i, delta)
+                last = delta
+    _count_usage(state, builder)
+    if req.route == "generate":
+        return json_response(native_response(builder, last.request_id if last else "", last))
+    return json_response(builder.response())
+
+
+async def _stream(
+    request: web.Request,
+    req: GenerateRequest,
+    builder: ResponseBuilder,
+    first: tuple[int, StreamDelta] | None,
+    events: AsyncIterator[tuple[int, StreamDelta]],
+) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    native = req.route == "generate"
+    try:
+        if not native:
+            for chunk in builder.opening_chunks():
+                await _sse(resp, chunk)
+        pending = [first] if first is not None else []
+        while True:
+            item = pending.pop() if pending else await anext(events, None)
+            if item is None:
+                break
+            if native:
+                builder.add(*item)
+                await _sse(resp, native_delta(item[1]))
+            else:
+                chunk = builder.delta_chunk(*item)
+                if chunk is not None:
+                    await _sse(resp, chunk)
+        if builder.include_usage:
+            await _sse(resp, builder.usage_chunk())
+        _count_usage(state_of(request), builder)
+        await resp.write(b"data: [DONE]\n\n")
+    except ApiError as exc:  # headers are out: the error travels as an event (the openai client raises it)
+        await _sse(resp, exc.body())
+    except ConnectionResetError:  # the client went away mid-stream; leaving aborts the rest
+        logger.debug("client disconnected from %s", builder.id)
+        return resp
+    await resp.write_eof()
+    return resp
+
+
+async def _sse(resp: web.StreamResponse, body: dict[str, Any]) -> None:
+    await resp.write(b"data: " + json.dumps(body).encode() + b"\n\n")
+
+
+def _count_usage(state: "ServerState", builder: ResponseBuilder) -> None:
+    m = state.metrics
+    m.usage_prompt_tokens += builder.usage.prompt_tokens
+    m.usage_cached_tokens += builder.usage.cached_tokens
+    m.usage_completion_tokens += builder.usage.completion_tokens
+
+
+# -- handlers --------------------------------------------------------------------------------
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, parse_completion(await read_json(request), state_of(request).model_name))
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, parse_chat(await read_json(request), state_of(request).model_name))
+
+
+async def generate(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, parse_generate(await read_json(request)))
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    state = state_of(request)
+    embed = getattr(state.engine, "embed", None)
+    if embed is None:
+        raise ApiError(501, "embeddings are not available: this engine has no Engine.embed yet",
+                       type="not_implemented_error", code="embeddings_unavailable")
+    req = parse_embedding(await read_json(request), state.model_name)
+    prompts = await encode_prompts(state, req.inputs, "input")
+    n = len(prompts)
+    if state.pending + n > state.max_pending:
+        raise ApiError(503, "the server is at capacity; retry later", code="server_overloaded",
+                       headers={"Retry-After": str(state.config.retry_after_s)})
+    state.pending += n
+    try:
+        vectors = await asyncio.to_thread(embed, req.inputs, **req.options)
+    except ValueError as exc:
+        raise bad_request(str(exc), param="input") from None
+    finally:
+        state.pending -= n
+    data = []
+    for i, vec in enumerate(vectors):
+        values = [float(v) for v in vec]
+        emb: Any = values
+        if req.encoding_format == "base64":
+            emb = base64.b64encode(np.asarray(values, dtype="<f4").tobytes()).decode("ascii")
+        data.append({"object": "embedding", "index": i, "embedding": emb})
+    tokens = sum(len(p) for p in prompts)
+    return json_response({"object": "list", "data": data, "model": state.model_name,
+                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+def _model_card(state: "ServerState") -> dict[str, Any]:
+    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "radixserve",
+            "max_model_len": state.context_limit}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return json_response({"object": "list", "data": [_model_card(state_of(request))]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    state = state_of(request)
+    name = request.match_info["model"]
+    if name != state.model_name:
+        raise ApiError(404, f"The model `{name}` does not exist", param="model", code="model_not_found")
+    return json_response(_model_card(state))
+
+
+async def health(request: web.Request) -> web.Response:
+    state = state_of(request)
+    if state.draining:
+        return json_response({"status": "draining"}, status=503)
+    if not state.engine_alive():
+        return json_response({"status": "engine failed"}, status=503)
+    return json_response({"status": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = state_of(request)
+    stats = await asyncio.to_thread(state.engine.stats)  # takes the engine's step lock: off the event loop
+    text = state.metrics.render(stats, pending=state.pending, inflight=state.inflight)
+    return web.Response(body=text.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+async def flush_cache(request: web.Request) -> web.Response:
+    state = state_of(request)
+    if not await asyncio.to_thread(state.engine.flush_cache):
+        raise ApiError(409, "requests are running; the cache can only be flushed when the engine is idle",
+                       code="engine_busy")
+    return json_response({"flushed": True})
+
+
+ROUTES = (
+    ("POST", "/v1/completions", completions),
+    ("POST", "/v1/chat/completions", chat_completions),
+    ("POST", "/v1/embeddings", embeddings),
+    ("POST", "/generate", generate),
+    ("GET", "/v1/models", list_models),
+    ("GET", "/v1/models/{model}", get_model),
+    ("GET", "/health", health),
+    ("GET", "/metrics", metrics),
+    ("POST", "/flush_cache", flush_cache),
+)

@@ -1,0 +1,50 @@
+"""The reference backend: PyTorch SDPA per sequence over its gathered slot list.
+
+Runs anywhere (CPU tests, GPU checks). Causal masking is aligned to the end of
+each sequence: new token t of a sequence with prefix length p sees K/V
+positions 0..p+t.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from radixserve.model_runner.forward_batch import ForwardBatch
+
+
+class TorchAttention:
+    name = "torch"
+
+    def __init__(self) -> None:
+        self._seqs: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] = []
+
+    def prepare(self, batch: ForwardBatch, req_to_token: torch.Tensor) -> None:
+        """Per sequence: its rows in the batch, its slot list and its causal mask."""
+        self._seqs = []
+        start = 0
+        for row, prefix, extend in zip(batch.req_rows, batch.prefix_lens, batch.extend_lens):
+            total = prefix + extend
+            slots = req_to_token[row, :total]
+            mask = None
+            if extend > 1:
+                # Key j is visible to new token t iff j <= prefix + t.
+                q_pos = torch.arange(extend, device=slots.device).unsqueeze(1) + prefix
+                k_pos = torch.arange(total, device=slots.device).unsqueeze(0)
+                mask = k_pos <= q_pos
+            self._seqs.append((start, extend, slots, mask))
+            start += extend
+
+    def attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        out = torch.empty_like(q)
+        for start, extend, slots, mask in self._seqs:
+            qi = q[start : start + extend].transpose(0, 1)  # [Hq, n, D]
+            ki = k_cache[slots].transpose(0, 1)  # [Hkv, L, D]
+            vi = v_cache[slots].transpose(0, 1)
+            oi = F.scaled_dot_product_attention(
+                qi, ki.to(q.dtype), vi.to(q.dtype), attn_mask=mask, scale=scale, enable_gqa=True
+            )
+            out[start : start + extend] = oi.transpose(0, 1)
+        return out

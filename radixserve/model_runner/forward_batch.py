@@ -1,0 +1,65 @@
+"""What the scheduler hands the model runner for one forward pass.
+
+A decode is an extend of one token, so one batch mixes prefill chunks and
+decodes. For sequence i the batch computes tokens
+`[prefix_lens[i], seq_lens[i])` of request row `req_rows[i]`; its K/V history
+is `req_to_token[req_rows[i], :seq_lens[i]]` once this batch's K/V are written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T] int64, the new tokens of every sequence, in batch order
+    positions: torch.Tensor  # [T] int64
+    out_slots: torch.Tensor  # [T] int64, the KV slot each new token's K/V is written to
+    req_rows: list[int]  # [B] row of each sequence in the req_to_token table
+    prefix_lens: list[int]  # [B] tokens already in the KV pool before this batch
+    extend_lens: list[int]  # [B] new tokens of each sequence
+    logits_rows: torch.Tensor  # [N] rows of the hidden states to compute logits for
+    unfold: torch.Tensor | None = None  # mlp fold: [T_attn] attention token -> compact row
+    fold: torch.Tensor | None = None  # mlp fold: [rows] compact row -> attention token
+    hidden_rows: torch.Tensor | None = None  # rows whose final hidden state is returned (pooling)
+    score_rows: torch.Tensor | None = None  # rows whose logprob of score_targets is returned
+    score_targets: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.req_rows)
+
+    @property
+    def seq_lens(self) -> list[int]:
+        return [p + e for p, e in zip(self.prefix_lens, self.extend_lens)]
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence extends by exactly one token."""
+        return all(e == 1 for e in self.extend_lens)
+
+    def to(self, device: torch.device) -> "ForwardBatch":
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return ForwardBatch(
+            input_ids=move(self.input_ids),
+            positions=move(self.positions),
+            out_slots=move(self.out_slots),
+            req_rows=self.req_rows,
+            prefix_lens=self.prefix_lens,
+            extend_lens=self.extend_lens,
+            logits_rows=move(self.logits_rows),
+            unfold=move(self.unfold),
+            fold=move(self.fold),
+            hidden_rows=move(self.hidden_rows),
+            score_rows=move(self.score_rows),
+            score_targets=move(self.score_targets),
+        )

@@ -1,0 +1,117 @@
+"""Token-granular KV storage: the pool of slots, its allocator, and the request-to-slot table.
+
+A *slot* holds the K and V of one token in every layer. Slot 0 is a dummy that
+padding rows write into and never read; real slots are 1..num_slots.
+
+Ownership (kept by the scheduler, checked by `Scheduler.check_invariants`):
+
+    every real slot is in exactly one of
+      - the allocator's free list,
+      - the radix tree (evictable or protected),
+      - one running request's private tail (allocated, not yet inserted).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVPool:
+    """Per layer K and V tensors of shape `[num_slots + 1, kv_heads, head_dim]`."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        self.num_layers = num_layers
+        self.num_slots = num_slots
+        self.kv_heads = kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        shape = (num_slots + 1, kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_slot(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """K and V of one token across all layers."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * kv_heads * head_dim * itemsize
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v `[T, kv_heads, head_dim]` at `slots` `[T]` (one indexed copy, no loops)."""
+        self.k[layer][slots] = k.to(self.dtype)
+        self.v[layer][slots] = v.to(self.dtype)
+
+
+class SlotAllocator:
+    """A free list of slot ids 1..num_slots.
+
+    Kept as a Python list used as a stack: allocation and freeing are O(n) in
+    the number of slots moved, never in the pool's size.
+    """
+
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        # Reversed so that the first allocations get low slot ids (easier to read in tests).
+        self._free: list[int] = list(range(num_slots, 0, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def alloc(self, n: int) -> torch.Tensor | None:
+        """Take `n` slots (an int64 CPU tensor), or None, taking nothing, if fewer are free."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        if n > len(self._free):
+            return None
+        taken = self._free[len(self._free) - n :]
+        del self._free[len(self._free) - n :]
+        taken.reverse()
+        return torch.tensor(taken, dtype=torch.int64)
+
+    def free(self, slots: list[int] | torch.Tensor) -> None:
+        if isinstance(slots, torch.Tensor):
+            slots = slots.tolist()
+        self._free.extend(slots)
+
+    def reset(self) -> None:
+        self._free = list(range(self.num_slots, 0, -1))
+
+
+class ReqToTokenPool:
+    """The page table with page size 1: `table[row, pos]` is the slot of token `pos` of a request."""
+
+    def __init__(self, max_requests: int, max_context: int, device: torch.device | str) -> None:
+        self.max_requests = max_requests
+        self.max_context = max_context
+        self.table = torch.zeros((max_requests, max_context), dtype=torch.int64, device=device)
+        self._free_rows: list[int] = list(range(max_requests - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free_rows)
+
+    def alloc(self) -> int | None:
+        return self._free_rows.pop() if self._free_rows else None
+
+    def free(self, row: int) -> None:
+        self._free_rows.append(row)
+
+    def write(self, row: int, start: int, slots: list[int] | torch.Tensor) -> None:
+        n = len(slots)
+        if n == 0:
+            return
+        if start + n > self.max_context:
+            raise ValueError(f"request needs {start + n} positions, the table holds {self.max_context}")
+        values = torch.as_tensor(slots, dtype=torch.int64)
+        self.table[row, start : start + n] = values.to(self.table.device)

@@ -1,0 +1,117 @@
+"""The model runner: weights, KV pool and attention backend; one forward per batch.
+
+It knows nothing of requests' lifecycles: the scheduler hands it a
+`ForwardBatch` (tokens, positions, slots) and gets logits back.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import torch
+
+from radixserve.model_runner.attention import create_backend
+from radixserve.model_runner.forward_batch import ForwardBatch
+from radixserve.model_runner.kv_pool import KVPool, ReqToTokenPool, SlotAllocator
+from radixserve.model_runner.loader import load_model
+from radixserve.model_runner.sampler import SampleOutput, SamplingBatch, SamplingRow, sample
+
+logger = logging.getLogger(__name__)
+
+class ForwardOutput(NamedTuple):
+    logits: torch.Tensor  # [len(logits_rows), vocab] float32
+    hidden: torch.Tensor | None  # [len(hidden_rows), H] float32
+    scores: torch.Tensor | None  # [len(score_rows)] float32 raw logprob of each score target
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_DEFAULT_KV_TOKENS = 16384
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_running_requests: int,
+        max_context: int | None,
+        kv_cache_tokens: int | None,
+        gpu_memory_utilization: float,
+        attention_backend: str,
+    ) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.model, self.model_config = load_model(model_path, device, dtype)
+        cfg = self.model_config
+        model_max = cfg.max_position_embeddings
+        if max_context is not None and max_context > model_max:
+            raise ValueError(f"max_context {max_context} exceeds the model's max_position_embeddings {model_max}")
+        self.max_context = max_context or model_max
+        num_slots = kv_cache_tokens or self._default_kv_tokens(gpu_memory_utilization)
+        self.pool = KVPool(cfg.num_layers, num_slots, cfg.num_kv_heads, cfg.head_dim, dtype, device)
+        self.allocator = SlotAllocator(num_slots)
+        self.req_to_token = ReqToTokenPool(max_running_requests, self.max_context, device)
+        self.backend = create_backend(attention_backend, device)
+        self.scale = cfg.softmax_scale
+        logger.info(
+            "model %s on %s (%s): %d KV slots, attention %s",
+            cfg.architecture, device, dtype, num_slots, self.backend.name,
+        )
+
+    def _default_kv_tokens(self, utilization: float) -> int:
+        if self.device.type != "cuda":
+            return CPU_DEFAULT_KV_TOKENS
+        cfg = self.model_config
+        free, total = torch.cuda.mem_get_info(self.device)
+        # Keep (1 - utilization) of the card for activations, graphs and the allocator.
+        budget = free - (1.0 - utilization) * total
+        per_slot = KVPool.bytes_per_slot(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        slots = int(budget // per_slot)
+        if slots < 1024:
+            raise ValueError(
+                f"too little GPU memory for the KV cache: {budget / 2**30:.2f} GiB gives {slots} slots; "
+                "raise gpu_memory_utilization or set kv_cache_tokens"
+            )
+        return slots
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> ForwardOutput:
+        """Write the batch's K/V into the pool; return logits, hidden states and scores asked for."""
+        batch = batch.to(self.device)
+        self.backend.prepare(batch, self.req_to_token.table)
+        pool, backend, scale, slots = self.pool, self.backend, self.scale, batch.out_slots
+        unfold, fold = batch.unfold, batch.fold
+
+        def attn(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            if unfold is not None:  # mlp fold: attention runs on every sequence's tokens
+                q, k, v = q[unfold], k[unfold], v[unfold]
+            pool.write(layer, slots, k, v)
+            out = backend.attend(q, pool.k[layer], pool.v[layer], scale)
+            return out if fold is None else out[fold]
+
+        hidden = self.model(batch.input_ids, batch.positions, attn)
+        logits = self._logits(hidden, batch.logits_rows)
+        pooled = None if batch.hidden_rows is None else hidden[batch.hidden_rows].float()
+        scores = None
+        if batch.score_rows is not None:
+            logp = torch.log_softmax(self._logits(hidden, batch.score_rows), dim=-1)
+            scores = logp.gather(1, batch.score_targets.unsqueeze(1)).squeeze(1)
+        return ForwardOutput(logits, pooled, scores)
+
+    def _logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if rows.numel() == 0:
+            return hidden.new_empty((0, self.vocab_size), dtype=torch.float32)
+        return self.model.compute_logits(hidden[rows])
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleOutput:
+        batch = SamplingBatch.build(rows, self.vocab_size, logits.device)
+        return sample(logits, batch)

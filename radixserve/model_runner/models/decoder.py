@@ -1,0 +1,187 @@
+"""The Llama-family decoder (Llama, Qwen2, Qwen3) over a flat batch of tokens.
+
+The model sees tokens, not sequences: `forward(input_ids [T], positions [T], attn)`
+runs every layer on all T tokens at once and hands q/k/v to the caller's
+`attn(layer_id, q, k, v)`, which stores k/v and attends within each sequence.
+
+Weights: q/k/v are fused into one `qkv_proj` and gate/up into one
+`gate_up_proj` (one matmul each instead of three/two). `checkpoint_layout()`
+says which rows of which parameter every checkpoint tensor fills, so the
+loader stays generic. Subclasses change the MLP of some layers through
+`make_mlp` (Qwen3-MoE, in moe.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Collection, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from radixserve.model_runner.model_config import ModelConfig
+from radixserve.model_runner.models.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP
+
+# attn(layer_id, q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]) -> [T, Hq, D], called once per
+# layer in order. q and k are fresh contiguous tensors (normed, rotated); v is a view into the
+# fused qkv output (last dim contiguous, token stride (Hq + 2 Hkv) * D): copy it if a kernel needs more.
+AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class WeightTarget(NamedTuple):
+    """Where one checkpoint tensor goes: rows [row_start, row_start + rows) of `param`,
+    or of `param[expert]` when `expert` is set (one expert's slice of a stacked [E, ...] weight)."""
+
+    param: str
+    row_start: int
+    rows: int
+    expert: int | None = None
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.split_sizes = [config.q_size, config.kv_size, config.kv_size]
+        self.qkv_proj = nn.Linear(config.hidden_size, sum(self.split_sizes), bias=config.qkv_bias, dtype=dtype)
+        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=config.o_proj_bias, dtype=dtype)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, attn: AttentionFn
+    ) -> torch.Tensor:
+        tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        q = q.view(tokens, self.num_heads, self.head_dim)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        # v stays a strided view of the qkv output (last dim contiguous).
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(positions, q, k)
+        out = attn(self.layer_id, q, k, v)
+        return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int, dtype: torch.dtype, mlp: nn.Module) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.self_attn = Attention(config, layer_id, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.mlp = mlp  # [T, H] -> [T, H]: the dense SwiGLU, or a mixture of experts
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, attn: AttentionFn
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# Fused parameters and the checkpoint tensors stacked into them, in row order.
+_FUSED = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
+
+
+class DecoderForCausalLM(nn.Module):
+    """Llama / Qwen2 / Qwen3 causal LM; family differences come from ModelConfig flags."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, dtype, self.make_mlp(i, dtype)) for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, dtype)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+
+    def make_mlp(self, layer_id: int, dtype: torch.dtype) -> nn.Module:
+        """The MLP of layer `layer_id` (called from __init__; subclasses pick per layer)."""
+        c = self.config
+        return SwiGLUMLP(c.hidden_size, c.intermediate_size, c.mlp_bias, dtype)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [T, H] (what forward starts from)."""
+        return self.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionFn,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids [T] (int64), positions [T] -> hidden [T, H] after the final norm.
+
+        positions are each token's position in its own sequence; they index the
+        RoPE cache and must lie in [0, max_position_embeddings). inputs_embeds
+        [T, H], when given, replaces the embedding lookup (input_ids is then unused).
+        """
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        for layer in self.layers:
+            x = layer(x, positions, self.rotary, attn)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, H] -> float32 logits [N, vocab]."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    def moe_stats(self) -> dict[str, Any]:
+        """Expert work done since the last reset (all zero for a dense model; see moe.py)."""
+        return {"moe_layers": 0, "moe_tokens": 0, "routed_tokens": 0, "expert_tokens": []}
+
+    def reset_moe_stats(self) -> None:
+        """Zero the counters of moe_stats() (nothing to do for a dense model)."""
+
+    def checkpoint_layout(self, available: Collection[str] | None = None) -> dict[str, WeightTarget]:
+        """Every tensor a Hugging Face checkpoint must provide, and where it goes.
+
+        `available` (the checkpoint's tensor names, when known) lets a model
+        accept one of several layouts of the same weights; dense models have one.
+        Invariant (checked by the loader): the targets of each parameter tile its
+        rows exactly once, so loading all of them fills every parameter.
+        """
+        layout: dict[str, WeightTarget] = {}
+        for name, param in self.named_parameters():
+            module_path, _, kind = name.rpartition(".")
+            parent, _, leaf = module_path.rpartition(".")
+            if leaf in _FUSED:
+                parts = _FUSED[leaf]
+                sizes = self._fused_sizes(leaf)
+                row = 0
+                for part, size in zip(parts, sizes):
+                    layout[f"model.{parent}.{part}.{kind}"] = WeightTarget(name, row, size)
+                    row += size
+            elif name.startswith("lm_head."):
+                layout[name] = WeightTarget(name, 0, param.shape[0])
+            else:
+                layout[f"model.{name}"] = WeightTarget(name, 0, param.shape[0])
+        return layout
+
+    def ignores_checkpoint_tensor(self, name: str) -> bool:
+        """Checkpoint tensors that are deliberately not loaded."""
+        if name.endswith("rotary_emb.inv_freq"):  # old checkpoints saved the RoPE buffer
+            return True
+        # Tied: the output projection is the embedding matrix, as transformers ties it.
+        return self.config.tie_word_embeddings and name == "lm_head.weight"
+
+    def _fused_sizes(self, leaf: str) -> tuple[int, ...]:
+        c = self.config
+        if leaf == "qkv_proj":
+            return (c.q_size, c.kv_size, c.kv_size)
+        return (c.intermediate_size, c.intermediate_size)

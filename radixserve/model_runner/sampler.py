@@ -1,0 +1,371 @@
+"""Batched next-token sampling on the device, every parameter per row.
+
+`SamplingBatch.build` turns per-row inputs into device tensors once per step
+(that is where the Python loop over rows lives); `sample(logits, batch)` is then
+pure tensor work: no loop over rows, no host sync. The caller copies
+`SampleOutput` to the host when it needs the tokens.
+
+Order of processing, per row (greedy rows stop after step 3):
+
+1. repetition penalty over prompt + output tokens (HF/vLLM: a logit < 0 is
+   multiplied by the penalty, a logit >= 0 divided by it);
+2. presence and frequency penalties over output tokens only (OpenAI:
+   `logit -= frequency * count + presence * (count > 0)`);
+3. suppressed ids (EOS/stop ids below min_tokens) set to -inf;
+   greedy rows (temperature 0) take the argmax here;
+4. temperature (`logits / T`);
+5. top-k (ties with the k-th logit are kept), then top-p on the renormalized
+   top-k distribution (the smallest most-likely-first set whose mass reaches p),
+   then min-p (drop p < min_p * p_max), as Hugging Face orders its warpers;
+6. a draw from what is left: Gumbel-max, `argmax(logits + G)` with
+   `G = -log(-log(u))`, which is the exponential race `argmax(p / E)`.
+
+Seeds: `u` is a counter-based hash of (seed, step, vocab index), so a row's
+draw depends on nothing else in the batch (no torch.Generator, no shared state):
+the same seed at the same step picks the same token in any batch, at any row.
+The n completions of one request therefore need n seeds (the scheduler's job).
+CPU (torch) and CUDA (Triton) hash the same bits; their logs may differ in the
+last ulp, so a token can differ across devices only on a near-exact tie.
+
+Logprobs are the model's raw distribution, `log_softmax` of the logits as given
+(vLLM's default "raw logprobs"), not of the penalized/filtered/tempered ones: RL
+trainers compute importance ratios against them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from radixserve.sampling_params import SamplingParams
+
+try:  # On CUDA one Triton kernel does hash, noise and argmax in one pass (torch would take ~20).
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+except ImportError:  # CPU-only installs: the torch path below computes the same thing
+    triton = None
+
+_U32 = 0xFFFFFFFF
+
+
+class SamplingRow(NamedTuple):
+    """What the sampler needs to know about one row for one step."""
+
+    params: SamplingParams
+    # Read only for rows that use the penalty. Numpy arrays or CPU tensors are taken without
+    # a copy; a list is converted id by id (~30 ns each), which long prompts feel.
+    token_history: Sequence[int]  # prompt + output ids so far (repetition penalty)
+    output_ids: Sequence[int]  # output ids so far (presence/frequency penalties)
+    seed: int  # always set: the scheduler draws one for unseeded requests
+    step: int  # tokens generated so far
+    suppress_ids: Sequence[int] = ()  # ids forbidden this step (EOS/stop ids below min_tokens)
+
+
+class SampleOutput(NamedTuple):
+    token_ids: torch.Tensor  # [B] int64
+    logprobs: torch.Tensor | None  # [B] float32, raw logprob of each sampled token; None if no row asked
+    top_ids: torch.Tensor | None  # [B, k] int64, most likely first; k = the most any row asked for
+    top_logprobs: torch.Tensor | None  # [B, k] float32, raw, descending; rows that asked fewer slice
+
+
+@dataclass(frozen=True)
+class _Penalties:
+    """Penalty state of the rows that use any penalty (R of them) as dense [R, V] tensors."""
+
+    rows: torch.Tensor | None  # [R] int64 rows of the batch; None means all rows, in order
+    seen: torch.Tensor | None  # [R, V] bool, token in prompt + output; None: no row uses repetition
+    repetition: torch.Tensor  # [R] float32, 1.0 for rows without
+    counts: torch.Tensor | None  # [R, V] float32 output-token counts; None: no presence/frequency
+    presence: torch.Tensor  # [R] float32
+    frequency: torch.Tensor  # [R] float32
+
+
+@dataclass(frozen=True)
+class SamplingBatch:
+    """Device tensors for one step's sampling. Optional parts are None when no row uses them,
+    so a batch that does not use a feature pays nothing for it."""
+
+    size: int
+    vocab_size: int
+    greedy: torch.Tensor  # [B] bool
+    all_greedy: bool
+    any_greedy: bool
+    temperature: torch.Tensor  # [B] float32; 1.0 on greedy rows
+    top_k: torch.Tensor | None  # [B] int64; vocab_size where disabled
+    max_top_k: int  # the largest top_k below vocab_size (topk() width when top-p is off)
+    top_p: torch.Tensor | None  # [B] float32; +inf where disabled
+    log_min_p: torch.Tensor | None  # [B] float32 log(min_p); -inf where disabled
+    penalties: _Penalties | None
+    suppress: tuple[torch.Tensor, torch.Tensor] | None  # (rows, ids), both [S] int64
+    noise_keys: torch.Tensor | None  # [2, B] int64 (two 32-bit keys per row); None if all greedy
+    num_logprobs: int | None  # top alternatives to return (max over rows); None: no logprobs
+
+    @classmethod
+    def build(cls, rows: Sequence[SamplingRow], vocab_size: int, device: torch.device | str) -> SamplingBatch:
+        if not rows:
+            raise ValueError("rows must hold at least one SamplingRow")
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+        device = torch.device(device)
+        params = [r.params for r in rows]
+        greedy = [p.temperature == 0.0 for p in params]
+        sampled = [not g for g in greedy]
+        # Filters cannot move an argmax, so greedy rows skip them.
+        top_k = [p.top_k if s and 0 < p.top_k < vocab_size else vocab_size for p, s in zip(params, sampled)]
+        top_p = [p.top_p if s and p.top_p < 1.0 else float("inf") for p, s in zip(params, sampled)]
+        min_p = [p.min_p if s else 0.0 for p, s in zip(params, sampled)]
+        temperature = [p.temperature if s else 1.0 for p, s in zip(params, sampled)]
+        requested = [p.logprobs for p in params if p.logprobs is not None]
+        # Two host->device copies carry every per-row scalar (small copies cost more than their bytes).
+        floats = _to_device(torch.tensor([temperature, top_p, min_p], dtype=torch.float32), device)
+        ints = torch.tensor([greedy, top_k], dtype=torch.int64)
+        if not all(greedy):
+            ints = torch.cat([ints, _noise_keys(rows)])
+        ints = _to_device(ints, device)
+        return cls(
+            size=len(rows),
+            vocab_size=vocab_size,
+            greedy=ints[0] != 0,
+            all_greedy=all(greedy),
+            any_greedy=any(greedy),
+            temperature=floats[0],
+            top_k=ints[1] if min(top_k) < vocab_size else None,
+            max_top_k=max((k for k in top_k if k < vocab_size), default=vocab_size),
+            top_p=floats[1] if min(top_p) < 1.0 else None,
+            log_min_p=floats[2].log() if max(min_p) > 0.0 else None,
+            penalties=_build_penalties(rows, vocab_size, device),
+            suppress=_build_suppress(rows, vocab_size, device),
+            noise_keys=None if all(greedy) else ints[2:4],
+            num_logprobs=max(requested) if requested else None,
+        )
+
+
+def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The float32 [B, V] logits each row draws from (steps 1-5 of the module docstring).
+
+    Removed tokens are -inf. Greedy rows stop after suppression (temperature 1, no
+    filters): their token is the argmax of this. `logits` itself is never modified."""
+    if logits.dim() != 2 or tuple(logits.shape) != (batch.size, batch.vocab_size):
+        raise ValueError(f"logits must have shape ({batch.size}, {batch.vocab_size}), got {tuple(logits.shape)}")
+    x = logits.float()
+    if batch.penalties is not None:
+        x = _apply_penalties(x, batch.penalties)
+    if batch.suppress is not None:
+        x = x.index_put(batch.suppress, torch.full((), float("-inf"), device=x.device))
+    if batch.all_greedy:
+        return x
+    return _filter(x / batch.temperature[:, None], batch)
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
+    """Pick one token per row of `logits` [B, V] (see the module docstring for the order)."""
+    x = process_logits(logits, batch)
+    if batch.all_greedy:
+        token_ids = x.argmax(dim=-1)
+    else:
+        token_ids = _draw(x, batch)
+
+    logprobs = top_ids = top_logprobs = None
+    if batch.num_logprobs is not None:
+        all_logprobs = torch.log_softmax(logits.float(), dim=-1)  # raw: see the module docstring
+        logprobs = all_logprobs.gather(1, token_ids[:, None]).squeeze(1)
+        if batch.num_logprobs > 0:
+            top_logprobs, top_ids = all_logprobs.topk(batch.num_logprobs, dim=-1, sorted=True)
+    return SampleOutput(token_ids, logprobs, top_ids, top_logprobs)
+
+
+def _apply_penalties(x: torch.Tensor, pen: _Penalties) -> torch.Tensor:
+    """Returns penalized logits; `x` itself is left untouched (it is the raw-logprob source)."""
+    sub = x if pen.rows is None else x.index_select(0, pen.rows)
+    if pen.seen is not None:
+        factor = pen.repetition[:, None]
+        sub = torch.where(pen.seen, torch.where(sub < 0, sub * factor, sub / factor), sub)
+    if pen.counts is not None:
+        sub = sub - pen.frequency[:, None] * pen.counts - pen.presence[:, None] * (pen.counts > 0)
+    return sub if pen.rows is None else x.index_copy(0, pen.rows, sub)
+
+
+def _filter(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Top-k, then top-p, then min-p on tempered logits: removed tokens become -inf."""
+    neg_inf = float("-inf")
+    if batch.top_p is not None:
+        # One descending sort serves both top-k and top-p.
+        sorted_x, order = x.sort(dim=-1, descending=True)
+        if batch.top_k is not None:
+            kth = sorted_x.gather(1, batch.top_k[:, None] - 1)
+            sorted_x = sorted_x.masked_fill(sorted_x < kth, neg_inf)
+        probs = sorted_x.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # 0 for the most likely token: it always stays
+        sorted_x = sorted_x.masked_fill(mass_before >= batch.top_p[:, None], neg_inf)
+        x = torch.empty_like(x).scatter_(1, order, sorted_x)
+    elif batch.top_k is not None:
+        top_values = x.topk(batch.max_top_k, dim=-1, sorted=True).values
+        kth = top_values.gather(1, batch.top_k.clamp(max=batch.max_top_k)[:, None] - 1)
+        kth = kth.masked_fill(batch.top_k[:, None] >= batch.vocab_size, neg_inf)  # disabled rows
+        x = x.masked_fill(x < kth, neg_inf)
+    if batch.log_min_p is not None:
+        # p < min_p * p_max  <=>  logit < max_logit + log(min_p); no softmax needed.
+        threshold = x.amax(dim=-1, keepdim=True) + batch.log_min_p[:, None]
+        x = x.masked_fill(x < threshold, neg_inf)
+    return x
+
+
+def _draw(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """argmax(x + Gumbel noise) per row; greedy rows get no noise."""
+    if x.is_cuda and triton is not None:
+        return _draw_triton(x.contiguous(), batch.noise_keys, batch.greedy)
+    noise = _gumbel_noise(batch.noise_keys, batch.vocab_size)
+    if batch.any_greedy:
+        noise = noise.masked_fill_(batch.greedy[:, None], 0.0)
+    return (x + noise).argmax(dim=-1)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 (C. Wellons) on int64 tensors holding uint32 values.
+
+    A product can pass 2**63 and wrap in int64; wraparound keeps the low 32 bits
+    exact, and the mask keeps every value in [0, 2**32), so shifts stay logical."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _U32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _U32
+    return x ^ (x >> 16)
+
+
+def _noise_keys(rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """[2, B] int64 per-row keys from (seed mod 2**64, step): the hash counter's row part (on the host)."""
+    if any(r.step < 0 for r in rows):
+        raise ValueError("SamplingRow.step must be >= 0")
+    seeds = [int(r.seed) % (1 << 64) for r in rows]
+    lo = torch.tensor([s & _U32 for s in seeds], dtype=torch.int64)
+    hi = torch.tensor([s >> 32 for s in seeds], dtype=torch.int64)
+    step = torch.tensor([r.step & _U32 for r in rows], dtype=torch.int64)
+    key1 = _mix32(_mix32(_mix32(lo ^ 0x9E3779B9) ^ hi) ^ step)
+    return torch.stack([key1, _mix32(key1 ^ 0x85EBCA6B)])
+
+
+def _gumbel_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, V] standard Gumbel noise; element (b, i) depends only on keys[:, b] and i.
+
+    Two mixing rounds keyed differently, so no two rows' noise is a reindexing of
+    each other. u = (h + 0.5) / 2**32 lies in (0, 1); E = -log1p(-u) is Exp(1) and
+    exact near 0, which is the tail that lets unlikely tokens win."""
+    index = torch.arange(vocab_size, dtype=torch.int64, device=keys.device)
+    h = _mix32(_mix32(index[None, :] ^ keys[0, :, None]) ^ keys[1, :, None])
+    u = (h.to(torch.float32) + 0.5) * (2.0**-32)
+    return -torch.log(-torch.log1p(-u))
+
+
+def _build_penalties(rows: Sequence[SamplingRow], vocab_size: int, device: torch.device) -> _Penalties | None:
+    rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
+    cnt = [i for i, r in enumerate(rows) if r.params.presence_penalty != 0.0 or r.params.frequency_penalty != 0.0]
+    pen_rows = sorted(set(rep) | set(cnt))
+    if not pen_rows:
+        return None
+    local = {row: j for j, row in enumerate(pen_rows)}  # batch row -> row of the [R, V] tensors
+    shape = (len(pen_rows), vocab_size)
+    seen = counts = None
+    if rep:
+        index = _flat_index([local[i] for i in rep], [rows[i].token_history for i in rep], vocab_size, device)
+        seen = torch.zeros(shape, dtype=torch.bool, device=device)
+        seen.index_put_(index, torch.ones((), dtype=torch.bool, device=device))
+    if cnt:
+        index = _flat_index([local[i] for i in cnt], [rows[i].output_ids for i in cnt], vocab_size, device)
+        counts = torch.zeros(shape, dtype=torch.float32, device=device)  # exact below 2**24
+        counts.index_put_(index, torch.ones((), dtype=torch.float32, device=device), accumulate=True)
+
+    names = ("repetition_penalty", "presence_penalty", "frequency_penalty")
+    values = [[getattr(rows[i].params, name) for i in pen_rows] for name in names]
+    repetition, presence, frequency = _to_device(torch.tensor(values, dtype=torch.float32), device)
+    all_rows = len(pen_rows) == len(rows)
+    return _Penalties(
+        rows=None if all_rows else _to_device(torch.tensor(pen_rows, dtype=torch.int64), device),
+        seen=seen,
+        repetition=repetition,
+        counts=counts,
+        presence=presence,
+        frequency=frequency,
+    )
+
+
+def _build_suppress(
+    rows: Sequence[SamplingRow], vocab_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    with_ids = [i for i, r in enumerate(rows) if len(r.suppress_ids)]
+    if not with_ids:
+        return None
+    return _flat_index(with_ids, [rows[i].suppress_ids for i in with_ids], vocab_size, device)
+
+
+def _flat_index(
+    row_ids: list[int], seqs: list[Sequence[int]], vocab_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, ids) index pair for `tensor[rows, ids]`: row_ids[j] repeated once per id of seqs[j]."""
+    ids = [torch.as_tensor(s, dtype=torch.int64).reshape(-1) for s in seqs]  # no copy for arrays/tensors
+    flat = torch.cat(ids)
+    if flat.numel():
+        low, high = torch.aminmax(flat)
+        if int(low) < 0 or int(high) >= vocab_size:
+            raise ValueError(f"token ids must lie in [0, {vocab_size}) for the sampler")
+    rows_and_lengths = _to_device(torch.tensor([row_ids, [t.numel() for t in ids]], dtype=torch.int64), device)
+    # Expanded on the device; output_size spares the device->host read of the total.
+    row_index = torch.repeat_interleave(rows_and_lengths[0], rows_and_lengths[1], output_size=flat.numel())
+    return row_index, _to_device(flat, device)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without blocking the host: pinned memory and an async copy on CUDA."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+_DRAW_BLOCK = 4096
+
+if triton is not None:
+
+    @triton.jit
+    def _mix32_tl(x):
+        # lowbias32 on uint32: multiplies wrap mod 2**32 and shifts are logical, as in _mix32.
+        x = x ^ (x >> 16)
+        x = x * 0x7FEB352D
+        x = x ^ (x >> 15)
+        x = x * 0x846CA68B
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _gumbel_argmax_kernel(
+        x_ptr, keys_ptr, greedy_ptr, best_ptr, best_index_ptr, num_rows, vocab_size, num_blocks, BLOCK: tl.constexpr
+    ):
+        """One (row, block of the vocab) per program: the block's max of x + noise and where it is."""
+        row = tl.program_id(0).to(tl.int64)
+        block = tl.program_id(1)
+        cols = block * BLOCK + tl.arange(0, BLOCK)
+        inside = cols < vocab_size
+        x = tl.load(x_ptr + row * vocab_size + cols, mask=inside, other=float("-inf"))
+        key1 = tl.load(keys_ptr + row).to(tl.uint32)  # keys is [2, rows]
+        key2 = tl.load(keys_ptr + num_rows + row).to(tl.uint32)
+        h = _mix32_tl(_mix32_tl(cols.to(tl.uint32) ^ key1) ^ key2)
+        u = (h.to(tl.float32) + 0.5) * 2.3283064365386963e-10  # * 2**-32, as in _gumbel_noise
+        noise = -libdevice.log(-libdevice.log1p(-u))
+        greedy = tl.load(greedy_ptr + row)
+        y = tl.where(inside, tl.where(greedy, x, x + noise), float("-inf"))
+        value, index = tl.max(y, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        tl.store(best_ptr + row * num_blocks + block, value)
+        tl.store(best_index_ptr + row * num_blocks + block, block * BLOCK + index)
+
+
+def _draw_triton(x: torch.Tensor, keys: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
+    rows, vocab_size = x.shape
+    num_blocks = triton.cdiv(vocab_size, _DRAW_BLOCK)
+    best = torch.empty(rows, num_blocks, dtype=torch.float32, device=x.device)
+    best_index = torch.empty(rows, num_blocks, dtype=torch.int64, device=x.device)
+    _gumbel_argmax_kernel[(rows, num_blocks)](
+        x, keys, greedy, best, best_index, rows, vocab_size, num_blocks, BLOCK=_DRAW_BLOCK, num_warps=8
+    )
+    # The first block holding the row max: ties resolve to the lowest index, as torch.argmax does.
+    return best_index.gather(1, best.argmax(dim=1, keepdim=True)).squeeze(1)

@@ -1,0 +1,5 @@
+import sys
+
+from radixserve.replay.cli import main
+
+sys.exit(main())

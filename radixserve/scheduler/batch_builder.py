@@ -1,0 +1,207 @@
+"""From the scheduler's plan (which requests compute how many tokens) to a ForwardBatch.
+
+This is where within-batch folding happens. The sequences that can share
+work are prefill chunks with no private tail: their computed context is a
+radix node, and the fold trie is rooted there, so two of them fold only if
+their whole paths agree. Fold modes:
+
+- `off`: every planned token is a row of the forward pass.
+- `mlp`: the model runs on compact rows (one per unique path); q/k/v are
+  unfolded for attention, which runs per sequence as without folding, and
+  its output is folded back. Every sequence still writes its own K/V.
+- `tree`: each compact row's K/V is written once; a later sequence's slot list
+  points at the donor's slots (`Req.borrowed_len`), so it attends as if those
+  tokens were a cached prefix and only its own rows run attention. A sequence
+  wholly contained in another computes nothing; its outputs are read from the
+  donor's rows (causal attention makes them equal).
+
+All output rows (logits, hidden states, scored tokens) are indices into the
+rows the forward pass computes.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from radixserve.model_runner.forward_batch import ForwardBatch
+from radixserve.scheduler.fold_plan import FoldPlan, build_fold_plan
+from radixserve.scheduler.kv_cache import KVCacheManager
+from radixserve.scheduler.request import Req
+
+FOLD_MODES = ("off", "mlp", "tree")
+
+
+class ScheduledBatch(NamedTuple):
+    forward: ForwardBatch
+    reqs: list[Req]  # in plan order
+    extend_lens: list[int]  # tokens each request advances by
+    sample_reqs: list[Req]  # requests whose last token's logits are sampled, in logits_rows order
+    hidden_spans: dict[int, tuple[int, int]]  # id(req) -> span of forward.hidden_rows (embeddings)
+    score_spans: dict[int, tuple[int, int]]  # id(req) -> span of forward.score_rows
+    folded: list[int]  # per request: tokens served by another sequence's rows this step
+    fold_ratio: float  # computed rows / planned tokens
+
+
+def fold_key(req: Req, n: int) -> object:
+    """Sequences with equal keys may fold: same radix node, nothing private after it."""
+    prefill = n > 1 or req.kv_len < len(req.prompt_ids)
+    if not prefill or req.kv_len != req.cache_len:
+        return ("own", id(req))
+    if req.cache_len == 0:
+        return ("root", req.namespace)
+    return ("node", id(req.last_node))
+
+
+def build_batch(
+    plan: list[tuple[Req, int]], cache: KVCacheManager, fold_mode: str, fold_threshold: float
+) -> ScheduledBatch:
+    """Allocate the step's KV slots and lay out the forward pass (folded or not)."""
+    tokens = [req.fill_ids[req.kv_len : req.kv_len + n] for req, n in plan]
+    positions = [list(range(req.kv_len, req.kv_len + n)) for req, n in plan]
+    fold: FoldPlan | None = None
+    if fold_mode != "off" and len(plan) > 1:
+        fold = build_fold_plan(tokens, positions, [fold_key(r, n) for r, n in plan])
+        if fold.num_rows == fold.num_tokens or fold.fold_ratio >= fold_threshold:
+            fold = None
+    if fold is not None and fold_mode == "tree":
+        forward, row_of = _layout_tree(plan, fold, cache)
+    else:
+        forward, row_of = _layout_full(plan, tokens, positions, fold, cache)
+    reqs = [r for r, _ in plan]
+    extend_lens = [n for _, n in plan]
+    folded = fold.folded_tokens.tolist() if fold is not None else [0] * len(plan)
+    ratio = fold.fold_ratio if fold is not None else 1.0
+    batch = ScheduledBatch(forward, reqs, extend_lens, [], {}, {}, folded, ratio)
+    _output_rows(batch, row_of)
+    return batch
+
+
+def _seq_offsets(plan: list[tuple[Req, int]]) -> np.ndarray:
+    cu = np.zeros(len(plan) + 1, dtype=np.int64)
+    np.cumsum([n for _, n in plan], out=cu[1:])
+    return cu
+
+
+def _alloc(cache: KVCacheManager, req: Req, n: int) -> torch.Tensor:
+    slots = cache.alloc(n)
+    if slots is None:  # admission and retraction guarantee room
+        raise RuntimeError(f"KV pool exhausted while scheduling {req}")
+    return slots
+
+
+def _layout_full(
+    plan: list[tuple[Req, int]],
+    tokens: list[list[int]],
+    positions: list[list[int]],
+    fold: FoldPlan | None,
+    cache: KVCacheManager,
+) -> tuple[ForwardBatch, np.ndarray]:
+    """Off and mlp: every sequence gets its own slots for all its planned tokens."""
+    slots = []
+    for req, n in plan:
+        s = _alloc(cache, req, n)
+        cache.extend(req, s)
+        slots.append(s)
+    full_ids = torch.tensor([t for seq in tokens for t in seq], dtype=torch.int64)
+    full_pos = torch.tensor([p for seq in positions for p in seq], dtype=torch.int64)
+    forward = ForwardBatch(
+        input_ids=full_ids,
+        positions=full_pos,
+        out_slots=torch.cat(slots),
+        req_rows=[r.row for r, _ in plan],
+        prefix_lens=[r.kv_len for r, _ in plan],
+        extend_lens=[n for _, n in plan],
+        logits_rows=torch.empty(0, dtype=torch.int64),
+    )
+    if fold is None:
+        return forward, np.arange(full_ids.numel(), dtype=np.int64)
+    n = fold.num_rows
+    forward.input_ids = torch.from_numpy(fold.compact_ids[:n].copy())
+    forward.positions = torch.from_numpy(fold.compact_positions[:n].copy())
+    forward.unfold = torch.from_numpy(fold.scatter.copy())
+    forward.fold = torch.from_numpy(fold.fold_gather[:n].copy())
+    return forward, fold.scatter
+
+
+def _layout_tree(plan: list[tuple[Req, int]], fold: FoldPlan, cache: KVCacheManager) -> tuple[ForwardBatch, np.ndarray]:
+    """Tree: compact rows get slots; sequences borrow the slots of rows a donor made."""
+    n_rows = fold.num_rows
+    cu = _seq_offsets(plan)
+    own = np.array([n for _, n in plan], dtype=np.int64) - fold.folded_tokens
+    row_cu = np.zeros(len(plan) + 1, dtype=np.int64)
+    np.cumsum(own, out=row_cu[1:])
+    # A sequence's own rows are a suffix of its tokens (once a trie path leaves
+    # the shared part it never rejoins it), laid out contiguously in order.
+    for i in range(len(plan)):
+        if own[i]:
+            first_local = fold.fold_gather[row_cu[i]] - cu[i]
+            if first_local != fold.folded_tokens[i]:
+                raise RuntimeError("fold plan: a sequence's own rows are not a suffix of its tokens")
+    row_slots = torch.cat([_alloc(cache, req, int(k)) for (req, _), k in zip(plan, own)])
+    scatter = torch.from_numpy(fold.scatter.copy())
+    req_rows, prefix_lens, extend_lens = [], [], []
+    for i, (req, n) in enumerate(plan):
+        shared = int(fold.folded_tokens[i])
+        seq_slots = row_slots[scatter[cu[i] : cu[i + 1]]]
+        if shared:
+            req.borrowed_len = req.kv_len + shared
+        cache.extend(req, seq_slots)
+        if own[i]:
+            req_rows.append(req.row)
+            prefix_lens.append(req.kv_len + shared)
+            extend_lens.append(int(own[i]))
+    forward = ForwardBatch(
+        input_ids=torch.from_numpy(fold.compact_ids[:n_rows].copy()),
+        positions=torch.from_numpy(fold.compact_positions[:n_rows].copy()),
+        out_slots=row_slots,
+        req_rows=req_rows,
+        prefix_lens=prefix_lens,
+        extend_lens=extend_lens,
+        logits_rows=torch.empty(0, dtype=torch.int64),
+    )
+    return forward, fold.scatter
+
+
+def _output_rows(batch: ScheduledBatch, row_of: np.ndarray) -> None:
+    """Which computed rows the runner must return, per request and purpose."""
+    logits, hidden, score_rows, score_targets = [], [], [], []
+    offset = 0
+    for req, n in zip(batch.reqs, batch.extend_lens):
+        start = req.kv_len
+        end = start + n
+        if req.task == "generate":
+            if end == req.fill_len:
+                logits.append(row_of[offset + n - 1])
+                batch.sample_reqs.append(req)
+        elif req.task == "embed":
+            local = _pooled_rows(req, start, end)
+            batch.hidden_spans[id(req)] = (len(hidden), len(hidden) + len(local))
+            hidden += [row_of[offset + i] for i in local]
+        else:  # score: the row at position q predicts token q + 1
+            lo = max(start, req.score_start - 1)
+            hi = min(end, req.fill_len - 1)
+            fill = req.fill_ids
+            batch.score_spans[id(req)] = (len(score_rows), len(score_rows) + max(0, hi - lo))
+            for q in range(lo, hi):
+                score_rows.append(row_of[offset + q - start])
+                score_targets.append(fill[q + 1])
+        offset += n
+    fwd = batch.forward
+    fwd.logits_rows = torch.tensor(logits, dtype=torch.int64)
+    if hidden:
+        fwd.hidden_rows = torch.tensor(hidden, dtype=torch.int64)
+    if score_rows:
+        fwd.score_rows = torch.tensor(score_rows, dtype=torch.int64)
+        fwd.score_targets = torch.tensor(score_targets, dtype=torch.int64)
+
+
+def _pooled_rows(req: Req, start: int, end: int) -> list[int]:
+    """Chunk-local rows an embedding request needs from positions [start, end)."""
+    if req.pooling == "mean":
+        return list(range(end - start))
+    if req.pooling == "cls":
+        return [0] if start == 0 else []
+    return [end - start - 1] if end == req.fill_len else []  # last

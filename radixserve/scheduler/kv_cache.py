@@ -1,0 +1,206 @@
+"""KV slot bookkeeping between the radix tree, the allocator and running requests.
+
+Invariant kept here (checked by `check`):
+
+    allocator.num_free + tree.total_size + sum(private tails) == allocator.num_slots
+
+A slot moves free -> private when a step allocates it, private -> tree on
+`commit`, tree -> free on eviction, and private -> free when a duplicate loses
+to the tree's own copy on insert.
+
+With the prefix cache off the tree is still where computed tokens go (so
+slots shared inside a batch have one owner), but admission matches nothing and
+whatever no running request has locked is evicted as soon as a request ends:
+the tree keeps nothing that no running request needs.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from radixserve.model_runner.kv_pool import ReqToTokenPool, SlotAllocator
+from radixserve.radix_tree import RadixTree
+from radixserve.scheduler.request import Req
+
+
+def _cat(pieces: list) -> torch.Tensor:
+    if not pieces:
+        return torch.empty(0, dtype=torch.int64)
+    return torch.cat([torch.as_tensor(p, dtype=torch.int64) for p in pieces])
+
+
+class KVCacheManager:
+    def __init__(
+        self,
+        tree: RadixTree,
+        allocator: SlotAllocator,
+        req_to_token: ReqToTokenPool,
+        *,
+        enable_prefix_cache: bool,
+    ) -> None:
+        self.tree = tree
+        self.allocator = allocator
+        self.req_to_token = req_to_token
+        self.enable_prefix_cache = enable_prefix_cache
+        # Admission-time counters (the tree's own also count internal re-matches).
+        self.queried_tokens = 0
+        self.hit_tokens = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.allocator.num_slots
+
+    def available(self) -> int:
+        """Slots a step could get: free ones plus what eviction can free."""
+        return self.allocator.num_free + self.tree.evictable_size
+
+    # -- a request's KV over its life ------------------------------------------------
+
+    def admit(self, req: Req) -> bool:
+        """Match the request's tokens in the tree, lock the match, and give it a table row.
+
+        At least one token is always left to compute: its logits are what the
+        step samples from. Returns False (holding nothing) when no row is free.
+        """
+        row = self.req_to_token.alloc()
+        if row is None:
+            return False
+        req.row = row
+        fill = req.fill_ids
+        if self.enable_prefix_cache:
+            m = self.tree.match_prefix(fill[: req.match_limit], namespace=req.namespace)
+            self.tree.lock(m.node)
+            req.last_node = m.node
+            req.slots = _cat(m.values)
+            req.cache_len = req.kv_len = m.length
+            self.req_to_token.write(row, 0, req.slots)
+        else:
+            req.slots = torch.empty(0, dtype=torch.int64)
+            req.cache_len = req.kv_len = 0
+        if not req.admitted_once:
+            req.admitted_once = True
+            req.cached_tokens = min(req.kv_len, len(req.prompt_ids))
+            self.queried_tokens += len(req.prompt_ids)
+            self.hit_tokens += req.cached_tokens
+        return True
+
+    def undo_admit(self, req: Req) -> None:
+        """Give back what `admit` took (the request did not fit after all)."""
+        if req.kv_len != req.cache_len:
+            raise RuntimeError(f"undo_admit after {req} computed tokens")
+        self._unlock(req)
+        self._drop_row(req)
+        req.slots = torch.empty(0, dtype=torch.int64)
+        req.kv_len = req.cache_len = 0
+
+    def alloc(self, n: int) -> torch.Tensor | None:
+        """Take n free slots, evicting unlocked tree leaves if needed; None if impossible."""
+        short = n - self.allocator.num_free
+        if short > 0:
+            self._evict(short)
+        return self.allocator.alloc(n)
+
+    def _evict(self, n: int) -> None:
+        evicted = self.tree.evict(n)
+        if evicted.values:
+            self.allocator.free(_cat(evicted.values))
+
+    def extend(self, req: Req, slots: torch.Tensor) -> None:
+        """The request's next tokens will be written to `slots` (private until committed)."""
+        self.req_to_token.write(req.row, len(req.slots), slots)
+        req.slots = torch.cat([req.slots, slots])
+
+    def commit(self, req: Req) -> None:
+        """Insert the request's computed tokens into the tree and move its lock there."""
+        m, canonical = self._insert(req)
+        self.tree.lock(m.node)
+        self._unlock(req)
+        if m.length > req.cache_len:
+            self.req_to_token.write(req.row, req.cache_len, canonical[req.cache_len :])
+        req.slots = torch.cat([canonical, req.slots[m.length :]])
+        req.cache_len = m.length
+        req.last_node = m.node
+
+    def release(self, req: Req) -> None:
+        """The request stops running (finished, aborted or retracted): hand its KV over.
+
+        Everything computed goes to the tree (multi-turn reuse; a retracted
+        request's retry is cheap); what the tree cannot hold (a partial page)
+        is freed. With the cache off, what no running request has locked is
+        evicted at once.
+        """
+        m, _ = self._insert(req)
+        self._unlock(req)
+        self.allocator.free(req.slots[m.length :])
+        req.slots = torch.empty(0, dtype=torch.int64)
+        req.kv_len = req.cache_len = 0
+        self._drop_row(req)
+        if not self.enable_prefix_cache:
+            self._evict(self.tree.evictable_size)
+
+    def _insert(self, req: Req) -> tuple:
+        """Insert `fill_ids[:kv_len]`; return the tree's copy of the path and its slots.
+
+        Where the tree already held a token under another slot, the request's
+        copy is a duplicate and is freed, but only a slot the request owns:
+        `slots[cache_len:borrowed_len]` belong to the same-batch donor they
+        were folded onto (tree fold mode), which frees its own. A slot the tree
+        now holds under the same id is shared, not duplicated, so inserting
+        donors and borrowers in any order frees each slot exactly once.
+        """
+        n = req.kv_len
+        key = req.fill_ids[:n]
+        self.tree.insert(key, req.slots[:n], namespace=req.namespace)
+        m = self.tree.match_prefix(key, namespace=req.namespace)
+        canonical = _cat(m.values)
+        start = max(req.cache_len, req.borrowed_len)
+        if m.length > start:
+            mine = req.slots[start : m.length]
+            dup = mine[mine != canonical[start:]]
+            if dup.numel():
+                self.allocator.free(dup)
+        req.borrowed_len = 0
+        return m, canonical
+
+    def _unlock(self, req: Req) -> None:
+        if req.last_node is not None:
+            self.tree.unlock(req.last_node)
+            req.last_node = None
+
+    def _drop_row(self, req: Req) -> None:
+        if req.row is not None:
+            self.req_to_token.free(req.row)
+            req.row = None
+
+    # -- whole-cache operations ------------------------------------------------------
+
+    def flush(self) -> bool:
+        """Drop every cached prefix; refused (False) while any is locked by a running request."""
+        if self.tree.protected_size > 0:
+            return False
+        dropped = self.tree.reset()
+        if dropped.values:
+            self.allocator.free(_cat(dropped.values))
+        return True
+
+    def private_tokens(self, reqs: Iterable[Req]) -> int:
+        return sum(len(r.slots) - r.cache_len for r in reqs)
+
+    def check(self, holders: Iterable[Req]) -> None:
+        """Every slot is free, in the tree, or in exactly one request's private tail."""
+        holders = list(holders)
+        private = self.private_tokens(holders)
+        free = self.allocator.num_free
+        tree = self.tree.total_size
+        if free + tree + private != self.capacity:
+            raise RuntimeError(
+                f"slot leak: free {free} + tree {tree} + private {private} != capacity {self.capacity}"
+            )
+        owned = [torch.as_tensor(self.allocator._free, dtype=torch.int64)]
+        owned += [r.slots[r.cache_len :] for r in holders]
+        flat = torch.cat(owned) if owned else torch.empty(0, dtype=torch.int64)
+        if flat.numel() != torch.unique(flat).numel():
+            raise RuntimeError("a slot is owned twice (free list / private tails overlap)")
+        self.tree.check()

@@ -1,0 +1,142 @@
+"""A request as the scheduler sees it: tokens, KV ownership, and progress.
+
+Slots of a running request (page size 1 shown):
+
+    fill_ids  = prompt_ids + output_ids
+    positions   0 ........ cache_len ........ kv_len ...... len(fill_ids)
+    slots       [ tree-owned, locked ][ private ]
+                                                ^ tokens not yet computed
+                                                  (the last sampled token's K/V
+                                                   is computed in the next step)
+
+`slots[:cache_len]` belong to the radix tree and are protected by the lock on
+`last_node`; `slots[cache_len:kv_len]` are the request's private tail. When a
+prefill chunk completes, or the request finishes, is retracted or aborted, the
+tail is inserted into the tree (`KVCacheManager.commit`) and the lock moves to
+the new node.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Hashable, Protocol
+
+import torch
+
+from radixserve.sampling_params import SamplingParams
+
+
+class ReqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Detokenizer(Protocol):
+    """What the scheduler needs of an incremental detokenizer (engine.detokenizer)."""
+
+    matched_stop: str | None
+
+    def append(self, token_ids: list[int]) -> Any: ...  # -> (delta_text, stopped)
+
+    def flush(self) -> Any: ...  # -> (delta_text, stopped)
+
+
+class Req:
+    """One sequence to generate (a prompt with n > 1 becomes n of these)."""
+
+    def __init__(
+        self,
+        rid: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        seed: int,
+        index: int = 0,
+        detokenizer: Detokenizer | None = None,
+        namespace: Hashable = None,
+        wait_for: "Req | None" = None,
+        task: str = "generate",
+        pooling: str = "last",
+        score_start: int = 0,
+    ) -> None:
+        self.rid = rid
+        self.index = index  # which of the n completions of its prompt
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.seed = seed
+        self.detokenizer = detokenizer
+        self.namespace = namespace
+        # A sibling (n > 1) waits until the first one's prompt is in the tree,
+        # so it is served from the cache instead of computing the prompt again.
+        self.wait_for = wait_for
+        # "generate" samples tokens; "embed" and "score" are prefill-only:
+        # an embedding pooled from the final hidden states ("last", "mean" or
+        # "cls"), or the logprob of each token from `score_start` on.
+        self.task = task
+        self.pooling = pooling
+        self.score_start = score_start
+        self.embedding: torch.Tensor | None = None  # running sum (mean) or the pooled row
+        self.scores: list[float] = []
+
+        self.output_ids: list[int] = []
+        self.output_logprobs: list[tuple[int, float, tuple[tuple[int, float], ...]]] = []
+        self.status = ReqStatus.WAITING
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.aborted = False
+
+        # KV state (see the module docstring).
+        self.row: int | None = None
+        self.slots = torch.empty(0, dtype=torch.int64)
+        self.kv_len = 0
+        self.cache_len = 0
+        self.last_node: Any = None
+        # Tree fold mode: slots[cache_len:borrowed_len] point at a same-batch
+        # donor's slots; the donor owns them until both are committed.
+        self.borrowed_len = 0
+
+        self.cached_tokens = 0  # prompt tokens matched in the tree at first admission
+        self.folded_tokens = 0  # tokens computed by another sequence of the same batch
+        self.admitted_once = False
+        self.arrival_step = 0
+        self.retractions = 0
+
+    @property
+    def fill_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def fill_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def remaining_new_tokens(self) -> int:
+        if self.task != "generate":
+            return 0
+        return max(0, self.params.max_tokens - len(self.output_ids))
+
+    @property
+    def match_limit(self) -> int:
+        """How many leading tokens may come from the cache: the rows whose
+        outputs are needed must be computed (the KV cache keeps no hidden states)."""
+        if self.task == "score":
+            return max(0, self.score_start - 1)
+        if self.task == "embed" and self.pooling != "last":
+            return 0
+        return self.fill_len - 1
+
+    @property
+    def finished(self) -> bool:
+        return self.status is ReqStatus.FINISHED
+
+    def ready(self) -> bool:
+        """May be admitted now (a sibling waits for its first's prompt)."""
+        w = self.wait_for
+        return w is None or w.finished or w.kv_len >= len(w.prompt_ids)
+
+    def __repr__(self) -> str:
+        return (
+            f"Req({self.rid}#{self.index}, {self.status.value}, prompt={len(self.prompt_ids)}, "
+            f"out={len(self.output_ids)}, kv={self.kv_len}, cache={self.cache_len})"
+        )

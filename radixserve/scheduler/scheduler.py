@@ -1,0 +1,309 @@
+"""Continuous batching: which tokens of which requests run in the next step.
+
+Each step: reap aborted requests; make room for every running request's next
+token (retracting requests when even eviction cannot); then admit waiting
+requests in policy order while the prefill token budget, the table rows and
+the KV pool (free + evictable, minus a reserve for running requests' expected
+output) allow. Long prompts are computed in chunks across steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple
+
+import torch
+
+from radixserve.model_runner.model_runner import ForwardOutput
+from radixserve.model_runner.sampler import SampleOutput, SamplingRow
+from radixserve.scheduler.batch_builder import ScheduledBatch, build_batch
+from radixserve.scheduler.kv_cache import KVCacheManager
+from radixserve.scheduler.policy import order_waiting
+from radixserve.scheduler.request import Req, ReqStatus
+
+logger = logging.getLogger(__name__)
+
+
+class StepUpdate(NamedTuple):
+    """What one request gained in a step (tokens, text), and whether it ended."""
+
+    req: Req
+    token_ids: list[int]
+    logprobs: list[tuple[int, float, tuple[tuple[int, float], ...]]]
+    text: str
+    finished: bool
+
+
+class SchedulerConfig(NamedTuple):
+    max_running_requests: int
+    max_prefill_tokens: int
+    max_context: int
+    schedule_policy: str = "fcfs"
+    lpm_aging_tokens_per_step: int = 16
+    fold_mode: str = "off"
+    fold_threshold: float = 0.95
+    # SGLang's new-token ratio: the share of a running request's remaining
+    # max_tokens reserved when admitting others. It decays while memory holds
+    # and jumps back after a retraction.
+    new_token_ratio_init: float = 0.7
+    new_token_ratio_min: float = 0.1
+    new_token_ratio_decay: float = 0.001
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, cache: KVCacheManager, eos_ids: frozenset[int]) -> None:
+        self.config = config
+        self.cache = cache
+        self.eos_ids = eos_ids
+        self.waiting: list[Req] = []
+        self.running: list[Req] = []
+        self.step_count = 0
+        self.new_token_ratio = config.new_token_ratio_init
+        self.retractions = 0
+        self.folded_tokens = 0
+        self.planned_tokens = 0  # tokens of prefill chunks and decodes, before folding
+        self._updates: list[StepUpdate] = []  # produced outside process() (aborts)
+
+    # -- queue management ------------------------------------------------------------
+
+    def add(self, reqs: list[Req]) -> None:
+        for r in reqs:
+            r.arrival_step = self.step_count
+        self.waiting.extend(reqs)
+
+    def abort(self, rid: str) -> None:
+        """Mark every sequence of request `rid`; they end at the next step boundary."""
+        for r in self.waiting + self.running:
+            if r.rid == rid:
+                r.aborted = True
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._updates)
+
+    def take_updates(self) -> list[StepUpdate]:
+        out, self._updates = self._updates, []
+        return out
+
+    # -- building a batch ------------------------------------------------------------
+
+    def schedule(self) -> ScheduledBatch | None:
+        self.step_count += 1
+        self._reap_aborted()
+        self._make_room_for_running()
+        plan: list[tuple[Req, int]] = []
+        budget = self.config.max_prefill_tokens
+        room = self.cache.available()
+        for req in self.running:
+            remaining = req.fill_len - req.kv_len
+            if remaining == 1:  # a decode: not charged to the prefill budget
+                n = 1
+            else:  # the next chunk of a long prompt
+                n = min(remaining, budget, room)
+                budget -= n
+            if n > 0:
+                plan.append((req, n))
+                room -= n
+        self._admit(plan, budget)
+        if not plan:
+            return None
+        batch = build_batch(plan, self.cache, self.config.fold_mode, self.config.fold_threshold)
+        self.planned_tokens += sum(batch.extend_lens)
+        self.folded_tokens += sum(batch.folded)
+        for req, k in zip(batch.reqs, batch.folded):
+            req.folded_tokens += k
+        return batch
+
+    def _make_room_for_running(self) -> None:
+        """Retract running requests until each can compute at least one token this step."""
+        while self.running and len(self.running) > self.cache.available():
+            victim = min(self.running, key=lambda r: (len(r.output_ids), -len(r.prompt_ids)))
+            self.running.remove(victim)
+            self.cache.release(victim)
+            victim.status = ReqStatus.WAITING
+            victim.embedding, victim.scores = None, []  # prefill results restart with it
+            victim.retractions += 1
+            self.retractions += 1
+            self.waiting.insert(0, victim)
+            self.new_token_ratio = self.config.new_token_ratio_init
+            logger.info("retracted %r: the KV pool is full", victim)
+
+    def _reserved(self) -> float:
+        return sum(r.remaining_new_tokens for r in self.running) * self.new_token_ratio
+
+    def _admit(self, plan: list[tuple[Req, int]], budget: int) -> None:
+        cfg = self.config
+        tree = self.cache.tree if self.cache.enable_prefix_cache else None
+        order = order_waiting(
+            self.waiting, cfg.schedule_policy, tree, self.step_count, cfg.lpm_aging_tokens_per_step
+        )
+        reserved = self._reserved()
+        admitted: list[Req] = []
+        for req in order:
+            if budget <= 0 or len(self.running) + len(admitted) >= cfg.max_running_requests:
+                break
+            if not req.ready():
+                continue
+            if not self.cache.admit(req):
+                break
+            # Tokens already planned this step come first.
+            pending = sum(n for _, n in plan)
+            extend = req.fill_len - req.kv_len
+            need = extend + req.remaining_new_tokens * self.new_token_ratio
+            room = self.cache.available() - pending - reserved
+            alone = not self.running and not admitted
+            if need > room and not (alone and extend <= self.cache.available() - pending):
+                self.cache.undo_admit(req)
+                break
+            n = min(extend, budget)
+            budget -= n
+            reserved += need
+            plan.append((req, n))
+            admitted.append(req)
+        for req in admitted:
+            self.waiting.remove(req)
+            req.status = ReqStatus.RUNNING
+            self.running.append(req)
+        if self.running and not admitted:
+            self.new_token_ratio = max(
+                cfg.new_token_ratio_min, self.new_token_ratio - cfg.new_token_ratio_decay
+            )
+
+    def sampling_rows(self, batch: ScheduledBatch) -> list[SamplingRow]:
+        rows = []
+        for req in batch.sample_reqs:
+            p = req.params
+            suppress: tuple[int, ...] = ()
+            if len(req.output_ids) < p.min_tokens:
+                stops = set(p.stop_token_ids)
+                if not p.ignore_eos:
+                    stops |= self.eos_ids
+                suppress = tuple(sorted(stops))
+            rows.append(
+                SamplingRow(
+                    params=p,
+                    token_history=req.fill_ids,
+                    output_ids=req.output_ids,
+                    seed=req.seed,
+                    step=len(req.output_ids),
+                    suppress_ids=suppress,
+                )
+            )
+        return rows
+
+    # -- after the forward pass ------------------------------------------------------
+
+    def process(self, batch: ScheduledBatch, out: ForwardOutput, sampled: SampleOutput | None) -> list[StepUpdate]:
+        """Account computed tokens, append sampled ones, then commit, then finish.
+
+        Every prefill chunk is committed to the tree at once, so requests
+        sharing the prompt (n > 1 siblings, concurrent users) reuse it, and
+        slots shared inside the batch (tree folding) get one owner. All commits
+        come before any release: a request ending now must not take slots to
+        the free list that a borrower still points at.
+        """
+        to_commit = []
+        for req, n in zip(batch.reqs, batch.extend_lens):
+            if n > 1 or req.kv_len < len(req.prompt_ids):
+                to_commit.append(req)
+            req.kv_len += n
+        updates: list[StepUpdate] = self.take_updates()
+        finishing: list[tuple[Req, str]] = []
+        if sampled is not None and batch.sample_reqs:
+            updates += self._append_tokens(batch, sampled, finishing)
+        self._collect_prefill_results(batch, out, finishing, updates)
+        for req in to_commit:  # requests ending now too: their release must not free a borrower's slots
+            self.cache.commit(req)
+        for req, reason in finishing:
+            self._finish(req, reason)
+        return updates
+
+    def _append_tokens(
+        self, batch: ScheduledBatch, sampled: SampleOutput, finishing: list[tuple[Req, str]]
+    ) -> list[StepUpdate]:
+        token_ids = sampled.token_ids.tolist()
+        logprobs = sampled.logprobs.tolist() if sampled.logprobs is not None else None
+        top_ids = sampled.top_ids.tolist() if sampled.top_ids is not None else None
+        top_lps = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None
+        updates = []
+        for i, req in enumerate(batch.sample_reqs):
+            tok = token_ids[i]
+            req.output_ids.append(tok)
+            lp: list = []
+            if req.params.logprobs is not None and logprobs is not None:
+                k = req.params.logprobs
+                top = tuple(zip(top_ids[i][:k], top_lps[i][:k])) if k and top_ids is not None else ()
+                entry = (tok, logprobs[i], top)
+                req.output_logprobs.append(entry)
+                lp = [entry]
+            text = ""
+            stopped_by_string = False
+            if req.detokenizer is not None:
+                text, stopped_by_string = req.detokenizer.append([tok])
+            reason = self._finish_reason(req, tok, stopped_by_string)
+            if reason is not None:
+                if req.detokenizer is not None and not stopped_by_string:
+                    text += req.detokenizer.flush().delta_text
+                finishing.append((req, reason))
+            updates.append(StepUpdate(req, [tok], lp, text, reason is not None))
+        return updates
+
+    def _collect_prefill_results(
+        self, batch: ScheduledBatch, out: ForwardOutput, finishing: list, updates: list[StepUpdate]
+    ) -> None:
+        """Embeddings and scores: gather this chunk's rows; finish after the last chunk."""
+        for req in batch.reqs:
+            if req.task == "generate":
+                continue
+            if req.task == "embed" and out.hidden is not None and id(req) in batch.hidden_spans:
+                a, b = batch.hidden_spans[id(req)]
+                if b > a:
+                    rows = out.hidden[a:b].sum(dim=0).cpu()
+                    req.embedding = rows if req.embedding is None else req.embedding + rows
+            if req.task == "score" and out.scores is not None and id(req) in batch.score_spans:
+                a, b = batch.score_spans[id(req)]
+                req.scores.extend(out.scores[a:b].tolist())
+            if req.kv_len == req.fill_len:
+                finishing.append((req, "stop"))
+                updates.append(StepUpdate(req, [], [], "", True))
+
+    def _finish_reason(self, req: Req, tok: int, stopped_by_string: bool) -> str | None:
+        p = req.params
+        if tok in p.stop_token_ids:
+            req.stop_reason = tok
+            return "stop"
+        if not p.ignore_eos and tok in self.eos_ids:
+            return "stop"
+        if stopped_by_string:
+            req.stop_reason = req.detokenizer.matched_stop
+            return "stop"
+        if len(req.output_ids) >= p.max_tokens:
+            return "length"
+        # No room for the next token's K/V: in the context, or in the whole pool.
+        if req.fill_len >= min(self.config.max_context, self.cache.capacity):
+            return "length"
+        return None
+
+    def _finish(self, req: Req, reason: str) -> None:
+        req.finish_reason = reason
+        req.status = ReqStatus.FINISHED
+        if req in self.running:
+            self.running.remove(req)
+        if req.row is not None:
+            self.cache.release(req)
+
+    def _reap_aborted(self) -> None:
+        for req in [r for r in self.waiting + self.running if r.aborted]:
+            if req in self.waiting:
+                self.waiting.remove(req)
+            text = req.detokenizer.flush().delta_text if req.detokenizer is not None else ""
+            self._finish(req, "abort")
+            self._updates.append(StepUpdate(req, [], [], text, True))
+
+    # -- checks ----------------------------------------------------------------------
+
+    def check_invariants(self) -> None:
+        holders = [r for r in self.running if r.row is not None]
+        self.cache.check(holders)
+        for r in self.waiting:
+            if r.row is not None or len(r.slots) or r.last_node is not None:
+                raise RuntimeError(f"waiting request {r} holds KV state")

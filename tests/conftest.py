@@ -1,0 +1,104 @@
+"""Shared fixtures. Every engine made through these fixtures is checked for leaks after each test:
+all requests done, invariants hold, and after a cache flush every KV slot is back on the free list."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+_LIVE_ENGINES: list = []
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run with -m gpu on the device machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def assert_no_leak(engine) -> None:
+    """Nothing running, invariants hold, and a flush returns every slot to the free list."""
+    assert engine.wait_idle(120), "engine still busy after the test"
+    engine.check_invariants()
+    assert engine.flush_cache(), "flush refused: something is still locked"
+    stats = engine.stats()
+    assert stats["cache_tokens"] == 0
+    assert stats["free_slots"] == stats["kv_capacity_tokens"], f"KV slots leaked: {stats}"
+    engine.check_invariants()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks() -> Iterator[None]:
+    yield
+    for engine in list(_LIVE_ENGINES):
+        assert_no_leak(engine)
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> Path:
+    from radixserve.model_runner.builtin_model import builtin_model_path
+
+    return builtin_model_path(progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_models import make_tiny_qwen3
+
+    return make_tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3"))
+
+
+def _engine(model: Path | str, **kw):
+    from radixserve import Engine
+
+    kw.setdefault("device", "cpu")
+    kw.setdefault("check_invariants", True)
+    engine = Engine(str(model), **kw)
+    _LIVE_ENGINES.append(engine)
+    return engine
+
+
+def _close(engine) -> None:
+    if engine in _LIVE_ENGINES:
+        assert_no_leak(engine)
+        _LIVE_ENGINES.remove(engine)
+    engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smollm_engine(smollm_path: Path) -> Iterator:
+    """One shared SmolLM2 engine (the leak check flushes its cache after every test)."""
+    engine = _engine(smollm_path, max_running_requests=16)
+    yield engine
+    _close(engine)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_qwen3_path: Path) -> Iterator:
+    engine = _engine(tiny_qwen3_path, max_running_requests=16)
+    yield engine
+    _close(engine)
+
+
+@pytest.fixture
+def make_engine() -> Iterator[Callable]:
+    """Build engines with custom options; each is leak-checked and shut down after the test."""
+    made: list = []
+
+    def make(model: Path | str, **kw):
+        engine = _engine(model, **kw)
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in made:
+        _close(engine)

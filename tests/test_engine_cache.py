@@ -1,0 +1,156 @@
+"""The prefix cache never changes an answer: cache on/off, arrival order, chunk sizes,
+eviction and retraction all give identical greedy tokens. Drives EngineCore step by step."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from radixserve.engine.config import EngineConfig
+from radixserve.engine.core import EngineCore
+from radixserve.sampling_params import SamplingParams
+from radixserve.scheduler.request import Req
+
+
+def shared_prefix_prompts(rng: random.Random, n: int) -> list[list[int]]:
+    """Prompts that share prefixes in every way: common stems, duplicates, one inside another."""
+    stems = [[rng.randrange(1, 500) for _ in range(rng.randrange(4, 30))] for _ in range(3)]
+    prompts = []
+    for i in range(n):
+        kind = rng.random()
+        stem = rng.choice(stems)
+        if kind < 0.15 and prompts:
+            prompts.append(list(rng.choice(prompts)))  # identical to an earlier one
+        elif kind < 0.3:
+            prompts.append(stem[: rng.randrange(1, len(stem) + 1)])  # contained in the stem
+        else:
+            prompts.append(stem + [rng.randrange(1, 500) for _ in range(rng.randrange(1, 20))])
+    return prompts
+
+
+def run_core(path, prompts, params, *, arrivals=None, **options) -> tuple[list[list[int]], EngineCore, list[Req]]:
+    """Run prompts through a fresh EngineCore; request i arrives before step arrivals[i]."""
+    config = EngineConfig(model=str(path), device="cpu", check_invariants=True, **options)
+    core = EngineCore(config, path)
+    arrivals = arrivals or [0] * len(prompts)
+    if isinstance(params, SamplingParams):
+        params = [params] * len(prompts)
+    reqs = [Req(f"r{i}", p, sp, seed=1234 + i) for i, (p, sp) in enumerate(zip(prompts, params))]
+    order = sorted(range(len(reqs)), key=lambda i: arrivals[i])
+    step = 0
+    while order or core.has_work():
+        while order and arrivals[order[0]] <= step:
+            core.add([reqs[order.pop(0)]])
+        core.step()
+        step += 1
+        assert step < 10_000, "engine made no progress"
+    assert all(r.finished for r in reqs)
+    core.check_invariants()
+    assert core.flush_cache()
+    assert core.runner.allocator.num_free == core.kv_capacity
+    return [r.output_ids for r in reqs], core, reqs
+
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cache_on_off_and_arrival_order_agree(tiny_qwen3_path, seed):
+    rng = random.Random(seed)
+    prompts = shared_prefix_prompts(rng, 12)
+    # Reference: each request alone, no cache.
+    alone = [run_core(tiny_qwen3_path, [p], GREEDY, enable_prefix_cache=False)[0][0] for p in prompts]
+    arrivals = [rng.randrange(0, 20) for _ in prompts]
+    chunk = rng.choice([3, 8, 64])
+    on, core, reqs = run_core(tiny_qwen3_path, prompts, GREEDY, arrivals=arrivals, max_prefill_tokens=chunk)
+    off, _, _ = run_core(
+        tiny_qwen3_path, prompts, GREEDY, arrivals=arrivals, max_prefill_tokens=chunk, enable_prefix_cache=False
+    )
+    assert on == alone
+    assert off == alone
+    # Shared prefixes were served from the tree.
+    assert core.stats()["hit_tokens"] > 0
+    assert sum(r.cached_tokens for r in reqs) == core.stats()["hit_tokens"]
+
+
+def test_eviction_and_retraction_keep_outputs(tiny_qwen3_path):
+    """A pool too small for the batch: eviction and retraction happen, outputs do not change."""
+    rng = random.Random(7)
+    prompts = shared_prefix_prompts(rng, 10)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    big, _, _ = run_core(tiny_qwen3_path, prompts, params)
+    small, core, _ = run_core(tiny_qwen3_path, prompts, params, kv_cache_tokens=90, max_prefill_tokens=16)
+    assert small == big
+    stats = core.stats()
+    assert stats["retractions"] > 0
+    assert stats["evicted_tokens"] > 0
+
+
+def test_multi_turn_reuses_prompt_and_output(tiny_qwen3_path):
+    """A finished request's prompt and output are cached: the next turn hits all of it."""
+    config = EngineConfig(model=str(tiny_qwen3_path), device="cpu", check_invariants=True)
+    core = EngineCore(config, tiny_qwen3_path)
+    first = list(range(10, 40))
+    r1 = Req("turn1", first, GREEDY, seed=1)
+    core.add([r1])
+    while core.has_work():
+        core.step()
+    second = first + r1.output_ids + [77, 78, 79]
+    r2 = Req("turn2", second, GREEDY, seed=1)
+    core.add([r2])
+    while core.has_work():
+        core.step()
+    # Everything with K/V was inserted: the prompt and all output tokens but the last.
+    assert r2.cached_tokens == len(first) + len(r1.output_ids) - 1
+    (alone,), _, _ = run_core(tiny_qwen3_path, [second], GREEDY, enable_prefix_cache=False)
+    assert r2.output_ids == alone
+    core.check_invariants()
+
+
+def lpm_admission_order(path, aging: int) -> list[str]:
+    """A cache miss waits while a stream of newer cache hits keeps arriving."""
+    config = EngineConfig(
+        model=str(path), device="cpu", check_invariants=True,
+        schedule_policy="lpm", max_running_requests=1, lpm_aging_tokens_per_step=aging,
+    )
+    core = EngineCore(config, path)
+    stem = list(range(100, 140))
+    short = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    warm = Req("warm", stem + [1], short, seed=1)
+    core.add([warm])
+    while core.has_work():
+        core.step()
+    core.add([Req("miss", list(range(300, 310)), short, seed=1)])
+    order: list[str] = []
+    for step in range(200):
+        if step < 30:
+            core.add([Req(f"hit{step}", stem + [step + 2], short, seed=1)])
+        if not core.has_work():
+            break
+        core.step()
+        order += [r.rid for r in core.scheduler.running if r.rid not in order]
+    return order
+
+
+def test_lpm_prefers_cached_prefix_and_ages(tiny_qwen3_path):
+    """LPM admits cache hits before a miss, and aging keeps the miss from starving."""
+    no_aging = lpm_admission_order(tiny_qwen3_path, aging=0)
+    aging = lpm_admission_order(tiny_qwen3_path, aging=10)
+    assert no_aging[0].startswith("hit")  # the cached prefix goes first
+    assert no_aging[-1] == "miss"  # without aging the miss waits for every hit
+    assert aging.index("miss") < len(aging) // 2  # with aging it overtakes newer hits
+
+
+def test_n_siblings_share_the_prompt(tiny_qwen3_path):
+    """n > 1: the later completions are served from the first one's cached prompt."""
+    from radixserve import Engine
+
+    with Engine(str(tiny_qwen3_path), device="cpu", check_invariants=True) as engine:
+        prompt = list(range(50, 90))
+        out = engine.generate([prompt], SamplingParams(n=3, max_tokens=5, temperature=0.8, seed=3), progress=False)[0]
+        assert len(out.outputs) == 3
+        assert all(len(o.token_ids) == 5 for o in out.outputs)
+        assert engine.stats()["hit_tokens"] >= 2 * (len(prompt) - 1)
+        # Different seeds per completion: the completions are not all identical.
+        assert len({tuple(o.token_ids) for o in out.outputs}) > 1

@@ -1,0 +1,72 @@
+"""`radixserve serve` as a process: it prints where it listens and a curl example, and SIGTERM drains.
+
+On SIGTERM the server stops accepting connections, lets the in-flight stream
+finish (every token, then [DONE]) and exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+
+def _read_lines(proc: subprocess.Popen, out: queue.Queue) -> None:
+    for line in proc.stdout:
+        out.put(line)
+    out.put(None)
+
+
+def test_bad_option_fails_before_loading_the_model():
+    proc = subprocess.run([sys.executable, "-m", "radixserve", "serve", "--port", "70000"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "port must be" in proc.stderr
+
+
+def test_serve_prints_a_curl_example_and_sigterm_drains(smollm_path):
+    env = dict(os.environ, RADIXSERVE_API_KEY="")
+    cmd = [sys.executable, "-m", "radixserve", "serve", "--model", str(smollm_path), "--device", "cpu",
+           "--port", "0", "--max-running-requests", "4", "--served-model-name", "demo"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_read_lines, args=(proc, lines), daemon=True).start()
+    try:
+        seen, url = [], None
+        deadline = time.monotonic() + 180
+        while url is None or not any(line.startswith("curl ") for line in seen):
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            assert line is not None, "".join(seen)
+            seen.append(line)
+            match = re.search(r"serving demo at (http://127\.0\.0\.1:\d+)", line)
+            url = url or (match.group(1) if match else None)
+        assert f"curl {url}/v1/chat/completions" in "".join(seen)
+
+        body = json.dumps({"model": "demo", "prompt": "Tell me a story.", "max_tokens": 12, "temperature": 0,
+                           "ignore_eos": True, "stream": True}).encode()
+        req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            first = resp.readline()
+            assert first.startswith(b"data: ")
+            proc.send_signal(signal.SIGTERM)  # mid-stream
+            rest = resp.read().decode()
+        events = [e[len("data: "):] for e in (first.decode() + rest).split("\n\n") if e.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert proc.wait(timeout=120) == 0
+        with pytest.raises(urllib.error.URLError):  # nothing listens any more
+            urllib.request.urlopen(url + "/health", timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
