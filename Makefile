@@ -1,4 +1,4 @@
-# Two entry points on a fresh clone:  make run  |  make test
+# Two entry points on a fresh clone:  make run (serve the built-in model)  |  make test
 # Both create .venv and install what they need. CPU machines here carry a local
 # torch 2.13.0 wheel; override TORCH (e.g. TORCH=torch) elsewhere.
 PYTHON ?= python3
@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROMPT ?= What is the capital of France? Answer in one sentence.
 
-.PHONY: run test install gpu-test clean
+.PHONY: run generate test install gpu-test clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 run: install
+	$(VENV)/bin/radixserve serve $(SERVE_ARGS)
+
+generate: install
 	$(VENV)/bin/radixserve generate "$(PROMPT)"
 
 test: install

@@ -13,7 +13,8 @@ server's prefix-cache hit rate over the run (from /metrics).
 
 Without --url it launches `radixserve serve` itself twice, with the prefix
 cache and without (`--no-prefix-cache`), on the same workload, and the cached
-run's line also carries the ratios against the uncached one:
+run's line also carries the ratios against the uncached one (within-batch
+folding stays at the engine's default in both):
 
     python benchmarks/serve_bench.py --device cpu                 # small defaults
     python benchmarks/serve_bench.py --url http://127.0.0.1:8000  # an already running server

@@ -62,6 +62,7 @@ def _engine(model: Path | str, **kw):
 
     kw.setdefault("device", "cpu")
     kw.setdefault("check_invariants", True)
+    kw.setdefault("show_progress", False)
     engine = Engine(str(model), **kw)
     _LIVE_ENGINES.append(engine)
     return engine

@@ -31,7 +31,7 @@ def shared_prefix_prompts(rng: random.Random, n: int) -> list[list[int]]:
 
 def run_core(path, prompts, params, *, arrivals=None, **options) -> tuple[list[list[int]], EngineCore, list[Req]]:
     """Run prompts through a fresh EngineCore; request i arrives before step arrivals[i]."""
-    config = EngineConfig(model=str(path), device="cpu", check_invariants=True, **options)
+    config = EngineConfig(model=str(path), device="cpu", check_invariants=True, show_progress=False, **options)
     core = EngineCore(config, path)
     arrivals = arrivals or [0] * len(prompts)
     if isinstance(params, SamplingParams):
@@ -74,6 +74,18 @@ def test_cache_on_off_and_arrival_order_agree(tiny_qwen3_path, seed):
     assert sum(r.cached_tokens for r in reqs) == core.stats()["hit_tokens"]
 
 
+@pytest.mark.parametrize("page_size", [2, 4])
+def test_page_size_keeps_outputs_and_matches_whole_pages(tiny_qwen3_path, page_size):
+    rng = random.Random(11)
+    prompts = shared_prefix_prompts(rng, 8)
+    arrivals = [rng.randrange(0, 10) for _ in prompts]
+    off, _, _ = run_core(tiny_qwen3_path, prompts, GREEDY, arrivals=arrivals, enable_prefix_cache=False)
+    paged, core, reqs = run_core(tiny_qwen3_path, prompts, GREEDY, arrivals=arrivals, page_size=page_size)
+    assert paged == off
+    assert core.stats()["hit_tokens"] > 0
+    assert all(r.cached_tokens % page_size == 0 for r in reqs)
+
+
 def test_eviction_and_retraction_keep_outputs(tiny_qwen3_path):
     """A pool too small for the batch: eviction and retraction happen, outputs do not change."""
     rng = random.Random(7)
@@ -89,7 +101,7 @@ def test_eviction_and_retraction_keep_outputs(tiny_qwen3_path):
 
 def test_multi_turn_reuses_prompt_and_output(tiny_qwen3_path):
     """A finished request's prompt and output are cached: the next turn hits all of it."""
-    config = EngineConfig(model=str(tiny_qwen3_path), device="cpu", check_invariants=True)
+    config = EngineConfig(model=str(tiny_qwen3_path), device="cpu", check_invariants=True, show_progress=False)
     core = EngineCore(config, tiny_qwen3_path)
     first = list(range(10, 40))
     r1 = Req("turn1", first, GREEDY, seed=1)
@@ -111,7 +123,7 @@ def test_multi_turn_reuses_prompt_and_output(tiny_qwen3_path):
 def lpm_admission_order(path, aging: int) -> list[str]:
     """A cache miss waits while a stream of newer cache hits keeps arriving."""
     config = EngineConfig(
-        model=str(path), device="cpu", check_invariants=True,
+        model=str(path), device="cpu", check_invariants=True, show_progress=False,
         schedule_policy="lpm", max_running_requests=1, lpm_aging_tokens_per_step=aging,
     )
     core = EngineCore(config, path)

@@ -44,12 +44,13 @@ def logprobs(outs) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("case", list(fold_cases()))
-@pytest.mark.parametrize("cache", [True, False])
-def test_fold_modes_equal_off(make_engine, tiny_qwen3_path, case, cache):
+@pytest.mark.parametrize("model, cache", [("tiny", True), ("tiny", False), ("smollm", True)])
+def test_fold_modes_equal_off(make_engine, request, case, model, cache):
+    path = request.getfixturevalue("tiny_qwen3_path" if model == "tiny" else "smollm_path")
     prompts, params, options = fold_cases()[case]
     results = {}
     for mode in MODES:
-        engine = make_engine(tiny_qwen3_path, fold_mode=mode, enable_prefix_cache=cache, fold_threshold=1.0, **options)
+        engine = make_engine(path, fold_mode=mode, enable_prefix_cache=cache, fold_threshold=1.0, **options)
         outs, tokens = run(engine, prompts, params)
         results[mode] = (outs, tokens, engine.stats())
     ref_outs, ref_tokens, _ = results["off"]

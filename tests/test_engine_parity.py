@@ -31,9 +31,10 @@ def hf_tiny(tiny_qwen3_path):
 
 
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    with torch.no_grad():
+    x = torch.tensor([ids])
+    with torch.no_grad():  # an explicit mask: with pad_token_id set, a token 0 would be masked
         out = model.generate(
-            torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+            x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
         )
     return out[0, len(ids) :].tolist()
 

@@ -123,7 +123,8 @@ def test_sparse_layers_are_the_ones_transformers_builds(rule):
     )
     with torch.device("meta"):
         hf = AutoModelForCausalLM.from_config(hf_config)
-    hf_sparse = tuple(i for i, layer in enumerate(hf.model.layers) if type(layer.mlp).__name__.endswith("SparseMoeBlock"))
+    hf_sparse = tuple(i for i, layer in enumerate(hf.model.layers)
+                      if type(layer.mlp).__name__ == "Qwen3MoeSparseMoeBlock")
     config = ModelConfig.from_hf_config(hf_config)
     assert config.moe_layers == hf_sparse
     ours = build_model(config, "cpu", torch.float32)
@@ -209,6 +210,14 @@ def test_block_matches_the_definition(backend, renormalize):
     x = torch.randn(11, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(block(x), naive_moe(block, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_block_takes_an_empty_batch(backend):
+    block = random_block(True)
+    block.backend = backend
+    with torch.no_grad():
+        assert block(torch.empty(0, 16)).shape == (0, 16)
 
 
 def test_block_counts_expert_work():
@@ -325,9 +334,10 @@ def moe_engine_path(tmp_path_factory) -> Path:
 
 
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)
+    prompt = torch.tensor([ids])
+    with torch.no_grad():  # an explicit mask: generate would take token 0 (pad_token_id) for padding
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
     return out[0, len(ids):].tolist()
 
 

@@ -17,6 +17,7 @@ from test_server_support import engine, http, leak_check, server, sse_events  # 
 
 from radixserve import SamplingParams
 from radixserve.engine.metrics import parse_metrics
+from radixserve.engine.openai_api import build_sampling_params, parse_chat, parse_completion
 from radixserve.engine.outputs import StreamDelta
 
 MSGS = [{"role": "user", "content": "Name a color."}]
@@ -34,6 +35,34 @@ def model(server) -> str:
 
 def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+
+SHARED = {"temperature": 0.5, "top_p": 0.9, "n": 2, "stop": ["x", "yz"], "presence_penalty": 0.5,
+          "frequency_penalty": -0.5, "seed": 11, "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2,
+          "min_tokens": 2, "ignore_eos": True, "stop_token_ids": [5], "skip_special_tokens": False,
+          "include_stop_str_in_output": True, "stream": True, "stream_options": {"include_usage": True},
+          "user": "u1", "logit_bias": {}}
+WANT = SamplingParams(max_tokens=7, temperature=0.5, top_p=0.9, n=2, stop=("x", "yz"), presence_penalty=0.5,
+                      frequency_penalty=-0.5, seed=11, top_k=5, min_p=0.1, repetition_penalty=1.2, min_tokens=2,
+                      ignore_eos=True, stop_token_ids=(5,), skip_special_tokens=False,
+                      include_stop_str_in_output=True, logprobs=3)
+
+
+@pytest.mark.parametrize("route", ["completions", "chat"])
+def test_every_parameter_reaches_the_engine(route):
+    """Each OpenAI parameter and extension lands in SamplingParams (or the request's flags) unchanged."""
+    if route == "chat":
+        body = dict(SHARED, model="m", messages=MSGS, max_completion_tokens=7, logprobs=True, top_logprobs=3,
+                    tools=[], tool_choice="none", response_format={"type": "text"}, parallel_tool_calls=True,
+                    store=False)
+        req = parse_chat(body, "m")
+    else:
+        body = dict(SHARED, model="m", prompt=["a", [1, 2]], max_tokens=7, logprobs=3, echo=False, best_of=2,
+                    suffix="")
+        req = parse_completion(body, "m")
+        assert req.prompts == ["a", [1, 2]]
+    assert build_sampling_params(req, [10, 20], max_context=100, default_max_tokens=16) == WANT
+    assert req.stream and req.include_usage and req.user == "u1"
 
 
 def test_completions_match_the_engine(client, model, engine):
@@ -111,8 +140,8 @@ def test_completion_logprobs(client, model):
 
 
 def test_chat_logprobs(client, model):
-    got = client.chat.completions.create(model=model, messages=MSGS, max_tokens=4, temperature=0, logprobs=True,
-                                         top_logprobs=2, extra_body={"ignore_eos": True})
+    got = client.chat.completions.create(model=model, messages=MSGS, max_completion_tokens=4, temperature=0,
+                                         logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
     content = got.choices[0].logprobs.content
     assert len(content) == 4
     assert "".join(c.token for c in content) == got.choices[0].message.content
@@ -200,7 +229,7 @@ def test_native_generate(server, engine):
     assert events[-2]["finish_reason"] == "length"
 
 
-def test_metrics_move_after_a_cached_request(client, model, server):
+def test_metrics_move_after_a_cached_request(client, model, server, engine):
     def scrape() -> dict[str, float]:
         status, headers, text = http(server.url + "/metrics")
         assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
@@ -231,6 +260,9 @@ def test_metrics_move_after_a_cached_request(client, model, server):
     assert 0 < after["radixserve_kv_cache_usage_ratio"] < 1
     for name in ("radixserve_prefix_cache_evicted_tokens_total", 'radixserve_time_to_first_token_seconds_bucket{le="+Inf"}'):
         assert name in after
+    stats = engine.stats()  # folding metrics appear exactly when the engine reports them
+    assert ("radixserve_folded_tokens_total" in after) == ("folded_tokens" in stats)
+    assert ("radixserve_fold_ratio" in after) == ("fold_ratio" in stats)
 
 
 def test_embeddings(client, model, server, engine):
@@ -248,6 +280,13 @@ def test_embeddings(client, model, server, engine):
         assert math.isclose(math.fsum(x * x for x in b.embedding), 1.0, rel_tol=1e-4)  # normalized by default
     assert got.usage.prompt_tokens == sum(len(engine.tokenizer.encode(t)) for t in texts)
     assert floats.data[0].embedding != floats.data[1].embedding
+    want = engine.embed(texts[:1])[0]  # the server adds nothing: same as the engine, from text or token ids
+    ids = client.embeddings.create(model=model, input=[engine.tokenizer.encode(texts[0])], encoding_format="float")
+    assert max(abs(x - y) for x, y in zip(ids.data[0].embedding, want)) < 1e-5
+    mean = client.embeddings.create(model=model, input=texts[:1], encoding_format="float",
+                                    extra_body={"pooling": "mean", "normalize": False})
+    assert mean.data[0].embedding != floats.data[0].embedding
+    assert not math.isclose(math.fsum(x * x for x in mean.data[0].embedding), 1.0, rel_tol=1e-3)
 
 
 def test_streams_from_threads_share_the_server(client, model):

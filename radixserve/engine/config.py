@@ -11,6 +11,7 @@ SCHEDULE_POLICIES = ("fcfs", "lpm")
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
 FOLD_MODES = ("off", "mlp", "tree")
+MOE_BACKENDS = ("auto", "grouped_mm", "loop")
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,10 @@ class EngineConfig:
     fold_mode: str | None = None  # None: "tree" when page_size is 1, else "mlp"
     fold_threshold: float = 0.95  # fold a batch only when computed rows / tokens is below this
     attention_backend: str = "auto"
+    moe_backend: str = "auto"  # Qwen3-MoE expert computation: "auto" | "grouped_mm" | "loop"
     seed: int | None = None  # seeds the draws of per-request seeds for unseeded requests
     check_invariants: bool = False  # verify slot ownership and the tree after every step
+    show_progress: bool = True  # progress bars while converting and loading weights
 
     def __post_init__(self) -> None:
         _check_int(self, "max_running_requests", 1)
@@ -53,6 +56,7 @@ class EngineConfig:
         if not 0.0 < float(self.gpu_memory_utilization) <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         _check_choice(self, "eviction_policy", EVICTION_POLICIES)
+        _check_choice(self, "moe_backend", MOE_BACKENDS)
         _check_choice(self, "schedule_policy", SCHEDULE_POLICIES)
         if self.fold_mode is None:
             object.__setattr__(self, "fold_mode", "tree" if self.page_size == 1 else "mlp")

@@ -51,6 +51,8 @@ class EngineCore:
             kv_cache_tokens=config.kv_cache_tokens,
             gpu_memory_utilization=config.gpu_memory_utilization,
             attention_backend=config.attention_backend,
+            moe_backend=config.moe_backend,
+            progress=config.show_progress,
         )
         self.tree = RadixTree(page_size=config.page_size, policy=config.eviction_policy)
         self.cache = KVCacheManager(

@@ -113,10 +113,11 @@ class Engine:
         self.config = EngineConfig.from_kwargs(
             model=model, device=device, dtype=dtype, enable_prefix_cache=enable_prefix_cache, **config
         )
-        model_path = _resolve_model_path(self.config.model)
+        model_path = _resolve_model_path(self.config.model, self.config.show_progress)
         self.model_path = model_path
         self.tokenizer = _load_tokenizer(model_path)
         self.core = EngineCore(self.config, model_path)
+        self._stats = self.core.stats()
         self._rng = random.Random(self.config.seed)
         self._ids = itertools.count()
         self._lock = threading.Lock()  # guards the core: held for each step
@@ -260,6 +261,7 @@ class Engine:
             for rid in aborts:
                 self.core.abort(rid)
             updates = self.core.step() if self.core.has_work() else []
+            self._stats = self.core.stats()
         self._dispatch(updates)
         if stopping and not self.core.has_work():
             self._close_all()
@@ -424,41 +426,33 @@ class Engine:
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamDelta]:
         """Yield deltas as they are generated. Closing the iterator early aborts the request."""
-        (item,) = [self._prepare(prompt, params)]
+        item = self._prepare(prompt, params)
         q: queue.SimpleQueue = queue.SimpleQueue()
         (tracker,) = self._submit([item], lambda rid: q.put)
         finished = False
         try:
-            while True:
-                got = q.get()
-                if got is _DONE:
-                    finished = True
-                    return
-                if isinstance(got, BaseException):
-                    raise RuntimeError("the engine loop failed") from got
-                yield got
+            while (delta := _delta(q.get())) is not None:
+                yield delta
+            finished = True
         finally:
             if not finished:
                 self.abort(tracker.rid)
 
-    async def generate_async(
-        self, prompt: Prompt, params: SamplingParams | None = None, *, request_id: str | None = None
-    ) -> AsyncIterator[StreamDelta]:
-        """`async for delta in engine.generate_async(...)`; cancelling the consumer aborts the request."""
+    async def generate_async(self, prompt: Prompt, params: SamplingParams | None = None) -> AsyncIterator[StreamDelta]:
+        """`async for delta in engine.generate_async(...)`; leaving the loop early aborts the request.
+
+        Validation happens before anything is enqueued: a bad prompt or
+        parameter raises ValueError from the first iteration.
+        """
         item = self._prepare(prompt, params)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         (tracker,) = self._submit([item], lambda rid: lambda x: loop.call_soon_threadsafe(q.put_nowait, x))
         finished = False
         try:
-            while True:
-                got = await q.get()
-                if got is _DONE:
-                    finished = True
-                    return
-                if isinstance(got, BaseException):
-                    raise RuntimeError("the engine loop failed") from got
-                yield got
+            while (delta := _delta(await q.get())) is not None:
+                yield delta
+            finished = True
         finally:
             if not finished:
                 self.abort(tracker.rid)
@@ -489,8 +483,18 @@ class Engine:
     # -- cache and stats -------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        with self._lock:
-            return self.core.stats()
+        """Counters and gauges. While a step runs, the snapshot taken after the last one
+        (so a metrics scrape never waits for the GPU)."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._stats = self.core.stats()
+            finally:
+                self._lock.release()
+        return dict(self._stats)
+
+    def is_alive(self) -> bool:
+        """The loop thread runs and no step has failed (what a health check asks)."""
+        return self._error is None and self._thread.is_alive()
 
     def flush_cache(self) -> bool:
         """Drop every cached prefix. Refused (False) while requests are running."""
@@ -524,20 +528,25 @@ class Engine:
         return self.tokenizer
 
 
+def _delta(got: object) -> StreamDelta | None:
+    """What a sink delivered: a delta, None once the request is done; a failure is raised."""
+    if got is _DONE:
+        return None
+    if isinstance(got, BaseException):
+        raise RuntimeError("the engine loop failed") from got
+    return got  # type: ignore[return-value]
+
+
 def _drain(q: queue.SimpleQueue) -> None:
-    while True:
-        got = q.get()
-        if got is _DONE:
-            return
-        if isinstance(got, BaseException):
-            raise RuntimeError("the engine loop failed") from got
+    while _delta(q.get()) is not None:
+        pass
 
 
-def _resolve_model_path(model: str | None) -> Path:
+def _resolve_model_path(model: str | None, progress: bool) -> Path:
     if model is None:
         from radixserve.model_runner.builtin_model import builtin_model_path
 
-        return builtin_model_path()
+        return builtin_model_path(progress=progress)
     path = Path(model).expanduser()
     if not path.is_dir():
         raise ValueError(f"model must be a local Hugging Face directory; {str(path)!r} is not a directory")

@@ -29,14 +29,14 @@ _ENGINE_METRICS = (
     ("generated_tokens", "generation_tokens", "counter", "Tokens sampled by the engine."),
     ("computed_tokens", "computed_tokens", "counter", "Tokens run through the model."),
     ("retractions", "retractions", "counter", "Running requests retracted for lack of KV memory."),
-    ("folded_tokens", "folded_tokens", "counter", "Prefill tokens skipped by within-batch folding."),
+    ("folded_tokens", "folded_tokens", "counter", "Prompt tokens computed once for several sequences of a batch."),
     ("cache_tokens", "prefix_cache_tokens", "gauge", "Tokens held in the radix tree."),
     ("running", "num_requests_running", "gauge", "Sequences running in the engine."),
     ("waiting", "num_requests_waiting", "gauge", "Sequences waiting in the engine's queue."),
     ("kv_usage", "kv_cache_usage_ratio", "gauge", "Share of KV slots not on the free list."),
     ("kv_capacity_tokens", "kv_cache_capacity_tokens", "gauge", "KV pool size in tokens."),
     ("hit_rate", "prefix_cache_hit_rate", "gauge", "hit_tokens / queried_tokens since start."),
-    ("fold_ratio", "fold_ratio", "gauge", "Share of prefill tokens folded away (engine's definition)."),
+    ("fold_ratio", "fold_ratio", "gauge", "Rows computed / tokens planned since start (1: nothing folded)."),
 )
 
 

@@ -8,7 +8,6 @@ are left to it, and its `ValueError` becomes a 400 naming the field.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -340,40 +339,7 @@ def _content(content: Any, where: str) -> str:
     raise bad_request(f"{where} must be a string or a non-empty array of text parts", param=where)
 
 
-# -- native /generate ---------------------------------------------------------------------
-
-_SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__)
-
-
-def parse_generate(body: Any) -> GenerateRequest:
-    """POST /generate: {"text" | "input_ids", "sampling_params": {...SamplingParams}, "stream"}."""
-    body = check_object(body)
-    check_known(body, {"text", "input_ids", "sampling_params", "stream"})
-    text, ids = body.get("text"), body.get("input_ids")
-    if (text is None) == (ids is None):
-        raise bad_request("give exactly one of text and input_ids", param="text")
-    if text is not None and (not isinstance(text, str) or not text):
-        raise bad_request("text must be a non-empty string", param="text")
-    if ids is not None and not isinstance(ids, list):
-        raise bad_request("input_ids must be a list of token ids", param="input_ids")
-    prompt: str | list[int] = text if text is not None else check_token_ids(ids, "input_ids")
-    sp = body.get("sampling_params") or {}
-    if not isinstance(sp, dict):
-        raise bad_request("sampling_params must be an object", param="sampling_params")
-    check_known({f"sampling_params.{k}": v for k, v in sp.items()}, {f"sampling_params.{k}" for k in _SAMPLING_FIELDS})
-    sampling = {k: (tuple(v) if isinstance(v, list) else v) for k, v in sp.items() if k != "max_tokens"}
-    max_tokens = get_int(sp, "max_tokens", 1)
-    return GenerateRequest(
-        route="generate",
-        prompts=[prompt],
-        messages=None,
-        sampling=sampling,
-        max_tokens=max_tokens,
-        max_tokens_param="sampling_params.max_tokens",
-        stream=get_bool(body, "stream"),
-        logprobs=None,  # carried in sampling["logprobs"]
-        names={k: f"sampling_params.{k}" for k in _SAMPLING_FIELDS},
-    )
+SAMPLING_FIELDS = frozenset(SamplingParams.__dataclass_fields__)
 
 
 def build_sampling_params(
@@ -403,7 +369,7 @@ def build_sampling_params(
         return SamplingParams(**kw)
     except (ValueError, TypeError) as exc:
         field_name = str(exc).split(" ", 1)[0]
-        param = req.names.get(field_name, field_name if field_name in _SAMPLING_FIELDS else None)
+        param = req.names.get(field_name, field_name if field_name in SAMPLING_FIELDS else None)
         if field_name == "max_tokens":
             param = req.max_tokens_param
         raise bad_request(str(exc), param=param) from None
@@ -432,7 +398,3 @@ def parse_embedding(body: Any, served: str) -> EmbeddingRequest:
         encoding_format=fmt,
         options={"pooling": pooling, "normalize": get_bool(body, "normalize", default=True)},
     )
-
-
-def finite(values: list[float]) -> bool:
-    return all(math.isfinite(v) for v in values)

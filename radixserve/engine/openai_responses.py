@@ -44,6 +44,7 @@ class Choice:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     offset: int = 0  # characters before the next token (completions' text_offset)
+    folded_tokens: int | None = None  # None until the engine reports folding
 
 
 @dataclass
@@ -104,10 +105,13 @@ class ResponseBuilder:
         if delta.finish_reason is not None:
             choice.finish_reason = delta.finish_reason
             choice.stop_reason = delta.stop_reason
-        if delta.index == 0:
+        folded = getattr(delta, "folded_tokens", None)
+        if folded is not None:
+            choice.folded_tokens = folded
+        if delta.index == 0:  # a prompt's cached tokens are those of its first completion
+            self.usage.cached_tokens += delta.cached_tokens - self._cached[prompt_index]
             self._cached[prompt_index] = delta.cached_tokens
-        self.usage.cached_tokens = sum(self._cached)
-        self.usage.completion_tokens = sum(len(c.token_ids) for c in self.choices)
+        self.usage.completion_tokens += len(delta.token_ids)
         return choice
 
     # -- whole responses ---------------------------------------------------------------------
@@ -212,63 +216,3 @@ class ResponseBuilder:
                         for lp in lps],
             "refusal": None,
         }
-
-
-# -- the native /generate route ------------------------------------------------------------
-
-
-def native_delta(delta: StreamDelta) -> dict[str, Any]:
-    """One streamed delta of /generate, as the engine gave it."""
-    body: dict[str, Any] = {
-        "id": delta.request_id,
-        "index": delta.index,
-        "text": delta.text,
-        "token_ids": list(delta.token_ids),
-        "finish_reason": delta.finish_reason,
-        "stop_reason": delta.stop_reason,
-        "prompt_tokens": delta.prompt_tokens,
-        "cached_tokens": delta.cached_tokens,
-        "completion_tokens": delta.completion_tokens,
-    }
-    _add_folded(body, delta)
-    if delta.logprobs is not None:
-        body["logprobs"] = [_native_logprob(lp) for lp in delta.logprobs]
-    return body
-
-
-def native_response(builder: ResponseBuilder, request_id: str, last: StreamDelta | None) -> dict[str, Any]:
-    """The whole /generate result: the first completion's text up front, every completion in `outputs`."""
-    outputs = [
-        {
-            "index": c.index,
-            "text": c.text,
-            "token_ids": c.token_ids,
-            "finish_reason": c.finish_reason,
-            "stop_reason": c.stop_reason,
-            "completion_tokens": len(c.token_ids),
-            **({"logprobs": [_native_logprob(lp) for lp in c.logprobs]} if builder.logprobs else {}),
-        }
-        for c in builder.choices
-    ]
-    body: dict[str, Any] = {
-        "id": request_id,
-        "text": outputs[0]["text"],
-        "outputs": outputs,
-        "prompt_tokens": builder.usage.prompt_tokens,
-        "cached_tokens": builder.usage.cached_tokens,
-        "completion_tokens": builder.usage.completion_tokens,
-    }
-    if last is not None:
-        _add_folded(body, last)
-    return body
-
-
-def _add_folded(body: dict[str, Any], delta: StreamDelta) -> None:
-    # Reported only once the engine's outputs carry it (within-batch folding); never made up here.
-    folded = getattr(delta, "folded_tokens", None)
-    if folded is not None:
-        body["folded_tokens"] = folded
-
-
-def _native_logprob(lp: TokenLogprob) -> dict[str, Any]:
-    return {"token_id": lp.token_id, "logprob": lp.logprob, "top": [list(t) for t in lp.top]}

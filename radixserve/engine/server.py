@@ -24,14 +24,17 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from aiohttp import web
 
 from radixserve.engine.metrics import ServerMetrics
 from radixserve.engine.openai_api import ApiError
 from radixserve.engine.openai_responses import TokenText
-from radixserve.engine.server_routes import ROUTES, json_response
+from radixserve.engine.server_routes import ROUTES, STATE, json_response
+
+if TYPE_CHECKING:
+    from radixserve.engine.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +71,7 @@ class ServerConfig:
 class ServerState:
     """What the handlers share; touched only on the event loop thread (no locks)."""
 
-    def __init__(self, engine: Any, config: ServerConfig) -> None:
+    def __init__(self, engine: "Engine", config: ServerConfig) -> None:
         self.engine = engine
         self.config = config
         self.model_name = config.served_model_name or default_model_name(engine)
@@ -80,22 +83,18 @@ class ServerState:
         self.token_text = TokenText(engine.tokenizer)
         self.metrics = ServerMetrics()
         self.created = int(time.time())
-        self.pending = 0  # sequences admitted and not finished (Generation keeps it)
+        self.pending = 0  # sequences admitted and not finished (server_routes.admit counts them in)
         self.inflight = 0  # HTTP requests inside a handler
         self.draining = False
 
     def engine_alive(self) -> bool:
-        # Engine has no public liveness check yet: its loop thread and its recorded failure.
-        thread = getattr(self.engine, "_thread", None)
-        return getattr(self.engine, "_error", None) is None and (thread is None or thread.is_alive())
+        return self.engine.is_alive()
 
-
-STATE = web.AppKey("radixserve_state", ServerState)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def default_model_name(engine: Any) -> str:
+def default_model_name(engine: "Engine") -> str:
     if engine.config.model is None:
         from radixserve.model_runner.builtin_model import BUILTIN_MODEL_NAME
 
@@ -103,7 +102,7 @@ def default_model_name(engine: Any) -> str:
     return Path(engine.config.model).expanduser().resolve().name
 
 
-def build_app(engine: Any, config: ServerConfig | None = None) -> web.Application:
+def build_app(engine: "Engine", config: ServerConfig | None = None) -> web.Application:
     """The aiohttp application over a running `Engine` (which it does not own)."""
     config = config or ServerConfig()
     app = web.Application(middlewares=[_errors, _draining, _auth], client_max_size=config.max_body_bytes)
@@ -204,7 +203,7 @@ async def run_app(
         await asyncio.to_thread(state.engine.wait_idle, 30.0)
 
 
-def serve(engine: Any, config: ServerConfig | None = None, on_ready: Callable[[str], None] | None = None) -> None:
+def serve(engine: "Engine", config: ServerConfig | None = None, on_ready: Callable[[str], None] | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then drain in-flight requests and return (the engine stays up)."""
     config = config or ServerConfig()
 
@@ -225,7 +224,7 @@ class BackgroundServer:
     ...     print(srv.url)
     """
 
-    def __init__(self, engine: Any, config: ServerConfig | None = None) -> None:
+    def __init__(self, engine: "Engine", config: ServerConfig | None = None) -> None:
         self.app = build_app(engine, config or ServerConfig(port=0))
         self.config = self.app[STATE].config
         self.url = ""

@@ -29,9 +29,9 @@ from radixserve.engine.openai_api import (
     parse_chat,
     parse_completion,
     parse_embedding,
-    parse_generate,
 )
-from radixserve.engine.openai_responses import ResponseBuilder, native_delta, native_response
+from radixserve.engine.native_api import native_delta, native_response, parse_generate
+from radixserve.engine.openai_responses import ResponseBuilder
 from radixserve.engine.outputs import StreamDelta
 from radixserve.sampling_params import SamplingParams
 
@@ -42,12 +42,12 @@ logger = logging.getLogger(__name__)
 
 _END = object()  # a prompt's stream ended
 _DEFAULT_MAX_TOKENS = {"completions": 16, "chat": None, "generate": SamplingParams().max_tokens}
-_PROMPT_PARAM = {"completions": "prompt", "chat": "messages", "generate": "input_ids"}
+
+
+STATE: "web.AppKey[ServerState]" = web.AppKey("radixserve_state")  # the app's ServerState (server.py)
 
 
 def state_of(request: web.Request) -> "ServerState":
-    from radixserve.engine.server import STATE
-
     return request.app[STATE]
 
 
@@ -79,39 +79,35 @@ class Generation:
     task closes its `generate_async` generator, which calls `Engine.abort`).
     """
 
-    def __init__(self, state: "ServerState", prompts: list[list[int]], params: SamplingParams) -> None:
+    def __init__(
+        self, state: "ServerState", prompts: list[list[int]], params: SamplingParams, prompt_param: str
+    ) -> None:
         self.state = state
         self.prompts = prompts
         self.params = params
+        self.prompt_param = prompt_param  # named by a 400 when the engine refuses a prompt
         self.n_seqs = params.n * len(prompts)
         self.arrival = time.monotonic()
         self._queue: asyncio.Queue = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
         self._first_token: list[bool] = [False] * len(prompts)
         self._last_time: dict[tuple[int, int], float] = {}
+        self.client_gone = False  # set when a write finds the connection closed
 
     async def __aenter__(self) -> "Generation":
-        state = self.state
-        if self.n_seqs > state.max_pending:
-            raise bad_request(
-                f"this request asks for {self.n_seqs} sequences (prompts x n); the server admits at most "
-                f"{state.max_pending} at once", param="n")
-        if state.pending + self.n_seqs > state.max_pending:
-            state.metrics.rejected_full += 1
-            raise ApiError(
-                503, f"the server is at capacity ({state.pending} sequences pending); retry later",
-                code="server_overloaded", headers={"Retry-After": str(state.config.retry_after_s)})
-        state.pending += self.n_seqs
+        admit(self.state, self.n_seqs, "n")
         self._tasks = [asyncio.create_task(self._pump(i, ids)) for i, ids in enumerate(self.prompts)]
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         self.state.pending -= self.n_seqs
         unfinished = [t for t in self._tasks if not t.done()]
         for t in unfinished:
             t.cancel()
         if unfinished:
-            self.state.metrics.aborted += 1
+            # Cancelled handler: aiohttp saw the connection close (handler_cancellation).
+            if self.client_gone or exc_type is asyncio.CancelledError:
+                self.state.metrics.aborted += 1
             await asyncio.gather(*unfinished, return_exceptions=True)
 
     async def _pump(self, i: int, ids: list[int]) -> None:
@@ -120,8 +116,6 @@ class Generation:
             async for delta in agen:
                 self._queue.put_nowait((i, delta))
             self._queue.put_nowait((i, _END))
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # handed to the consumer, which answers the client
             self._queue.put_nowait((i, exc))
         finally:
@@ -137,7 +131,7 @@ class Generation:
                 self.state.metrics.e2e.observe(time.monotonic() - self.arrival)
                 continue
             if isinstance(item, BaseException):
-                raise _engine_error(item, self.state, i)
+                raise _engine_error(item, self.prompt_param, i)
             self._observe(i, item)
             yield i, item
 
@@ -157,9 +151,24 @@ class Generation:
         self._last_time[(i, delta.index)] = now
 
 
-def _engine_error(exc: BaseException, state: "ServerState", prompt_index: int) -> ApiError:
+def admit(state: "ServerState", n_seqs: int, param: str) -> None:
+    """Count `n_seqs` more sequences as pending, or refuse: 400 if they can never fit, else 503 while full.
+
+    The caller gives them back (`state.pending -= n_seqs`) when they finish.
+    """
+    if n_seqs > state.max_pending:
+        raise bad_request(f"this request asks for {n_seqs} sequences; the server admits at most "
+                          f"{state.max_pending} at once", param=param)
+    if state.pending + n_seqs > state.max_pending:
+        state.metrics.rejected_full += 1
+        raise ApiError(503, f"the server is at capacity ({state.pending} sequences pending); retry later",
+                       code="server_overloaded", headers={"Retry-After": str(state.config.retry_after_s)})
+    state.pending += n_seqs
+
+
+def _engine_error(exc: BaseException, prompt_param: str, prompt_index: int) -> ApiError:
     if isinstance(exc, ValueError):  # the engine's validation: the client's mistake
-        return bad_request(str(exc), param="prompt" if "prompt" in str(exc) else None)
+        return bad_request(str(exc), param=prompt_param if "prompt" in str(exc) else None)
     if isinstance(exc, RuntimeError) and "shut down" in str(exc):
         return ApiError(503, "the server is shutting down", code="shutting_down")
     logger.error("generation failed for prompt %d", prompt_index, exc_info=exc)
@@ -175,13 +184,19 @@ async def _tokenize(state: "ServerState", req: GenerateRequest) -> tuple[list[li
             raise bad_request(str(exc), param="messages") from None
         check_prompts(state, [ids], "messages")
         return [ids], [""]
-    param = _PROMPT_PARAM[req.route]
-    if req.route == "generate" and isinstance(req.prompts[0], str):
-        param = "text"
-    prompts = await encode_prompts(state, req.prompts, param)
+    prompts = await encode_prompts(state, req.prompts, _prompt_param(req))
     tok = state.engine.tokenizer
-    texts = [p if isinstance(p, str) else tok.decode(p) if req.echo and tok is not None else "" for p in req.prompts]
-    return prompts, texts
+    if not req.echo:
+        return prompts, []
+    if tok is None:
+        raise bad_request("echo needs a tokenizer to show token-id prompts as text", param="echo")
+    return prompts, [p if isinstance(p, str) else tok.decode(p) for p in req.prompts]
+
+
+def _prompt_param(req: GenerateRequest) -> str:
+    if req.route == "generate":
+        return "text" if isinstance(req.prompts[0], str) else "input_ids"
+    return "messages" if req.route == "chat" else "prompt"
 
 
 async def encode_prompts(state: "ServerState", prompts: list[str | list[int]], param: str) -> list[list[int]]:
@@ -221,60 +236,72 @@ async def _generate(request: web.Request, req: GenerateRequest) -> web.StreamRes
     )
     if req.user:
         logger.debug("request %s for user %r", builder.id, req.user)
-    last = None
-    async with Generation(state, prompts, params) as gen, contextlib.aclosing(gen.events()) as events:
+    async with Generation(state, prompts, params, _prompt_param(req)) as gen, contextlib.aclosing(gen.events()) as events:
         first = await anext(events, None)  # validation errors surface here, before any header is sent
         if req.stream:
-            return await _stream(request, req, builder, first, events)
+            return await _stream(request, req, gen, builder, first, events)
+        request_id = first[1].request_id if first is not None else ""
         if first is not None:
             builder.add(*first)
-            last = first[1]
             async for i, delta in events:
                 builder.add(i, delta)
-                last = delta
     _count_usage(state, builder)
     if req.route == "generate":
-        return json_response(native_response(builder, last.request_id if last else "", last))
+        return json_response(native_response(builder, request_id))
     return json_response(builder.response())
 
 
 async def _stream(
     request: web.Request,
     req: GenerateRequest,
+    gen: Generation,
     builder: ResponseBuilder,
     first: tuple[int, StreamDelta] | None,
     events: AsyncIterator[tuple[int, StreamDelta]],
 ) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
-    native = req.route == "generate"
     try:
-        if not native:
-            for chunk in builder.opening_chunks():
-                await _sse(resp, chunk)
-        pending = [first] if first is not None else []
-        while True:
-            item = pending.pop() if pending else await anext(events, None)
-            if item is None:
-                break
-            if native:
-                builder.add(*item)
-                await _sse(resp, native_delta(item[1]))
-            else:
-                chunk = builder.delta_chunk(*item)
-                if chunk is not None:
-                    await _sse(resp, chunk)
-        if builder.include_usage:
-            await _sse(resp, builder.usage_chunk())
-        _count_usage(state_of(request), builder)
-        await resp.write(b"data: [DONE]\n\n")
+        await _write_events(request, resp, req, builder, first, events)
     except ApiError as exc:  # headers are out: the error travels as an event (the openai client raises it)
-        await _sse(resp, exc.body())
-    except ConnectionResetError:  # the client went away mid-stream; leaving aborts the rest
+        with contextlib.suppress(ConnectionResetError):
+            await _sse(resp, exc.body())
+    except ConnectionResetError:  # the client went away mid-stream; leaving Generation aborts the rest
         logger.debug("client disconnected from %s", builder.id)
+        gen.client_gone = True
         return resp
-    await resp.write_eof()
+    with contextlib.suppress(ConnectionResetError):
+        await resp.write_eof()
     return resp
+
+
+async def _write_events(
+    request: web.Request,
+    resp: web.StreamResponse,
+    req: GenerateRequest,
+    builder: ResponseBuilder,
+    first: tuple[int, StreamDelta] | None,
+    events: AsyncIterator[tuple[int, StreamDelta]],
+) -> None:
+    """The event stream: opening chunks, one chunk per delta, usage if asked, [DONE]."""
+    native = req.route == "generate"
+    if not native:
+        for chunk in builder.opening_chunks():
+            await _sse(resp, chunk)
+    item = first
+    while item is not None:
+        if native:
+            builder.add(*item)
+            await _sse(resp, native_delta(item[1]))
+        else:
+            chunk = builder.delta_chunk(*item)
+            if chunk is not None:
+                await _sse(resp, chunk)
+        item = await anext(events, None)
+    if builder.include_usage:
+        await _sse(resp, builder.usage_chunk())
+    _count_usage(state_of(request), builder)
+    await resp.write(b"data: [DONE]\n\n")
 
 
 async def _sse(resp: web.StreamResponse, body: dict[str, Any]) -> None:
@@ -311,17 +338,13 @@ async def embeddings(request: web.Request) -> web.Response:
                        type="not_implemented_error", code="embeddings_unavailable")
     req = parse_embedding(await read_json(request), state.model_name)
     prompts = await encode_prompts(state, req.inputs, "input")
-    n = len(prompts)
-    if state.pending + n > state.max_pending:
-        raise ApiError(503, "the server is at capacity; retry later", code="server_overloaded",
-                       headers={"Retry-After": str(state.config.retry_after_s)})
-    state.pending += n
-    try:
-        vectors = await asyncio.to_thread(embed, req.inputs, **req.options)
+    admit(state, len(prompts), "input")
+    try:  # Engine.embed blocks until done (and cannot be aborted): a worker thread waits for it
+        vectors = await asyncio.to_thread(embed, prompts, **req.options)
     except ValueError as exc:
         raise bad_request(str(exc), param="input") from None
     finally:
-        state.pending -= n
+        state.pending -= len(prompts)
     data = []
     for i, vec in enumerate(vectors):
         values = [float(v) for v in vec]

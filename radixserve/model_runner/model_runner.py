@@ -42,10 +42,14 @@ class ModelRunner:
         kv_cache_tokens: int | None,
         gpu_memory_utilization: float,
         attention_backend: str,
+        moe_backend: str = "auto",
+        progress: bool = True,
     ) -> None:
         self.device = device
         self.dtype = dtype
-        self.model, self.model_config = load_model(model_path, device, dtype)
+        self.model, self.model_config = load_model(
+            model_path, device, dtype, progress=progress, moe_backend=moe_backend
+        )
         cfg = self.model_config
         model_max = cfg.max_position_embeddings
         if max_context is not None and max_context > model_max:

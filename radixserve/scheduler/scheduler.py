@@ -12,8 +12,6 @@ from __future__ import annotations
 import logging
 from typing import NamedTuple
 
-import torch
-
 from radixserve.model_runner.model_runner import ForwardOutput
 from radixserve.model_runner.sampler import SampleOutput, SamplingRow
 from radixserve.scheduler.batch_builder import ScheduledBatch, build_batch

@@ -1,36 +1,95 @@
-"""Attention backends, chosen by name through a small registry."""
+"""Attention backends, chosen by name through a small registry.
+
+    fa4           FlashAttention-4 over the pool in place (page size 1); Hopper/Blackwell
+    torch_varlen  PyTorch's varlen FlashAttention-2 on K/V gathered per layer; SM 8.0+
+    torch         the reference: SDPA per sequence; anywhere
+
+"auto" takes the first available on the device that runs the model's dtype and
+head_dim (fast kernels are bf16/fp16 only); an fp32 model on the GPU therefore
+gets `torch`. A forced fast backend still serves fp32 calls, through the reference.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
 from radixserve.model_runner.attention.base import AttentionBackend
+from radixserve.model_runner.attention.fa4_backend import FA4Attention, fa4_supports, load_fa4
 from radixserve.model_runner.attention.torch_backend import TorchAttention
+from radixserve.model_runner.attention.varlen_backend import TorchVarlenAttention, load_varlen, varlen_supports
 
 logger = logging.getLogger(__name__)
 
-_BACKENDS: dict[str, Callable[[], AttentionBackend]] = {"torch": TorchAttention}
+
+class _Entry(NamedTuple):
+    factory: Callable[[], AttentionBackend]
+    usable: Callable[[torch.device], bool]  # imports and the device can run it
+    supports: Callable[[torch.dtype, int], bool]  # dtype, head_dim
 
 
-def available_backends(device: torch.device) -> list[str]:
-    """Names usable on `device`, fastest first."""
-    return ["torch"]
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
-def create_backend(name: str, device: torch.device) -> AttentionBackend:
-    """Build the backend `name`; "auto" picks the fastest available on `device`."""
+def _fa4_usable(device: torch.device) -> bool:
+    # The interface runs SM 8.x-12.x; it is tuned (and was checked here) on 9.0 and 10.x.
+    return device.type == "cuda" and _capability(device)[0] in (8, 9, 10, 11, 12) and load_fa4() is not None
+
+
+def _varlen_usable(device: torch.device) -> bool:
+    return device.type == "cuda" and _capability(device) >= (8, 0) and load_varlen() is not None
+
+
+# Fastest first: this order is what "auto" walks.
+_BACKENDS: dict[str, _Entry] = {
+    "fa4": _Entry(FA4Attention, _fa4_usable, fa4_supports),
+    "torch_varlen": _Entry(TorchVarlenAttention, _varlen_usable, varlen_supports),
+    "torch": _Entry(TorchAttention, lambda device: True, lambda dtype, head_dim: True),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _available(device: torch.device) -> tuple[str, ...]:
+    return tuple(name for name, entry in _BACKENDS.items() if entry.usable(device))
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    """Names whose kernels import and run on `device`, fastest first (`torch` always last)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return list(_available(device))
+
+
+def create_backend(
+    name: str,
+    device: torch.device | str,
+    dtype: torch.dtype | None = None,
+    head_dim: int | None = None,
+) -> AttentionBackend:
+    """Build the backend `name`; "auto" picks the fastest available on `device`.
+
+    With `dtype` and `head_dim` given, "auto" skips backends whose kernels do
+    not run them (an fp32 model gets `torch`). Forcing a backend that is not
+    available on the device is a ValueError naming the ones that are.
+    """
     usable = available_backends(device)
     if name == "auto":
-        name = usable[0]
+        fits = [
+            n for n in usable
+            if dtype is None or head_dim is None or _BACKENDS[n].supports(dtype, head_dim)
+        ]
+        name = fits[0]
     elif name not in _BACKENDS:
         raise ValueError(f"attention_backend must be 'auto' or one of {sorted(_BACKENDS)}, got {name!r}")
     elif name not in usable:
         raise ValueError(f"attention_backend {name!r} is not available on {device}; available: {usable}")
-    logger.info("attention backend: %s", name)
-    return _BACKENDS[name]()
+    logger.info("attention backend: %s (available on %s: %s)", name, device, ", ".join(usable))
+    return _BACKENDS[name].factory()
 
 
 __all__ = ["AttentionBackend", "available_backends", "create_backend"]

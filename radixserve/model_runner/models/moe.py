@@ -143,16 +143,15 @@ def resolve_moe_backend(
     """
     if name not in MOE_BACKENDS:
         raise ValueError(f"moe_backend must be one of {', '.join(MOE_BACKENDS)}; got {name!r}")
-    if name == "loop":
-        return name
+    if name == "loop" or (name == "auto" and device.type != "cuda"):
+        return "loop"
     reason = grouped_mm_unavailable(device, dtype, hidden_size, intermediate_size)
+    if reason is None:
+        return "grouped_mm"
     if name == "grouped_mm":
-        if reason is not None:
-            raise ValueError(f"moe_backend 'grouped_mm' is unavailable: {reason}")
-        return name
-    if device.type == "cuda" and reason is not None:
-        logger.info("MoE experts fall back to the per-expert loop: %s", reason)
-    return "grouped_mm" if device.type == "cuda" and reason is None else "loop"
+        raise ValueError(f"moe_backend 'grouped_mm' is unavailable: {reason}")
+    logger.info("MoE experts use the per-expert loop: %s", reason)
+    return "loop"
 
 
 class SparseMoeBlock(nn.Module):
@@ -187,7 +186,7 @@ class SparseMoeBlock(nn.Module):
         ys = ys * routing.weights.reshape(-1, 1).index_select(0, groups.order)
         # Back to (token, slot) order, then the k slots of each token summed in slot order.
         out = torch.empty_like(ys).index_copy_(0, groups.order, ys)
-        return out.view(tokens, self.top_k, -1).sum(dim=1)
+        return out.view(tokens, self.top_k, x.shape[1]).sum(dim=1)
 
 
 class Qwen3MoeForCausalLM(DecoderForCausalLM):

@@ -1,0 +1,197 @@
+"""Shared pieces of the GPU benchmarks: model shapes, random checkpoints, workloads, device ceilings.
+
+Nothing here downloads anything: a shape becomes a checkpoint of random
+weights (transformers' own init, fixed seed) written once into a directory.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import random
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+# transformers Qwen3Config arguments. Random weights: speed depends on shapes only.
+SHAPES: dict[str, dict[str, Any]] = {
+    "qwen3-0.6b": dict(
+        hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+        head_dim=128, intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True,
+        max_position_embeddings=40960,
+    ),
+    "qwen3-8b": dict(
+        hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=128, intermediate_size=12288, vocab_size=151936, tie_word_embeddings=False,
+        max_position_embeddings=40960,
+    ),
+    # For smoke-testing the scripts on a CPU.
+    "tiny": dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=128, vocab_size=12000, tie_word_embeddings=True,
+        max_position_embeddings=4096,
+    ),
+}
+
+
+class Seq(NamedTuple):
+    prompt: list[int]
+    output_len: int
+
+
+def random_checkpoint(shape: str, directory: str | Path, device: str, seed: int = 0) -> Path:
+    """A Qwen3 checkpoint of `shape` with random bf16 weights in `directory` (reused if present)."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    path = Path(directory)
+    if (path / "config.json").exists():
+        return path
+    config = Qwen3Config(**SHAPES[shape], rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1)
+    torch.manual_seed(seed)
+    with torch.device(device):  # initialize on the GPU: seconds instead of minutes for 8B
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(path)
+    del model
+    free_memory()
+    return path
+
+
+def nano_vllm_workload(
+    num_seqs: int, seed: int, input_range: tuple[int, int], output_range: tuple[int, int], vocab: int = 10000
+) -> list[Seq]:
+    """nano-vllm's bench.py: random token ids in [0, vocab), prompt and output lengths uniform."""
+    rng = random.Random(seed)
+    return [
+        Seq([rng.randint(0, vocab - 1) for _ in range(rng.randint(*input_range))], rng.randint(*output_range))
+        for _ in range(num_seqs)
+    ]
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def measure_bandwidth_gbs(device: str, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy, counting bytes read plus written (median of 10, after warm-up)."""
+    if not device.startswith("cuda"):
+        return float("nan")
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(13):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    free_memory()
+    return 2 * nbytes / sorted(times)[len(times) // 2] / 1e9
+
+
+def measure_matmul_tflops(device: str, n: int = 8192) -> float:
+    """bf16 n x n x n products on random data (median of 10, after warm-up)."""
+    if not device.startswith("cuda"):
+        return float("nan")
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    times = []
+    for i in range(13):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end) / 1e3)
+    del a, b
+    free_memory()
+    return 2 * n**3 / sorted(times)[len(times) // 2] / 1e12
+
+
+def model_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(all weight bytes, bytes of the weights a decode step's GEMMs read).
+
+    A step reads every matrix once; the embedding table is read whole only when
+    it doubles as the output projection (tied), else only its rows are gathered.
+    """
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.embed_tokens.weight
+    tied = getattr(model, "lm_head", None) is None
+    per_step = total if tied else total - embed.numel() * embed.element_size()
+    return total, per_step
+
+
+def kv_bytes_per_token(model_config: Any, dtype: torch.dtype) -> int:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim * itemsize
+
+
+def decode_floor(
+    seqs: list[Seq], weight_bytes_per_step: int, kv_per_token: int, bandwidth_gbs: float, steps: int | None = None
+) -> dict[str, float]:
+    """Memory-bound floor of the decode phase: each step reads the weights once plus
+    the K/V of every sequence it extends. Output token j >= 1 of a sequence with
+    prompt p is computed over p + j tokens; token 0 comes from the prefill.
+    `steps` None: the fewest possible (every sequence decodes in parallel)."""
+    kv_tokens = sum((s.output_len - 1) * len(s.prompt) + (s.output_len - 1) * s.output_len // 2 for s in seqs)
+    if steps is None:
+        steps = max(s.output_len for s in seqs) - 1
+    weight_read = steps * weight_bytes_per_step
+    kv_read = kv_tokens * kv_per_token
+    return {
+        "steps": steps,
+        "weight_read_gb": weight_read / 1e9,
+        "kv_read_gb": kv_read / 1e9,
+        "floor_s": (weight_read + kv_read) / (bandwidth_gbs * 1e9),
+    }
+
+
+def prefill_floor_s(seqs: list[Seq], matmul_params: int, model_config: Any, tflops: float) -> float:
+    """Compute floor of the prefill: 2 flops per weight per token plus causal attention."""
+    tokens = sum(len(s.prompt) for s in seqs)
+    attn = sum(
+        4 * model_config.num_layers * model_config.num_heads * model_config.head_dim * len(s.prompt) ** 2 / 2
+        for s in seqs
+    )
+    return (2 * matmul_params * tokens + attn) / (tflops * 1e12)
+
+
+def environment(device: str) -> dict[str, Any]:
+    env: dict[str, Any] = {"torch": torch.__version__, "device": device}
+    if device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        env["commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        env["commit"] = "unknown (no git history here)"
+    return env
+
+
+class Timer:
+    """Wall clock around GPU work: synchronizes on entry and exit."""
+
+    def __enter__(self) -> "Timer":
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.start
+
+
+def emit(record: dict[str, Any]) -> None:
+    """The benchmark's result: one JSON line on stdout."""
+    print(json.dumps(record, default=str), flush=True)

@@ -1,0 +1,77 @@
+"""FlashAttention-4 (`flash-attn-4`, module `flash_attn.cute`) over the token-granular KV pool.
+
+The pool `[slots + 1, Hkv, D]` is passed as is, viewed as pages of one token
+`[slots + 1, 1, Hkv, D]`, with each sequence's `req_to_token` row as its page
+table: no K/V is copied. One call per layer serves a whole mixed batch
+(decodes, prefill chunks over cached prefixes, fresh prefills); causal masking
+is aligned to the end of each sequence, as the interface requires.
+
+FA4 runs bf16/fp16 with head_dim in 8..256 (a multiple of 8) on SM 8.x-12.x.
+Other calls (fp32 engines, used by the CPU/GPU parity tests) go to the torch
+reference, logged once, so forcing `fa4` never changes what a model computes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+
+from radixserve.model_runner.attention.fallback import ReferenceFallback
+from radixserve.model_runner.attention.metadata import VarlenMetadata, build_varlen_metadata
+from radixserve.model_runner.forward_batch import ForwardBatch
+
+logger = logging.getLogger(__name__)
+
+FA4_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def fa4_supports(dtype: torch.dtype, head_dim: int) -> bool:
+    return dtype in FA4_DTYPES and 8 <= head_dim <= 256 and head_dim % 8 == 0
+
+
+def load_fa4() -> Callable | None:
+    """`flash_attn.cute.flash_attn_varlen_func`, or None where the package is missing or broken."""
+    try:
+        from flash_attn.cute import flash_attn_varlen_func
+    except Exception as exc:  # ImportError, or a CuTe DSL library that fails to load
+        logger.debug("flash_attn.cute unavailable: %s", exc)
+        return None
+    return flash_attn_varlen_func
+
+
+class FA4Attention:
+    name = "fa4"
+
+    def __init__(self) -> None:
+        fn = load_fa4()
+        if fn is None:
+            raise ValueError("attention backend 'fa4' needs the flash-attn-4 package (flash_attn.cute)")
+        self._fn = fn
+        self._meta: VarlenMetadata | None = None
+        self._fallback = ReferenceFallback(self.name)
+
+    def prepare(self, batch: ForwardBatch, req_to_token: torch.Tensor) -> None:
+        self._meta = build_varlen_metadata(batch, req_to_token)
+        self._fallback.prepare(batch, req_to_token)
+
+    def attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        if not fa4_supports(q.dtype, q.shape[-1]) or k_cache.dtype != q.dtype:
+            return self._fallback.attend(q, k_cache, v_cache, scale)
+        m = self._meta
+        out, _ = self._fn(
+            q,
+            k_cache.unsqueeze(1),  # [pages, page_size = 1, Hkv, D], a view
+            v_cache.unsqueeze(1),
+            cu_seqlens_q=m.cu_seqlens_q,
+            max_seqlen_q=m.max_seqlen_q,
+            max_seqlen_k=m.max_seqlen_k,
+            seqused_k=m.seqused_k,
+            page_table=m.page_table,
+            softmax_scale=scale,
+            causal=True,
+        )
+        return out

@@ -1,0 +1,74 @@
+"""Per-batch varlen metadata shared by the GPU backends, built once per batch on the device.
+
+Layout (what FlashAttention's varlen kernels take), for B sequences and T new tokens:
+
+    cu_seqlens_q  [B + 1] int32   q rows of sequence i are cu_seqlens_q[i] .. cu_seqlens_q[i + 1]
+    seqused_k     [B]     int32   K/V tokens sequence i attends over (prefix + extend)
+    page_table    [B, max_seqlen_k] int32   req_to_token rows; page size 1, so a page is a slot
+
+Entries of `page_table` past `seqused_k[i]` are whatever the request table holds
+there (stale slots of earlier requests, or 0): kernels never read them.
+Nothing here syncs with the host: the lengths come from the batch's host lists,
+and the one host->device copy carries every per-sequence integer.
+"""
+
+from __future__ import annotations
+
+from itertools import accumulate
+from typing import NamedTuple
+
+import torch
+
+from radixserve.model_runner.forward_batch import ForwardBatch
+
+
+class VarlenMetadata(NamedTuple):
+    cu_seqlens_q: torch.Tensor  # [B + 1] int32
+    seqused_k: torch.Tensor  # [B] int32
+    cu_seqlens_k: torch.Tensor  # [B + 1] int32, for backends that gather K/V contiguously
+    page_table: torch.Tensor  # [B, max_seqlen_k] int32
+    max_seqlen_q: int
+    max_seqlen_k: int
+    total_k: int  # sum of seq lens
+
+
+def build_varlen_metadata(batch: ForwardBatch, req_to_token: torch.Tensor) -> VarlenMetadata:
+    """Metadata for `batch`; `req_to_token` is the `[rows, max_context]` int64 table on the device."""
+    seq_lens = batch.seq_lens
+    b = len(seq_lens)
+    cu_q = list(accumulate(batch.extend_lens, initial=0))
+    cu_k = list(accumulate(seq_lens, initial=0))
+    # One host->device copy for every per-sequence integer (small copies cost more than their bytes).
+    host = torch.tensor(cu_q + cu_k + seq_lens + list(batch.req_rows), dtype=torch.int32)
+    dev = host.to(req_to_token.device, non_blocking=True)
+    cu_seqlens_q = dev[: b + 1]
+    cu_seqlens_k = dev[b + 1 : 2 * b + 2]
+    seqused_k = dev[2 * b + 2 : 3 * b + 2]
+    rows = dev[3 * b + 2 :].long()
+    max_k = max(seq_lens)
+    # Slice the columns first so the gather reads [B, max_k], never whole table rows.
+    page_table = req_to_token[:, :max_k].index_select(0, rows).to(torch.int32)
+    return VarlenMetadata(
+        cu_seqlens_q=cu_seqlens_q,
+        seqused_k=seqused_k,
+        cu_seqlens_k=cu_seqlens_k,
+        page_table=page_table,
+        max_seqlen_q=max(batch.extend_lens),
+        max_seqlen_k=max_k,
+        total_k=cu_k[-1],
+    )
+
+
+def flat_kv_slots(meta: VarlenMetadata) -> torch.Tensor:
+    """[total_k] int64: every sequence's slot list, concatenated in batch order (no host sync).
+
+    Position j of sequence i (j < seq_len_i) sits at `cu_seqlens_k[i] + j`, so
+    `k_cache[flat_kv_slots(meta)]` is K laid out for a contiguous varlen call.
+    """
+    device = meta.page_table.device
+    b = meta.seqused_k.shape[0]
+    seq_of = torch.repeat_interleave(
+        torch.arange(b, device=device), meta.seqused_k.long(), output_size=meta.total_k
+    )
+    pos = torch.arange(meta.total_k, device=device) - meta.cu_seqlens_k.long()[seq_of]
+    return meta.page_table[seq_of, pos].long()
