@@ -16,7 +16,6 @@ import queue
 import random
 import threading
 import uuid
-from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 from tqdm.auto import tqdm
@@ -24,7 +23,9 @@ from tqdm.auto import tqdm
 from radixserve.engine.config import EngineConfig
 from radixserve.engine.core import EngineCore
 from radixserve.engine.detokenizer import IncrementalDetokenizer
-from radixserve.engine.outputs import CompletionOutput, RequestOutput, StreamDelta, TokenLogprob
+from radixserve.engine.model_files import load_tokenizer, resolve_model_path
+from radixserve.engine.outputs import RequestOutput, StreamDelta
+from radixserve.engine.tracker import DONE, Tracker, drain, next_delta
 from radixserve.sampling_params import SamplingParams
 from radixserve.scheduler.request import Req
 from radixserve.scheduler.scheduler import StepUpdate
@@ -34,64 +35,6 @@ logger = logging.getLogger(__name__)
 Prompt = str | Sequence[int]
 POOLINGS = ("last", "mean", "cls")
 _PREFILL_PARAMS = SamplingParams(max_tokens=1)  # embed/score requests sample nothing
-
-
-class _Tracker:
-    """Collects one prompt's n completions and forwards each delta to a sink."""
-
-    def __init__(self, rid: str, prompt: str | None, prompt_ids: list[int], n: int, sink: Callable) -> None:
-        self.rid = rid
-        self.prompt = prompt
-        self.prompt_ids = prompt_ids
-        self.outputs = [CompletionOutput(index=i) for i in range(n)]
-        self.sink = sink
-        self.cached_tokens = 0
-        self.folded = [0] * n
-        self.remaining = n
-
-    def on_update(self, u: StepUpdate) -> None:
-        req = u.req
-        out = self.outputs[req.index]
-        out.text += u.text
-        out.token_ids.extend(u.token_ids)
-        lps = tuple(TokenLogprob(t, lp, top) for t, lp, top in u.logprobs)
-        if req.params.logprobs is not None:
-            out.logprobs = (out.logprobs or []) + list(lps)
-        if req.index == 0:
-            self.cached_tokens = req.cached_tokens
-        self.folded[req.index] = req.folded_tokens
-        if u.finished:
-            out.finish_reason = req.finish_reason
-            out.stop_reason = req.stop_reason
-            self.remaining -= 1
-        self.sink(
-            StreamDelta(
-                request_id=self.rid,
-                index=req.index,
-                text=u.text,
-                token_ids=tuple(u.token_ids),
-                logprobs=lps if req.params.logprobs is not None else None,
-                finish_reason=out.finish_reason if u.finished else None,
-                prompt_tokens=len(self.prompt_ids),
-                cached_tokens=req.cached_tokens,
-                completion_tokens=len(out.token_ids),
-                folded_tokens=req.folded_tokens,
-                stop_reason=out.stop_reason if u.finished else None,
-            )
-        )
-
-    def result(self) -> RequestOutput:
-        return RequestOutput(
-            request_id=self.rid,
-            prompt=self.prompt,
-            prompt_token_ids=self.prompt_ids,
-            outputs=self.outputs,
-            cached_tokens=self.cached_tokens,
-            folded_tokens=sum(self.folded),
-        )
-
-
-_DONE = object()  # sentinel closing a sink
 
 
 class Engine:
@@ -113,18 +56,18 @@ class Engine:
         self.config = EngineConfig.from_kwargs(
             model=model, device=device, dtype=dtype, enable_prefix_cache=enable_prefix_cache, **config
         )
-        model_path = _resolve_model_path(self.config.model, self.config.show_progress)
+        model_path = resolve_model_path(self.config.model, self.config.show_progress)
         self.model_path = model_path
-        self.tokenizer = _load_tokenizer(model_path)
+        self.tokenizer = load_tokenizer(model_path)
         self.core = EngineCore(self.config, model_path)
         self._stats = self.core.stats()
         self._rng = random.Random(self.config.seed)
         self._ids = itertools.count()
         self._lock = threading.Lock()  # guards the core: held for each step
         self._cv = threading.Condition()  # guards the inbox and wakes the loop
-        self._inbox: list[tuple[_Tracker, list[Req]]] = []
+        self._inbox: list[tuple[Tracker, list[Req]]] = []
         self._aborts: list[str] = []
-        self._trackers: dict[str, _Tracker] = {}
+        self._trackers: dict[str, Tracker] = {}
         self._stopping = False
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="radixserve-engine", daemon=True)
@@ -210,7 +153,7 @@ class Engine:
         items: list[tuple[str | None, list[int], SamplingParams]],
         sink_for: Callable,
         make_reqs: Callable[[str, list[int], SamplingParams], list[Req]] | None = None,
-    ) -> list[_Tracker]:
+    ) -> list[Tracker]:
         if self._error is not None:
             raise RuntimeError("the engine loop failed earlier") from self._error
         make_reqs = make_reqs or self._make_reqs
@@ -219,7 +162,7 @@ class Engine:
         for text, ids, params in items:
             rid = f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
             reqs = make_reqs(rid, ids, params)
-            tracker = _Tracker(rid, text, ids, len(reqs), sink_for(rid))
+            tracker = Tracker(rid, text, ids, len(reqs), sink_for(rid))
             trackers.append(tracker)
             batch.append((tracker, reqs))
         with self._cv:
@@ -276,7 +219,7 @@ class Engine:
             try:
                 tracker.on_update(u)
                 if tracker.remaining == 0:
-                    tracker.sink(_DONE)
+                    tracker.sink(DONE)
             except Exception:  # the consumer is gone (e.g. its event loop closed): drop it
                 logger.debug("dropping the consumer of %s", tracker.rid, exc_info=True)
                 self.abort(tracker.rid)
@@ -301,7 +244,7 @@ class Engine:
             trackers, self._trackers = list(self._trackers.values()), {}
         for t in trackers:
             try:
-                t.sink(_DONE)
+                t.sink(DONE)
             except Exception:  # that consumer is gone already
                 pass
 
@@ -326,11 +269,11 @@ class Engine:
         self._wait(trackers, sinks, progress, "generate")
         return [t.result() for t in trackers]
 
-    def _wait(self, trackers: list[_Tracker], sinks: dict[str, queue.SimpleQueue], progress: bool, what: str) -> None:
+    def _wait(self, trackers: list[Tracker], sinks: dict[str, queue.SimpleQueue], progress: bool, what: str) -> None:
         bar = tqdm(total=len(trackers), desc=what, disable=not progress, unit="req")
         try:
             for t in trackers:
-                _drain(sinks[t.rid])
+                drain(sinks[t.rid])
                 bar.update(1)
         finally:
             bar.close()
@@ -431,7 +374,7 @@ class Engine:
         (tracker,) = self._submit([item], lambda rid: q.put)
         finished = False
         try:
-            while (delta := _delta(q.get())) is not None:
+            while (delta := next_delta(q.get())) is not None:
                 yield delta
             finished = True
         finally:
@@ -450,7 +393,7 @@ class Engine:
         (tracker,) = self._submit([item], lambda rid: lambda x: loop.call_soon_threadsafe(q.put_nowait, x))
         finished = False
         try:
-            while (delta := _delta(await q.get())) is not None:
+            while (delta := next_delta(await q.get())) is not None:
                 yield delta
             finished = True
         finally:
@@ -526,38 +469,3 @@ class Engine:
         if self.tokenizer is None:
             raise ValueError(f"{what} need a tokenizer; the model at {self.model_path} has none")
         return self.tokenizer
-
-
-def _delta(got: object) -> StreamDelta | None:
-    """What a sink delivered: a delta, None once the request is done; a failure is raised."""
-    if got is _DONE:
-        return None
-    if isinstance(got, BaseException):
-        raise RuntimeError("the engine loop failed") from got
-    return got  # type: ignore[return-value]
-
-
-def _drain(q: queue.SimpleQueue) -> None:
-    while _delta(q.get()) is not None:
-        pass
-
-
-def _resolve_model_path(model: str | None, progress: bool) -> Path:
-    if model is None:
-        from radixserve.model_runner.builtin_model import builtin_model_path
-
-        return builtin_model_path(progress=progress)
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        raise ValueError(f"model must be a local Hugging Face directory; {str(path)!r} is not a directory")
-    return path
-
-
-def _load_tokenizer(path: Path) -> Any:
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-    if not any((path / n).exists() for n in names):
-        logger.info("no tokenizer in %s: token-id prompts only", path)
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))

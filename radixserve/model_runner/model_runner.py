@@ -59,7 +59,7 @@ class ModelRunner:
         self.pool = KVPool(cfg.num_layers, num_slots, cfg.num_kv_heads, cfg.head_dim, dtype, device)
         self.allocator = SlotAllocator(num_slots)
         self.req_to_token = ReqToTokenPool(max_running_requests, self.max_context, device)
-        self.backend = create_backend(attention_backend, device)
+        self.backend = create_backend(attention_backend, device, dtype, cfg.head_dim)
         self.scale = cfg.softmax_scale
         logger.info(
             "model %s on %s (%s): %d KV slots, attention %s",

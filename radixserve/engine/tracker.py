@@ -1,0 +1,85 @@
+"""Per-request delivery: collect a prompt's n completions and hand each delta to a sink.
+
+A sink is any callable taking a StreamDelta, `DONE` when the request ends, or
+an exception when the engine loop failed: a thread-safe queue's `put`, or a
+function feeding an asyncio queue through `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import queue
+from typing import Callable
+
+from radixserve.engine.outputs import CompletionOutput, RequestOutput, StreamDelta, TokenLogprob
+from radixserve.scheduler.scheduler import StepUpdate
+
+DONE = object()  # sentinel closing a sink
+
+
+class Tracker:
+    """Collects one prompt's n completions and forwards each delta to a sink."""
+
+    def __init__(self, rid: str, prompt: str | None, prompt_ids: list[int], n: int, sink: Callable) -> None:
+        self.rid = rid
+        self.prompt = prompt
+        self.prompt_ids = prompt_ids
+        self.outputs = [CompletionOutput(index=i) for i in range(n)]
+        self.sink = sink
+        self.cached_tokens = 0
+        self.folded = [0] * n
+        self.remaining = n
+
+    def on_update(self, u: StepUpdate) -> None:
+        req = u.req
+        out = self.outputs[req.index]
+        out.text += u.text
+        out.token_ids.extend(u.token_ids)
+        lps = tuple(TokenLogprob(t, lp, top) for t, lp, top in u.logprobs)
+        if req.params.logprobs is not None:
+            out.logprobs = (out.logprobs or []) + list(lps)
+        if req.index == 0:
+            self.cached_tokens = req.cached_tokens
+        self.folded[req.index] = req.folded_tokens
+        if u.finished:
+            out.finish_reason = req.finish_reason
+            out.stop_reason = req.stop_reason
+            self.remaining -= 1
+        self.sink(
+            StreamDelta(
+                request_id=self.rid,
+                index=req.index,
+                text=u.text,
+                token_ids=tuple(u.token_ids),
+                logprobs=lps if req.params.logprobs is not None else None,
+                finish_reason=out.finish_reason if u.finished else None,
+                prompt_tokens=len(self.prompt_ids),
+                cached_tokens=req.cached_tokens,
+                completion_tokens=len(out.token_ids),
+                folded_tokens=req.folded_tokens,
+                stop_reason=out.stop_reason if u.finished else None,
+            )
+        )
+
+    def result(self) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.rid,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_ids,
+            outputs=self.outputs,
+            cached_tokens=self.cached_tokens,
+            folded_tokens=sum(self.folded),
+        )
+
+
+def next_delta(got: object) -> StreamDelta | None:
+    """What a sink delivered: a delta, None once the request is done; a failure is raised."""
+    if got is DONE:
+        return None
+    if isinstance(got, BaseException):
+        raise RuntimeError("the engine loop failed") from got
+    return got  # type: ignore[return-value]
+
+
+def drain(q: queue.SimpleQueue) -> None:
+    while next_delta(q.get()) is not None:
+        pass
