@@ -5,6 +5,10 @@ from __future__ import annotations
 from radixserve.radix_tree import RadixTree
 from radixserve.scheduler.request import Req
 
+# LPM matches every waiting request against the tree each step; past this many
+# waiting, that costs more than it saves and the order falls back to FCFS (as SGLang does).
+LPM_MAX_WAITING = 128
+
 
 def order_waiting(
     waiting: list[Req], policy: str, tree: RadixTree | None, step: int, aging_tokens_per_step: int
@@ -16,7 +20,7 @@ def order_waiting(
     step waited adds `aging_tokens_per_step` to a request's score, so a cache
     miss overtakes every newer request eventually and is never starved.
     """
-    if policy == "fcfs" or tree is None or len(waiting) < 2:
+    if policy == "fcfs" or tree is None or not 2 <= len(waiting) <= LPM_MAX_WAITING:
         return list(waiting)
     if policy != "lpm":
         raise ValueError(f"schedule_policy must be 'fcfs' or 'lpm', got {policy!r}")

@@ -80,6 +80,8 @@ class Req:
         self.scores: list[float] = []
 
         self.output_ids: list[int] = []
+        # prompt + output, kept as one growing list: read several times per step.
+        self.fill_ids: list[int] = list(prompt_ids)
         self.output_logprobs: list[tuple[int, float, tuple[tuple[int, float], ...]]] = []
         self.status = ReqStatus.WAITING
         self.finish_reason: str | None = None
@@ -103,12 +105,12 @@ class Req:
         self.retractions = 0
 
     @property
-    def fill_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
-
-    @property
     def fill_len(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.fill_ids)
+
+    def append_output(self, token_id: int) -> None:
+        self.output_ids.append(token_id)
+        self.fill_ids.append(token_id)
 
     @property
     def remaining_new_tokens(self) -> int:

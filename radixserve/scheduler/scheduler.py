@@ -225,7 +225,7 @@ class Scheduler:
         updates = []
         for i, req in enumerate(batch.sample_reqs):
             tok = token_ids[i]
-            req.output_ids.append(tok)
+            req.append_output(tok)
             lp: list = []
             if req.params.logprobs is not None and logprobs is not None:
                 k = req.params.logprobs
