@@ -44,6 +44,8 @@ class KVCacheManager:
         self.allocator = allocator
         self.req_to_token = req_to_token
         self.enable_prefix_cache = enable_prefix_cache
+        # Table writes of this step, applied together by `sync_table` before the forward.
+        self._table_writes: list[tuple[int, int, torch.Tensor]] = []
         # Admission-time counters (the tree's own also count internal re-matches).
         self.queried_tokens = 0
         self.hit_tokens = 0
@@ -75,7 +77,7 @@ class KVCacheManager:
             req.last_node = m.node
             req.slots = _cat(m.values)
             req.cache_len = req.kv_len = m.length
-            self.req_to_token.write(row, 0, req.slots)
+            self._table_writes.append((row, 0, req.slots))
         else:
             req.slots = torch.empty(0, dtype=torch.int64)
             req.cache_len = req.kv_len = 0
@@ -109,7 +111,7 @@ class KVCacheManager:
 
     def extend(self, req: Req, slots: torch.Tensor) -> None:
         """The request's next tokens will be written to `slots` (private until committed)."""
-        self.req_to_token.write(req.row, len(req.slots), slots)
+        self._table_writes.append((req.row, len(req.slots), slots))
         req.slots = torch.cat([req.slots, slots])
 
     def commit(self, req: Req) -> None:
@@ -118,7 +120,7 @@ class KVCacheManager:
         self.tree.lock(m.node)
         self._unlock(req)
         if m.length > req.cache_len:
-            self.req_to_token.write(req.row, req.cache_len, canonical[req.cache_len :])
+            self._table_writes.append((req.row, req.cache_len, canonical[req.cache_len :]))
         req.slots = torch.cat([canonical, req.slots[m.length :]])
         req.cache_len = m.length
         req.last_node = m.node
@@ -164,6 +166,16 @@ class KVCacheManager:
         req.borrowed_len = 0
         return m, canonical
 
+    def sync_table(self) -> None:
+        """Apply the step's pending req_to_token writes in one go.
+
+        Runs after scheduling, before the forward pass reads the table. A
+        commit's re-pointing to the tree's slots (after freeing duplicates)
+        waits here too: nothing reads the table in between.
+        """
+        writes, self._table_writes = self._table_writes, []
+        self.req_to_token.write_many(writes)
+
     def _unlock(self, req: Req) -> None:
         if req.last_node is not None:
             self.tree.unlock(req.last_node)
@@ -171,6 +183,9 @@ class KVCacheManager:
 
     def _drop_row(self, req: Req) -> None:
         if req.row is not None:
+            # Pending writes to a freed row are moot, and must go: the row may be
+            # reused this step, and one indexed write applies duplicates in no set order.
+            self._table_writes = [w for w in self._table_writes if w[0] != req.row]
             self.req_to_token.free(req.row)
             req.row = None
 

@@ -105,6 +105,7 @@ class Scheduler:
         if not plan:
             return None
         batch = build_batch(plan, self.cache, self.config.fold_mode, self.config.fold_threshold)
+        self.cache.sync_table()
         self.planned_tokens += sum(batch.extend_lens)
         self.folded_tokens += sum(batch.folded)
         for req, k in zip(batch.reqs, batch.folded):
