@@ -28,6 +28,12 @@ SHAPES: dict[str, dict[str, Any]] = {
         head_dim=128, intermediate_size=12288, vocab_size=151936, tie_word_embeddings=False,
         max_position_embeddings=40960,
     ),
+    # A small model for CPU measurements (fold_bench's CPU numbers).
+    "cpu-small": dict(
+        hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=64, intermediate_size=768, vocab_size=32000, tie_word_embeddings=True,
+        max_position_embeddings=8192,
+    ),
     # For smoke-testing the scripts on a CPU.
     "tiny": dict(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

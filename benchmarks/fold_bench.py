@@ -10,7 +10,7 @@ settings (prefix cache off, so every token is either computed or folded):
 Prints one JSON line per (workload, mode) with tokens/s and the speedup over
 `off` measured in the same run. Random weights unless --model is given.
 
-    python benchmarks/fold_bench.py --shape tiny --device cpu           # CPU smoke
+    python benchmarks/fold_bench.py --shape cpu-small --device cpu      # CPU
     python benchmarks/fold_bench.py --shape qwen3-0.6b --device cuda    # the issue's setup
 """
 
@@ -23,32 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-SHAPES = {
-    # hidden, layers, heads, kv heads, head_dim, intermediate, vocab
-    "tiny": (256, 4, 4, 2, 64, 768, 32000),
-    "small": (512, 8, 8, 4, 64, 1536, 32000),
-    "qwen3-0.6b": (1024, 28, 16, 8, 128, 3072, 151936),
-    "qwen3-8b": (4096, 36, 32, 8, 128, 12288, 151936),
-}
-
-
-def random_qwen3(shape: str, directory: Path) -> Path:
-    """A Qwen3 checkpoint of the given shape with random weights (bf16 on disk)."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    hidden, layers, heads, kv, head_dim, inter, vocab = SHAPES[shape]
-    config = Qwen3Config(
-        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-        head_dim=head_dim, intermediate_size=inter, vocab_size=vocab, max_position_embeddings=8192,
-        tie_word_embeddings=True, torch_dtype="bfloat16",
-    )
-    with torch.device("cpu"):
-        model = Qwen3ForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(directory)
-    return directory
-
+from _workloads import SHAPES, random_checkpoint
 
 def synthetic_batches(batch: int, prefixes: list[int], suffixes: list[int], vocab: int, seed: int):
     rng = random.Random(seed)
@@ -80,7 +55,7 @@ def time_embed(engine, prompts: list[list[int]], repeat: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF directory (default: random weights of --shape)")
-    ap.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
+    ap.add_argument("--shape", default="cpu-small", choices=sorted(SHAPES))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--batch", type=int, default=15)
@@ -94,8 +69,8 @@ def main() -> None:
     from radixserve import Engine
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or str(random_qwen3(args.shape, Path(tmp)))
-        vocab = SHAPES[args.shape][6] if args.model is None else 30000
+        model = args.model or str(random_checkpoint(args.shape, Path(tmp) / args.shape, args.device))
+        vocab = SHAPES[args.shape]["vocab_size"] if args.model is None else 30000
         workloads = list(synthetic_batches(args.batch, args.prefixes, args.suffixes, vocab, seed=0))
         workloads.append(reranker_batch(args.passages, vocab, seed=1))
         max_tokens = max(sum(len(p) for p in prompts) for _, prompts in workloads)
