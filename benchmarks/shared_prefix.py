@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import random
 from pathlib import Path
 from typing import Any
 
 from _workloads import SHAPES, Seq, Timer, emit, environment, free_memory, random_checkpoint
 from radixserve import Engine, SamplingParams
+from radixserve.replay.gentrace import GenConfig, generate_trace
 
 
 def parse_args() -> argparse.Namespace:
@@ -54,18 +54,16 @@ def parse_args() -> argparse.Namespace:
 
 
 def shared_prefix_workload(args: argparse.Namespace, vocab: int = 10000) -> list[Seq]:
-    rng = random.Random(args.seed)
-
-    def tokens(n: int) -> list[int]:
-        return [rng.randint(0, vocab - 1) for _ in range(n)]
-
-    seqs = []
-    for _ in range(args.groups):
-        system = tokens(args.system_prompt_len)
-        seqs += [Seq(system + tokens(args.question_len), args.output_len) for _ in range(args.prompts_per_group)]
-    if not args.no_shuffle:
-        rng.shuffle(seqs)
-    return seqs
+    """SGLang's generated-shared-prefix workload, from the generator `radixserve gen-trace` uses."""
+    cfg = GenConfig(
+        groups=args.groups, prompts_per_group=args.prompts_per_group, system_len=args.system_prompt_len,
+        question_len=args.question_len, output_len=args.output_len, seed=args.seed, token_range=(0, vocab),
+    )
+    # The generator interleaves groups at random; --no-shuffle submits group by group.
+    records = list(generate_trace(cfg))
+    if args.no_shuffle:
+        records.sort(key=lambda r: r["input_ids"][: args.system_prompt_len])
+    return [Seq(r["input_ids"], r["output_len"]) for r in records]
 
 
 def run(ckpt: Path, seqs: list[Seq], args: argparse.Namespace, prefix_cache: bool, fold: str | None) -> dict[str, Any]:
