@@ -115,6 +115,22 @@ def test_stop_string_truncates_text(smollm_engine):
     assert kept.text == free.text[: free.text.index(stop) + len(stop)]
 
 
+def test_stop_strings_wait_for_min_tokens(smollm_engine):
+    free = smollm_engine.generate(["Count: 1, 2, 3,"], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True), progress=False)[0]
+    stop = free.text[2:5]
+    early = smollm_engine.generate(
+        ["Count: 1, 2, 3,"], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, stop=[stop]), progress=False
+    )[0]
+    late = smollm_engine.generate(
+        ["Count: 1, 2, 3,"],
+        SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, stop=[stop], min_tokens=len(early.token_ids) + 2),
+        progress=False,
+    )[0]
+    assert len(late.token_ids) >= len(early.token_ids) + 2
+    assert late.text.startswith(free.text[:5])  # the early stop string was not honoured
+    assert free.token_ids[: len(late.token_ids)] == late.token_ids
+
+
 def test_eos_stops_unless_ignored_and_min_tokens(smollm_engine):
     eos = smollm_engine.tokenizer.eos_token_id
     msgs = [{"role": "user", "content": "What is 2+2?"}]

@@ -54,6 +54,7 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         stop: str | Sequence[str] = (),
         include_stop_str_in_output: bool = False,
+        min_tokens: int = 0,
     ) -> None:
         stop = (stop,) if isinstance(stop, str) else tuple(stop)
         if not all(isinstance(s, str) and s for s in stop):
@@ -62,6 +63,8 @@ class IncrementalDetokenizer:
         self._skip_special_tokens = skip_special_tokens
         self._stop = stop
         self._include_stop = include_stop_str_in_output
+        # Like vLLM: stop strings count only once min_tokens tokens exist.
+        self._min_tokens = min_tokens
         context = list(prompt_ids[max(0, len(prompt_ids) - _CONTEXT_TOKENS) :])
         if context and self._decode(context).endswith(_REPLACEMENT):
             context = []  # the prompt ends inside a character: its bytes would shift our offsets
@@ -122,7 +125,8 @@ class IncrementalDetokenizer:
 
     def _release(self, final: bool) -> DetokResult:
         """Streams what is safe of _text: up to a stop string, else all but a possible stop prefix."""
-        hit = self._find_stop()
+        active = len(self._ids) - self._num_context >= self._min_tokens
+        hit = self._find_stop() if active else None
         if hit is not None:
             begin, end = hit
             self.matched_stop = self._text[begin:end]
@@ -130,7 +134,7 @@ class IncrementalDetokenizer:
             self._text = self._text[:cut]
             self._stopped = True
         else:
-            cut = len(self._text) - (0 if final else self._held_len())
+            cut = len(self._text) - (0 if final or not active else self._held_len())
         delta = self._text[self._emitted : cut]
         self._emitted = cut
         return DetokResult(delta, self._stopped)
