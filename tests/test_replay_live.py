@@ -108,3 +108,23 @@ def test_live_engine_matches_simulation(tmp_path: Path) -> None:
     assert live["simulated"]["requests_with_same_cached_tokens"] == 1.0
     assert live["token_hit_rate"] == pytest.approx(live["simulated"]["token_hit_rate"])
     assert all(r["output_tokens"] == max(1, n) for r, (_, _, n) in zip(live["per_request"], rows))
+
+
+def test_live_replay_against_the_real_server(tmp_path: Path, smollm_engine) -> None:
+    """`replay --live --url` against `radixserve serve`'s app: the same cached tokens as in-process."""
+    from radixserve.engine.server import BackgroundServer, ServerConfig
+    from radixserve.replay.cli import main
+
+    rows = [([1, 2, 3], 40, 2), ([1, 2, 4], 48, 2), ([1, 2, 3], 40, 2)]
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("".join(json.dumps({"timestamp": 10 * i, "input_length": n, "output_length": out, "hash_ids": ids}) + "\n"
+                             for i, (ids, n, out) in enumerate(rows)))
+    out = tmp_path / "r.json"
+    with BackgroundServer(smollm_engine, ServerConfig(port=0)) as srv:
+        code = main(["replay", str(trace), "--block-size", "16", "--live", "--url", srv.url, "--time-scale", "0",
+                     "--max-concurrency", "1", "--no-progress", "--json", str(out)])
+    assert code == 0
+    live = json.loads(out.read_text())["live"]
+    assert live["failed"] == 0
+    assert [r["cached_tokens"] for r in live["per_request"]] == [0, 32, 39]
+    assert all(r["output_tokens"] == 2 for r in live["per_request"])
