@@ -225,3 +225,41 @@ def test_logprobs_shape(smollm_engine):
         assert lp.token_id == tok and lp.logprob <= 0.0
         assert len(lp.top) == 5
         assert any(t == tok for t, _ in lp.top) or lp.logprob <= lp.top[-1][1]
+
+
+@pytest.mark.parametrize(
+    "options, field",
+    [
+        ({"fold_mode": "both"}, "fold_mode"),
+        ({"fold_threshold": 0.0}, "fold_threshold"),
+        ({"fold_threshold": 1.5}, "fold_threshold"),
+        ({"fold_mode": "tree", "page_size": 4}, "page_size"),
+        ({"moe_backend": "cuda"}, "moe_backend"),
+        ({"max_running_requests": 0}, "max_running_requests"),
+        ({"kv_cache_tokens": -5}, "kv_cache_tokens"),
+        ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),
+        ({"schedule_policy": "sjf"}, "schedule_policy"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"device": "tpu"}, "device"),
+    ],
+)
+def test_bad_engine_options_name_the_field(options, field):
+    from radixserve.engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match=field):
+        EngineConfig.from_kwargs(**options)
+
+
+def test_fold_mode_follows_page_size_by_default():
+    from radixserve.engine.config import EngineConfig
+
+    assert EngineConfig().fold_mode == "tree"
+    assert EngineConfig(page_size=4).fold_mode == "mlp"
+
+
+@pytest.mark.parametrize("show", [True, False])
+def test_show_progress_controls_the_load_bar(tiny_qwen3_path, capfd, show):
+    with Engine(str(tiny_qwen3_path), device="cpu", show_progress=show):
+        pass
+    err = capfd.readouterr().err
+    assert ("Loading weights" in err) == show
