@@ -14,6 +14,7 @@ copy's measured bandwidth) with the fraction of it achieved.
 
     python benchmarks/throughput.py                       # Qwen3-0.6B shape on cuda
     python benchmarks/throughput.py --shape qwen3-8b --hf-seqs 16
+    python benchmarks/throughput.py --no-cuda-graphs       # eager decode (graphs are the engine's default)
     python benchmarks/throughput.py --shape tiny --device cpu --dtype float32 --num-seqs 4 \\
         --input-len 10 20 --output-len 5 10 --hf-seqs 2 --hf-new-tokens 4   # smoke test
 """
@@ -55,6 +56,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-running", type=int, default=256)
     p.add_argument("--max-prefill-tokens", type=int, default=16384)
     p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly (default: the engine's, graphs where supported)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--kv-cache-tokens", type=int)
     p.add_argument("--hf-seqs", type=int, default=32, help="transformers runs the first N sequences (0: skip)")
@@ -71,6 +73,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         device=args.device, dtype=args.dtype, max_running_requests=args.max_running,
         max_prefill_tokens=args.max_prefill_tokens, attention_backend=args.attention_backend,
         gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_tokens=args.kv_cache_tokens,
+        cuda_graphs=False if args.no_cuda_graphs else None,
     )
 
 
@@ -124,6 +127,7 @@ def run_ours(ckpt: Path, seqs: list[Seq], hf_subset: list[Seq], args: argparse.N
         steps = core.stats()["steps"] - steps0
         result: dict[str, Any] = {
             "backend": core.runner.backend.name,
+            "cuda_graphs": engine.core.runner.graphs is not None,
             "kv_capacity_tokens": core.kv_capacity,
             "time_s": seconds,
             "output_tokens": out_tokens,

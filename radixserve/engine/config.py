@@ -37,6 +37,9 @@ class EngineConfig:
     fold_mode: str | None = None  # None: "tree" when page_size is 1, else "mlp"
     fold_threshold: float = 0.95  # fold a batch only when computed rows / tokens is below this
     attention_backend: str = "auto"
+    # Replay captured CUDA graphs for decode steps (batch-size buckets up to max_running_requests):
+    # needs device cuda, the fa4 backend and a bf16/fp16 dense model; capture costs seconds at start.
+    cuda_graphs: bool | None = None  # decode under CUDA graphs; None: wherever supported (fa4, bf16/fp16, dense)
     moe_backend: str = "auto"  # Qwen3-MoE expert computation: "auto" | "grouped_mm" | "loop"
     seed: int | None = None  # seeds the draws of per-request seeds for unseeded requests
     check_invariants: bool = False  # verify slot ownership and the tree after every step
@@ -51,6 +54,8 @@ class EngineConfig:
             _check_int(self, "kv_cache_tokens", 1)
         if self.max_context is not None:
             _check_int(self, "max_context", 2)
+        if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be None (auto), True or False, got {self.cuda_graphs!r}")
         if not isinstance(self.enable_prefix_cache, bool):
             raise ValueError(f"enable_prefix_cache must be a bool, got {self.enable_prefix_cache!r}")
         if not 0.0 < float(self.gpu_memory_utilization) <= 1.0:

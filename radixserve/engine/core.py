@@ -53,6 +53,7 @@ class EngineCore:
             attention_backend=config.attention_backend,
             moe_backend=config.moe_backend,
             progress=config.show_progress,
+            cuda_graphs=config.cuda_graphs,
         )
         self.tree = RadixTree(page_size=config.page_size, policy=config.eviction_policy)
         self.cache = KVCacheManager(

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
 from radixserve.model_runner.attention import create_backend
+from radixserve.model_runner.cuda_graph import DecodeGraphRunner, unsupported_reason
 from radixserve.model_runner.forward_batch import ForwardBatch
 from radixserve.model_runner.kv_pool import KVPool, ReqToTokenPool, SlotAllocator
 from radixserve.model_runner.loader import load_model
@@ -44,7 +45,10 @@ class ModelRunner:
         attention_backend: str,
         moe_backend: str = "auto",
         progress: bool = True,
+        cuda_graphs: bool | None = None,
     ) -> None:
+        if cuda_graphs and device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs a CUDA device, got device {str(device)!r}")
         self.device = device
         self.dtype = dtype
         self.model, self.model_config = load_model(
@@ -65,6 +69,13 @@ class ModelRunner:
             "model %s on %s (%s): %d KV slots, attention %s",
             cfg.architecture, device, dtype, num_slots, self.backend.name,
         )
+        # Decode batches of up to max_running_requests replay captured graphs (cuda_graph.py).
+        # None: on wherever they are supported; True: required (a ValueError says why not).
+        reason = unsupported_reason(self)
+        if cuda_graphs is None and reason is not None:
+            logger.info("CUDA graphs off: %s", reason)
+        use_graphs = cuda_graphs if cuda_graphs is not None else reason is None
+        self.graphs = DecodeGraphRunner(self, max_running_requests) if use_graphs else None
 
     def _default_kv_tokens(self, utilization: float) -> int:
         if self.device.type != "cuda":
@@ -88,11 +99,28 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> ForwardOutput:
-        """Write the batch's K/V into the pool; return logits, hidden states and scores asked for."""
+        """Write the batch's K/V into the pool; return logits, hidden states and scores asked for.
+
+        With CUDA graphs, a decode batch's logits are valid until the next forward."""
+        if self.graphs is not None and self.graphs.can_run(batch):
+            return ForwardOutput(self.graphs.run(batch), None, None)
         batch = batch.to(self.device)
         self.backend.prepare(batch, self.req_to_token.table)
-        pool, backend, scale, slots = self.pool, self.backend, self.scale, batch.out_slots
-        unfold, fold = batch.unfold, batch.fold
+        hidden = self.model(batch.input_ids, batch.positions, self._attention(batch.out_slots, batch.unfold, batch.fold))
+        logits = self._logits(hidden, batch.logits_rows)
+        pooled = None if batch.hidden_rows is None else hidden[batch.hidden_rows].float()
+        scores = None
+        if batch.score_rows is not None:
+            logp = torch.log_softmax(self._logits(hidden, batch.score_rows), dim=-1)
+            scores = logp.gather(1, batch.score_targets.unsqueeze(1)).squeeze(1)
+        return ForwardOutput(logits, pooled, scores)
+
+    def _attention(
+        self, slots: torch.Tensor, unfold: torch.Tensor | None = None, fold: torch.Tensor | None = None
+    ) -> Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The per-layer attention of one batch (its backend is prepared): write the layer's
+        new K/V at `slots`, attend over the pool."""
+        pool, backend, scale = self.pool, self.backend, self.scale
 
         def attn(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             if unfold is not None:  # mlp fold: attention runs on every sequence's tokens
@@ -101,14 +129,7 @@ class ModelRunner:
             out = backend.attend(q, pool.k[layer], pool.v[layer], scale)
             return out if fold is None else out[fold]
 
-        hidden = self.model(batch.input_ids, batch.positions, attn)
-        logits = self._logits(hidden, batch.logits_rows)
-        pooled = None if batch.hidden_rows is None else hidden[batch.hidden_rows].float()
-        scores = None
-        if batch.score_rows is not None:
-            logp = torch.log_softmax(self._logits(hidden, batch.score_rows), dim=-1)
-            scores = logp.gather(1, batch.score_targets.unsqueeze(1)).squeeze(1)
-        return ForwardOutput(logits, pooled, scores)
+        return attn
 
     def _logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         if rows.numel() == 0:

@@ -56,6 +56,11 @@ class FA4Attention:
         self._meta = build_varlen_metadata(batch, req_to_token)
         self._fallback.prepare(batch, req_to_token)
 
+    def prepare_graph(self, meta: VarlenMetadata) -> None:
+        """Use metadata built on the device (`decode_graph_metadata`) for a captured decode step.
+        Only the kernel path is capturable: the caller checks `fa4_supports` first."""
+        self._meta = meta
+
     def attend(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
     ) -> torch.Tensor:

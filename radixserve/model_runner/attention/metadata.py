@@ -10,6 +10,8 @@ Entries of `page_table` past `seqused_k[i]` are whatever the request table holds
 there (stale slots of earlier requests, or 0): kernels never read them.
 Nothing here syncs with the host: the lengths come from the batch's host lists,
 and the one host->device copy carries every per-sequence integer.
+`decode_graph_metadata` builds the same layout for a captured decode step from
+device tensors alone, with fixed host bounds (see cuda_graph.py).
 """
 
 from __future__ import annotations
@@ -56,6 +58,33 @@ def build_varlen_metadata(batch: ForwardBatch, req_to_token: torch.Tensor) -> Va
         max_seqlen_q=max(batch.extend_lens),
         max_seqlen_k=max_k,
         total_k=cu_k[-1],
+    )
+
+
+def decode_graph_metadata(
+    req_rows: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    req_to_token: torch.Tensor,
+) -> VarlenMetadata:
+    """Metadata of a decode batch (one new token per sequence) from device tensors only, so a
+    CUDA graph can capture it: `req_rows`, `seq_lens` `[B]` int64 and `cu_seqlens_q` `[B + 1]`
+    int32 (= arange) live in static buffers that each replay refills.
+
+    No host value depends on the batch: `max_seqlen_k` is the table's width (a bound that
+    covers every replay) and the page table is every row's whole `req_to_token` row.
+    `total_k` is unknown on the host (-1): this metadata serves page-table kernels (FA4) only.
+    """
+    seqused_k = seq_lens.to(torch.int32)
+    cu_seqlens_k = torch.nn.functional.pad(torch.cumsum(seqused_k, 0, dtype=torch.int32), (1, 0))
+    return VarlenMetadata(
+        cu_seqlens_q=cu_seqlens_q,
+        seqused_k=seqused_k,
+        cu_seqlens_k=cu_seqlens_k,
+        page_table=req_to_token.index_select(0, req_rows).to(torch.int32),
+        max_seqlen_q=1,
+        max_seqlen_k=req_to_token.shape[1],
+        total_k=-1,
     )
 
 
