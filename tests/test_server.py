@@ -11,8 +11,9 @@ import math
 import threading
 import time
 
-import openai
 import pytest
+
+openai = pytest.importorskip("openai")  # the test extra has it; the GPU machine may not
 from test_server_support import engine, http, leak_check, server, sse_events  # noqa: F401 (fixtures)
 
 from radixserve import SamplingParams
