@@ -62,8 +62,10 @@ def build_batch(
     tokens = [req.fill_ids[req.kv_len : req.kv_len + n] for req, n in plan]
     positions = [list(range(req.kv_len, req.kv_len + n)) for req, n in plan]
     fold: FoldPlan | None = None
-    if fold_mode != "off" and len(plan) > 1:
-        fold = build_fold_plan(tokens, positions, [fold_key(r, n) for r, n in plan])
+    keys = [fold_key(r, n) for r, n in plan] if fold_mode != "off" else []
+    # Only sequences without a private tail can share rows; a step of decodes has none.
+    if sum(1 for k in keys if k[0] != "own") > 1:
+        fold = build_fold_plan(tokens, positions, keys)
         if fold.num_rows == fold.num_tokens or fold.fold_ratio >= fold_threshold:
             fold = None
     if fold is not None and fold_mode == "tree":

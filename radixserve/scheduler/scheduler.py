@@ -136,6 +136,7 @@ class Scheduler:
             self.waiting, cfg.schedule_policy, tree, self.step_count, cfg.lpm_aging_tokens_per_step
         )
         reserved = self._reserved()
+        pending = sum(n for _, n in plan)  # tokens already planned this step come first
         admitted: list[Req] = []
         for req in order:
             if budget <= 0 or len(self.running) + len(admitted) >= cfg.max_running_requests:
@@ -144,8 +145,6 @@ class Scheduler:
                 continue
             if not self.cache.admit(req):
                 break
-            # Tokens already planned this step come first.
-            pending = sum(n for _, n in plan)
             extend = req.fill_len - req.kv_len
             need = extend + req.remaining_new_tokens * self.new_token_ratio
             room = self.cache.available() - pending - reserved
@@ -155,6 +154,7 @@ class Scheduler:
                 break
             n = min(extend, budget)
             budget -= n
+            pending += n
             reserved += need
             plan.append((req, n))
             admitted.append(req)
