@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-# transformers Qwen3Config arguments. Random weights: speed depends on shapes only.
+# transformers Qwen3Config (Qwen3MoeConfig with num_experts) arguments. Random weights: speed depends on shapes only.
 SHAPES: dict[str, dict[str, Any]] = {
     "qwen3-0.6b": dict(
         hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
@@ -34,6 +34,28 @@ SHAPES: dict[str, dict[str, Any]] = {
         head_dim=64, intermediate_size=768, vocab_size=32000, tie_word_embeddings=True,
         max_position_embeddings=8192,
     ),
+    # Qwen3-30B-A3B with 8 of its 48 layers (every MLP sparse: 128 experts, top 8). With
+    # num_experts a shape becomes a Qwen3MoeConfig (random_checkpoint).
+    "qwen3-30b-a3b-8l": dict(
+        hidden_size=2048, num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=4,
+        head_dim=128, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+        num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, vocab_size=151936,
+        tie_word_embeddings=False, max_position_embeddings=40960,
+    ),
+    # The dense peer of qwen3-30b-a3b-8l: the same attention and equal active parameters per
+    # token (one SwiGLU of 8 experts x 768 = 6144).
+    "dense-a3b-8l": dict(
+        hidden_size=2048, num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=4,
+        head_dim=128, intermediate_size=6144, vocab_size=151936, tie_word_embeddings=False,
+        max_position_embeddings=40960,
+    ),
+    # For smoke-testing the MoE scripts on a CPU.
+    "tiny-moe": dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=128, moe_intermediate_size=32, num_experts=8,
+        num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, vocab_size=12000,
+        tie_word_embeddings=True, max_position_embeddings=4096,
+    ),
     # For smoke-testing the scripts on a CPU.
     "tiny": dict(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -49,13 +71,15 @@ class Seq(NamedTuple):
 
 
 def random_checkpoint(shape: str, directory: str | Path, device: str, seed: int = 0) -> Path:
-    """A Qwen3 checkpoint of `shape` with random bf16 weights in `directory` (reused if present)."""
-    from transformers import AutoModelForCausalLM, Qwen3Config
+    """A Qwen3 (Qwen3-MoE where the shape has num_experts) checkpoint of `shape` with random
+    bf16 weights in `directory` (reused if present)."""
+    from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3MoeConfig
 
     path = Path(directory)
     if (path / "config.json").exists():
         return path
-    config = Qwen3Config(**SHAPES[shape], rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1)
+    config_class = Qwen3MoeConfig if "num_experts" in SHAPES[shape] else Qwen3Config
+    config = config_class(**SHAPES[shape], rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1)
     torch.manual_seed(seed)
     with torch.device(device):  # initialize on the GPU: seconds instead of minutes for 8B
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
