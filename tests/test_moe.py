@@ -358,3 +358,24 @@ def test_engine_greedy_matches_transformers_with_the_prefix_cache(make_engine, m
     assert all(o.cached_tokens > 0 for o in warm)
     warm_work = model.moe_stats()["moe_tokens"] - cold_work
     assert 0 < warm_work < cold_work  # cached prefixes skip their expert work too
+
+
+def test_fold_modes_equal_off_and_save_expert_work(make_engine, moe_engine_path):
+    """Folding a shared prefix gives the outputs of `off` and routes fewer tokens to experts."""
+    from radixserve import SamplingParams
+
+    shared = list(range(30, 70))
+    prompts = [shared + [5, 6], shared + [7], shared, shared + [8, 9, 10]]
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=0)
+    results = {}
+    for mode in ("off", "mlp", "tree"):
+        engine = make_engine(moe_engine_path, fold_mode=mode, fold_threshold=1.0, enable_prefix_cache=False)
+        model = engine.core.runner.model
+        model.reset_moe_stats()
+        outs = engine.generate(prompts, params, progress=False)
+        routed = model.moe_stats()["routed_tokens"]
+        results[mode] = ([o.token_ids for o in outs], [lp.logprob for o in outs for lp in o.logprobs], routed)
+    for mode in ("mlp", "tree"):
+        assert results[mode][0] == results["off"][0]
+        assert max(abs(a - b) for a, b in zip(results[mode][1], results["off"][1])) < 1e-4
+        assert results[mode][2] < results["off"][2]  # the shared prefix went through the experts once
