@@ -263,3 +263,13 @@ def test_show_progress_controls_the_load_bar(tiny_qwen3_path, capfd, show):
         pass
     err = capfd.readouterr().err
     assert ("Loading weights" in err) == show
+
+
+def test_shutdown_releases_the_kv_pool_and_refuses_new_work(tiny_qwen3_path):
+    engine = Engine(str(tiny_qwen3_path), device="cpu", show_progress=False)
+    engine.generate([[1, 2, 3]], GREEDY, progress=False)
+    engine.shutdown()
+    assert engine.core.runner.pool.k == [] and engine.core.runner.model is None
+    with pytest.raises(RuntimeError, match="shut down"):
+        engine.generate([[1, 2, 3]], GREEDY, progress=False)
+    engine.shutdown()  # idempotent

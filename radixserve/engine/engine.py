@@ -90,6 +90,8 @@ class Engine:
             self._aborts.extend(self._trackers)
             self._cv.notify_all()
         self._thread.join(timeout=60)
+        if not self._thread.is_alive():  # the loop no longer touches the runner
+            self.core.runner.release_memory()
 
     # -- submitting ------------------------------------------------------------------
 

@@ -93,6 +93,15 @@ class ModelRunner:
             )
         return slots
 
+    def release_memory(self) -> None:
+        """Drop the KV pool, graphs and weights (the engine shut down): a later engine in
+        this process can size its pool from the memory they held."""
+        self.graphs = None
+        self.pool.k, self.pool.v = [], []
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     @property
     def vocab_size(self) -> int:
         return self.model_config.vocab_size
