@@ -6,6 +6,7 @@ weights (transformers' own init, fixed seed) written once into a directory.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import random
@@ -63,6 +64,35 @@ SHAPES: dict[str, dict[str, Any]] = {
         max_position_embeddings=4096,
     ),
 }
+
+
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The model and engine options the GPU benchmarks share."""
+    p.add_argument("--model", help="a Hugging Face checkpoint dir; default: random weights of --shape")
+    p.add_argument("--shape", default="qwen3-0.6b", choices=sorted(SHAPES))
+    p.add_argument("--ckpt-dir", help="where the random checkpoint is written (default /tmp/radixserve-<shape>)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-running", type=int, default=256)
+    p.add_argument("--max-prefill-tokens", type=int, default=16384)
+    p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly (default: the engine's, graphs where supported)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--kv-cache-tokens", type=int)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Engine(...) keyword arguments from `add_engine_args` options."""
+    return dict(
+        device=args.device, dtype=args.dtype, max_running_requests=args.max_running,
+        max_prefill_tokens=args.max_prefill_tokens, attention_backend=args.attention_backend,
+        gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_tokens=args.kv_cache_tokens,
+        cuda_graphs=False if args.no_cuda_graphs else None,
+    )
 
 
 class Seq(NamedTuple):

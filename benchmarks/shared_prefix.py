@@ -23,30 +23,20 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from _workloads import SHAPES, Seq, Timer, emit, environment, free_memory, random_checkpoint
+from _workloads import Seq, Timer, add_engine_args, emit, engine_kwargs, environment, free_memory, random_checkpoint
 from radixserve import Engine, SamplingParams
 from radixserve.replay.gentrace import GenConfig, generate_trace
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="a Hugging Face checkpoint dir; default: random weights of --shape")
-    p.add_argument("--shape", default="qwen3-0.6b", choices=sorted(SHAPES))
-    p.add_argument("--ckpt-dir", help="where the random checkpoint is written (default /tmp/radixserve-<shape>)")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--dtype", default="bfloat16")
+    add_engine_args(p)
     p.add_argument("--groups", type=int, default=64)
     p.add_argument("--prompts-per-group", type=int, default=16)
     p.add_argument("--system-prompt-len", type=int, default=2048)
     p.add_argument("--question-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--no-shuffle", action="store_true", help="submit group by group")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-running", type=int, default=256)
-    p.add_argument("--max-prefill-tokens", type=int, default=16384)
-    p.add_argument("--attention-backend", default="auto")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
-    p.add_argument("--kv-cache-tokens", type=int)
     p.add_argument("--fold-mode", help="within-batch folding for every run (default: the engine's)")
     p.add_argument("--no-fold-baseline", action="store_true",
                    help="add a third run: cache off and folding off (nothing shared at all)")
@@ -68,12 +58,7 @@ def shared_prefix_workload(args: argparse.Namespace, vocab: int = 10000) -> list
 
 def run(ckpt: Path, seqs: list[Seq], args: argparse.Namespace, prefix_cache: bool, fold: str | None) -> dict[str, Any]:
     extra = {} if fold is None else {"fold_mode": fold}
-    engine = Engine(
-        str(ckpt), device=args.device, dtype=args.dtype, enable_prefix_cache=prefix_cache, **extra,
-        max_running_requests=args.max_running, max_prefill_tokens=args.max_prefill_tokens,
-        attention_backend=args.attention_backend, gpu_memory_utilization=args.gpu_memory_utilization,
-        kv_cache_tokens=args.kv_cache_tokens,
-    )
+    engine = Engine(str(ckpt), enable_prefix_cache=prefix_cache, **extra, **engine_kwargs(args))
     try:
         # Warm-up on unrelated prompts (kernel compilation), then an empty cache.
         warm = [[7] * 300 + [i] * 50 for i in range(4)]

@@ -33,7 +33,9 @@ from typing import Any
 import torch
 
 from _workloads import (
-    SHAPES, Seq, Timer, decode_floor, emit, environment, free_memory, kv_bytes_per_token,
+    add_engine_args,
+    engine_kwargs,
+    Seq, Timer, decode_floor, emit, environment, free_memory, kv_bytes_per_token,
     measure_bandwidth_gbs, measure_matmul_tflops, model_bytes, nano_vllm_workload, prefill_floor_s,
     random_checkpoint,
 )
@@ -44,21 +46,10 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="a Hugging Face checkpoint dir; default: random weights of --shape")
-    p.add_argument("--shape", default="qwen3-0.6b", choices=sorted(SHAPES))
-    p.add_argument("--ckpt-dir", help="where the random checkpoint is written (default /tmp/radixserve-<shape>)")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    add_engine_args(p)
     p.add_argument("--num-seqs", type=int, default=256)
     p.add_argument("--input-len", type=int, nargs=2, default=(100, 1024), metavar=("MIN", "MAX"))
     p.add_argument("--output-len", type=int, nargs=2, default=(100, 1024), metavar=("MIN", "MAX"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-running", type=int, default=256)
-    p.add_argument("--max-prefill-tokens", type=int, default=16384)
-    p.add_argument("--attention-backend", default="auto")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly (default: the engine's, graphs where supported)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
-    p.add_argument("--kv-cache-tokens", type=int)
     p.add_argument("--hf-seqs", type=int, default=32, help="transformers runs the first N sequences (0: skip)")
     p.add_argument("--hf-new-tokens", type=int, default=256, help="output tokens per sequence in the peer run")
     p.add_argument("--bandwidth-gbs", type=float, help="skip measuring; use this bandwidth")
@@ -66,15 +57,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--profile-only", action="store_true", help="skip the timed runs; profile only")
     p.add_argument("--trace", help="write the profiled steps' chrome trace here (.json.gz)")
     return p.parse_args()
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(
-        device=args.device, dtype=args.dtype, max_running_requests=args.max_running,
-        max_prefill_tokens=args.max_prefill_tokens, attention_backend=args.attention_backend,
-        gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_tokens=args.kv_cache_tokens,
-        cuda_graphs=False if args.no_cuda_graphs else None,
-    )
 
 
 def run_hf(ckpt: Path, seqs: list[Seq], new_tokens: int, args: argparse.Namespace) -> dict[str, float]:
