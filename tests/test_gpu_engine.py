@@ -70,10 +70,11 @@ def qwen3_d64(tmp_path_factory):
     )
 
 
-def _runner(path, backend: str) -> ModelRunner:
+def _runner(path, backend: str, fused: bool | None = None) -> ModelRunner:
     return ModelRunner(
         path, device=torch.device("cuda"), dtype=torch.bfloat16, max_running_requests=8,
         max_context=None, kv_cache_tokens=8192, gpu_memory_utilization=0.9, attention_backend=backend,
+        fused_kernels=fused,
     )
 
 
@@ -118,4 +119,17 @@ def test_bf16_runner_logits_match_reference_backend(qwen3_d64, backend):
     for step, (a, b) in enumerate(zip(got, want)):
         err = float((a - b).norm() / b.norm())
         assert err < 2e-2, f"step {step}: logits relative error {err:.2e}"
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.75
+
+
+def test_fused_kernels_on_by_default_and_close_to_eager(qwen3_d64):
+    """torch.compile'd norms/RoPE/SiLU (Triton on the GPU) against the eager math, bf16."""
+    backend = "fa4" if "fa4" in available_backends("cuda") else "torch"
+    fused = _runner(qwen3_d64, backend)
+    assert fused.model.kernels.compiled
+    eager = _runner(qwen3_d64, backend, fused=False)
+    assert not eager.model.kernels.compiled
+    for step, (a, b) in enumerate(zip(_three_steps(fused), _three_steps(eager))):
+        err = float((a - b).norm() / b.norm())
+        assert err < 1e-2, f"step {step}: logits relative error {err:.2e}"
         assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.75

@@ -113,9 +113,9 @@ def test_graph_engine_greedy_tokens_equal_eager(tiny_qwen3_path, make_engine):
     """Different max_tokens per request, so the decode batch shrinks through every bucket;
     the second round extends the first round's prompts (prefix-cache hits)."""
     _needs_fa4()
-    eager = make_engine(tiny_qwen3_path, max_running_requests=13, **GPU)
+    eager = make_engine(tiny_qwen3_path, max_running_requests=13, cuda_graphs=False, **GPU)
     graphs = make_engine(tiny_qwen3_path, max_running_requests=13, cuda_graphs=True, **GPU)
-    assert graphs.core.runner.graphs is not None
+    assert graphs.core.runner.graphs is not None and eager.core.runner.graphs is None
     first = _prompts(13, 0)
     second = [p + [5, 6, 7] for p in first[:7]] + _prompts(4, 1)
     for round_ in (first, second, first + second):
@@ -133,7 +133,7 @@ def test_graph_engine_with_retraction(tiny_qwen3_path, make_engine):
     """A pool too small for the batch: requests are retracted and resumed, tokens do not change."""
     _needs_fa4()
     small = dict(GPU, kv_cache_tokens=400, max_prefill_tokens=64, max_running_requests=12)
-    eager = make_engine(tiny_qwen3_path, **small)
+    eager = make_engine(tiny_qwen3_path, cuda_graphs=False, **small)
     graphs = make_engine(tiny_qwen3_path, cuda_graphs=True, **small)
     prompts = _prompts(12, 2)
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)

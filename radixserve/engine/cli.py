@@ -18,12 +18,17 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", default=None)
     p.add_argument("--no-prefix-cache", action="store_true", help="disable the radix prefix cache")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly (default: CUDA graphs where supported)")
+    p.add_argument(
+        "--no-fused-kernels", action="store_true", help="skip torch.compile of norms/RoPE/SiLU (default: fused on CUDA)"
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     kw = {"model": args.model, "device": args.device, "dtype": args.dtype, "enable_prefix_cache": not args.no_prefix_cache}
     if args.no_cuda_graphs:
         kw["cuda_graphs"] = False
+    if args.no_fused_kernels:
+        kw["fused_kernels"] = False
     for name in ("kv_cache_tokens", "max_running_requests", "attention_backend"):
         value = getattr(args, name)
         if value is not None:

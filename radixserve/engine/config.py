@@ -40,6 +40,9 @@ class EngineConfig:
     # Replay captured CUDA graphs for decode steps (batch-size buckets up to max_running_requests):
     # needs device cuda, the fa4 backend and a bf16/fp16 dense model; capture costs seconds at start.
     cuda_graphs: bool | None = None  # decode under CUDA graphs; None: wherever supported (fa4, bf16/fp16, dense)
+    # Fuse the position-wise math (norms, RoPE, SiLU) with torch.compile: compiles for
+    # ~20-60 s at start; None: on for CUDA devices (where launches dominate small batches).
+    fused_kernels: bool | None = None
     moe_backend: str = "auto"  # Qwen3-MoE expert computation: "auto" | "grouped_mm" | "loop"
     seed: int | None = None  # seeds the draws of per-request seeds for unseeded requests
     check_invariants: bool = False  # verify slot ownership and the tree after every step
@@ -56,6 +59,8 @@ class EngineConfig:
             _check_int(self, "max_context", 2)
         if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be None (auto), True or False, got {self.cuda_graphs!r}")
+        if self.fused_kernels is not None and not isinstance(self.fused_kernels, bool):
+            raise ValueError(f"fused_kernels must be None (auto), True or False, got {self.fused_kernels!r}")
         if not isinstance(self.enable_prefix_cache, bool):
             raise ValueError(f"enable_prefix_cache must be a bool, got {self.enable_prefix_cache!r}")
         if not 0.0 < float(self.gpu_memory_utilization) <= 1.0:

@@ -54,6 +54,7 @@ class EngineCore:
             moe_backend=config.moe_backend,
             progress=config.show_progress,
             cuda_graphs=config.cuda_graphs,
+            fused_kernels=config.fused_kernels,
         )
         self.tree = RadixTree(page_size=config.page_size, policy=config.eviction_policy)
         self.cache = KVCacheManager(

@@ -17,6 +17,7 @@ from radixserve.model_runner.cuda_graph import DecodeGraphRunner, unsupported_re
 from radixserve.model_runner.forward_batch import ForwardBatch
 from radixserve.model_runner.kv_pool import KVPool, ReqToTokenPool, SlotAllocator
 from radixserve.model_runner.loader import load_model
+from radixserve.model_runner.models.kernels import compile_unsupported_reason, compiled_kernels
 from radixserve.model_runner.sampler import SampleOutput, SamplingBatch, SamplingRow, sample
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class ModelRunner:
         moe_backend: str = "auto",
         progress: bool = True,
         cuda_graphs: bool | None = None,
+        fused_kernels: bool | None = None,
     ) -> None:
         if cuda_graphs and device.type != "cuda":
             raise ValueError(f"cuda_graphs needs a CUDA device, got device {str(device)!r}")
@@ -55,6 +57,7 @@ class ModelRunner:
             model_path, device, dtype, progress=progress, moe_backend=moe_backend
         )
         cfg = self.model_config
+        self._set_kernels(fused_kernels)
         model_max = cfg.max_position_embeddings
         if max_context is not None and max_context > model_max:
             raise ValueError(f"max_context {max_context} exceeds the model's max_position_embeddings {model_max}")
@@ -76,6 +79,15 @@ class ModelRunner:
             logger.info("CUDA graphs off: %s", reason)
         use_graphs = cuda_graphs if cuda_graphs is not None else reason is None
         self.graphs = DecodeGraphRunner(self, max_running_requests) if use_graphs else None
+
+    def _set_kernels(self, fused: bool | None) -> None:
+        """Fused (torch.compile) position-wise kernels: None means on wherever they are supported."""
+        reason = compile_unsupported_reason(self.device)
+        if fused and reason is not None and self.device.type == "cuda":
+            raise ValueError(f"fused_kernels=True: {reason}")
+        if fused or (fused is None and reason is None):
+            self.model.use_kernels(compiled_kernels())
+        logger.info("position-wise kernels: %s", "fused (torch.compile)" if self.model.kernels.compiled else "eager")
 
     def _default_kv_tokens(self, utilization: float) -> int:
         if self.device.type != "cuda":

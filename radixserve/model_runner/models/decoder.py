@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from radixserve.model_runner.model_config import ModelConfig
+from radixserve.model_runner.models.kernels import EAGER, Kernels
 from radixserve.model_runner.models.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP
 
 # attn(layer_id, q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]) -> [T, Hq, D], called once per
@@ -39,6 +40,8 @@ class WeightTarget(NamedTuple):
 
 
 class Attention(nn.Module):
+    kernels: Kernels = EAGER  # set per model by DecoderForCausalLM.use_kernels
+
     def __init__(self, config: ModelConfig, layer_id: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.layer_id = layer_id
@@ -63,14 +66,19 @@ class Attention(nn.Module):
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         # v stays a strided view of the qkv output (last dim contiguous).
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
+        cache = rotary.cos_sin_cache
+        if self.q_norm is not None:  # Qwen3: per-head RMSNorm on q and k, before RoPE
+            eps = self.q_norm.eps
+            q, k = self.kernels.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, eps, cache, positions)
+        else:
+            q, k = self.kernels.rope(q, k, cache, positions)
         out = attn(self.layer_id, q, k, v)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
 
 
 class DecoderLayer(nn.Module):
+    kernels: Kernels = EAGER  # set per model by DecoderForCausalLM.use_kernels
+
     def __init__(self, config: ModelConfig, layer_id: int, dtype: torch.dtype, mlp: nn.Module) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
@@ -79,10 +87,24 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp  # [T, H] -> [T, H]: the dense SwiGLU, or a mixture of experts
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, attn: AttentionFn
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        attn: AttentionFn,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, residual) -> (mlp output, residual stream before it); the residual add is
+        deferred into the next norm (one fused kernel). residual None: x is the embedding."""
+        k, ln = self.kernels, self.input_layernorm
+        if residual is None:
+            h, residual = k.rms_norm(x, ln.weight, ln.eps), x
+        else:
+            h, residual = k.add_rms_norm(x, residual, ln.weight, ln.eps)
+        h = self.self_attn(h, positions, rotary, attn)
+        ln = self.post_attention_layernorm
+        h, residual = k.add_rms_norm(h, residual, ln.weight, ln.eps)
+        return self.mlp(h), residual
 
 
 # Fused parameters and the checkpoint tensors stacked into them, in row order.
@@ -94,6 +116,8 @@ _FUSED = {
 
 class DecoderForCausalLM(nn.Module):
     """Llama / Qwen2 / Qwen3 causal LM; family differences come from ModelConfig flags."""
+
+    kernels: Kernels = EAGER  # see use_kernels
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
@@ -132,9 +156,18 @@ class DecoderForCausalLM(nn.Module):
         [T, H], when given, replaces the embedding lookup (input_ids is then unused).
         """
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        residual = None
         for layer in self.layers:
-            x = layer(x, positions, self.rotary, attn)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, self.rotary, attn)
+        if residual is None:  # no layers
+            return self.norm(x)
+        return self.kernels.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
+
+    def use_kernels(self, kernels: Kernels) -> None:
+        """Run the position-wise math with `kernels` (kernels.EAGER, or compiled_kernels())."""
+        for module in self.modules():
+            if hasattr(type(module), "kernels"):
+                module.kernels = kernels
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> float32 logits [N, vocab]."""

@@ -1,15 +1,15 @@
 """Building blocks of the decoder: RMSNorm, rotary embedding, SwiGLU MLP.
 
-Numerics follow transformers' Llama/Qwen code step by step (norm in float32 and
-cast back before the weight, cos/sin cast to the model dtype before use), so
-fp32 results match to rounding and bf16 results stay close.
+The math itself lives in kernels.py (eager, or fused by torch.compile on GPUs);
+these modules hold the weights and caches.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from radixserve.model_runner.models.kernels import EAGER, Kernels, rms_norm, rope
 
 
 class RMSNorm(nn.Module):
@@ -21,10 +21,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -55,18 +52,13 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, Hq, D], k [T, Hkv, D], positions [T] -> rotated (q, k), new tensors."""
-        cos, sin = self.cos_sin_cache.index_select(0, positions).unsqueeze(1).chunk(2, dim=-1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # Same as transformers' x * cos + rotate_half(x) * sin on the half-split layout.
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return rope(q, k, self.cos_sin_cache, positions)
 
 
 class SwiGLUMLP(nn.Module):
     """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul (gate rows first)."""
+
+    kernels: Kernels = EAGER  # set per model by DecoderForCausalLM.use_kernels
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, dtype: torch.dtype) -> None:
         super().__init__()
@@ -74,5 +66,4 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.kernels.silu_and_mul(self.gate_up_proj(x)))

@@ -1,0 +1,68 @@
+"""The position-wise kernels (model_runner/models/kernels.py): compiled against eager.
+
+torch.compile runs here on the CPU too (Inductor's C++ backend), so CI checks the
+fused path's math; on the GPU the same functions become Triton kernels
+(tests/test_gpu_engine.py checks those)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from radixserve import SamplingParams
+from radixserve.model_runner.models.kernels import EAGER, compiled_kernels
+
+
+@pytest.fixture(scope="module")
+def fused():
+    return compiled_kernels()
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 33])
+def test_compiled_kernels_match_eager(fused, tokens):
+    g = torch.Generator().manual_seed(tokens)
+    heads, kv_heads, dim, hidden = 4, 2, 16, 48
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g)
+
+    x, residual, weight = rand(tokens, hidden), rand(tokens, hidden), rand(hidden)
+    torch.testing.assert_close(fused.rms_norm(x, weight, 1e-6), EAGER.rms_norm(x, weight, 1e-6))
+    for a, b in zip(fused.add_rms_norm(x, residual, weight, 1e-6), EAGER.add_rms_norm(x, residual, weight, 1e-6)):
+        torch.testing.assert_close(a, b)
+    # q and k as the decoder passes them: strided views into one fused qkv output.
+    qkv = rand(tokens, (heads + 2 * kv_heads) * dim)
+    q = qkv[:, : heads * dim].view(tokens, heads, dim)
+    k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(tokens, kv_heads, dim)
+    cache, positions = rand(64, dim), torch.randint(0, 64, (tokens,), generator=g)
+    qw, kw = rand(dim), rand(dim)
+    for a, b in zip(fused.qk_norm_rope(q, k, qw, kw, 1e-6, cache, positions),
+                    EAGER.qk_norm_rope(q, k, qw, kw, 1e-6, cache, positions)):
+        torch.testing.assert_close(a, b)
+        assert a.shape == b.shape and a.is_contiguous()
+    for a, b in zip(fused.rope(q, k, cache, positions), EAGER.rope(q, k, cache, positions)):
+        torch.testing.assert_close(a, b)
+    gate_up = rand(tokens, 2 * hidden)
+    torch.testing.assert_close(fused.silu_and_mul(gate_up), EAGER.silu_and_mul(gate_up))
+
+
+def test_engine_with_fused_kernels_matches_eager(tiny_qwen3_path, make_engine, fused):
+    prompts = [[3, 14, 15, 92, 65], [2, 71, 82, 81, 82, 84, 59], [3, 14, 15, 92, 65, 35, 89]]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0)
+    eager = make_engine(tiny_qwen3_path, fused_kernels=False)
+    compiled = make_engine(tiny_qwen3_path, fused_kernels=True)
+    assert compiled.core.runner.model.kernels.compiled and not eager.core.runner.model.kernels.compiled
+    want = eager.generate(prompts, params, progress=False)
+    got = compiled.generate(prompts, params, progress=False)
+    for a, b in zip(got, want):
+        assert a.token_ids == b.token_ids
+        assert len(a.logprobs) == len(b.logprobs) == 6
+        for lp_a, lp_b in zip(a.logprobs, b.logprobs):
+            assert abs(lp_a.logprob - lp_b.logprob) < 1e-4
+
+
+def test_fused_kernels_option_is_checked(tiny_qwen3_path):
+    from radixserve import Engine
+
+    with pytest.raises(ValueError, match="fused_kernels"):
+        Engine(str(tiny_qwen3_path), device="cpu", fused_kernels="yes", show_progress=False)
