@@ -52,7 +52,7 @@ def _batch(runner: ModelRunner, rows: list[int], starts: list[int], tokens: list
            logits_rows: torch.Tensor | None = None) -> ForwardBatch:
     slots = []
     for row, start, toks in zip(rows, starts, tokens):
-        new = runner.allocator.alloc(len(toks))
+        new = torch.tensor(runner.allocator.alloc(len(toks)))
         runner.req_to_token.write(row, start, new)
         slots.append(new)
     lens = [len(t) for t in tokens]

@@ -11,6 +11,7 @@ SCHEDULE_POLICIES = ("fcfs", "lpm")
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
 FOLD_MODES = ("off", "mlp", "tree")
+BATCH_ORDERS = ("prefix", "arrival")
 MOE_BACKENDS = ("auto", "grouped_mm", "loop")
 
 
@@ -36,6 +37,10 @@ class EngineConfig:
     # Within-batch folding of shared uncached prefixes (see scheduler/batch_builder.py).
     fold_mode: str | None = None  # None: "tree" when page_size is 1, else "mlp"
     fold_threshold: float = 0.95  # fold a batch only when computed rows / tokens is below this
+    # Order of running requests in a batch. "prefix": requests sharing KV slots (a cached or
+    # folded prefix) sit side by side, so the GPU reads the shared K/V once into L2 for all of
+    # them instead of once each from memory. "arrival": admission order.
+    batch_order: str = "prefix"
     attention_backend: str = "auto"
     # Replay captured CUDA graphs for decode steps (batch-size buckets up to max_running_requests):
     # needs device cuda, the fa4 backend and a bf16/fp16 dense model; capture costs seconds at start.
@@ -68,6 +73,7 @@ class EngineConfig:
         _check_choice(self, "eviction_policy", EVICTION_POLICIES)
         _check_choice(self, "moe_backend", MOE_BACKENDS)
         _check_choice(self, "schedule_policy", SCHEDULE_POLICIES)
+        _check_choice(self, "batch_order", BATCH_ORDERS)
         if self.fold_mode is None:
             object.__setattr__(self, "fold_mode", "tree" if self.page_size == 1 else "mlp")
         _check_choice(self, "fold_mode", FOLD_MODES)

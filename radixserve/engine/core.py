@@ -72,6 +72,7 @@ class EngineCore:
                 lpm_aging_tokens_per_step=config.lpm_aging_tokens_per_step,
                 fold_mode=config.fold_mode,
                 fold_threshold=config.fold_threshold,
+                batch_order=config.batch_order,
             ),
             self.cache,
             eos_ids=frozenset(self.runner.model_config.eos_token_ids),

@@ -156,6 +156,8 @@ class Engine:
         items: list[tuple[str | None, list[int], SamplingParams]],
         sink_for: Callable,
         make_reqs: Callable[[str, list[int], SamplingParams], list[Req]] | None = None,
+        *,
+        stream: bool = True,
     ) -> list[Tracker]:
         if self._error is not None:
             raise RuntimeError("the engine loop failed earlier") from self._error
@@ -165,7 +167,7 @@ class Engine:
         for text, ids, params in items:
             rid = f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
             reqs = make_reqs(rid, ids, params)
-            tracker = Tracker(rid, text, ids, len(reqs), sink_for(rid))
+            tracker = Tracker(rid, text, ids, len(reqs), sink_for(rid), stream=stream)
             trackers.append(tracker)
             batch.append((tracker, reqs))
         with self._cv:
@@ -268,7 +270,7 @@ class Engine:
             sinks[rid] = queue.SimpleQueue()
             return sinks[rid].put
 
-        trackers = self._submit(items, sink_for)
+        trackers = self._submit(items, sink_for, stream=False)
         self._wait(trackers, sinks, progress, "generate")
         return [t.result() for t in trackers]
 
@@ -296,7 +298,7 @@ class Engine:
             made.append(make(rid, ids))
             return [made[-1]]
 
-        trackers = self._submit(items, sink_for, make_reqs)
+        trackers = self._submit(items, sink_for, make_reqs, stream=False)
         self._wait(trackers, sinks, False, "prefill")
         for req in made:
             if req.finish_reason == "abort":

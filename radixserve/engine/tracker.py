@@ -19,8 +19,13 @@ DONE = object()  # sentinel closing a sink
 class Tracker:
     """Collects one prompt's n completions and forwards each delta to a sink."""
 
-    def __init__(self, rid: str, prompt: str | None, prompt_ids: list[int], n: int, sink: Callable) -> None:
+    def __init__(
+        self, rid: str, prompt: str | None, prompt_ids: list[int], n: int, sink: Callable, *, stream: bool = True
+    ) -> None:
         self.rid = rid
+        # stream False: the sink hears only the end (DONE, or a failure), never a delta; callers
+        # that want the whole result skip a delta object and a consumer wake-up per token.
+        self.stream = stream
         self.prompt = prompt
         self.prompt_ids = prompt_ids
         self.outputs = [CompletionOutput(index=i) for i in range(n)]
@@ -36,7 +41,9 @@ class Tracker:
         out.token_ids.extend(u.token_ids)
         lps = tuple(TokenLogprob(t, lp, top) for t, lp, top in u.logprobs)
         if req.params.logprobs is not None:
-            out.logprobs = (out.logprobs or []) + list(lps)
+            if out.logprobs is None:
+                out.logprobs = []
+            out.logprobs.extend(lps)
         if req.index == 0:
             self.cached_tokens = req.cached_tokens
         self.folded[req.index] = req.folded_tokens
@@ -44,6 +51,8 @@ class Tracker:
             out.finish_reason = req.finish_reason
             out.stop_reason = req.stop_reason
             self.remaining -= 1
+        if not self.stream:
+            return
         self.sink(
             StreamDelta(
                 request_id=self.rid,

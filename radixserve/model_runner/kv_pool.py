@@ -13,6 +13,10 @@ Ownership (kept by the scheduler, checked by `Scheduler.check_invariants`):
 
 from __future__ import annotations
 
+from itertools import chain
+from typing import Sequence
+
+import numpy as np
 import torch
 
 
@@ -68,8 +72,8 @@ class SlotAllocator:
     def num_free(self) -> int:
         return len(self._free)
 
-    def alloc(self, n: int) -> torch.Tensor | None:
-        """Take `n` slots (an int64 CPU tensor), or None, taking nothing, if fewer are free."""
+    def alloc(self, n: int) -> list[int] | None:
+        """Take `n` slots, or None, taking nothing, if fewer are free."""
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         if n > len(self._free):
@@ -77,9 +81,9 @@ class SlotAllocator:
         taken = self._free[len(self._free) - n :]
         del self._free[len(self._free) - n :]
         taken.reverse()
-        return torch.tensor(taken, dtype=torch.int64)
+        return taken
 
-    def free(self, slots: list[int] | torch.Tensor) -> None:
+    def free(self, slots: Sequence[int] | torch.Tensor) -> None:
         if isinstance(slots, torch.Tensor):
             slots = slots.tolist()
         self._free.extend(slots)
@@ -107,25 +111,29 @@ class ReqToTokenPool:
     def free(self, row: int) -> None:
         self._free_rows.append(row)
 
-    def write(self, row: int, start: int, slots: list[int] | torch.Tensor) -> None:
-        self.write_many([(row, start, torch.as_tensor(slots, dtype=torch.int64))])
+    def write(self, row: int, start: int, slots: Sequence[int] | torch.Tensor) -> None:
+        self.write_many([(row, start, slots)])
 
-    def write_many(self, writes: list[tuple[int, int, torch.Tensor]]) -> None:
+    def write_many(self, writes: Sequence[tuple[int, int, Sequence[int] | torch.Tensor]]) -> None:
         """`table[row, start:start+len(slots)] = slots` for every (row, start, slots), as one
         indexed write: on a GPU one host-to-device copy instead of one (and a sync) per request."""
         writes = [w for w in writes if len(w[2])]
         if not writes:
             return
-        for row, start, slots in writes:
-            if start + len(slots) > self.max_context:
-                raise ValueError(f"request needs {start + len(slots)} positions, the table holds {self.max_context}")
-        lengths = torch.tensor([len(w[2]) for w in writes], dtype=torch.int64)
-        rows = torch.repeat_interleave(torch.tensor([w[0] for w in writes], dtype=torch.int64), lengths)
+        lengths = np.fromiter((len(w[2]) for w in writes), dtype=np.int64, count=len(writes))
+        starts = np.fromiter((w[1] for w in writes), dtype=np.int64, count=len(writes))
+        ends = starts + lengths
+        if int(ends.max()) > self.max_context:
+            raise ValueError(f"request needs {int(ends.max())} positions, the table holds {self.max_context}")
+        rows = np.repeat(np.fromiter((w[0] for w in writes), dtype=np.int64, count=len(writes)), lengths)
         # Column of each slot: its write's start plus its index within the write.
-        starts = torch.repeat_interleave(torch.tensor([w[1] for w in writes], dtype=torch.int64), lengths)
-        offsets = torch.arange(int(lengths.sum())) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
-        values = torch.cat([w[2] for w in writes])
-        packed = torch.stack([rows, starts + offsets, values])
+        total = int(lengths.sum())
+        columns = np.arange(total, dtype=np.int64) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+        values = np.fromiter(
+            chain.from_iterable(w[2].tolist() if isinstance(w[2], torch.Tensor) else w[2] for w in writes),
+            dtype=np.int64, count=total,
+        )
+        packed = torch.from_numpy(np.stack([rows, columns, values]))
         if self.table.device.type == "cuda":
             packed = packed.pin_memory().to(self.table.device, non_blocking=True)
         self.table[packed[0], packed[1]] = packed[2]

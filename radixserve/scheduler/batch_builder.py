@@ -87,10 +87,11 @@ def _seq_offsets(plan: list[tuple[Req, int]]) -> np.ndarray:
     return cu
 
 
-def _alloc(cache: KVCacheManager, req: Req, n: int) -> torch.Tensor:
+def _alloc(cache: KVCacheManager, n: int) -> list[int]:
+    """All of a step's new slots in one allocation (one eviction pass if short)."""
     slots = cache.alloc(n)
     if slots is None:  # admission and retraction guarantee room
-        raise RuntimeError(f"KV pool exhausted while scheduling {req}")
+        raise RuntimeError(f"KV pool exhausted while scheduling {n} tokens")
     return slots
 
 
@@ -102,17 +103,17 @@ def _layout_full(
     cache: KVCacheManager,
 ) -> tuple[ForwardBatch, np.ndarray]:
     """Off and mlp: every sequence gets its own slots for all its planned tokens."""
-    slots = []
+    slots = _alloc(cache, sum(n for _, n in plan))
+    offset = 0
     for req, n in plan:
-        s = _alloc(cache, req, n)
-        cache.extend(req, s)
-        slots.append(s)
+        cache.extend(req, slots[offset : offset + n])
+        offset += n
     full_ids = torch.tensor([t for seq in tokens for t in seq], dtype=torch.int64)
     full_pos = torch.tensor([p for seq in positions for p in seq], dtype=torch.int64)
     forward = ForwardBatch(
         input_ids=full_ids,
         positions=full_pos,
-        out_slots=torch.cat(slots),
+        out_slots=torch.tensor(slots, dtype=torch.int64),
         req_rows=[r.row for r, _ in plan],
         prefix_lens=[r.kv_len for r, _ in plan],
         extend_lens=[n for _, n in plan],
@@ -142,12 +143,12 @@ def _layout_tree(plan: list[tuple[Req, int]], fold: FoldPlan, cache: KVCacheMana
             first_local = fold.fold_gather[row_cu[i]] - cu[i]
             if first_local != fold.folded_tokens[i]:
                 raise RuntimeError("fold plan: a sequence's own rows are not a suffix of its tokens")
-    row_slots = torch.cat([_alloc(cache, req, int(k)) for (req, _), k in zip(plan, own)])
-    scatter = torch.from_numpy(fold.scatter.copy())
+    row_slots = np.array(_alloc(cache, int(own.sum())), dtype=np.int64)
+    scatter = fold.scatter
     req_rows, prefix_lens, extend_lens = [], [], []
     for i, (req, n) in enumerate(plan):
         shared = int(fold.folded_tokens[i])
-        seq_slots = row_slots[scatter[cu[i] : cu[i + 1]]]
+        seq_slots = row_slots[scatter[cu[i] : cu[i + 1]]].tolist()
         if shared:
             req.borrowed_len = req.kv_len + shared
         cache.extend(req, seq_slots)
@@ -158,7 +159,7 @@ def _layout_tree(plan: list[tuple[Req, int]], fold: FoldPlan, cache: KVCacheMana
     forward = ForwardBatch(
         input_ids=torch.from_numpy(fold.compact_ids[:n_rows].copy()),
         positions=torch.from_numpy(fold.compact_positions[:n_rows].copy()),
-        out_slots=row_slots,
+        out_slots=torch.from_numpy(row_slots),
         req_rows=req_rows,
         prefix_lens=prefix_lens,
         extend_lens=extend_lens,

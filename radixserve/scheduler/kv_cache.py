@@ -16,19 +16,17 @@ the tree keeps nothing that no running request needs.
 
 from __future__ import annotations
 
-from typing import Iterable
-
-import torch
+from itertools import chain
+from typing import Iterable, Sequence
 
 from radixserve.model_runner.kv_pool import ReqToTokenPool, SlotAllocator
 from radixserve.radix_tree import RadixTree
 from radixserve.scheduler.request import Req
 
 
-def _cat(pieces: list) -> torch.Tensor:
-    if not pieces:
-        return torch.empty(0, dtype=torch.int64)
-    return torch.cat([torch.as_tensor(p, dtype=torch.int64) for p in pieces])
+def _flatten(pieces: Sequence[Sequence[int]]) -> list[int]:
+    """The tree's value pieces (slot lists) as one list."""
+    return list(chain.from_iterable(pieces))
 
 
 class KVCacheManager:
@@ -45,7 +43,7 @@ class KVCacheManager:
         self.req_to_token = req_to_token
         self.enable_prefix_cache = enable_prefix_cache
         # Table writes of this step, applied together by `sync_table` before the forward.
-        self._table_writes: list[tuple[int, int, torch.Tensor]] = []
+        self._table_writes: list[tuple[int, int, list[int]]] = []
         # Admission-time counters (the tree's own also count internal re-matches).
         self.queried_tokens = 0
         self.hit_tokens = 0
@@ -75,11 +73,11 @@ class KVCacheManager:
             m = self.tree.match_prefix(fill[: req.match_limit], namespace=req.namespace)
             self.tree.lock(m.node)
             req.last_node = m.node
-            req.slots = _cat(m.values)
+            req.slots = _flatten(m.values)
             req.cache_len = req.kv_len = m.length
             self._table_writes.append((row, 0, req.slots))
         else:
-            req.slots = torch.empty(0, dtype=torch.int64)
+            req.slots = []
             req.cache_len = req.kv_len = 0
         if not req.admitted_once:
             req.admitted_once = True
@@ -94,10 +92,10 @@ class KVCacheManager:
             raise RuntimeError(f"undo_admit after {req} computed tokens")
         self._unlock(req)
         self._drop_row(req)
-        req.slots = torch.empty(0, dtype=torch.int64)
+        req.slots = []
         req.kv_len = req.cache_len = 0
 
-    def alloc(self, n: int) -> torch.Tensor | None:
+    def alloc(self, n: int) -> list[int] | None:
         """Take n free slots, evicting unlocked tree leaves if needed; None if impossible."""
         short = n - self.allocator.num_free
         if short > 0:
@@ -107,12 +105,12 @@ class KVCacheManager:
     def _evict(self, n: int) -> None:
         evicted = self.tree.evict(n)
         if evicted.values:
-            self.allocator.free(_cat(evicted.values))
+            self.allocator.free(_flatten(evicted.values))
 
-    def extend(self, req: Req, slots: torch.Tensor) -> None:
+    def extend(self, req: Req, slots: list[int]) -> None:
         """The request's next tokens will be written to `slots` (private until committed)."""
         self._table_writes.append((req.row, len(req.slots), slots))
-        req.slots = torch.cat([req.slots, slots])
+        req.slots.extend(slots)
 
     def commit(self, req: Req) -> None:
         """Insert the request's computed tokens into the tree and move its lock there."""
@@ -121,7 +119,7 @@ class KVCacheManager:
         self._unlock(req)
         if m.length > req.cache_len:
             self._table_writes.append((req.row, req.cache_len, canonical[req.cache_len :]))
-        req.slots = torch.cat([canonical, req.slots[m.length :]])
+        req.slots = canonical + req.slots[m.length :]
         req.cache_len = m.length
         req.last_node = m.node
 
@@ -136,7 +134,7 @@ class KVCacheManager:
         m, _ = self._insert(req)
         self._unlock(req)
         self.allocator.free(req.slots[m.length :])
-        req.slots = torch.empty(0, dtype=torch.int64)
+        req.slots = []
         req.kv_len = req.cache_len = 0
         self._drop_row(req)
         if not self.enable_prefix_cache:
@@ -156,13 +154,11 @@ class KVCacheManager:
         key = req.fill_ids[:n]
         self.tree.insert(key, req.slots[:n], namespace=req.namespace)
         m = self.tree.match_prefix(key, namespace=req.namespace)
-        canonical = _cat(m.values)
+        canonical = _flatten(m.values)
         start = max(req.cache_len, req.borrowed_len)
         if m.length > start:
-            mine = req.slots[start : m.length]
-            dup = mine[mine != canonical[start:]]
-            if dup.numel():
-                self.allocator.free(dup)
+            dup = [a for a, b in zip(req.slots[start : m.length], canonical[start:]) if a != b]
+            self.allocator.free(dup)
         req.borrowed_len = 0
         return m, canonical
 
@@ -197,7 +193,7 @@ class KVCacheManager:
             return False
         dropped = self.tree.reset()
         if dropped.values:
-            self.allocator.free(_cat(dropped.values))
+            self.allocator.free(_flatten(dropped.values))
         return True
 
     def private_tokens(self, reqs: Iterable[Req]) -> int:
@@ -213,9 +209,9 @@ class KVCacheManager:
             raise RuntimeError(
                 f"slot leak: free {free} + tree {tree} + private {private} != capacity {self.capacity}"
             )
-        owned = [torch.as_tensor(self.allocator._free, dtype=torch.int64)]
-        owned += [r.slots[r.cache_len :] for r in holders]
-        flat = torch.cat(owned) if owned else torch.empty(0, dtype=torch.int64)
-        if flat.numel() != torch.unique(flat).numel():
+        owned = list(self.allocator._free)
+        for r in holders:
+            owned += r.slots[r.cache_len :]
+        if len(owned) != len(set(owned)):
             raise RuntimeError("a slot is owned twice (free list / private tails overlap)")
         self.tree.check()

@@ -90,7 +90,7 @@ class Req:
 
         # KV state (see the module docstring).
         self.row: int | None = None
-        self.slots = torch.empty(0, dtype=torch.int64)
+        self.slots: list[int] = []  # slot of each computed (or this step's) token
         self.kv_len = 0
         self.cache_len = 0
         self.last_node: Any = None

@@ -32,6 +32,18 @@ class StepUpdate(NamedTuple):
     finished: bool
 
 
+_ORDER_POSITIONS = (0, 32, 128, 512, 2048, 8192, 32768)
+
+
+def _prefix_order(req: Req) -> tuple[int, ...]:
+    """Sort key putting requests that share a prefix's KV slots (cached, or borrowed from a
+    same-batch donor) side by side, longer shared prefixes closer: the slots at a few
+    positions, compared in order. Their attention then reads the shared K/V from L2. The
+    sort is stable, so admission order holds within a group."""
+    slots = req.slots
+    return tuple(slots[p] for p in _ORDER_POSITIONS if p < len(slots))
+
+
 class SchedulerConfig(NamedTuple):
     max_running_requests: int
     max_prefill_tokens: int
@@ -40,6 +52,7 @@ class SchedulerConfig(NamedTuple):
     lpm_aging_tokens_per_step: int = 16
     fold_mode: str = "off"
     fold_threshold: float = 0.95
+    batch_order: str = "prefix"  # or "arrival" (see EngineConfig.batch_order)
     # SGLang's new-token ratio: the share of a running request's remaining
     # max_tokens reserved when admitting others. It decays while memory holds
     # and jumps back after a retraction.
@@ -61,6 +74,7 @@ class Scheduler:
         self.folded_tokens = 0
         self.planned_tokens = 0  # tokens of prefill chunks and decodes, before folding
         self._updates: list[StepUpdate] = []  # produced outside process() (aborts)
+        self._reorder = False  # running changed in a way that may break batch_order
 
     # -- queue management ------------------------------------------------------------
 
@@ -88,6 +102,10 @@ class Scheduler:
         self.step_count += 1
         self._reap_aborted()
         self._make_room_for_running()
+        if self._reorder and self.config.batch_order == "prefix":
+            # Only admissions and commits change the order (removing keeps a list sorted).
+            self.running.sort(key=_prefix_order)
+            self._reorder = False
         plan: list[tuple[Req, int]] = []
         budget = self.config.max_prefill_tokens
         room = self.cache.available()
@@ -162,6 +180,7 @@ class Scheduler:
             self.waiting.remove(req)
             req.status = ReqStatus.RUNNING
             self.running.append(req)
+            self._reorder = True
         if self.running and not admitted:
             self.new_token_ratio = max(
                 cfg.new_token_ratio_min, self.new_token_ratio - cfg.new_token_ratio_decay
@@ -212,6 +231,7 @@ class Scheduler:
         self._collect_prefill_results(batch, out, finishing, updates)
         for req in to_commit:  # requests ending now too: their release must not free a borrower's slots
             self.cache.commit(req)
+            self._reorder = True
         for req, reason in finishing:
             self._finish(req, reason)
         return updates
@@ -224,6 +244,8 @@ class Scheduler:
         top_ids = sampled.top_ids.tolist() if sampled.top_ids is not None else None
         top_lps = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None
         updates = []
+        # No room for a further token's K/V: in the context, or in the whole pool.
+        fill_limit = min(self.config.max_context, self.cache.capacity)
         for i, req in enumerate(batch.sample_reqs):
             tok = token_ids[i]
             req.append_output(tok)
@@ -238,7 +260,7 @@ class Scheduler:
             stopped_by_string = False
             if req.detokenizer is not None:
                 text, stopped_by_string = req.detokenizer.append([tok])
-            reason = self._finish_reason(req, tok, stopped_by_string)
+            reason = self._finish_reason(req, tok, stopped_by_string, fill_limit)
             if reason is not None:
                 if req.detokenizer is not None and not stopped_by_string:
                     text += req.detokenizer.flush().delta_text
@@ -265,7 +287,7 @@ class Scheduler:
                 finishing.append((req, "stop"))
                 updates.append(StepUpdate(req, [], [], "", True))
 
-    def _finish_reason(self, req: Req, tok: int, stopped_by_string: bool) -> str | None:
+    def _finish_reason(self, req: Req, tok: int, stopped_by_string: bool, fill_limit: int) -> str | None:
         p = req.params
         if tok in p.stop_token_ids:
             req.stop_reason = tok
@@ -275,10 +297,7 @@ class Scheduler:
         if stopped_by_string:
             req.stop_reason = req.detokenizer.matched_stop
             return "stop"
-        if len(req.output_ids) >= p.max_tokens:
-            return "length"
-        # No room for the next token's K/V: in the context, or in the whole pool.
-        if req.fill_len >= min(self.config.max_context, self.cache.capacity):
+        if len(req.output_ids) >= p.max_tokens or len(req.fill_ids) >= fill_limit:
             return "length"
         return None
 
