@@ -100,15 +100,18 @@ def warm_up(engine: Engine, seqs: list[Seq]) -> None:
 
 
 def run_ours(ckpt: Path, seqs: list[Seq], hf_subset: list[Seq], args: argparse.Namespace) -> dict[str, Any]:
-    engine = Engine(str(ckpt), **engine_kwargs(args))
+    with Timer() as start:  # weights, KV pool, kernel compilation, CUDA-graph capture
+        engine = Engine(str(ckpt), **engine_kwargs(args))
+        warm_up(engine, seqs)
     try:
         core = engine.core
-        warm_up(engine, seqs)
         steps0 = core.stats()["steps"]
         seconds, out_tokens = generate(engine, seqs)
         steps = core.stats()["steps"] - steps0
         result: dict[str, Any] = {
             "backend": core.runner.backend.name,
+            "fused_kernels": core.runner.model.kernels.compiled,
+            "start_s": start.seconds,
             "cuda_graphs": engine.core.runner.graphs is not None,
             "kv_capacity_tokens": core.kv_capacity,
             "time_s": seconds,
@@ -144,8 +147,10 @@ def _categorize(kernel: str) -> str:
         return "gemm"
     if "memcpy" in k or "memset" in k:
         return "memcpy/memset"
+    if k.startswith("triton_"):  # Inductor's names: triton_per_fused_..., triton_poi_fused_...
+        return "fused (torch.compile)"
     if "triton" in k or "gumbel" in k or "argmax" in k or "sample" in k:
-        return "sampler (triton)"
+        return "sampler"
     if any(s in k for s in ("index", "gather", "scatter", "put_", "catarray", "cat_")):
         return "index/gather/cat"
     if "reduce" in k or "softmax" in k:
