@@ -66,3 +66,23 @@ def test_fused_kernels_option_is_checked(tiny_qwen3_path):
 
     with pytest.raises(ValueError, match="fused_kernels"):
         Engine(str(tiny_qwen3_path), device="cpu", fused_kernels="yes", show_progress=False)
+
+
+def test_many_model_shapes_share_the_compiled_kernels(fused):
+    """Engines of several shapes share the compiled functions, and each shape may add a
+    graph: on the H100, engines of a few test models in one process passed dynamo's default
+    of 8 graphs per function (a hard error with fullgraph). The limit is raised when the
+    kernels are made; every shape still matches eager."""
+    assert torch._dynamo.config.recompile_limit >= 64
+    g = torch.Generator().manual_seed(0)
+    for heads, kv_heads, dim in [(2, 1, 8), (4, 2, 8), (4, 1, 16), (8, 2, 16), (6, 3, 32), (8, 8, 32),
+                                 (4, 4, 64), (16, 8, 64), (8, 1, 128), (16, 2, 128)]:
+        for tokens in (1, 3):
+            qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=g)
+            q = qkv[:, : heads * dim].view(tokens, heads, dim)
+            k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(tokens, kv_heads, dim)
+            cache, positions = torch.randn(16, dim, generator=g), torch.randint(0, 16, (tokens,), generator=g)
+            w = torch.ones(dim)
+            for a, b in zip(fused.qk_norm_rope(q, k, w, w, 1e-6, cache, positions),
+                            EAGER.qk_norm_rope(q, k, w, w, 1e-6, cache, positions)):
+                torch.testing.assert_close(a, b)

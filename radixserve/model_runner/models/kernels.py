@@ -99,6 +99,12 @@ def compiled_kernels() -> Kernels:
     size). Compilation happens on first call, per device and dtype; the CUDA-graph runner
     warms every bucket up before capture, so nothing compiles inside a capture."""
 
+    # Each model shape (head layout, dtype, a batch of one) compiles its own graph of a
+    # function, and every engine of the process shares them: dynamo's default of 8 per
+    # function is too few for a process that serves or tests several models. Past the limit
+    # fullgraph=True makes it an error, never a silent fall back to eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
     def fuse(fn: Callable) -> Callable:
         return torch.compile(fn, dynamic=True, fullgraph=True)
 
