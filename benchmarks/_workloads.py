@@ -81,6 +81,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prefill-tokens", type=int, default=16384)
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly (default: the engine's, graphs where supported)")
+    p.add_argument("--no-overlap-schedule", action="store_true", help="process each step before the next (default: overlap on CUDA)")
     p.add_argument("--no-fused-kernels", action="store_true", help="eager norms/RoPE/SiLU (default: torch.compile on CUDA)")
     p.add_argument("--batch-order", default="prefix", choices=["prefix", "arrival"], help="see EngineConfig.batch_order")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
@@ -95,6 +96,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_tokens=args.kv_cache_tokens,
         cuda_graphs=False if args.no_cuda_graphs else None,
         fused_kernels=False if args.no_fused_kernels else None, batch_order=args.batch_order,
+        overlap_schedule=False if args.no_overlap_schedule else None,
     )
 
 

@@ -111,6 +111,7 @@ def run_ours(ckpt: Path, seqs: list[Seq], hf_subset: list[Seq], args: argparse.N
         result: dict[str, Any] = {
             "backend": core.runner.backend.name,
             "fused_kernels": core.runner.model.kernels.compiled,
+            "overlap_schedule": core.overlap,
             "start_s": start.seconds,
             "cuda_graphs": engine.core.runner.graphs is not None,
             "kv_capacity_tokens": core.kv_capacity,
@@ -199,7 +200,7 @@ def profile_decode(ckpt: Path, seqs: list[Seq], args: argparse.Namespace) -> dic
         setattr(obj, method, wrapped)
 
     for obj, method, label in [
-        (sched, "schedule", "schedule"), (runner, "forward", "forward"),
+        (sched, "schedule", "schedule"), (sched, "schedule_ahead", "schedule_ahead"), (runner, "forward", "forward"),
         (sched, "sampling_rows", "sampling_rows"), (runner, "sample", "sample"), (sched, "process", "process"),
     ]:
         instrument(obj, method, label)

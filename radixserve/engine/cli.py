@@ -19,6 +19,9 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-cache", action="store_true", help="disable the radix prefix cache")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly (default: CUDA graphs where supported)")
     p.add_argument(
+        "--no-overlap-schedule", action="store_true", help="process each step before building the next (default: overlap on CUDA)"
+    )
+    p.add_argument(
         "--no-fused-kernels", action="store_true", help="skip torch.compile of norms/RoPE/SiLU (default: fused on CUDA)"
     )
 
@@ -27,6 +30,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     kw = {"model": args.model, "device": args.device, "dtype": args.dtype, "enable_prefix_cache": not args.no_prefix_cache}
     if args.no_cuda_graphs:
         kw["cuda_graphs"] = False
+    if args.no_overlap_schedule:
+        kw["overlap_schedule"] = False
     if args.no_fused_kernels:
         kw["fused_kernels"] = False
     for name in ("kv_cache_tokens", "max_running_requests", "attention_backend"):

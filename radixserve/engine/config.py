@@ -45,6 +45,9 @@ class EngineConfig:
     # Replay captured CUDA graphs for decode steps (batch-size buckets up to max_running_requests):
     # needs device cuda, the fa4 backend and a bf16/fp16 dense model; capture costs seconds at start.
     cuda_graphs: bool | None = None  # decode under CUDA graphs; None: wherever supported (fa4, bf16/fp16, dense)
+    # Build the next decode step while the GPU runs this one (runs of plain decode steps
+    # only; a request ending on a stop token decodes once more, discarded). None: on for CUDA.
+    overlap_schedule: bool | None = None
     # Fuse the position-wise math (norms, RoPE, SiLU) with torch.compile: compiles for
     # ~20-60 s at start; None: on for CUDA devices (where launches dominate small batches).
     fused_kernels: bool | None = None
@@ -64,6 +67,8 @@ class EngineConfig:
             _check_int(self, "max_context", 2)
         if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be None (auto), True or False, got {self.cuda_graphs!r}")
+        if self.overlap_schedule is not None and not isinstance(self.overlap_schedule, bool):
+            raise ValueError(f"overlap_schedule must be None (auto), True or False, got {self.overlap_schedule!r}")
         if self.fused_kernels is not None and not isinstance(self.fused_kernels, bool):
             raise ValueError(f"fused_kernels must be None (auto), True or False, got {self.fused_kernels!r}")
         if not isinstance(self.enable_prefix_cache, bool):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -17,9 +17,19 @@ from radixserve.model_runner.model_runner import DTYPES, ModelRunner
 from radixserve.radix_tree import RadixTree
 from radixserve.scheduler.kv_cache import KVCacheManager
 from radixserve.scheduler.request import Req
+from radixserve.model_runner.model_runner import ForwardOutput, HostSample
+from radixserve.scheduler.batch_builder import ScheduledBatch
 from radixserve.scheduler.scheduler import Scheduler, SchedulerConfig, StepUpdate
 
 logger = logging.getLogger(__name__)
+
+
+class _Launched(NamedTuple):
+    """A step queued on the device, not yet processed on the host."""
+
+    batch: ScheduledBatch
+    out: ForwardOutput
+    sampled: HostSample | None
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -77,6 +87,9 @@ class EngineCore:
             self.cache,
             eos_ids=frozenset(self.runner.model_config.eos_token_ids),
         )
+        # Overlapped scheduling (see step): None means on for CUDA devices.
+        self.overlap = config.overlap_schedule if config.overlap_schedule is not None else self.device.type == "cuda"
+        self._inflight: _Launched | None = None
         self.prompt_tokens = 0
         self.generated_tokens = 0
         self.computed_tokens = 0
@@ -98,25 +111,69 @@ class EngineCore:
         self.scheduler.abort(rid)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     def step(self) -> list[StepUpdate]:
-        """Run one batch; return what each request gained."""
-        batch = self.scheduler.schedule()
-        if batch is None:
-            updates = self.scheduler.take_updates()
+        """Run one batch; return what each request gained.
+
+        With `overlap_schedule`, a plain decode step stays in flight: the next call
+        builds and launches the following decode step first (its input tokens are read
+        on the device), then processes this one, so the host's scheduling work runs
+        while the GPU computes. Anything else is scheduled, run and processed in order.
+        """
+        updates: list[StepUpdate] = []
+        prev = self._inflight
+        if prev is not None and not self.scheduler.can_schedule_ahead(prev.batch):
+            updates += self._complete(prev)
+            prev = self._inflight = None
+        if prev is not None:
+            batch = self.scheduler.schedule_ahead(prev.batch)
         else:
-            out = self.runner.forward(batch.forward)
-            sampled = None
-            if batch.sample_reqs:
-                sampled = self.runner.sample(out.logits, self.scheduler.sampling_rows(batch))
-            updates = self.scheduler.process(batch, out, sampled)
-            self.steps += 1
-            self.computed_tokens += batch.forward.num_tokens
-            self.generated_tokens += len(batch.sample_reqs)
+            batch = self.scheduler.schedule()
+        launched = None if batch is None else self._launch(batch, prev)
+        if prev is not None:
+            self._inflight = None
+            updates += self._complete(prev)
+        if launched is not None:
+            if self.overlap and self._can_stay_in_flight(launched.batch):
+                self._inflight = launched
+            else:
+                updates += self._complete(launched)
+        elif prev is None:
+            updates += self.scheduler.take_updates()
         if self.config.check_invariants:
             self.scheduler.check_invariants()
         return updates
+
+    def _launch(self, batch: ScheduledBatch, prev: "_Launched | None") -> "_Launched":
+        """Queue the batch's forward and sampling; start copying the tokens to the host."""
+        if prev is not None:
+            batch.forward.input_source = prev.sampled.device.token_ids
+        out = self.runner.forward(batch.forward)
+        sampled = None
+        if batch.sample_reqs:
+            rows = self.scheduler.sampling_rows(batch, ahead=prev is not None)
+            sampled = self.runner.to_host(self.runner.sample(out.logits, rows))
+        self.steps += 1
+        self.computed_tokens += batch.forward.num_tokens
+        return _Launched(batch, out, sampled)
+
+    def _complete(self, launched: "_Launched") -> list[StepUpdate]:
+        sampled = None if launched.sampled is None else launched.sampled.wait()
+        updates = self.scheduler.process(launched.batch, launched.out, sampled)
+        self.generated_tokens += sum(len(u.token_ids) for u in updates)
+        return updates
+
+    @staticmethod
+    def _can_stay_in_flight(batch: ScheduledBatch) -> bool:
+        """A plain decode step: its results only append tokens (no commit, no pooling)."""
+        return (
+            bool(batch.sample_reqs)
+            and len(batch.sample_reqs) == len(batch.reqs)
+            and not batch.commits
+            and not any(batch.folded)
+            and all(n == 1 for n in batch.extend_lens)
+        )
 
     def flush_cache(self) -> bool:
         return self.cache.flush()

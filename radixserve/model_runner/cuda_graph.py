@@ -149,6 +149,9 @@ class DecodeGraphRunner:
         host[:, n:] = torch.tensor(_PADDING, dtype=torch.int64)[:, None]
         self._inputs[: 5 * bs].copy_(self._host[: 5 * bs], non_blocking=True)
         self._host_free.record()
+        if batch.input_source is not None:  # ids are rows of the previous step's tokens
+            ids = self._inputs[:n]
+            ids.copy_(batch.input_source.index_select(0, ids))
         graph, logits = self._graphs[bs]
         graph.replay()
         rows = batch.logits_rows.cpu()

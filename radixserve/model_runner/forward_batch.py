@@ -27,6 +27,9 @@ class ForwardBatch:
     hidden_rows: torch.Tensor | None = None  # rows whose final hidden state is returned (pooling)
     score_rows: torch.Tensor | None = None  # rows whose logprob of score_targets is returned
     score_targets: torch.Tensor | None = None
+    # Overlapped decode: the new tokens are still on the device, sampled by the previous
+    # step; input_ids then holds each sequence's row in this tensor, not a token id.
+    input_source: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -62,4 +65,5 @@ class ForwardBatch:
             hidden_rows=move(self.hidden_rows),
             score_rows=move(self.score_rows),
             score_targets=move(self.score_targets),
+            input_source=self.input_source,
         )

@@ -126,6 +126,8 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_run(batch):
             return ForwardOutput(self.graphs.run(batch), None, None)
         batch = batch.to(self.device)
+        if batch.input_source is not None:
+            batch.input_ids = batch.input_source.index_select(0, batch.input_ids)
         self.backend.prepare(batch, self.req_to_token.table)
         hidden = self.model(batch.input_ids, batch.positions, self._attention(batch.out_slots, batch.unfold, batch.fold))
         logits = self._logits(hidden, batch.logits_rows)
@@ -161,3 +163,33 @@ class ModelRunner:
     def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleOutput:
         batch = SamplingBatch.build(rows, self.vocab_size, logits.device)
         return sample(logits, batch)
+
+    def to_host(self, out: SampleOutput) -> "HostSample":
+        """Start copying a sample to the host without waiting for it (pinned memory, an
+        event): the host can schedule the next step while the GPU finishes this one."""
+        if self.device.type != "cuda":
+            return HostSample(out, out, None)
+        host = []
+        for t in out:
+            if t is None:
+                host.append(None)
+                continue
+            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            buf.copy_(t, non_blocking=True)
+            host.append(buf)
+        done = torch.cuda.Event()
+        done.record()
+        return HostSample(out, SampleOutput(*host), done)
+
+
+class HostSample(NamedTuple):
+    """A sample on the device and its copy on the host, valid once `wait()` returns."""
+
+    device: SampleOutput
+    host: SampleOutput
+    done: torch.cuda.Event | None
+
+    def wait(self) -> SampleOutput:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host

@@ -43,6 +43,7 @@ class ScheduledBatch(NamedTuple):
     score_spans: dict[int, tuple[int, int]]  # id(req) -> span of forward.score_rows
     folded: list[int]  # per request: tokens served by another sequence's rows this step
     fold_ratio: float  # computed rows / planned tokens
+    commits: list[Req]  # prefill chunks to insert into the tree once computed
 
 
 def fold_key(req: Req, n: int) -> object:
@@ -76,9 +77,34 @@ def build_batch(
     extend_lens = [n for _, n in plan]
     folded = fold.folded_tokens.tolist() if fold is not None else [0] * len(plan)
     ratio = fold.fold_ratio if fold is not None else 1.0
-    batch = ScheduledBatch(forward, reqs, extend_lens, [], {}, {}, folded, ratio)
+    commits = [req for req, n in plan if n > 1 or req.kv_len < len(req.prompt_ids)]
+    batch = ScheduledBatch(forward, reqs, extend_lens, [], {}, {}, folded, ratio, commits)
     _output_rows(batch, row_of)
+    for req, n in plan:  # the batch's K/V is written before any later step reads it
+        req.kv_len += n
     return batch
+
+
+def build_decode_ahead(reqs: list[Req], rows: list[int], cache: KVCacheManager) -> ScheduledBatch:
+    """One more token for each of `reqs` whose input token is still on the device: row
+    `rows[i]` of the previous step's sampled tokens (an overlapped decode step)."""
+    slots = _alloc(cache, len(reqs))
+    positions = []
+    for req, slot in zip(reqs, slots):
+        cache.extend(req, [slot])
+        positions.append(req.kv_len)
+        req.kv_len += 1
+    n = len(reqs)
+    forward = ForwardBatch(
+        input_ids=torch.tensor(rows, dtype=torch.int64),
+        positions=torch.tensor(positions, dtype=torch.int64),
+        out_slots=torch.tensor(slots, dtype=torch.int64),
+        req_rows=[r.row for r in reqs],
+        prefix_lens=positions,
+        extend_lens=[1] * n,
+        logits_rows=torch.arange(n, dtype=torch.int64),
+    )
+    return ScheduledBatch(forward, list(reqs), [1] * n, list(reqs), {}, {}, [0] * n, 1.0, [])
 
 
 def _seq_offsets(plan: list[tuple[Req, int]]) -> np.ndarray:

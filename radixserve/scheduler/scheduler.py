@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 from radixserve.model_runner.model_runner import ForwardOutput
 from radixserve.model_runner.sampler import SampleOutput, SamplingRow
-from radixserve.scheduler.batch_builder import ScheduledBatch, build_batch
+from radixserve.scheduler.batch_builder import ScheduledBatch, build_batch, build_decode_ahead
 from radixserve.scheduler.kv_cache import KVCacheManager
 from radixserve.scheduler.policy import order_waiting
 from radixserve.scheduler.request import Req, ReqStatus
@@ -130,6 +130,58 @@ class Scheduler:
             req.folded_tokens += k
         return batch
 
+    # -- overlapped decode steps -----------------------------------------------------
+
+    def can_schedule_ahead(self, prev: ScheduledBatch) -> bool:
+        """Whether the next step may be built before `prev`'s results are processed.
+
+        Only a run of plain decode steps overlaps: `prev` decoded every running request
+        and nothing else, nothing waits or was aborted, no retraction is needed, and no
+        request's sampling depends on its latest token (penalties, min_tokens). Anything
+        else waits for `prev` (the caller processes it first)."""
+        if self.waiting or self._updates or not prev.sample_reqs:
+            return False
+        if len(prev.sample_reqs) != len(prev.reqs) or prev.commits or any(prev.folded):
+            return False
+        if any(n != 1 for n in prev.extend_lens):
+            return False
+        members = {id(r) for r in prev.reqs}
+        for req in self.running:
+            p = req.params
+            if id(req) not in members or req.aborted or req.task != "generate":
+                return False
+            if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
+                return False
+            if len(req.output_ids) + 1 < p.min_tokens:
+                return False
+        return self.cache.available() >= len(self.running)
+
+    def schedule_ahead(self, prev: ScheduledBatch) -> ScheduledBatch | None:
+        """The decode step after `prev`, built before `prev`'s tokens reach the host.
+
+        Each request's input is its row of `prev`'s sampled tokens. A request that
+        `prev`'s token ends by length is left out; one it ends by a stop token or string
+        is not known yet: it decodes once more and `process` drops that token."""
+        self.step_count += 1
+        fill_limit = min(self.config.max_context, self.cache.capacity)
+        reqs, rows = [], []
+        for i, req in enumerate(prev.sample_reqs):
+            if req.finished:
+                continue
+            if len(req.output_ids) + 1 >= req.params.max_tokens or len(req.fill_ids) + 1 >= fill_limit:
+                continue  # prev's token is its last
+            reqs.append(req)
+            rows.append(i)
+        if self.running:  # as _admit does when nothing waits
+            cfg = self.config
+            self.new_token_ratio = max(cfg.new_token_ratio_min, self.new_token_ratio - cfg.new_token_ratio_decay)
+        if not reqs:
+            return None
+        batch = build_decode_ahead(reqs, rows, self.cache)
+        self.cache.sync_table()
+        self.planned_tokens += len(reqs)
+        return batch
+
     def _make_room_for_running(self) -> None:
         """Retract running requests until each can compute at least one token this step."""
         while self.running and len(self.running) > self.cache.available():
@@ -186,12 +238,14 @@ class Scheduler:
                 cfg.new_token_ratio_min, self.new_token_ratio - cfg.new_token_ratio_decay
             )
 
-    def sampling_rows(self, batch: ScheduledBatch) -> list[SamplingRow]:
+    def sampling_rows(self, batch: ScheduledBatch, ahead: bool = False) -> list[SamplingRow]:
+        """ahead: an overlapped decode step, whose requests each have one sampled token
+        not yet appended (the seed's step counts it)."""
         rows = []
         for req in batch.sample_reqs:
             p = req.params
             suppress: tuple[int, ...] = ()
-            if len(req.output_ids) < p.min_tokens:
+            if len(req.output_ids) + ahead < p.min_tokens:
                 stops = set(p.stop_token_ids)
                 if not p.ignore_eos:
                     stops |= self.eos_ids
@@ -202,7 +256,7 @@ class Scheduler:
                     token_history=req.fill_ids,
                     output_ids=req.output_ids,
                     seed=req.seed,
-                    step=len(req.output_ids),
+                    step=len(req.output_ids) + ahead,
                     suppress_ids=suppress,
                 )
             )
@@ -219,17 +273,12 @@ class Scheduler:
         come before any release: a request ending now must not take slots to
         the free list that a borrower still points at.
         """
-        to_commit = []
-        for req, n in zip(batch.reqs, batch.extend_lens):
-            if n > 1 or req.kv_len < len(req.prompt_ids):
-                to_commit.append(req)
-            req.kv_len += n
         updates: list[StepUpdate] = self.take_updates()
         finishing: list[tuple[Req, str]] = []
         if sampled is not None and batch.sample_reqs:
             updates += self._append_tokens(batch, sampled, finishing)
         self._collect_prefill_results(batch, out, finishing, updates)
-        for req in to_commit:  # requests ending now too: their release must not free a borrower's slots
+        for req in batch.commits:  # requests ending now too: their release must not free a borrower's slots
             self.cache.commit(req)
             self._reorder = True
         for req, reason in finishing:
@@ -247,6 +296,8 @@ class Scheduler:
         # No room for a further token's K/V: in the context, or in the whole pool.
         fill_limit = min(self.config.max_context, self.cache.capacity)
         for i, req in enumerate(batch.sample_reqs):
+            if req.finished:  # stopped a step earlier, after this overlapped step was launched
+                continue
             tok = token_ids[i]
             req.append_output(tok)
             lp: list = []

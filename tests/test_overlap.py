@@ -1,0 +1,113 @@
+"""Overlapped scheduling (EngineCore.step with overlap_schedule): the next decode step is
+built and launched before the previous one is processed. Tokens, logprobs and finish
+reasons must equal the sequential engine's in every case; the slot invariants are checked
+after every step (run_core) and every engine is leak-checked."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from radixserve import SamplingParams
+from test_engine_cache import run_core, shared_prefix_prompts
+
+
+
+def _run(path, prompts, params, **options):
+    """run_core, counting the steps that were scheduled ahead."""
+    from radixserve.scheduler.scheduler import Scheduler
+
+    calls = {"ahead": 0}
+    original = Scheduler.schedule_ahead
+
+    def counted(self, prev):
+        calls["ahead"] += 1
+        return original(self, prev)
+
+    Scheduler.schedule_ahead = counted
+    try:
+        outputs, core, reqs = run_core(path, prompts, params, **options)
+    finally:
+        Scheduler.schedule_ahead = original
+    return outputs, reqs, calls["ahead"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_overlap_matches_sequential_with_arrivals_and_sampling(tiny_qwen3_path, seed):
+    rng = random.Random(seed)
+    prompts = shared_prefix_prompts(rng, 14)
+    params = [
+        SamplingParams(max_tokens=rng.randrange(1, 14), temperature=rng.choice([0.0, 0.9]), top_k=rng.choice([0, 20]),
+                       ignore_eos=True, logprobs=2)
+        for _ in prompts
+    ]
+    arrivals = [rng.randrange(0, 25) for _ in prompts]
+    want, want_reqs, _ = _run(tiny_qwen3_path, prompts, params, arrivals=arrivals, overlap_schedule=False)
+    got, got_reqs, ahead = _run(tiny_qwen3_path, prompts, params, arrivals=arrivals, overlap_schedule=True)
+    assert ahead > 5, "no step was scheduled ahead"
+    assert got == want
+    for a, b in zip(got_reqs, want_reqs):
+        assert a.finish_reason == b.finish_reason
+        assert [(t, round(lp, 5)) for t, lp, _ in a.output_logprobs] == [(t, round(lp, 5)) for t, lp, _ in b.output_logprobs]
+
+
+def test_overlap_with_stop_tokens_wastes_one_step_and_changes_nothing(tiny_qwen3_path):
+    """A stop token is seen one step late: the request decodes once more, that token is
+    dropped, and its slot goes back with the rest."""
+    rng = random.Random(3)
+    prompts = shared_prefix_prompts(rng, 10)
+    greedy = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    plain, _, _ = _run(tiny_qwen3_path, prompts, greedy, overlap_schedule=False)
+    # Stop on tokens the greedy runs produce mid-way, so requests end at different steps.
+    stops = sorted({out[len(out) // 2] for out in plain if len(out) > 2})[:4]
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, stop_token_ids=stops)
+    want, want_reqs, _ = _run(tiny_qwen3_path, prompts, params, overlap_schedule=False)
+    got, got_reqs, ahead = _run(tiny_qwen3_path, prompts, params, overlap_schedule=True)
+    assert ahead > 5
+    assert got == want
+    assert any(r.finish_reason == "stop" for r in got_reqs)
+    assert [(r.finish_reason, r.stop_reason) for r in got_reqs] == [(r.finish_reason, r.stop_reason) for r in want_reqs]
+
+
+def test_overlap_falls_back_for_penalties_min_tokens_and_retraction(tiny_qwen3_path):
+    """Requests whose sampling needs their latest token, and a pool small enough to
+    retract, run sequentially where needed and give the same tokens."""
+    rng = random.Random(5)
+    prompts = shared_prefix_prompts(rng, 12)
+    params = [
+        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True,
+                       repetition_penalty=1.3 if i % 3 == 0 else 1.0, min_tokens=8 if i % 3 == 1 else 0)
+        for i in range(len(prompts))
+    ]
+    small = dict(kv_cache_tokens=180, max_prefill_tokens=48)
+    want, _, _ = _run(tiny_qwen3_path, prompts, params, overlap_schedule=False, **small)
+    got, _, _ = _run(tiny_qwen3_path, prompts, params, overlap_schedule=True, **small)
+    assert got == want
+
+
+def test_engine_with_overlap_streams_aborts_and_matches(tiny_qwen3_path, make_engine):
+    prompts = [[5, 6, 7, 8, 9], [5, 6, 7, 1, 2, 3], [11, 12], [5, 6, 7, 8, 9, 10, 11]]
+    params = [SamplingParams(max_tokens=3 + 4 * i, temperature=0.7, seed=i, ignore_eos=True) for i in range(4)]
+    sequential = make_engine(tiny_qwen3_path, overlap_schedule=False)
+    overlapped = make_engine(tiny_qwen3_path, overlap_schedule=True)
+    assert overlapped.core.overlap and not sequential.core.overlap
+    want = [o.token_ids for o in sequential.generate(prompts, params, progress=False)]
+    got = [o.token_ids for o in overlapped.generate(prompts, params, progress=False)]
+    assert got == want
+    # A stream left early aborts its request mid-run; the engine keeps serving.
+    stream = overlapped.stream(prompts[0], SamplingParams(max_tokens=200, ignore_eos=True))
+    for i, _ in enumerate(stream):
+        if i == 5:
+            break
+    stream.close()
+    again = [o.token_ids for o in overlapped.generate(prompts, params, progress=False)]
+    assert again == want
+    assert overlapped.stats()["generated_tokens"] >= sum(len(t) for t in want) * 2
+
+
+def test_overlap_option_is_checked(tiny_qwen3_path):
+    from radixserve import Engine
+
+    with pytest.raises(ValueError, match="overlap_schedule"):
+        Engine(str(tiny_qwen3_path), device="cpu", overlap_schedule="on", show_progress=False)
