@@ -13,7 +13,6 @@ from radixserve import SamplingParams
 from test_engine_cache import run_core, shared_prefix_prompts
 
 
-
 def _run(path, prompts, params, **options):
     """run_core, counting the steps that were scheduled ahead."""
     from radixserve.scheduler.scheduler import Scheduler

@@ -13,12 +13,11 @@ from typing import Any, NamedTuple
 import torch
 
 from radixserve.engine.config import EngineConfig
-from radixserve.model_runner.model_runner import DTYPES, ModelRunner
+from radixserve.model_runner.model_runner import DTYPES, ForwardOutput, HostSample, ModelRunner
 from radixserve.radix_tree import RadixTree
+from radixserve.scheduler.batch_builder import ScheduledBatch
 from radixserve.scheduler.kv_cache import KVCacheManager
 from radixserve.scheduler.request import Req
-from radixserve.model_runner.model_runner import ForwardOutput, HostSample
-from radixserve.scheduler.batch_builder import ScheduledBatch
 from radixserve.scheduler.scheduler import Scheduler, SchedulerConfig, StepUpdate
 
 logger = logging.getLogger(__name__)
@@ -135,7 +134,7 @@ class EngineCore:
             self._inflight = None
             updates += self._complete(prev)
         if launched is not None:
-            if self.overlap and self._can_stay_in_flight(launched.batch):
+            if self.overlap and launched.batch.is_plain_decode:
                 self._inflight = launched
             else:
                 updates += self._complete(launched)
@@ -163,17 +162,6 @@ class EngineCore:
         updates = self.scheduler.process(launched.batch, launched.out, sampled)
         self.generated_tokens += sum(len(u.token_ids) for u in updates)
         return updates
-
-    @staticmethod
-    def _can_stay_in_flight(batch: ScheduledBatch) -> bool:
-        """A plain decode step: its results only append tokens (no commit, no pooling)."""
-        return (
-            bool(batch.sample_reqs)
-            and len(batch.sample_reqs) == len(batch.reqs)
-            and not batch.commits
-            and not any(batch.folded)
-            and all(n == 1 for n in batch.extend_lens)
-        )
 
     def flush_cache(self) -> bool:
         return self.cache.flush()

@@ -81,11 +81,14 @@ class ModelRunner:
         self.graphs = DecodeGraphRunner(self, max_running_requests) if use_graphs else None
 
     def _set_kernels(self, fused: bool | None) -> None:
-        """Fused (torch.compile) position-wise kernels: None means on wherever they are supported."""
+        """Fused (torch.compile) position-wise kernels. None: on for CUDA devices where they
+        can run (on the CPU compiling costs more than it saves); True: required."""
         reason = compile_unsupported_reason(self.device)
-        if fused and reason is not None and self.device.type == "cuda":
+        if fused and reason is not None:
             raise ValueError(f"fused_kernels=True: {reason}")
-        if fused or (fused is None and reason is None):
+        if fused is None:
+            fused = self.device.type == "cuda" and reason is None
+        if fused:
             self.model.use_kernels(compiled_kernels())
         logger.info("position-wise kernels: %s", "fused (torch.compile)" if self.model.kernels.compiled else "eager")
 

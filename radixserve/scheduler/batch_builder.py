@@ -45,6 +45,18 @@ class ScheduledBatch(NamedTuple):
     fold_ratio: float  # computed rows / planned tokens
     commits: list[Req]  # prefill chunks to insert into the tree once computed
 
+    @property
+    def is_plain_decode(self) -> bool:
+        """Every request decodes one token and only samples it: no prefill chunk to commit,
+        nothing folded, pooled or scored (what overlapped scheduling can run ahead of)."""
+        return (
+            bool(self.sample_reqs)
+            and len(self.sample_reqs) == len(self.reqs)
+            and not self.commits
+            and not any(self.folded)
+            and all(n == 1 for n in self.extend_lens)
+        )
+
 
 def fold_key(req: Req, n: int) -> object:
     """Sequences with equal keys may fold: same radix node, nothing private after it."""

@@ -44,6 +44,12 @@ def _prefix_order(req: Req) -> tuple[int, ...]:
     return tuple(slots[p] for p in _ORDER_POSITIONS if p < len(slots))
 
 
+def _ends_by_length(req: Req, fill_limit: int, pending: int = 0) -> bool:
+    """Whether the request is done by length once `pending` more sampled tokens are
+    appended (max_tokens reached, or no room for another token)."""
+    return len(req.output_ids) + pending >= req.params.max_tokens or len(req.fill_ids) + pending >= fill_limit
+
+
 class SchedulerConfig(NamedTuple):
     max_running_requests: int
     max_prefill_tokens: int
@@ -139,11 +145,7 @@ class Scheduler:
         and nothing else, nothing waits or was aborted, no retraction is needed, and no
         request's sampling depends on its latest token (penalties, min_tokens). Anything
         else waits for `prev` (the caller processes it first)."""
-        if self.waiting or self._updates or not prev.sample_reqs:
-            return False
-        if len(prev.sample_reqs) != len(prev.reqs) or prev.commits or any(prev.folded):
-            return False
-        if any(n != 1 for n in prev.extend_lens):
+        if self.waiting or self._updates or not prev.is_plain_decode:
             return False
         members = {id(r) for r in prev.reqs}
         for req in self.running:
@@ -163,18 +165,15 @@ class Scheduler:
         `prev`'s token ends by length is left out; one it ends by a stop token or string
         is not known yet: it decodes once more and `process` drops that token."""
         self.step_count += 1
-        fill_limit = min(self.config.max_context, self.cache.capacity)
+        fill_limit = self._fill_limit()
         reqs, rows = [], []
         for i, req in enumerate(prev.sample_reqs):
-            if req.finished:
-                continue
-            if len(req.output_ids) + 1 >= req.params.max_tokens or len(req.fill_ids) + 1 >= fill_limit:
+            if req.finished or _ends_by_length(req, fill_limit, pending=1):
                 continue  # prev's token is its last
             reqs.append(req)
             rows.append(i)
         if self.running:  # as _admit does when nothing waits
-            cfg = self.config
-            self.new_token_ratio = max(cfg.new_token_ratio_min, self.new_token_ratio - cfg.new_token_ratio_decay)
+            self._decay_new_token_ratio()
         if not reqs:
             return None
         batch = build_decode_ahead(reqs, rows, self.cache)
@@ -234,9 +233,12 @@ class Scheduler:
             self.running.append(req)
             self._reorder = True
         if self.running and not admitted:
-            self.new_token_ratio = max(
-                cfg.new_token_ratio_min, self.new_token_ratio - cfg.new_token_ratio_decay
-            )
+            self._decay_new_token_ratio()
+
+    def _decay_new_token_ratio(self) -> None:
+        """A step that admitted nothing while requests run: reserve a little less for them."""
+        cfg = self.config
+        self.new_token_ratio = max(cfg.new_token_ratio_min, self.new_token_ratio - cfg.new_token_ratio_decay)
 
     def sampling_rows(self, batch: ScheduledBatch, ahead: bool = False) -> list[SamplingRow]:
         """ahead: an overlapped decode step, whose requests each have one sampled token
@@ -293,8 +295,7 @@ class Scheduler:
         top_ids = sampled.top_ids.tolist() if sampled.top_ids is not None else None
         top_lps = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None
         updates = []
-        # No room for a further token's K/V: in the context, or in the whole pool.
-        fill_limit = min(self.config.max_context, self.cache.capacity)
+        fill_limit = self._fill_limit()
         for i, req in enumerate(batch.sample_reqs):
             if req.finished:  # stopped a step earlier, after this overlapped step was launched
                 continue
@@ -348,9 +349,14 @@ class Scheduler:
         if stopped_by_string:
             req.stop_reason = req.detokenizer.matched_stop
             return "stop"
-        if len(req.output_ids) >= p.max_tokens or len(req.fill_ids) >= fill_limit:
+        if _ends_by_length(req, fill_limit):
             return "length"
         return None
+
+    def _fill_limit(self) -> int:
+        """Tokens a request may hold: past it there is no room for the next token's K/V,
+        in the context or in the whole pool."""
+        return min(self.config.max_context, self.cache.capacity)
 
     def _finish(self, req: Req, reason: str) -> None:
         req.finish_reason = reason

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from radixserve.model_runner.models.kernels import EAGER, Kernels, rms_norm, rope
+from radixserve.model_runner.models.kernels import EAGER, Kernels, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -25,7 +25,7 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotates q and k by per-token positions, from a cos/sin cache indexed by position.
+    """Holds the cos/sin cache that kernels.rope rotates q and k by, indexed by position.
 
     `cos_sin_cache[p] = [cos(p * inv_freq) | sin(p * inv_freq)] * attention_scaling`,
     shape [max_positions, head_dim], in the model dtype. Positions must lie in
@@ -49,10 +49,6 @@ class RotaryEmbedding(nn.Module):
         cos = freqs.cos() * attention_scaling
         sin = freqs.sin() * attention_scaling
         cache.copy_(torch.cat((cos, sin), dim=-1))
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, Hq, D], k [T, Hkv, D], positions [T] -> rotated (q, k), new tensors."""
-        return rope(q, k, self.cos_sin_cache, positions)
 
 
 class SwiGLUMLP(nn.Module):
