@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import argparse
 import gc
+import gzip
 import json
 import random
+import shutil
 import subprocess
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+
+from radixserve import SamplingParams
 
 # transformers Qwen3Config (Qwen3MoeConfig with num_experts) arguments. Random weights: speed depends on shapes only.
 SHAPES: dict[str, dict[str, Any]] = {
@@ -83,9 +88,18 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly (default: the engine's, graphs where supported)")
     p.add_argument("--no-overlap-schedule", action="store_true", help="process each step before the next (default: overlap on CUDA)")
     p.add_argument("--no-fused-kernels", action="store_true", help="eager norms/RoPE/SiLU (default: torch.compile on CUDA)")
+    p.add_argument("--no-cascade-attention", action="store_true",
+                   help="attend to shared prefixes per sequence (default: cascade on CUDA)")
     p.add_argument("--batch-order", default="prefix", choices=["prefix", "arrival"], help="see EngineConfig.batch_order")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--kv-cache-tokens", type=int)
+
+
+def add_profile_args(p: argparse.ArgumentParser) -> None:
+    """The options of `profile_decode`."""
+    p.add_argument("--profile-steps", type=int, default=0, help="also profile this many decode steps")
+    p.add_argument("--profile-only", action="store_true", help="skip the timed runs; profile only")
+    p.add_argument("--trace", help="write the profiled steps' chrome trace here (.json.gz)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -97,6 +111,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         cuda_graphs=False if args.no_cuda_graphs else None,
         fused_kernels=False if args.no_fused_kernels else None, batch_order=args.batch_order,
         overlap_schedule=False if args.no_overlap_schedule else None,
+        cascade_attention=False if args.no_cascade_attention else None,
     )
 
 
@@ -260,3 +275,118 @@ class Timer:
 def emit(record: dict[str, Any]) -> None:
     """The benchmark's result: one JSON line on stdout."""
     print(json.dumps(record, default=str), flush=True)
+
+
+# -- decode-step profile -------------------------------------------------------------------------
+
+
+def _categorize(kernel: str) -> str:
+    k = kernel.lower()
+    if "flash" in k or "fmha" in k or "attention" in k:
+        return "attention"
+    if any(s in k for s in ("gemm", "nvjet", "xmma", "cublas", "cutlass", "splitk")):
+        return "gemm"
+    if "memcpy" in k or "memset" in k:
+        return "memcpy/memset"
+    if k.startswith("triton_"):  # Inductor's names: triton_per_fused_..., triton_poi_fused_...
+        return "fused (torch.compile)"
+    if "triton" in k or "gumbel" in k or "argmax" in k or "sample" in k:
+        return "sampler"
+    if any(s in k for s in ("index", "gather", "scatter", "put_", "catarray", "cat_")):
+        return "index/gather/cat"
+    if "reduce" in k or "softmax" in k:
+        return "reductions"
+    return "elementwise (norms, rope, silu, casts)"
+
+
+def profile_decode(ckpt: Path, seqs: list[Seq], args: argparse.Namespace) -> dict[str, Any]:
+    """Prefill the workload, then time decode steps of `EngineCore.step`: first with a sync
+    after each phase (schedule, forward, sampling rows, sample, process), then free-running,
+    then under torch.profiler (kernel time by category, host syncs, GPU busy fraction)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from radixserve.engine.config import EngineConfig
+    from radixserve.engine.core import EngineCore
+    from radixserve.scheduler.request import Req
+
+    free_memory()  # the caching allocator still holds the last engine's pool
+    core = EngineCore(EngineConfig(**engine_kwargs(args)), ckpt)
+    sched, runner = core.scheduler, core.runner
+    core.add([
+        Req(f"p{i}", s.prompt, SamplingParams(max_tokens=s.output_len, temperature=0.6, ignore_eos=True), seed=i)
+        for i, s in enumerate(seqs)
+    ])
+    while sched.waiting or any(r.kv_len < len(r.prompt_ids) for r in sched.running):
+        core.step()
+    for _ in range(3):
+        core.step()
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    phases: dict[str, list[float]] = defaultdict(list)
+    state = {"sync_each_phase": False}
+
+    def instrument(obj: Any, method: str, label: str) -> None:
+        # Wraps the bound method on the instance, so EngineCore.step runs as it is.
+        fn = getattr(obj, method)
+
+        def wrapped(*a: Any, **kw: Any) -> Any:
+            start = time.perf_counter()
+            with record_function(f"rs::{label}"):
+                result = fn(*a, **kw)
+            if state["sync_each_phase"]:
+                sync()
+                phases[label].append(1e3 * (time.perf_counter() - start))
+            return result
+
+        setattr(obj, method, wrapped)
+
+    for obj, method, label in [
+        (sched, "schedule", "schedule"), (sched, "schedule_ahead", "schedule_ahead"), (runner, "forward", "forward"),
+        (sched, "sampling_rows", "sampling_rows"), (runner, "sample", "sample"), (sched, "process", "process"),
+    ]:
+        instrument(obj, method, label)
+    n = args.profile_steps
+    state["sync_each_phase"] = True
+    for _ in range(n):
+        core.step()
+    state["sync_each_phase"] = False
+    with Timer() as free_run:
+        for _ in range(n):
+            core.step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        with Timer() as profiled:
+            for _ in range(n):
+                core.step()
+    kernels: dict[str, float] = defaultdict(float)
+    top: list[tuple[float, str]] = []
+    syncs = launches = 0
+    for ev in prof.key_averages():
+        if ev.key.startswith("rs::"):  # our annotations also show up as GPU ranges: not kernels
+            continue
+        dev_ms = (getattr(ev, "self_device_time_total", 0.0) or 0.0) / 1e3 / n
+        if ev.device_type == torch.autograd.DeviceType.CUDA and dev_ms > 0:
+            kernels[_categorize(ev.key)] += dev_ms
+            top.append((dev_ms, ev.key[:90]))
+        if ev.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"):
+            syncs += ev.count
+        if ev.key.startswith("cudaLaunchKernel"):
+            launches += ev.count
+    if args.trace:
+        raw = Path(args.trace).with_suffix("")
+        prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as src, gzip.open(args.trace, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        raw.unlink()
+    gpu_ms = sum(kernels.values())
+    return {
+        "batch_size": len(sched.running),
+        "context_tokens": sum(r.kv_len for r in sched.running),
+        "step_ms": 1e3 * free_run.seconds / n,
+        "step_ms_profiled": 1e3 * profiled.seconds / n,
+        "synced_phase_ms": {k: sorted(v)[len(v) // 2] for k, v in phases.items()},
+        "gpu_kernel_ms": dict(sorted(kernels.items(), key=lambda kv: -kv[1])),
+        "gpu_busy_fraction": gpu_ms / (1e3 * profiled.seconds / n),
+        "host_syncs_per_step": syncs / n,
+        "kernel_launches_per_step": launches / n,
+        "top_kernels_ms": [f"{ms:.3f} {name}" for ms, name in sorted(top, reverse=True)[:12]],
+    }

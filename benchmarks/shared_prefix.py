@@ -10,7 +10,8 @@ Prints one JSON line: prompt and output tokens/s and the cache hit rate, for
 our engine with the prefix cache on and with it off, and their speed ratio.
 Within-batch folding stays at the engine's default in both (so requests that
 arrive in one batch share their prefix even with the cache off); add
---no-fold-baseline for a run that shares nothing.
+--no-fold-baseline for a run that shares nothing, and --cascade-baseline for a
+cache-on run without cascade attention (what cascade adds).
 
     python benchmarks/shared_prefix.py
     python benchmarks/shared_prefix.py --groups 16 --prompts-per-group 16 --output-len 128   # shorter
@@ -20,10 +21,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
-from _workloads import Seq, Timer, add_engine_args, emit, engine_kwargs, environment, free_memory, random_checkpoint
+from _workloads import (
+    Seq, Timer, add_engine_args, add_profile_args, emit, engine_kwargs, environment, free_memory, profile_decode, random_checkpoint,
+)
 from radixserve import Engine, SamplingParams
 from radixserve.replay.gentrace import GenConfig, generate_trace
 
@@ -40,6 +44,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--fold-mode", help="within-batch folding for every run (default: the engine's)")
     p.add_argument("--no-fold-baseline", action="store_true",
                    help="add a third run: cache off and folding off (nothing shared at all)")
+    add_profile_args(p)  # profiles decode steps of one wave: the first --max-running requests
+    p.add_argument("--schedule-policy", default="fcfs", choices=["fcfs", "lpm"], help="see EngineConfig")
+    p.add_argument("--cascade-baseline", action="store_true",
+                   help="add a run: cache on, cascade attention off")
     return p.parse_args()
 
 
@@ -56,21 +64,80 @@ def shared_prefix_workload(args: argparse.Namespace, vocab: int = 10000) -> list
     return [Seq(r["input_ids"], r["output_len"]) for r in records]
 
 
-def run(ckpt: Path, seqs: list[Seq], args: argparse.Namespace, prefix_cache: bool, fold: str | None) -> dict[str, Any]:
-    extra = {} if fold is None else {"fold_mode": fold}
-    engine = Engine(str(ckpt), enable_prefix_cache=prefix_cache, **extra, **engine_kwargs(args))
+class StepTimeline:
+    """Where the run's time goes: wraps the engine's step (the loop thread looks it up each
+    time) and the scheduler's batch builders, and sums wall time per kind of step."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.core = engine.core
+        self.rows: list[tuple[float, bool, int, int]] = []  # (seconds, graph, sequences, groups)
+        self._batch = (0, 0)
+        core, sched = self.core, self.core.scheduler
+        self._originals = (core.step, sched.schedule, sched.schedule_ahead)
+        step, schedule, ahead = self._originals
+        last = [time.perf_counter()]
+
+        def note(batch: Any) -> Any:
+            if batch is not None:
+                plan = batch.forward.cascade
+                self._batch = (batch.forward.batch_size, 0 if plan is None else len(plan.group_sizes))
+            return batch
+
+        def timed_step() -> Any:
+            graphs = core.runner.graph_batches
+            self._batch = (0, 0)
+            out = step()
+            now = time.perf_counter()
+            self.rows.append((now - last[0], core.runner.graph_batches > graphs, *self._batch))
+            last[0] = now
+            return out
+
+        core.step = timed_step
+        sched.schedule = lambda: note(schedule())
+        sched.schedule_ahead = lambda prev: note(ahead(prev))
+
+    def detach(self) -> None:
+        self.core.step, self.core.scheduler.schedule, self.core.scheduler.schedule_ahead = self._originals
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for kind, graph in (("graph", True), ("eager", False)):
+            rows = [r for r in self.rows if r[1] == graph and r[2] > 0]
+            if rows:
+                times = sorted(r[0] for r in rows)
+                out[kind] = {
+                    "steps": len(rows), "time_s": sum(times), "median_ms": 1e3 * times[len(times) // 2],
+                    "mean_sequences": sum(r[2] for r in rows) / len(rows),
+                    "mean_groups": sum(r[3] for r in rows) / len(rows),
+                }
+        return out
+
+
+def run(
+    ckpt: Path, seqs: list[Seq], args: argparse.Namespace, prefix_cache: bool, fold: str | None,
+    cascade: bool | None = None,
+) -> dict[str, Any]:
+    options = dict(engine_kwargs(args), enable_prefix_cache=prefix_cache, schedule_policy=args.schedule_policy)
+    if fold is not None:
+        options["fold_mode"] = fold
+    if cascade is not None:
+        options["cascade_attention"] = cascade
+    engine = Engine(str(ckpt), **options)
     try:
         # Warm-up on unrelated prompts (kernel compilation), then an empty cache.
         warm = [[7] * 300 + [i] * 50 for i in range(4)]
         engine.generate(warm, SamplingParams(max_tokens=4, temperature=0.6, ignore_eos=True), progress=False)
         engine.flush_cache()
         before = engine.stats()
+        timeline = StepTimeline(engine)
         params = [SamplingParams(max_tokens=s.output_len, temperature=0.6, ignore_eos=True, seed=i)
                   for i, s in enumerate(seqs)]
         with Timer() as t:
             outs = engine.generate([s.prompt for s in seqs], params, progress=False)
         after = engine.stats()
+        timeline.detach()
         fold_mode = engine.config.fold_mode
+        cascade_min_prefix = engine.core.scheduler.config.cascade_min_prefix
     finally:
         engine.shutdown()
         del engine
@@ -81,13 +148,17 @@ def run(ckpt: Path, seqs: list[Seq], args: argparse.Namespace, prefix_cache: boo
     return {
         "prefix_cache": prefix_cache,
         "fold_mode": fold_mode,
+        "cascade_min_prefix": cascade_min_prefix,  # 0: cascade attention off
         "time_s": t.seconds,
         "prompt_tok_s": prompt_tokens / t.seconds,
         "output_tok_s": output_tokens / t.seconds,
         "cache_hit_rate": (after["hit_tokens"] - before["hit_tokens"]) / queried if queried else 0.0,
         "computed_tokens": after["computed_tokens"] - before["computed_tokens"],
         "steps": after["steps"] - before["steps"],
+        "graph_steps": after["graph_steps"] - before["graph_steps"],
         "retractions": after["retractions"] - before["retractions"],
+        "cascade_batches": after["cascade_batches"] - before["cascade_batches"],
+        "step_time": timeline.summary(),
     }
 
 
@@ -99,12 +170,21 @@ def main() -> None:
         args.shape, args.ckpt_dir or f"/tmp/radixserve-{args.shape}", args.device, seed=args.seed
     )
     seqs = shared_prefix_workload(args)
+    if args.profile_steps:
+        wave = seqs[: args.max_running]
+        emit({"bench": "shared_prefix_decode_profile", "shape": args.model or args.shape,
+              "cascade_attention": not args.no_cascade_attention, **profile_decode(ckpt, wave, args)})
+        if args.profile_only:
+            return
     on = run(ckpt, seqs, args, prefix_cache=True, fold=args.fold_mode)
     off = run(ckpt, seqs, args, prefix_cache=False, fold=args.fold_mode)
-    extra = {}
+    extra: dict[str, Any] = {}
     if args.no_fold_baseline:
         bare = run(ckpt, seqs, args, prefix_cache=False, fold="off")
-        extra = {"cache_off_fold_off": bare, "speedup_cache_on_vs_nothing_shared": bare["time_s"] / on["time_s"]}
+        extra |= {"cache_off_fold_off": bare, "speedup_cache_on_vs_nothing_shared": bare["time_s"] / on["time_s"]}
+    if args.cascade_baseline:
+        flat = run(ckpt, seqs, args, prefix_cache=True, fold=args.fold_mode, cascade=False)
+        extra |= {"cache_on_cascade_off": flat, "speedup_cascade_on_vs_off": flat["time_s"] / on["time_s"]}
     emit({
         "bench": "shared_prefix", "shape": args.model or args.shape, **environment(args.device),
         "workload": {

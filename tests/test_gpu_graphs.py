@@ -7,7 +7,7 @@ import torch
 
 from radixserve import SamplingParams
 from radixserve.model_runner.attention import available_backends
-from radixserve.model_runner.forward_batch import ForwardBatch
+from radixserve.model_runner.forward_batch import CascadePlan, ForwardBatch
 from radixserve.model_runner.model_runner import ModelRunner
 
 gpu = pytest.mark.gpu
@@ -99,6 +99,49 @@ def test_graph_decode_logits_match_eager(qwen3_d64):
             last.update(zip(picked, [7] * size))
 
 
+@gpu
+def test_cascade_decode_logits_match_plain(qwen3_d64):
+    """Groups of sequences sharing prefix slots (as cached prefixes do): decode steps with a
+    cascade plan, eager and under CUDA graphs (padded buckets, a lazily captured cascade
+    graph), against the eager forward without one."""
+    _needs_fa4()
+    runners = {"plain": _runner(qwen3_d64, False), "graphs": _runner(qwen3_d64, True)}
+    g = torch.Generator().manual_seed(5)
+    groups = [(300, 5), (0, 1), (120, 3), (500, 1), (0, 1), (260, 6)]  # (shared prefix, members)
+    stems = [torch.randint(0, 500, (p,), generator=g) for p, _ in groups]
+    owns = [[torch.randint(0, 500, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g)
+             for _ in range(m)] for _, m in groups]
+    rows = list(range(17))[::-1]
+    kv = {}
+    for runner in runners.values():
+        it = iter(rows)
+        for (p, m), stem, own in zip(groups, stems, owns):
+            first = next(it)
+            runner.forward(_batch(runner, [first], [0], [torch.cat([stem, own[0]])]))
+            kv[first] = p + len(own[0])
+            for tokens in own[1:]:
+                row = next(it)
+                runner.req_to_token.table[row, :p] = runner.req_to_token.table[first, :p]
+                runner.forward(_batch(runner, [row], [p], [tokens]))
+                kv[row] = p + len(tokens)
+    plan = CascadePlan([m for _, m in groups], [p for p, _ in groups])
+    for step, size in enumerate([17, 17, 9]):
+        picked = rows[:size]
+        step_plan = plan if size == 17 else CascadePlan([5, 1, 3], [300, 0, 120])
+        starts = [kv[r] for r in picked]
+        tokens = [torch.tensor([(7 * r + step) % 500]) for r in picked]
+        want = runners["plain"].forward(_batch(runners["plain"], picked, starts, tokens)).logits.float().cpu()
+        for name, runner in runners.items():
+            batch = _batch(runner, picked, starts, tokens)
+            batch.cascade = step_plan
+            got = runner.forward(batch).logits.float().cpu()
+            err = float((got - want).norm() / want.norm())
+            assert err < 1e-2, f"{name} step {step}: logits relative error {err:.2e}"
+            assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9, f"{name} step {step}"
+        for r in picked:
+            kv[r] += 1
+
+
 # -- engine level: greedy tokens, the prefix cache, retraction, no leaks --------------------------
 
 
@@ -158,3 +201,28 @@ def test_graph_needs_fa4(tiny_qwen3_path):
 
     with pytest.raises(ValueError, match="cuda_graphs needs the fa4 attention backend"):
         Engine(str(tiny_qwen3_path), attention_backend="torch", cuda_graphs=True, show_progress=False, **GPU)
+
+
+@gpu
+def test_cascade_engine_tokens_match_plain(tiny_qwen3_path, make_engine):
+    """Groups of requests sharing a 150-token prompt stem, bf16 under graphs: cascade on and
+    off agree (bf16 sums in another order may flip a near-tie, so the tokens must agree up
+    to the first difference for at least 90% of them)."""
+    _needs_fa4()
+    g = torch.Generator().manual_seed(11)
+    prompts = []
+    for _ in range(3):
+        stem = torch.randint(0, 250, (150,), generator=g).tolist()
+        prompts += [stem + torch.randint(0, 250, (int(k),), generator=g).tolist()
+                    for k in torch.randint(1, 12, (5,), generator=g)]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    on = make_engine(tiny_qwen3_path, max_running_requests=16, cascade_attention=True, cascade_min_prefix=64, **GPU)
+    off = make_engine(tiny_qwen3_path, max_running_requests=16, cascade_attention=False, **GPU)
+    want = [o.token_ids for o in off.generate(prompts, params, progress=False)]
+    got = [o.token_ids for o in on.generate(prompts, params, progress=False)]
+    agree = 0
+    for a, b in zip(got, want):
+        while a and b and a[0] == b[0]:
+            a, b, agree = a[1:], b[1:], agree + 1
+    assert agree >= 0.9 * sum(len(w) for w in want), (got, want)
+    assert on.stats()["cascade_batches"] > 0 and off.stats()["cascade_batches"] == 0

@@ -24,6 +24,10 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-fused-kernels", action="store_true", help="skip torch.compile of norms/RoPE/SiLU (default: fused on CUDA)"
     )
+    p.add_argument(
+        "--no-cascade-attention", action="store_true",
+        help="attend to shared prefixes once per sequence, not once per group (default: cascade on CUDA)",
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -34,6 +38,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         kw["overlap_schedule"] = False
     if args.no_fused_kernels:
         kw["fused_kernels"] = False
+    if args.no_cascade_attention:
+        kw["cascade_attention"] = False
     for name in ("kv_cache_tokens", "max_running_requests", "attention_backend"):
         value = getattr(args, name)
         if value is not None:

@@ -51,6 +51,12 @@ class EngineConfig:
     # Fuse the position-wise math (norms, RoPE, SiLU) with torch.compile: compiles for
     # ~20-60 s at start; None: on for CUDA devices (where launches dominate small batches).
     fused_kernels: bool | None = None
+    # Cascade attention: running requests that share a prefix's KV slots attend to it once per
+    # group, then each to its own suffix, merged by log-sum-exp (attention/cascade.py). Needs a
+    # backend that supports it (fa4, torch). None: on for CUDA. Groups need a shared prefix of
+    # at least cascade_min_prefix tokens.
+    cascade_attention: bool | None = None
+    cascade_min_prefix: int = 256
     moe_backend: str = "auto"  # Qwen3-MoE expert computation: "auto" | "grouped_mm" | "loop"
     seed: int | None = None  # seeds the draws of per-request seeds for unseeded requests
     check_invariants: bool = False  # verify slot ownership and the tree after every step
@@ -71,6 +77,9 @@ class EngineConfig:
             raise ValueError(f"overlap_schedule must be None (auto), True or False, got {self.overlap_schedule!r}")
         if self.fused_kernels is not None and not isinstance(self.fused_kernels, bool):
             raise ValueError(f"fused_kernels must be None (auto), True or False, got {self.fused_kernels!r}")
+        if self.cascade_attention is not None and not isinstance(self.cascade_attention, bool):
+            raise ValueError(f"cascade_attention must be None (auto), True or False, got {self.cascade_attention!r}")
+        _check_int(self, "cascade_min_prefix", 1)
         if not isinstance(self.enable_prefix_cache, bool):
             raise ValueError(f"enable_prefix_cache must be a bool, got {self.enable_prefix_cache!r}")
         if not 0.0 < float(self.gpu_memory_utilization) <= 1.0:

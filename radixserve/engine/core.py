@@ -82,6 +82,7 @@ class EngineCore:
                 fold_mode=config.fold_mode,
                 fold_threshold=config.fold_threshold,
                 batch_order=config.batch_order,
+                cascade_min_prefix=config.cascade_min_prefix if self._cascade_on(config) else 0,
             ),
             self.cache,
             eos_ids=frozenset(self.runner.model_config.eos_token_ids),
@@ -93,6 +94,18 @@ class EngineCore:
         self.generated_tokens = 0
         self.computed_tokens = 0
         self.steps = 0
+
+    def _cascade_on(self, config: EngineConfig) -> bool:
+        """cascade_attention resolved: None is on for CUDA where the backend supports it."""
+        supported = self.runner.backend.supports_cascade
+        if config.cascade_attention is None:
+            return self.device.type == "cuda" and supported
+        if config.cascade_attention and not supported:
+            raise ValueError(
+                f"cascade_attention needs an attention backend that supports it (fa4, torch), "
+                f"got {self.runner.backend.name!r}"
+            )
+        return config.cascade_attention
 
     @property
     def kv_capacity(self) -> int:
@@ -191,8 +204,10 @@ class EngineCore:
             "generated_tokens": self.generated_tokens,
             "computed_tokens": self.computed_tokens,
             "retractions": self.scheduler.retractions,
+            "cascade_batches": self.scheduler.cascade_batches,
             "folded_tokens": self.scheduler.folded_tokens,
             # Rows computed over tokens planned (prefill chunks and decodes); 1.0: nothing folded.
             "fold_ratio": 1.0 - self.scheduler.folded_tokens / max(1, self.scheduler.planned_tokens),
             "steps": self.steps,
+            "graph_steps": self.runner.graph_batches,  # steps that replayed a CUDA graph
         }

@@ -6,21 +6,28 @@ for the cost of one call. A decode batch (every sequence extends by one token,
 no folding, logits only) of n <= the largest bucket runs in the smallest bucket
 bs >= n; anything else runs eagerly.
 
-Static state, shared by every bucket (captured largest first into one memory pool):
+Two sets of graphs: plain decode steps (captured at start, largest first into
+one memory pool) and cascade decode steps (a batch with `ForwardBatch.cascade`,
+attention/cascade.py; each bucket captured on its first use, into a pool of
+their own). Static state per set:
 
-    inputs        [5 * max_bs] int64  bucket bs reads its first 5 * bs entries as a [5, bs]
-                                      block: input_ids, positions, out_slots, req_rows, seq_lens
-    cu_seqlens_q  [max_bs + 1] int32  arange: one query row per sequence
+    inputs        int64, one block per bucket bs, its first `width(bs)` entries:
+                  plain    [5, bs]  input_ids, positions, out_slots, req_rows, seq_lens
+                  cascade  [6, bs]  the same and shared_lens, then per group (padded
+                           to bs groups) group_cu_q [bs + 1], group_rows [bs], group_prefix [bs]
+    cu_seqlens_q  [max_bs + 1] int32  arange: one query row per sequence (shared)
     per bucket    the graph and its logits [bs, vocab] float32 (valid until the next replay)
 
 Inside the graph the attention metadata is built from these buffers on the device
-(`decode_graph_metadata`): page table = whole `req_to_token` rows, `max_seqlen_k` =
-the table's width, so no host value depends on the batch.
+(`decode_graph_metadata`, `graph_cascade_metadata`): page tables are whole (or
+offset) `req_to_token` rows, `max_seqlen_k` the table's width, and a group holds
+at most bs query rows, so no host value depends on the batch.
 
 Padding rows (n <= i < bs) are token 0 at position 0 of request row 0 with one
-K/V token, writing their K/V to the dummy slot 0; their logits are dropped. Rows
-never mix (norms and matmuls are per row, attention per sequence), so padding
-cannot change a real row.
+K/V token, writing their K/V to the dummy slot 0; their logits are dropped. In
+a cascade step they form one last group without a shared prefix. Rows never
+mix (norms and matmuls are per row, attention per sequence or group of
+sequences sharing a prefix), so padding cannot change a real row.
 """
 
 from __future__ import annotations
@@ -31,9 +38,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from radixserve.model_runner.attention.cascade import graph_cascade_metadata
 from radixserve.model_runner.attention.fa4_backend import FA4Attention, fa4_supports
 from radixserve.model_runner.attention.metadata import decode_graph_metadata
-from radixserve.model_runner.forward_batch import ForwardBatch
+from radixserve.model_runner.forward_batch import CascadePlan, ForwardBatch
 
 if TYPE_CHECKING:
     from radixserve.model_runner.model_runner import ModelRunner
@@ -41,9 +49,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
-# Rows of the static input buffer, and what a padding row holds in each.
-_IDS, _POS, _SLOTS, _ROWS, _LENS = range(5)
-_PADDING = (0, 0, 0, 0, 1)
+# Per-sequence rows of the static input block, and what a padding row holds in each.
+_IDS, _POS, _SLOTS, _ROWS, _LENS, _SHARED = range(6)
+_PADDING = (0, 0, 0, 0, 1, 0)
 
 
 def graph_buckets(max_batch: int) -> list[int]:
@@ -66,6 +74,65 @@ def unsupported_reason(runner: ModelRunner) -> str | None:
     return None
 
 
+class _GraphSet:
+    """Captured graphs of one kind and their static inputs (one device block per bucket,
+    filled by one host-to-device copy from a pinned buffer)."""
+
+    def __init__(self, cascade: bool, top: int, device: torch.device) -> None:
+        self.cascade = cascade
+        self.per_seq = 6 if cascade else 5  # per-sequence rows of a block
+        self.inputs = torch.zeros(self.width(top), dtype=torch.int64, device=device)
+        self.host = torch.zeros(self.width(top), dtype=torch.int64).pin_memory()
+        self.host_free = torch.cuda.Event()  # the last copy out of `host` has finished
+        self.host_free.record()
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    def width(self, bs: int) -> int:
+        return self.per_seq * bs + (3 * bs + 1 if self.cascade else 0)
+
+    def fill_padding(self, bs: int) -> None:
+        """Every row of bucket bs a padding row (in one group without a prefix): capture input."""
+        self.host_free.synchronize()
+        host = self.host[: self.width(bs)]
+        host.zero_()
+        host[: self.per_seq * bs].view(self.per_seq, bs)[:] = torch.tensor(_PADDING[: self.per_seq])[:, None]
+        if self.cascade:
+            host[self.per_seq * bs + 1 : self.per_seq * bs + bs + 1] = bs  # group_cu_q = [0, bs, bs, ...]
+        self.inputs[: self.width(bs)].copy_(host)
+
+    def fill(self, batch: ForwardBatch, bs: int) -> None:
+        """Copy the batch (n <= bs sequences, padded) into bucket bs's block."""
+        n = batch.batch_size
+        # The pinned buffer is rewritten only once the previous copy out of it has finished.
+        self.host_free.synchronize()
+        host = self.host[: self.width(bs)]
+        seqs = host[: self.per_seq * bs].view(self.per_seq, bs)
+        seqs[_IDS, :n] = batch.input_ids
+        seqs[_POS, :n] = batch.positions
+        seqs[_SLOTS, :n] = batch.out_slots
+        seqs[_ROWS, :n] = torch.as_tensor(batch.req_rows, dtype=torch.int64)
+        seqs[_LENS, :n] = torch.as_tensor(batch.seq_lens, dtype=torch.int64)
+        seqs[:, n:] = torch.tensor(_PADDING[: self.per_seq], dtype=torch.int64)[:, None]
+        if self.cascade:
+            self._fill_groups(host[self.per_seq * bs :], seqs, batch.cascade, n, bs)
+        self.inputs[: self.width(bs)].copy_(host, non_blocking=True)
+        self.host_free.record()
+
+    @staticmethod
+    def _fill_groups(groups: torch.Tensor, seqs: torch.Tensor, plan: CascadePlan, n: int, bs: int) -> None:
+        seqs[_SHARED, :n] = torch.as_tensor(plan.shared_lens, dtype=torch.int64)
+        cu_q, rows, prefix = groups[: bs + 1], groups[bs + 1 : 2 * bs + 1], groups[2 * bs + 1 :]
+        g = len(plan.group_sizes)
+        starts = torch.as_tensor([0, *plan.group_sizes], dtype=torch.int64).cumsum(0)
+        cu_q[: g + 1] = starts
+        cu_q[g + 1 :] = bs  # the padding rows' group (if any), then empty groups
+        rows.zero_()
+        rows[:g] = seqs[_ROWS, starts[:-1]]
+        prefix.zero_()
+        prefix[:g] = torch.as_tensor(plan.prefix_lens, dtype=torch.int64)
+
+
 class DecodeGraphRunner:
     """Captures and replays a runner's decode forward. Built after the runner's model, pool,
     request table and backend exist; `runner._attention(slots)` gives the per-layer attention."""
@@ -78,14 +145,13 @@ class DecodeGraphRunner:
         self.device = runner.device
         self.buckets = graph_buckets(max_batch)
         top = self.buckets[-1]
-        # Flat, so that each bucket's [5, bs] block is contiguous (one plain copy fills it).
-        self._inputs = torch.zeros(5 * top, dtype=torch.int64, device=self.device)
-        self._host = torch.zeros(5 * top, dtype=torch.int64).pin_memory()
-        self._host_free = torch.cuda.Event()  # the last copy out of `_host` has finished
-        self._host_free.record()
         self._cu_seqlens_q = torch.arange(top + 1, dtype=torch.int32, device=self.device)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._capture()
+        self._plain = _GraphSet(False, top, self.device)
+        self._cascade: _GraphSet | None = None  # built with the first cascade step
+        for bs in reversed(self.buckets):  # largest first: smaller graphs reuse its pool
+            self._capture(self._plain, bs)
+        torch.cuda.synchronize(self.device)
+        logger.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
 
     @property
     def max_batch(self) -> int:
@@ -101,35 +167,40 @@ class DecodeGraphRunner:
             and batch.score_rows is None
         )
 
-    def _body(self, bs: int) -> torch.Tensor:
+    def _body(self, graphs: _GraphSet, bs: int) -> torch.Tensor:
         """The captured work: metadata on the device, the model, logits for every row."""
         runner = self.runner
-        ids, pos, slots, rows, lens = self._inputs[: 5 * bs].view(5, bs)
-        runner.backend.prepare_graph(
-            decode_graph_metadata(rows, lens, self._cu_seqlens_q[: bs + 1], runner.req_to_token.table)
-        )
+        block = graphs.inputs[: graphs.width(bs)]
+        seqs = block[: graphs.per_seq * bs].view(graphs.per_seq, bs)
+        ids, pos, slots, rows, lens = seqs[:5]
+        cu_q = self._cu_seqlens_q[: bs + 1]
+        table = runner.req_to_token.table
+        if graphs.cascade:
+            groups = block[graphs.per_seq * bs :]
+            runner.backend.prepare_graph(None, graph_cascade_metadata(
+                rows, lens, seqs[_SHARED], groups[: bs + 1].to(torch.int32), groups[bs + 1 : 2 * bs + 1],
+                groups[2 * bs + 1 :], cu_q, table,
+            ))
+        else:
+            runner.backend.prepare_graph(decode_graph_metadata(rows, lens, cu_q, table))
         hidden = runner.model(ids, pos, runner._attention(slots))
         return runner.model.compute_logits(hidden)
 
     @torch.inference_mode()
-    def _capture(self) -> None:
+    def _capture(self, graphs: _GraphSet, bs: int) -> None:
+        graphs.fill_padding(bs)
         stream = torch.cuda.Stream(self.device)
-        pool = None
-        for bs in reversed(self.buckets):  # largest first: smaller graphs reuse its pool
-            self._inputs[: 5 * bs].view(5, bs).copy_(torch.tensor(_PADDING, device=self.device)[:, None])
-            # Warm up outside the capture, on the capture stream: FA4 compiles each new
-            # kernel variant on its first call, and nothing may compile inside a capture.
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                self._body(bs)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                logits = self._body(bs)
-            pool = graph.pool()
-            self._graphs[bs] = (graph, logits)
-        torch.cuda.synchronize(self.device)
-        logger.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
+        # Warm up outside the capture, on the capture stream: FA4 compiles each new
+        # kernel variant on its first call, and nothing may compile inside a capture.
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._body(graphs, bs)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=graphs.pool, stream=stream):
+            logits = self._body(graphs, bs)
+        graphs.pool = graph.pool()
+        graphs.graphs[bs] = (graph, logits)
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits `[len(batch.logits_rows), vocab]` float32 of a decode batch (`can_run`).
@@ -137,22 +208,19 @@ class DecodeGraphRunner:
         The result may be a view of the graph's output: valid until the next replay."""
         n = batch.batch_size
         bs = self.buckets[bisect.bisect_left(self.buckets, n)]
-        # One host-to-device copy carries the whole bucket, padding included. The pinned
-        # buffer is rewritten only once the previous copy out of it has finished.
-        self._host_free.synchronize()
-        host = self._host[: 5 * bs].view(5, bs)
-        host[_IDS, :n] = batch.input_ids
-        host[_POS, :n] = batch.positions
-        host[_SLOTS, :n] = batch.out_slots
-        host[_ROWS, :n] = torch.as_tensor(batch.req_rows, dtype=torch.int64)
-        host[_LENS, :n] = torch.as_tensor(batch.seq_lens, dtype=torch.int64)
-        host[:, n:] = torch.tensor(_PADDING, dtype=torch.int64)[:, None]
-        self._inputs[: 5 * bs].copy_(self._host[: 5 * bs], non_blocking=True)
-        self._host_free.record()
+        graphs = self._plain
+        if batch.cascade is not None:
+            if self._cascade is None:
+                self._cascade = _GraphSet(True, self.max_batch, self.device)
+            graphs = self._cascade
+            if bs not in graphs.graphs:
+                self._capture(graphs, bs)
+                logger.info("captured a cascade decode CUDA graph for batch size %d", bs)
+        graphs.fill(batch, bs)
         if batch.input_source is not None:  # ids are rows of the previous step's tokens
-            ids = self._inputs[:n]
+            ids = graphs.inputs[:n]
             ids.copy_(batch.input_source.index_select(0, ids))
-        graph, logits = self._graphs[bs]
+        graph, logits = graphs.graphs[bs]
         graph.replay()
         rows = batch.logits_rows.cpu()
         if rows.numel() == n and torch.equal(rows, torch.arange(n)):

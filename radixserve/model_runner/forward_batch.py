@@ -9,8 +9,28 @@ is `req_to_token[req_rows[i], :seq_lens[i]]` once this batch's K/V are written.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+
+
+class CascadePlan(NamedTuple):
+    """Sequences of a batch that share a prefix's K/V slots, for cascade attention.
+
+    The batch's sequences form consecutive groups (`group_sizes`, summing to the
+    batch size); every member of group g holds the same first `prefix_lens[g]`
+    slots, all computed before this batch's tokens (0 for a sequence alone).
+    Attention then reads each shared prefix once per group, not once per member
+    (attention/cascade.py).
+    """
+
+    group_sizes: list[int]
+    prefix_lens: list[int]
+
+    @property
+    def shared_lens(self) -> list[int]:
+        """Per sequence: the shared prefix length of its group."""
+        return [p for p, n in zip(self.prefix_lens, self.group_sizes) for _ in range(n)]
 
 
 @dataclass
@@ -30,6 +50,7 @@ class ForwardBatch:
     # Overlapped decode: the new tokens are still on the device, sampled by the previous
     # step; input_ids then holds each sequence's row in this tensor, not a token id.
     input_source: torch.Tensor | None = None
+    cascade: CascadePlan | None = None  # groups sharing a prefix (None: attend per sequence)
 
     @property
     def num_tokens(self) -> int:
@@ -66,4 +87,5 @@ class ForwardBatch:
             score_rows=move(self.score_rows),
             score_targets=move(self.score_targets),
             input_source=self.input_source,
+            cascade=self.cascade,
         )

@@ -79,6 +79,7 @@ class ModelRunner:
             logger.info("CUDA graphs off: %s", reason)
         use_graphs = cuda_graphs if cuda_graphs is not None else reason is None
         self.graphs = DecodeGraphRunner(self, max_running_requests) if use_graphs else None
+        self.graph_batches = 0  # forwards that replayed a captured graph (the rest ran eagerly)
 
     def _set_kernels(self, fused: bool | None) -> None:
         """Fused (torch.compile) position-wise kernels. None: on for CUDA devices where they
@@ -127,6 +128,7 @@ class ModelRunner:
 
         With CUDA graphs, a decode batch's logits are valid until the next forward."""
         if self.graphs is not None and self.graphs.can_run(batch):
+            self.graph_batches += 1
             return ForwardOutput(self.graphs.run(batch), None, None)
         batch = batch.to(self.device)
         if batch.input_source is not None:

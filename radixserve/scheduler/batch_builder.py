@@ -17,6 +17,12 @@ their whole paths agree. Fold modes:
 
 All output rows (logits, hidden states, scored tokens) are indices into the
 rows the forward pass computes.
+
+Cascade (`plan_cascade`): consecutive sequences of a batch whose slot lists
+start with the same computed slots (a cached prefix, or slots borrowed from a
+donor) form a group whose shared prefix attention reads once
+(attention/cascade.py). The `prefix` batch order puts such requests side by
+side.
 """
 
 from __future__ import annotations
@@ -26,12 +32,15 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from radixserve.model_runner.forward_batch import ForwardBatch
+from radixserve.model_runner.forward_batch import CascadePlan, ForwardBatch
 from radixserve.scheduler.fold_plan import FoldPlan, build_fold_plan
 from radixserve.scheduler.kv_cache import KVCacheManager
 from radixserve.scheduler.request import Req
 
 FOLD_MODES = ("off", "mlp", "tree")
+# A cascade costs a second attention pass and a merge per layer; a batch uses one only
+# when the K/V reads it saves are at least this share of what the batch reads without it.
+CASCADE_MIN_SAVED_SHARE = 0.125
 
 
 class ScheduledBatch(NamedTuple):
@@ -69,9 +78,14 @@ def fold_key(req: Req, n: int) -> object:
 
 
 def build_batch(
-    plan: list[tuple[Req, int]], cache: KVCacheManager, fold_mode: str, fold_threshold: float
+    plan: list[tuple[Req, int]],
+    cache: KVCacheManager,
+    fold_mode: str,
+    fold_threshold: float,
+    cascade_min_prefix: int = 0,
 ) -> ScheduledBatch:
-    """Allocate the step's KV slots and lay out the forward pass (folded or not)."""
+    """Allocate the step's KV slots and lay out the forward pass (folded or not); with
+    `cascade_min_prefix` > 0, plan a cascade over prefixes shared by at least that many slots."""
     tokens = [req.fill_ids[req.kv_len : req.kv_len + n] for req, n in plan]
     positions = [list(range(req.kv_len, req.kv_len + n)) for req, n in plan]
     fold: FoldPlan | None = None
@@ -86,6 +100,11 @@ def build_batch(
     else:
         forward, row_of = _layout_full(plan, tokens, positions, fold, cache)
     reqs = [r for r, _ in plan]
+    if cascade_min_prefix > 0:
+        by_row = {r.row: r for r in reqs}  # the forward's sequences (tree folding drops some)
+        forward.cascade = plan_cascade(
+            [by_row[row] for row in forward.req_rows], forward.prefix_lens, forward.seq_lens, cascade_min_prefix
+        )
     extend_lens = [n for _, n in plan]
     folded = fold.folded_tokens.tolist() if fold is not None else [0] * len(plan)
     ratio = fold.fold_ratio if fold is not None else 1.0
@@ -97,7 +116,9 @@ def build_batch(
     return batch
 
 
-def build_decode_ahead(reqs: list[Req], rows: list[int], cache: KVCacheManager) -> ScheduledBatch:
+def build_decode_ahead(
+    reqs: list[Req], rows: list[int], cache: KVCacheManager, cascade_min_prefix: int = 0
+) -> ScheduledBatch:
     """One more token for each of `reqs` whose input token is still on the device: row
     `rows[i]` of the previous step's sampled tokens (an overlapped decode step)."""
     slots = _alloc(cache, len(reqs))
@@ -116,7 +137,65 @@ def build_decode_ahead(reqs: list[Req], rows: list[int], cache: KVCacheManager) 
         extend_lens=[1] * n,
         logits_rows=torch.arange(n, dtype=torch.int64),
     )
+    if cascade_min_prefix > 0:
+        forward.cascade = plan_cascade(reqs, positions, [p + 1 for p in positions], cascade_min_prefix)
     return ScheduledBatch(forward, list(reqs), [1] * n, list(reqs), {}, {}, [0] * n, 1.0, [])
+
+
+def plan_cascade(
+    reqs: list[Req], prefix_lens: list[int], seq_lens: list[int], min_prefix: int
+) -> CascadePlan | None:
+    """Group consecutive sequences sharing at least `min_prefix` computed slots; None when no
+    group forms or the K/V reads saved are too small a share to pay for the second pass.
+
+    A group's prefix is the shortest shared length between neighbours inside it, and never
+    reaches a member's tokens of this batch (`prefix_lens`)."""
+    sizes: list[int] = []
+    prefixes: list[int] = []
+    prev: Req | None = None
+    prev_len = 0
+    for req, prefix_len in zip(reqs, prefix_lens):
+        shared = 0 if prev is None else min(shared_slots(prev, req), prefix_len, prev_len)
+        if shared >= min_prefix:
+            prefixes[-1] = shared if sizes[-1] == 1 else min(prefixes[-1], shared)
+            sizes[-1] += 1
+        else:
+            sizes.append(1)
+            prefixes.append(0)
+        prev, prev_len = req, prefix_len
+    saved = sum((n - 1) * p for n, p in zip(sizes, prefixes))
+    if saved == 0 or saved < CASCADE_MIN_SAVED_SHARE * sum(seq_lens):
+        return None
+    return CascadePlan(sizes, prefixes)
+
+
+def shared_slots(prev: Req, req: Req) -> int:
+    """How many leading slots `req`'s list shares with `prev`'s.
+
+    Sharing is prefix-closed (a slot reaches two lists only from a radix node path or a
+    donor's prefix, both whole prefixes), so a binary search finds the first difference;
+    a full comparison confirms it the first time. The result holds while both lists are
+    the same objects (a commit that re-points slots at the tree replaces the list) and
+    has found a difference (appending never extends a shared prefix then)."""
+    a, b = prev.slots, req.slots
+    memo = req.shared_memo
+    if memo is not None and memo[0] is a and memo[1] is b:
+        return memo[2]
+    n = min(len(a), len(b))
+    if n == 0 or a[0] != b[0]:
+        return 0
+    lo, hi = 1, n  # a[:lo] == b[:lo]; the first difference is at or before hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[mid - 1] == b[mid - 1]:
+            lo = mid
+        else:
+            hi = mid - 1
+    if a[:lo] != b[:lo]:  # not prefix-closed after all: share nothing rather than guess
+        lo = 0
+    if lo < n:
+        req.shared_memo = (a, b, lo)
+    return lo
 
 
 def _seq_offsets(plan: list[tuple[Req, int]]) -> np.ndarray:

@@ -97,6 +97,9 @@ class Req:
         # Tree fold mode: slots[cache_len:borrowed_len] point at a same-batch
         # donor's slots; the donor owns them until both are committed.
         self.borrowed_len = 0
+        # Cascade attention: (neighbour's slot list, own slot list, shared length) as last
+        # measured by batch_builder.shared_slots; valid while both lists are the same objects.
+        self.shared_memo: tuple[list[int], list[int], int] | None = None
 
         self.cached_tokens = 0  # prompt tokens matched in the tree at first admission
         self.folded_tokens = 0  # tokens computed by another sequence of the same batch

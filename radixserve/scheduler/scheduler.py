@@ -59,6 +59,7 @@ class SchedulerConfig(NamedTuple):
     fold_mode: str = "off"
     fold_threshold: float = 0.95
     batch_order: str = "prefix"  # or "arrival" (see EngineConfig.batch_order)
+    cascade_min_prefix: int = 0  # plan cascade attention over prefixes this long; 0: never
     # SGLang's new-token ratio: the share of a running request's remaining
     # max_tokens reserved when admitting others. It decays while memory holds
     # and jumps back after a retraction.
@@ -79,6 +80,7 @@ class Scheduler:
         self.retractions = 0
         self.folded_tokens = 0
         self.planned_tokens = 0  # tokens of prefill chunks and decodes, before folding
+        self.cascade_batches = 0  # batches whose attention ran as a cascade
         self._updates: list[StepUpdate] = []  # produced outside process() (aborts)
         self._reorder = False  # running changed in a way that may break batch_order
 
@@ -128,8 +130,11 @@ class Scheduler:
         self._admit(plan, budget)
         if not plan:
             return None
-        batch = build_batch(plan, self.cache, self.config.fold_mode, self.config.fold_threshold)
+        batch = build_batch(
+            plan, self.cache, self.config.fold_mode, self.config.fold_threshold, self.config.cascade_min_prefix
+        )
         self.cache.sync_table()
+        self.cascade_batches += batch.forward.cascade is not None
         self.planned_tokens += sum(batch.extend_lens)
         self.folded_tokens += sum(batch.folded)
         for req, k in zip(batch.reqs, batch.folded):
@@ -176,8 +181,9 @@ class Scheduler:
             self._decay_new_token_ratio()
         if not reqs:
             return None
-        batch = build_decode_ahead(reqs, rows, self.cache)
+        batch = build_decode_ahead(reqs, rows, self.cache, self.config.cascade_min_prefix)
         self.cache.sync_table()
+        self.cascade_batches += batch.forward.cascade is not None
         self.planned_tokens += len(reqs)
         return batch
 

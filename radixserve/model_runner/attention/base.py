@@ -14,9 +14,13 @@ class AttentionBackend(Protocol):
 
     `prepare` runs once per batch (build slot lists, masks, kernel metadata);
     `attend` runs once per layer after the layer's new K/V are in the pool.
+    A backend with `supports_cascade` honours `ForwardBatch.cascade` (a shared
+    prefix attended once per group, attention/cascade.py); the scheduler plans
+    cascades only for such backends.
     """
 
     name: str
+    supports_cascade: bool
 
     def prepare(self, batch: ForwardBatch, req_to_token: torch.Tensor) -> None: ...
 

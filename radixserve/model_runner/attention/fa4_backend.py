@@ -4,7 +4,10 @@ The pool `[slots + 1, Hkv, D]` is passed as is, viewed as pages of one token
 `[slots + 1, 1, Hkv, D]`, with each sequence's `req_to_token` row as its page
 table: no K/V is copied. One call per layer serves a whole mixed batch
 (decodes, prefill chunks over cached prefixes, fresh prefills); causal masking
-is aligned to the end of each sequence, as the interface requires.
+is aligned to the end of each sequence, as the interface requires. A batch with
+a cascade plan runs two calls per layer (the groups' shared prefixes, then each
+sequence's suffix, both with `return_lse`) and merges them (attention/cascade.py);
+the merge is fused by torch.compile.
 
 FA4 runs bf16/fp16 with head_dim in 8..256 (a multiple of 8) on SM 8.x-12.x.
 Other calls (fp32 engines, used by the CPU/GPU parity tests) go to the torch
@@ -13,11 +16,18 @@ reference, logged once, so forcing `fa4` never changes what a model computes.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Callable
 
 import torch
 
+from radixserve.model_runner.attention.cascade import (
+    CascadeMetadata,
+    build_cascade_metadata,
+    cascade_attend,
+    merge_states,
+)
 from radixserve.model_runner.attention.fallback import ReferenceFallback
 from radixserve.model_runner.attention.metadata import VarlenMetadata, build_varlen_metadata
 from radixserve.model_runner.forward_batch import ForwardBatch
@@ -41,8 +51,14 @@ def load_fa4() -> Callable | None:
     return flash_attn_varlen_func
 
 
+@functools.cache
+def _compiled_merge() -> Callable[..., torch.Tensor]:
+    return torch.compile(merge_states, dynamic=True, fullgraph=True)
+
+
 class FA4Attention:
     name = "fa4"
+    supports_cascade = True
 
     def __init__(self) -> None:
         fn = load_fa4()
@@ -50,33 +66,52 @@ class FA4Attention:
             raise ValueError("attention backend 'fa4' needs the flash-attn-4 package (flash_attn.cute)")
         self._fn = fn
         self._meta: VarlenMetadata | None = None
+        self._cascade: CascadeMetadata | None = None
         self._fallback = ReferenceFallback(self.name)
 
     def prepare(self, batch: ForwardBatch, req_to_token: torch.Tensor) -> None:
-        self._meta = build_varlen_metadata(batch, req_to_token)
+        if batch.cascade is not None:
+            self._meta, self._cascade = None, build_cascade_metadata(batch, req_to_token)
+        else:
+            self._meta, self._cascade = build_varlen_metadata(batch, req_to_token), None
         self._fallback.prepare(batch, req_to_token)
 
-    def prepare_graph(self, meta: VarlenMetadata) -> None:
-        """Use metadata built on the device (`decode_graph_metadata`) for a captured decode step.
-        Only the kernel path is capturable: the caller checks `fa4_supports` first."""
-        self._meta = meta
+    def prepare_graph(self, meta: VarlenMetadata | None, cascade: CascadeMetadata | None = None) -> None:
+        """Use metadata built on the device (`decode_graph_metadata`, or with a cascade plan
+        `graph_cascade_metadata`) for a captured decode step. Only the kernel path is
+        capturable: the caller checks `fa4_supports` first."""
+        self._meta, self._cascade = meta, cascade
 
     def attend(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
     ) -> torch.Tensor:
         if not fa4_supports(q.dtype, q.shape[-1]) or k_cache.dtype != q.dtype:
             return self._fallback.attend(q, k_cache, v_cache, scale)
-        m = self._meta
-        out, _ = self._fn(
+        if self._cascade is not None:
+            return cascade_attend(self._attend_lse, _compiled_merge(), q, k_cache, v_cache, scale, self._cascade)
+        out, _ = self._call(q, k_cache, v_cache, scale, self._meta, causal=True, return_lse=False)
+        return out
+
+    def _attend_lse(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
+        meta: VarlenMetadata, causal: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._call(q, k_cache, v_cache, scale, meta, causal=causal, return_lse=True)
+
+    def _call(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
+        meta: VarlenMetadata, causal: bool, return_lse: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self._fn(
             q,
             k_cache.unsqueeze(1),  # [pages, page_size = 1, Hkv, D], a view
             v_cache.unsqueeze(1),
-            cu_seqlens_q=m.cu_seqlens_q,
-            max_seqlen_q=m.max_seqlen_q,
-            max_seqlen_k=m.max_seqlen_k,
-            seqused_k=m.seqused_k,
-            page_table=m.page_table,
+            cu_seqlens_q=meta.cu_seqlens_q,
+            max_seqlen_q=meta.max_seqlen_q,
+            max_seqlen_k=meta.max_seqlen_k,
+            seqused_k=meta.seqused_k,
+            page_table=meta.page_table,
             softmax_scale=scale,
-            causal=True,
+            causal=causal,
+            return_lse=return_lse,
         )
-        return out

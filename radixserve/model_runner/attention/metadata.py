@@ -76,16 +76,20 @@ def decode_graph_metadata(
     `total_k` is unknown on the host (-1): this metadata serves page-table kernels (FA4) only.
     """
     seqused_k = seq_lens.to(torch.int32)
-    cu_seqlens_k = torch.nn.functional.pad(torch.cumsum(seqused_k, 0, dtype=torch.int32), (1, 0))
     return VarlenMetadata(
         cu_seqlens_q=cu_seqlens_q,
         seqused_k=seqused_k,
-        cu_seqlens_k=cu_seqlens_k,
+        cu_seqlens_k=cumulative_lens(seqused_k),
         page_table=req_to_token.index_select(0, req_rows).to(torch.int32),
         max_seqlen_q=1,
         max_seqlen_k=req_to_token.shape[1],
         total_k=-1,
     )
+
+
+def cumulative_lens(lens: torch.Tensor) -> torch.Tensor:
+    """[B + 1] int32 offsets `[0, l0, l0 + l1, ...]` of `[B]` lengths, on their device."""
+    return torch.nn.functional.pad(torch.cumsum(lens, 0, dtype=torch.int32), (1, 0))
 
 
 def flat_kv_slots(meta: VarlenMetadata) -> torch.Tensor:

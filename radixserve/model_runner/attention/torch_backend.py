@@ -2,7 +2,9 @@
 
 Runs anywhere (CPU tests, GPU checks). Causal masking is aligned to the end of
 each sequence: new token t of a sequence with prefix length p sees K/V
-positions 0..p+t.
+positions 0..p+t. A batch with a cascade plan runs the two cascade passes in
+float32 and merges them (attention/cascade.py), so the CPU tests check the
+cascade algebra the GPU kernels run.
 """
 
 from __future__ import annotations
@@ -10,18 +12,31 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from radixserve.model_runner.attention.cascade import (
+    CascadeMetadata,
+    build_cascade_metadata,
+    cascade_attend,
+    merge_states,
+    reference_attend_lse,
+)
 from radixserve.model_runner.forward_batch import ForwardBatch
 
 
 class TorchAttention:
     name = "torch"
+    supports_cascade = True
 
     def __init__(self) -> None:
         self._seqs: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] = []
+        self._cascade: CascadeMetadata | None = None
 
     def prepare(self, batch: ForwardBatch, req_to_token: torch.Tensor) -> None:
         """Per sequence: its rows in the batch, its slot list and its causal mask."""
         self._seqs = []
+        self._cascade = None
+        if batch.cascade is not None:
+            self._cascade = build_cascade_metadata(batch, req_to_token)
+            return
         start = 0
         for row, prefix, extend in zip(batch.req_rows, batch.prefix_lens, batch.extend_lens):
             total = prefix + extend
@@ -38,6 +53,8 @@ class TorchAttention:
     def attend(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
     ) -> torch.Tensor:
+        if self._cascade is not None:
+            return cascade_attend(reference_attend_lse, merge_states, q, k_cache, v_cache, scale, self._cascade)
         out = torch.empty_like(q)
         for start, extend, slots, mask in self._seqs:
             qi = q[start : start + extend].transpose(0, 1)  # [Hq, n, D]

@@ -51,6 +51,7 @@ def varlen_supports(dtype: torch.dtype, head_dim: int) -> bool:
 
 class TorchVarlenAttention:
     name = "torch_varlen"
+    supports_cascade = False  # not wired: the per-layer gather copies each whole context anyway
 
     def __init__(self) -> None:
         loaded = load_varlen()
