@@ -93,14 +93,16 @@ class StepTimeline:
             return out
 
         core.step = timed_step
+        self.compiled_before = _compiled_kernels()
         sched.schedule = lambda: note(schedule())
         sched.schedule_ahead = lambda prev: note(ahead(prev))
 
     def detach(self) -> None:
         self.core.step, self.core.scheduler.schedule, self.core.scheduler.schedule_ahead = self._originals
+        self.compiled = {k: v - self.compiled_before.get(k, 0) for k, v in _compiled_kernels().items()}
 
     def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = {"slowest_ms": sorted((round(1e3 * r[0], 1) for r in self.rows), reverse=True)[:8]}
         for kind, graph in (("graph", True), ("eager", False)):
             rows = [r for r in self.rows if r[1] == graph and r[2] > 0]
             if rows:
@@ -110,7 +112,23 @@ class StepTimeline:
                     "mean_sequences": sum(r[2] for r in rows) / len(rows),
                     "mean_groups": sum(r[3] for r in rows) / len(rows),
                 }
+        out["compiled_during_run"] = self.compiled
         return out
+
+
+def _compiled_kernels() -> dict[str, int]:
+    """Kernels compiled so far: FA4 variants, torch.compile graphs (a compile mid-run stalls it)."""
+    counts = {}
+    try:
+        from flash_attn.cute import interface
+
+        counts["fa4"] = len(interface._flash_attn_fwd.compile_cache)
+    except Exception:  # no FA4 here
+        pass
+    import torch._dynamo.utils
+
+    counts["dynamo_graphs"] = int(torch._dynamo.utils.counters["stats"].get("unique_graphs", 0))
+    return counts
 
 
 def run(

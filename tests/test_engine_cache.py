@@ -199,3 +199,27 @@ def test_batch_order_puts_shared_prefixes_side_by_side(tiny_qwen3_path, enable_p
 def test_batch_order_is_checked():
     with pytest.raises(ValueError, match="batch_order"):
         EngineConfig(batch_order="random")
+
+
+def test_lpm_groups_a_long_queue_by_prompt_start():
+    """Past LPM_MAX_WAITING waiting requests, LPM orders by prompt start (no tree walks):
+    groups in the order of their first arrival, arrival order inside a group, namespaces apart."""
+    from types import SimpleNamespace
+
+    from radixserve.scheduler.policy import LPM_MAX_WAITING, PREFIX_KEY_TOKENS, order_waiting
+
+    stems = {name: [ord(name)] * PREFIX_KEY_TOKENS for name in "abc"}
+    names = ["b", "a", "b", "c", "a", "c", "b"] * (LPM_MAX_WAITING // 7 + 1)
+    waiting = [
+        SimpleNamespace(rid=f"{n}{i}", fill_ids=stems[n] + [i], namespace="x" if n == "c" and i % 2 else None)
+        for i, n in enumerate(names)
+    ]
+    order = order_waiting(waiting, "lpm", tree=object(), step=0, aging_tokens_per_step=16)
+    assert sorted(order, key=id) == sorted(waiting, key=id)
+    groups = [(r.fill_ids[0], r.namespace) for r in order]
+    firsts = list(dict.fromkeys(groups))
+    assert firsts == [(ord("b"), None), (ord("a"), None), (ord("c"), "x"), (ord("c"), None)]
+    assert groups == sorted(groups, key=firsts.index)  # each group contiguous
+    for key in firsts:
+        members = [int(r.rid[1:]) for r in order if (r.fill_ids[0], r.namespace) == key]
+        assert members == sorted(members)

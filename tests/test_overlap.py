@@ -105,6 +105,34 @@ def test_engine_with_overlap_streams_aborts_and_matches(tiny_qwen3_path, make_en
     assert overlapped.stats()["generated_tokens"] >= sum(len(t) for t in want) * 2
 
 
+def test_overlap_runs_with_a_backlog_when_every_row_is_taken(tiny_qwen3_path):
+    """A queue longer than max_running_requests: decode steps still overlap while nothing
+    can be admitted (a request ending by length stops the overlap so the next one is
+    admitted at once); tokens and finish reasons equal the sequential run's."""
+    from radixserve.scheduler.scheduler import Scheduler
+
+    rng = random.Random(7)
+    prompts = shared_prefix_prompts(rng, 9)
+    params = [SamplingParams(max_tokens=rng.randrange(4, 16), temperature=0.8, ignore_eos=True) for _ in prompts]
+    waiting_when_ahead = []
+    original = Scheduler.schedule_ahead
+
+    def counted(self, prev):
+        waiting_when_ahead.append(len(self.waiting))
+        return original(self, prev)
+
+    small = dict(max_running_requests=3)
+    want, want_reqs, _ = _run(tiny_qwen3_path, prompts, params, overlap_schedule=False, **small)
+    Scheduler.schedule_ahead = counted
+    try:
+        got, got_reqs, _ = _run(tiny_qwen3_path, prompts, params, overlap_schedule=True, **small)
+    finally:
+        Scheduler.schedule_ahead = original
+    assert got == want
+    assert [r.finish_reason for r in got_reqs] == [r.finish_reason for r in want_reqs]
+    assert sum(1 for n in waiting_when_ahead if n > 0) > 5, waiting_when_ahead
+
+
 def test_overlap_option_is_checked(tiny_qwen3_path):
     from radixserve import Engine
 

@@ -147,11 +147,19 @@ class Scheduler:
         """Whether the next step may be built before `prev`'s results are processed.
 
         Only a run of plain decode steps overlaps: `prev` decoded every running request
-        and nothing else, nothing waits or was aborted, no retraction is needed, and no
-        request's sampling depends on its latest token (penalties, min_tokens). Anything
-        else waits for `prev` (the caller processes it first)."""
-        if self.waiting or self._updates or not prev.is_plain_decode:
+        and nothing else, nothing was aborted, no retraction is needed, no request's
+        sampling depends on its latest token (penalties, min_tokens), and nothing waits
+        that could be admitted (a backlog waits while every running row is taken; a
+        request that `prev` ends by a stop token frees its row one step later than
+        sequentially). Anything else waits for `prev` (the caller processes it first)."""
+        if self._updates or not prev.is_plain_decode:
             return False
+        if self.waiting:
+            if len(self.running) < self.config.max_running_requests or any(r.aborted for r in self.waiting):
+                return False
+            fill_limit = self._fill_limit()
+            if any(_ends_by_length(r, fill_limit, pending=1) for r in prev.sample_reqs):
+                return False  # a row frees up: admit in order
         members = {id(r) for r in prev.reqs}
         for req in self.running:
             p = req.params
