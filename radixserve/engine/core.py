@@ -87,6 +87,8 @@ class EngineCore:
             self.cache,
             eos_ids=frozenset(self.runner.model_config.eos_token_ids),
         )
+        if self.scheduler.config.cascade_min_prefix and self.runner.graphs is not None:
+            self.runner.graphs.cascade_graphs()  # capture now: not in the middle of serving
         # Overlapped scheduling (see step): None means on for CUDA devices.
         self.overlap = config.overlap_schedule if config.overlap_schedule is not None else self.device.type == "cuda"
         self._inflight: _Launched | None = None

@@ -6,10 +6,10 @@ for the cost of one call. A decode batch (every sequence extends by one token,
 no folding, logits only) of n <= the largest bucket runs in the smallest bucket
 bs >= n; anything else runs eagerly.
 
-Two sets of graphs: plain decode steps (captured at start, largest first into
-one memory pool) and cascade decode steps (a batch with `ForwardBatch.cascade`,
-attention/cascade.py; each bucket captured on its first use, into a pool of
-their own). Static state per set:
+Two sets of graphs, each captured largest first into one memory pool: plain
+decode steps (at start) and cascade decode steps (a batch with
+`ForwardBatch.cascade`, attention/cascade.py; at start when the engine has
+cascade attention on, else on first use). Static state per set:
 
     inputs        int64, one block per bucket bs, its first `width(bs)` entries:
                   plain    [5, bs]  input_ids, positions, out_slots, req_rows, seq_lens
@@ -147,11 +147,23 @@ class DecodeGraphRunner:
         top = self.buckets[-1]
         self._cu_seqlens_q = torch.arange(top + 1, dtype=torch.int32, device=self.device)
         self._plain = _GraphSet(False, top, self.device)
-        self._cascade: _GraphSet | None = None  # built with the first cascade step
+        self._cascade: _GraphSet | None = None  # see cascade_graphs
         for bs in reversed(self.buckets):  # largest first: smaller graphs reuse its pool
             self._capture(self._plain, bs)
         torch.cuda.synchronize(self.device)
         logger.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
+
+    def cascade_graphs(self) -> _GraphSet:
+        """The cascade decode graphs, captured for every bucket on the first call (the engine
+        calls it at start when cascade attention is on; a capture mid-run stalls a step)."""
+        if self._cascade is None:
+            graphs = _GraphSet(True, self.max_batch, self.device)
+            for bs in reversed(self.buckets):
+                self._capture(graphs, bs)
+            torch.cuda.synchronize(self.device)
+            self._cascade = graphs
+            logger.info("captured cascade decode CUDA graphs for batch sizes %s", self.buckets)
+        return self._cascade
 
     @property
     def max_batch(self) -> int:
@@ -208,14 +220,7 @@ class DecodeGraphRunner:
         The result may be a view of the graph's output: valid until the next replay."""
         n = batch.batch_size
         bs = self.buckets[bisect.bisect_left(self.buckets, n)]
-        graphs = self._plain
-        if batch.cascade is not None:
-            if self._cascade is None:
-                self._cascade = _GraphSet(True, self.max_batch, self.device)
-            graphs = self._cascade
-            if bs not in graphs.graphs:
-                self._capture(graphs, bs)
-                logger.info("captured a cascade decode CUDA graph for batch size %d", bs)
+        graphs = self._plain if batch.cascade is None else self.cascade_graphs()
         graphs.fill(batch, bs)
         if batch.input_source is not None:  # ids are rows of the previous step's tokens
             ids = graphs.inputs[:n]
