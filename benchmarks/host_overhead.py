@@ -1,0 +1,242 @@
+"""Host (Python) time per decode step, part by part, on the CPU.
+
+On a GPU, a decode step of the throughput run (256 sequences, temperature 0.6,
+CUDA graphs, overlapped scheduling) leaves the GPU idle for as long as the host
+takes longer than the GPU, so the host's share of a step is what this measures.
+The workload is throughput.py's (nano-vllm's: random prompts of 100-1024 tokens,
+temperature 0.6, ignore_eos) on a tiny random Qwen3 on the CPU, through the
+public `Engine.generate` (overlap on, fused kernels off). Every prompt is
+prefilled in one step; then each steady step (every sequence decoding, one step
+in flight) is timed by wrapping the engine's parts: the scheduler's, the
+sampler's, the engine loop's delivery. The forward and the sampler's tensor work
+are timed too but left out of the host total: on the CPU they compute, on a GPU
+they only launch (the forward is one graph replay).
+
+Prints a table of milliseconds per step (median over the timed steps), then with
+--profile N the cProfile top functions of N more steps (the forward left out),
+and with --json one JSON line instead.
+
+    python benchmarks/host_overhead.py
+    python benchmarks/host_overhead.py --steps 50 --profile 30
+    python benchmarks/host_overhead.py --num-seqs 8 --input-len 10 20 --steps 5 --json   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+from _workloads import emit, environment, nano_vllm_workload, random_checkpoint, SHAPES
+from radixserve import Engine, SamplingParams
+from radixserve.model_runner.sampler import SamplingBatch
+
+# (label, what it is) in the table's order; "forward" and "sample tensors" are device work.
+PARTS = (
+    ("schedule_ahead", "Scheduler.schedule_ahead: build step t+1"),
+    ("sampling_rows", "Scheduler.sampling_rows"),
+    ("sampling_batch", "SamplingBatch.build"),
+    ("to_host", "ModelRunner.to_host"),
+    ("process", "Scheduler.process: append tokens, stop checks"),
+    ("dispatch", "Engine._dispatch: trackers"),
+    ("stats", "EngineCore.stats (engine loop)"),
+    ("other", "the rest of the engine loop and step"),
+)
+DEVICE_PARTS = (("forward", "ModelRunner.forward (device work)"), ("sample_tensors", "sampler tensor ops (device work)"))
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="tiny-host", choices=sorted(SHAPES))
+    p.add_argument("--num-seqs", type=int, default=256)
+    p.add_argument("--input-len", type=int, nargs=2, default=(100, 1024), metavar=("MIN", "MAX"))
+    p.add_argument("--warmup", type=int, default=5, help="steady steps run before timing")
+    p.add_argument("--steps", type=int, default=40, help="steady steps timed")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="then profile N steady steps (cProfile)")
+    p.add_argument("--profile-top", type=int, default=25, help="functions listed from the profile")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON line instead of the tables")
+    return p.parse_args()
+
+
+class StepTimer:
+    """Times the engine loop's parts per iteration of `Engine._iterate`, for steady steps only.
+
+    A step is steady when it starts with a decode of every sequence in flight and leaves
+    the next one in flight: the overlapped path the GPU run spends its decode phase in."""
+
+    def __init__(self, engine: Engine, num_seqs: int, warmup: int, steps: int, profile_steps: int) -> None:
+        self.engine = engine
+        self.num_seqs = num_seqs
+        self.plan = [("warmup", warmup), ("timed", steps), ("profiled", profile_steps)]
+        self.current: dict[str, float] | None = None
+        self.timed: list[dict[str, float]] = []
+        self.profiler = cProfile.Profile()
+        self.profiling = False
+        self.steady_seen = 0
+        core, runner = engine.core, engine.core.runner
+        for obj, name, label in [
+            (core.scheduler, "schedule_ahead", "schedule_ahead"),
+            (core.scheduler, "sampling_rows", "sampling_rows"),
+            (core.scheduler, "process", "process"),
+            (runner, "forward", "forward"),
+            (runner, "sample", "sample"),
+            (runner, "to_host", "to_host"),
+            (engine, "_dispatch", "dispatch"),
+            (core, "stats", "stats"),
+        ]:
+            setattr(obj, name, self._timed(getattr(obj, name), label))
+        build = SamplingBatch.build  # a classmethod: wrapped on the class, restored by `restore`
+        self._restore_build = SamplingBatch.__dict__["build"]
+        SamplingBatch.build = classmethod(lambda cls, *a, **kw: self._timed(build, "sampling_batch")(*a, **kw))
+        engine._iterate = self._iteration(engine._iterate)
+
+    def restore(self) -> None:
+        SamplingBatch.build = self._restore_build
+
+    def _phase(self) -> str | None:
+        n = self.steady_seen
+        for name, count in self.plan:
+            if n < count:
+                return name
+            n -= count
+        return None
+
+    def _steady(self) -> bool:
+        core = self.engine.core
+        inflight = core._inflight
+        return (
+            inflight is not None
+            and len(inflight.batch.reqs) == self.num_seqs
+            and len(core.scheduler.running) == self.num_seqs
+            and not core.scheduler.waiting
+        )
+
+    def _timed(self, fn: Callable, label: str) -> Callable:
+        def wrapped(*a: Any, **kw: Any) -> Any:
+            pause = label == "forward" and self.profiling  # the profile is of the host's work
+            if pause:
+                self.profiler.disable()
+            start = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                if pause:
+                    self.profiler.enable()
+                if self.current is not None:
+                    self.current[label] = self.current.get(label, 0.0) + 1e3 * (time.perf_counter() - start)
+
+        return wrapped
+
+    def _iteration(self, iterate: Callable[[], bool]) -> Callable[[], bool]:
+        def wrapped() -> bool:
+            phase = self._phase() if self._steady() else None
+            if phase is None:
+                return iterate()
+            self.current = {}
+            self.profiling = phase == "profiled"
+            if self.profiling:
+                self.profiler.enable()
+            start = time.perf_counter()
+            more = iterate()
+            total = 1e3 * (time.perf_counter() - start)
+            if self.profiling:
+                self.profiler.disable()
+                self.profiling = False
+            record, self.current = self.current, None
+            if self.engine.core._inflight is None:  # the step did not stay on the overlapped path
+                return more
+            self.steady_seen += 1
+            if phase == "timed":
+                record["total"] = total
+                self.timed.append(record)
+            return more
+
+        return wrapped
+
+
+def summarize(records: list[dict[str, float]]) -> dict[str, float]:
+    """Median ms per step of each part; `host` is the step without the device work."""
+    per_part: dict[str, list[float]] = defaultdict(list)
+    for r in records:
+        sample_tensors = r.get("sample", 0.0) - r.get("sampling_batch", 0.0)
+        device = r.get("forward", 0.0) + sample_tensors
+        values = {label: r.get(label, 0.0) for label, _ in PARTS if label != "other"}
+        values["forward"] = r.get("forward", 0.0)
+        values["sample_tensors"] = sample_tensors
+        values["host"] = r["total"] - device
+        values["other"] = values["host"] - sum(v for k, v in values.items() if k in dict(PARTS))
+        values["total"] = r["total"]
+        for k, v in values.items():
+            per_part[k].append(v)
+    return {k: sorted(v)[len(v) // 2] for k, v in per_part.items()}
+
+
+def profile_top(profiler: cProfile.Profile, steps: int, top: int) -> list[str]:
+    """The functions with the most own time, in ms per step."""
+    stats = pstats.Stats(profiler, stream=io.StringIO())
+    rows = []
+    for (file, line, name), (_, calls, own, cumulative, _) in stats.stats.items():  # type: ignore[attr-defined]
+        where = f"{Path(file).name}:{line}({name})" if line else name
+        rows.append((own, cumulative, calls, where))
+    rows.sort(reverse=True)
+    return [
+        f"{1e3 * own / steps:7.3f} own {1e3 * cum / steps:7.3f} cum {calls / steps:7.0f} calls  {where}"
+        for own, cum, calls, where in rows[:top]
+    ]
+
+
+def main() -> None:
+    args = parse_args()
+    vocab = SHAPES[args.shape]["vocab_size"]
+    seqs = nano_vllm_workload(args.num_seqs, args.seed, tuple(args.input_len), (1, 1), vocab=vocab)
+    steady = args.warmup + args.steps + args.profile
+    max_tokens = steady + 4  # the prefill's token, the first decode, and slack for the last steps
+    prompt_tokens = sum(len(s.prompt) for s in seqs)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = random_checkpoint(args.shape, Path(tmp) / args.shape, "cpu", seed=args.seed)
+        # Admission counts a prompt twice against the pool (the step's tokens, and the reserve
+        # for running requests, which includes them), so twice the prompts fit in one step.
+        engine = Engine(
+            str(ckpt), device="cpu", dtype="float32", max_running_requests=args.num_seqs,
+            max_prefill_tokens=prompt_tokens, kv_cache_tokens=2 * prompt_tokens + args.num_seqs * (max_tokens + 2),
+            overlap_schedule=True, fused_kernels=False, cuda_graphs=False, show_progress=False,
+        )
+    timer = StepTimer(engine, args.num_seqs, args.warmup, args.steps, args.profile)
+    try:
+        params = [SamplingParams(max_tokens=max_tokens, temperature=0.6, ignore_eos=True, seed=i) for i in range(len(seqs))]
+        engine.generate([s.prompt for s in seqs], params, progress=False)
+    finally:
+        timer.restore()
+        engine.shutdown()
+    if len(timer.timed) < args.steps:
+        raise RuntimeError(f"only {len(timer.timed)} of {args.steps} steps were steady decode steps")
+    ms = summarize(timer.timed)
+    top = profile_top(timer.profiler, args.profile, args.profile_top) if args.profile else []
+    record = {
+        "bench": "host_overhead", "shape": args.shape, **environment("cpu"), "num_seqs": args.num_seqs,
+        "prompt_tokens": prompt_tokens, "steps": len(timer.timed), "ms_per_step": ms, "profile_top": top,
+    }
+    if args.json:
+        emit(record)
+        return
+    print(f"{args.num_seqs} sequences, {prompt_tokens} prompt tokens, median of {len(timer.timed)} steady decode steps")
+    print(f"{'part':<16}{'ms/step':>9}  what")
+    for label, what in PARTS:
+        print(f"{label:<16}{ms[label]:9.3f}  {what}")
+    print(f"{'host':<16}{ms['host']:9.3f}  the step less the device work (parts summed per step)")
+    for label, what in DEVICE_PARTS:
+        print(f"{label:<16}{ms[label]:9.3f}  {what}, not in host")
+    if top:
+        print(f"\ncProfile over {args.profile} steady steps, by own time (ms per step):")
+        print("\n".join(top))
+
+
+if __name__ == "__main__":
+    main()
