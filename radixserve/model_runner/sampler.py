@@ -1,9 +1,12 @@
 """Batched next-token sampling on the device, every parameter per row.
 
-`SamplingBatch.build` turns per-row inputs into device tensors once per step
-(that is where the Python loop over rows lives); `sample(logits, batch)` is then
-pure tensor work: no loop over rows, no host sync. The caller copies
-`SampleOutput` to the host when it needs the tokens.
+`SamplingBatch.build` turns per-row inputs into device tensors (that is where
+the Python loop over rows lives); `sample(logits, batch)` is then pure tensor
+work: no loop over rows, no host sync. The caller copies `SampleOutput` to the
+host when it needs the tokens. For the next step of the same rows,
+`SamplingBatch.next_step` moves the batch on without the loop: only the noise
+depends on the step, unless a row's penalties or suppressed ids depend on its
+tokens.
 
 Order of processing, per row (greedy rows stop after step 3):
 
@@ -23,6 +26,8 @@ Order of processing, per row (greedy rows stop after step 3):
 Seeds: `u` is a counter-based hash of (seed, step, vocab index), so a row's
 draw depends on nothing else in the batch (no torch.Generator, no shared state):
 the same seed at the same step picks the same token in any batch, at any row.
+The seed is hashed once per row on the host (`seed_keys`); the step joins it
+where the noise is drawn, so moving a batch a step on is one add on the device.
 The n completions of one request therefore need n seeds (the scheduler's job).
 CPU (torch) and CUDA (Triton) hash the same bits; their logs may differ in the
 last ulp, so a token can differ across devices only on a near-exact tie.
@@ -34,6 +39,7 @@ trainers compute importance ratios against them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -101,7 +107,8 @@ class SamplingBatch:
     log_min_p: torch.Tensor | None  # [B] float32 log(min_p); -inf where disabled
     penalties: _Penalties | None
     suppress: tuple[torch.Tensor, torch.Tensor] | None  # (rows, ids), both [S] int64
-    noise_keys: torch.Tensor | None  # [2, B] int64 (two 32-bit keys per row); None if all greedy
+    seed_keys: torch.Tensor | None  # [B] int64, each row's seed hashed (32 bits); None if all greedy
+    steps: torch.Tensor | None  # [B] int64, each row's step; None if all greedy
     num_logprobs: int | None  # top alternatives to return (max over rows); None: no logprobs
 
     @classmethod
@@ -124,7 +131,7 @@ class SamplingBatch:
         floats = _to_device(torch.tensor([temperature, top_p, min_p], dtype=torch.float32), device)
         ints = torch.tensor([greedy, top_k], dtype=torch.int64)
         if not all(greedy):
-            ints = torch.cat([ints, _noise_keys(rows)])
+            ints = torch.cat([ints, _seed_keys_and_steps(rows)])
         ints = _to_device(ints, device)
         return cls(
             size=len(rows),
@@ -139,9 +146,20 @@ class SamplingBatch:
             log_min_p=floats[2].log() if max(min_p) > 0.0 else None,
             penalties=_build_penalties(rows, vocab_size, device),
             suppress=_build_suppress(rows, vocab_size, device),
-            noise_keys=None if all(greedy) else ints[2:4],
+            seed_keys=None if all(greedy) else ints[2],
+            steps=None if all(greedy) else ints[3],
             num_logprobs=max(requested) if requested else None,
         )
+
+    def next_step(self) -> SamplingBatch | None:
+        """This batch for the same rows one step later (each row has drawn one more token),
+        without a loop over rows. None when a row's sampling depends on its tokens
+        (penalties, suppressed ids): only `build` from the rows knows those."""
+        if self.penalties is not None or self.suppress is not None:
+            return None
+        if self.steps is None:  # all greedy: nothing depends on the step
+            return self
+        return dataclasses.replace(self, steps=self.steps + 1)
 
 
 def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -217,8 +235,8 @@ def _filter(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 def _draw(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """argmax(x + Gumbel noise) per row; greedy rows get no noise."""
     if x.is_cuda and triton is not None:
-        return _draw_triton(x.contiguous(), batch.noise_keys, batch.greedy)
-    noise = _gumbel_noise(batch.noise_keys, batch.vocab_size)
+        return _draw_triton(x.contiguous(), batch)
+    noise = _gumbel_noise(_noise_keys(batch.seed_keys, batch.steps), batch.vocab_size)
     if batch.any_greedy:
         noise = noise.masked_fill_(batch.greedy[:, None], 0.0)
     return (x + noise).argmax(dim=-1)
@@ -236,15 +254,21 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def _noise_keys(rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """[2, B] int64 per-row keys from (seed mod 2**64, step): the hash counter's row part (on the host)."""
+def _seed_keys_and_steps(rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """[2, B] int64 (on the host): each row's seed (mod 2**64) hashed, and its step."""
     if any(r.step < 0 for r in rows):
         raise ValueError("SamplingRow.step must be >= 0")
     seeds = [int(r.seed) % (1 << 64) for r in rows]
     lo = torch.tensor([s & _U32 for s in seeds], dtype=torch.int64)
     hi = torch.tensor([s >> 32 for s in seeds], dtype=torch.int64)
-    step = torch.tensor([r.step & _U32 for r in rows], dtype=torch.int64)
-    key1 = _mix32(_mix32(_mix32(lo ^ 0x9E3779B9) ^ hi) ^ step)
+    steps = torch.tensor([r.step for r in rows], dtype=torch.int64)
+    return torch.stack([_mix32(_mix32(lo ^ 0x9E3779B9) ^ hi), steps])
+
+
+def _noise_keys(seed_keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """[2, B] int64 per-row keys from the seed keys and steps (mod 2**32): the hash counter's
+    row part. The Triton kernel computes the same two keys per row."""
+    key1 = _mix32(seed_keys ^ (steps & _U32))
     return torch.stack([key1, _mix32(key1 ^ 0x85EBCA6B)])
 
 
@@ -339,7 +363,8 @@ if triton is not None:
 
     @triton.jit
     def _gumbel_argmax_kernel(
-        x_ptr, keys_ptr, greedy_ptr, best_ptr, best_index_ptr, num_rows, vocab_size, num_blocks, BLOCK: tl.constexpr
+        x_ptr, seed_keys_ptr, steps_ptr, greedy_ptr, best_ptr, best_index_ptr, vocab_size, num_blocks,
+        BLOCK: tl.constexpr,
     ):
         """One (row, block of the vocab) per program: the block's max of x + noise and where it is."""
         row = tl.program_id(0).to(tl.int64)
@@ -347,8 +372,9 @@ if triton is not None:
         cols = block * BLOCK + tl.arange(0, BLOCK)
         inside = cols < vocab_size
         x = tl.load(x_ptr + row * vocab_size + cols, mask=inside, other=float("-inf"))
-        key1 = tl.load(keys_ptr + row).to(tl.uint32)  # keys is [2, rows]
-        key2 = tl.load(keys_ptr + num_rows + row).to(tl.uint32)
+        # The row's keys as _noise_keys computes them; to(uint32) keeps the step's low 32 bits.
+        key1 = _mix32_tl(tl.load(seed_keys_ptr + row).to(tl.uint32) ^ tl.load(steps_ptr + row).to(tl.uint32))
+        key2 = _mix32_tl(key1 ^ 0x85EBCA6B)
         h = _mix32_tl(_mix32_tl(cols.to(tl.uint32) ^ key1) ^ key2)
         u = (h.to(tl.float32) + 0.5) * 2.3283064365386963e-10  # * 2**-32, as in _gumbel_noise
         noise = -libdevice.log(-libdevice.log1p(-u))
@@ -359,13 +385,14 @@ if triton is not None:
         tl.store(best_index_ptr + row * num_blocks + block, block * BLOCK + index)
 
 
-def _draw_triton(x: torch.Tensor, keys: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
+def _draw_triton(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     rows, vocab_size = x.shape
     num_blocks = triton.cdiv(vocab_size, _DRAW_BLOCK)
     best = torch.empty(rows, num_blocks, dtype=torch.float32, device=x.device)
     best_index = torch.empty(rows, num_blocks, dtype=torch.int64, device=x.device)
     _gumbel_argmax_kernel[(rows, num_blocks)](
-        x, keys, greedy, best, best_index, rows, vocab_size, num_blocks, BLOCK=_DRAW_BLOCK, num_warps=8
+        x, batch.seed_keys, batch.steps, batch.greedy, best, best_index, vocab_size, num_blocks,
+        BLOCK=_DRAW_BLOCK, num_warps=8,
     )
     # The first block holding the row max: ties resolve to the lowest index, as torch.argmax does.
     return best_index.gather(1, best.argmax(dim=1, keepdim=True)).squeeze(1)
