@@ -13,8 +13,8 @@ are timed too but left out of the host total: on the CPU they compute, on a GPU
 they only launch (the forward is one graph replay).
 
 Prints a table of milliseconds per step (median over the timed steps), then with
---profile N the cProfile top functions of N more steps (the forward left out),
-and with --json one JSON line instead.
+--profile N the cProfile top functions of N more steps (the device work left
+out), and with --json one JSON line instead.
 
     python benchmarks/host_overhead.py
     python benchmarks/host_overhead.py --steps 50 --profile 30
@@ -35,20 +35,20 @@ from typing import Any, Callable
 
 from _workloads import emit, environment, nano_vllm_workload, random_checkpoint, SHAPES
 from radixserve import Engine, SamplingParams
-from radixserve.model_runner.sampler import SamplingBatch
 
-# (label, what it is) in the table's order; "forward" and "sample tensors" are device work.
+# (label, what it is) in the table's order. The host parts:
 PARTS = (
+    ("can_ahead", "Scheduler.can_schedule_ahead"),
     ("schedule_ahead", "Scheduler.schedule_ahead: build step t+1"),
-    ("sampling_rows", "Scheduler.sampling_rows"),
-    ("sampling_batch", "SamplingBatch.build"),
+    ("sampling", "EngineCore._sampling_batch: rows and build, or next_step"),
     ("to_host", "ModelRunner.to_host"),
     ("process", "Scheduler.process: append tokens, stop checks"),
     ("dispatch", "Engine._dispatch: trackers"),
     ("stats", "EngineCore.stats (engine loop)"),
     ("other", "the rest of the engine loop and step"),
 )
-DEVICE_PARTS = (("forward", "ModelRunner.forward (device work)"), ("sample_tensors", "sampler tensor ops (device work)"))
+# The device work: on the CPU it computes, on a GPU it only launches.
+DEVICE_PARTS = (("forward", "ModelRunner.forward"), ("sample", "ModelRunner.sample: the sampler's tensor ops"))
 
 
 def parse_args() -> argparse.Namespace:
@@ -81,9 +81,11 @@ class StepTimer:
         self.profiling = False
         self.steady_seen = 0
         core, runner = engine.core, engine.core.runner
+        # Wrapped on the instances, so the engine runs as it is.
         for obj, name, label in [
+            (core.scheduler, "can_schedule_ahead", "can_ahead"),
             (core.scheduler, "schedule_ahead", "schedule_ahead"),
-            (core.scheduler, "sampling_rows", "sampling_rows"),
+            (core, "_sampling_batch", "sampling"),
             (core.scheduler, "process", "process"),
             (runner, "forward", "forward"),
             (runner, "sample", "sample"),
@@ -92,13 +94,7 @@ class StepTimer:
             (core, "stats", "stats"),
         ]:
             setattr(obj, name, self._timed(getattr(obj, name), label))
-        build = SamplingBatch.build  # a classmethod: wrapped on the class, restored by `restore`
-        self._restore_build = SamplingBatch.__dict__["build"]
-        SamplingBatch.build = classmethod(lambda cls, *a, **kw: self._timed(build, "sampling_batch")(*a, **kw))
         engine._iterate = self._iteration(engine._iterate)
-
-    def restore(self) -> None:
-        SamplingBatch.build = self._restore_build
 
     def _phase(self) -> str | None:
         n = self.steady_seen
@@ -120,7 +116,7 @@ class StepTimer:
 
     def _timed(self, fn: Callable, label: str) -> Callable:
         def wrapped(*a: Any, **kw: Any) -> Any:
-            pause = label == "forward" and self.profiling  # the profile is of the host's work
+            pause = self.profiling and label in dict(DEVICE_PARTS)  # the profile is of the host's work
             if pause:
                 self.profiler.disable()
             start = time.perf_counter()
@@ -165,13 +161,9 @@ def summarize(records: list[dict[str, float]]) -> dict[str, float]:
     """Median ms per step of each part; `host` is the step without the device work."""
     per_part: dict[str, list[float]] = defaultdict(list)
     for r in records:
-        sample_tensors = r.get("sample", 0.0) - r.get("sampling_batch", 0.0)
-        device = r.get("forward", 0.0) + sample_tensors
-        values = {label: r.get(label, 0.0) for label, _ in PARTS if label != "other"}
-        values["forward"] = r.get("forward", 0.0)
-        values["sample_tensors"] = sample_tensors
-        values["host"] = r["total"] - device
-        values["other"] = values["host"] - sum(v for k, v in values.items() if k in dict(PARTS))
+        values = {label: r.get(label, 0.0) for label, _ in PARTS + DEVICE_PARTS if label != "other"}
+        values["host"] = r["total"] - sum(values[label] for label, _ in DEVICE_PARTS)
+        values["other"] = values["host"] - sum(values[label] for label, _ in PARTS if label != "other")
         values["total"] = r["total"]
         for k, v in values.items():
             per_part[k].append(v)
@@ -213,7 +205,6 @@ def main() -> None:
         params = [SamplingParams(max_tokens=max_tokens, temperature=0.6, ignore_eos=True, seed=i) for i in range(len(seqs))]
         engine.generate([s.prompt for s in seqs], params, progress=False)
     finally:
-        timer.restore()
         engine.shutdown()
     if len(timer.timed) < args.steps:
         raise RuntimeError(f"only {len(timer.timed)} of {args.steps} steps were steady decode steps")
@@ -232,7 +223,7 @@ def main() -> None:
         print(f"{label:<16}{ms[label]:9.3f}  {what}")
     print(f"{'host':<16}{ms['host']:9.3f}  the step less the device work (parts summed per step)")
     for label, what in DEVICE_PARTS:
-        print(f"{label:<16}{ms[label]:9.3f}  {what}, not in host")
+        print(f"{label:<16}{ms[label]:9.3f}  {what} (device work, not in host)")
     if top:
         print(f"\ncProfile over {args.profile} steady steps, by own time (ms per step):")
         print("\n".join(top))

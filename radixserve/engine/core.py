@@ -14,6 +14,7 @@ import torch
 
 from radixserve.engine.config import EngineConfig
 from radixserve.model_runner.model_runner import DTYPES, ForwardOutput, HostSample, ModelRunner
+from radixserve.model_runner.sampler import SamplingBatch
 from radixserve.radix_tree import RadixTree
 from radixserve.scheduler.batch_builder import ScheduledBatch
 from radixserve.scheduler.kv_cache import KVCacheManager
@@ -29,6 +30,13 @@ class _Launched(NamedTuple):
     batch: ScheduledBatch
     out: ForwardOutput
     sampled: HostSample | None
+
+
+class _Sampling(NamedTuple):
+    """The sampling tensors of the last step that sampled, and the requests of their rows."""
+
+    reqs: list[Req]
+    batch: SamplingBatch
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -89,6 +97,7 @@ class EngineCore:
         # Overlapped scheduling (see step): None means on for CUDA devices.
         self.overlap = config.overlap_schedule if config.overlap_schedule is not None else self.device.type == "cuda"
         self._inflight: _Launched | None = None
+        self._last_sampling: _Sampling | None = None
         self.prompt_tokens = 0
         self.generated_tokens = 0
         self.computed_tokens = 0
@@ -151,11 +160,30 @@ class EngineCore:
         out = self.runner.forward(batch.forward)
         sampled = None
         if batch.sample_reqs:
-            rows = self.scheduler.sampling_rows(batch, ahead=prev is not None)
-            sampled = self.runner.to_host(self.runner.sample(out.logits, rows))
+            sampling = self._sampling_batch(batch, ahead=prev is not None)
+            sampled = self.runner.to_host(self.runner.sample(out.logits, sampling))
         self.steps += 1
         self.computed_tokens += batch.forward.num_tokens
         return _Launched(batch, out, sampled)
+
+    def _sampling_batch(self, batch: ScheduledBatch, ahead: bool) -> SamplingBatch:
+        """The step's sampling tensors, built from its rows (a Python loop over requests) only
+        when the requests it samples differ from the last sampling step's.
+
+        Same requests in the same order: each has drawn exactly one token since (a request
+        is sampled once per step it runs in, and its seed step counts its draws), and its
+        params and seed never change, so the last tensors one step on are this step's
+        (`SamplingBatch.next_step`, None where penalties or suppressed ids need a rebuild)."""
+        last = self._last_sampling
+        if last is not None and last.reqs == batch.sample_reqs:
+            moved = last.batch.next_step()
+            if moved is not None:
+                self._last_sampling = _Sampling(last.reqs, moved)
+                return moved
+        rows = self.scheduler.sampling_rows(batch, ahead)
+        sampling = SamplingBatch.build(rows, self.runner.vocab_size, self.device)
+        self._last_sampling = _Sampling(batch.sample_reqs, sampling)
+        return sampling
 
     def _complete(self, launched: "_Launched") -> list[StepUpdate]:
         sampled = None if launched.sampled is None else launched.sampled.wait()
