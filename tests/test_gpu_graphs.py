@@ -26,6 +26,41 @@ def test_cuda_graphs_on_cpu_is_a_value_error(tiny_qwen3_path):
         Engine(str(tiny_qwen3_path), device="cpu", cuda_graphs=True, show_progress=False)
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_staged_graph_inputs_are_the_batch_then_padding(tiny_qwen3_path, monkeypatch, overlap):
+    """The graph's input block is staged on the host (no GPU needed): for every decode batch
+    the scheduler builds (cache hits, folding, arrivals), the batch's columns, its sequence
+    lengths among them, then padding rows."""
+    import random
+
+    import numpy as np
+
+    from radixserve.model_runner.cuda_graph import stage_inputs
+    from test_engine_cache import run_core, shared_prefix_prompts
+
+    staged = []
+    forward = ModelRunner.forward
+
+    def stage_then_forward(self, batch):
+        if batch.is_decode:
+            n = batch.batch_size
+            host = np.full((5, n + 3), -1, dtype=np.int64)
+            stage_inputs(host, batch)
+            columns = [batch.input_ids, batch.positions, batch.out_slots, batch.req_rows, batch.seq_lens]
+            assert host[:, :n].tolist() == [list(map(int, c)) for c in columns]
+            assert host[:, n:].tolist() == [[0] * 3] * 4 + [[1] * 3]
+            staged.append(n)
+        return forward(self, batch)
+
+    monkeypatch.setattr(ModelRunner, "forward", stage_then_forward)
+    rng = random.Random(4)
+    prompts = shared_prefix_prompts(rng, 10)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    run_core(tiny_qwen3_path, prompts, params, arrivals=[rng.randrange(0, 8) for _ in prompts],
+             overlap_schedule=overlap)
+    assert len(staged) > 5 and max(staged) > 3
+
+
 # -- runner level: logits of padded buckets against eager -----------------------------------------
 
 

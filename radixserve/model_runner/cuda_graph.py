@@ -29,6 +29,7 @@ import bisect
 import logging
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from radixserve.model_runner.attention.fa4_backend import FA4Attention, fa4_supports
@@ -44,11 +45,28 @@ BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 # Rows of the static input buffer, and what a padding row holds in each.
 _IDS, _POS, _SLOTS, _ROWS, _LENS = range(5)
 _PADDING = (0, 0, 0, 0, 1)
+_PADDING_COLUMN = np.array(_PADDING, dtype=np.int64)[:, None]
 
 
 def graph_buckets(max_batch: int) -> list[int]:
     """The batch sizes captured: BUCKETS up to `max_batch`, and `max_batch` itself."""
     return sorted({b for b in BUCKETS if b < max_batch} | {max_batch})
+
+
+def stage_inputs(host: np.ndarray, batch: ForwardBatch) -> None:
+    """Write a decode batch's inputs into `host`, its bucket's [5, bs] block, padding after.
+
+    Numpy on the block's memory, from views of the batch's tensors: a few microseconds,
+    where each tensor op or list conversion would cost the host more. A decode batch's
+    token i is sequence i's one token, at position prefix_lens[i]: the sequence lengths
+    are the positions plus one."""
+    n = batch.batch_size
+    host[_IDS, :n] = batch.input_ids.numpy()
+    host[_POS, :n] = batch.positions.numpy()
+    host[_SLOTS, :n] = batch.out_slots.numpy()
+    host[_ROWS, :n] = batch.req_rows
+    np.add(host[_POS, :n], 1, out=host[_LENS, :n])
+    host[:, n:] = _PADDING_COLUMN
 
 
 def unsupported_reason(runner: ModelRunner) -> str | None:
@@ -81,6 +99,7 @@ class DecodeGraphRunner:
         # Flat, so that each bucket's [5, bs] block is contiguous (one plain copy fills it).
         self._inputs = torch.zeros(5 * top, dtype=torch.int64, device=self.device)
         self._host = torch.zeros(5 * top, dtype=torch.int64).pin_memory()
+        self._host_array = self._host.numpy()  # the same pinned memory, for stage_inputs
         self._host_free = torch.cuda.Event()  # the last copy out of `_host` has finished
         self._host_free.record()
         self._cu_seqlens_q = torch.arange(top + 1, dtype=torch.int32, device=self.device)
@@ -140,13 +159,7 @@ class DecodeGraphRunner:
         # One host-to-device copy carries the whole bucket, padding included. The pinned
         # buffer is rewritten only once the previous copy out of it has finished.
         self._host_free.synchronize()
-        host = self._host[: 5 * bs].view(5, bs)
-        host[_IDS, :n] = batch.input_ids
-        host[_POS, :n] = batch.positions
-        host[_SLOTS, :n] = batch.out_slots
-        host[_ROWS, :n] = torch.as_tensor(batch.req_rows, dtype=torch.int64)
-        host[_LENS, :n] = torch.as_tensor(batch.seq_lens, dtype=torch.int64)
-        host[:, n:] = torch.tensor(_PADDING, dtype=torch.int64)[:, None]
+        stage_inputs(self._host_array[: 5 * bs].reshape(5, bs), batch)
         self._inputs[: 5 * bs].copy_(self._host[: 5 * bs], non_blocking=True)
         self._host_free.record()
         if batch.input_source is not None:  # ids are rows of the previous step's tokens
