@@ -12,12 +12,18 @@ sampler's, the engine loop's delivery. The forward and the sampler's tensor work
 are timed too but left out of the host total: on the CPU they compute, on a GPU
 they only launch (the forward is one graph replay).
 
+The CPU forward also evicts the host's caches between the parts, which a GPU's
+does not: --stub-device replaces the full decode steps' forward and sampler
+tensor work with stand-ins of the right shape (fixed random logits, random
+tokens; with ignore_eos the steps take the same path), for host times closer to
+a GPU host's.
+
 Prints a table of milliseconds per step (median over the timed steps), then with
 --profile N the cProfile top functions of N more steps (the device work left
 out), and with --json one JSON line instead.
 
     python benchmarks/host_overhead.py
-    python benchmarks/host_overhead.py --steps 50 --profile 30
+    python benchmarks/host_overhead.py --stub-device --steps 200 --profile 50
     python benchmarks/host_overhead.py --num-seqs 8 --input-len 10 20 --steps 5 --json   # smoke test
 """
 
@@ -33,8 +39,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from _workloads import emit, environment, nano_vllm_workload, random_checkpoint, SHAPES
 from radixserve import Engine, SamplingParams
+from radixserve.model_runner.model_runner import ForwardOutput, ModelRunner
+from radixserve.model_runner.sampler import SampleOutput
 
 # (label, what it is) in the table's order. The host parts:
 PARTS = (
@@ -60,9 +70,30 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=40, help="steady steps timed")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="then profile N steady steps (cProfile)")
     p.add_argument("--profile-top", type=int, default=25, help="functions listed from the profile")
+    p.add_argument("--stub-device", action="store_true", help="stand-ins for the decode steps' device work")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON line instead of the tables")
     return p.parse_args()
+
+
+def stub_device_work(runner: ModelRunner, num_seqs: int) -> None:
+    """Full decode steps get fixed random logits and random tokens instead of the forward and
+    the sampler's tensor work; every other step runs as it is."""
+    forward, sample = runner.forward, runner.sample
+    vocab = runner.vocab_size
+    logits = torch.randn(num_seqs, vocab)
+
+    def stand_in_forward(batch: Any) -> ForwardOutput:
+        if batch.batch_size == num_seqs and batch.is_decode:
+            return ForwardOutput(logits, None, None)
+        return forward(batch)
+
+    def stand_in_sample(step_logits: torch.Tensor, sampling: Any) -> SampleOutput:
+        if step_logits is logits:
+            return SampleOutput(torch.randint(vocab, (num_seqs,)), None, None, None)
+        return sample(step_logits, sampling)
+
+    runner.forward, runner.sample = stand_in_forward, stand_in_sample
 
 
 class StepTimer:
@@ -200,6 +231,8 @@ def main() -> None:
             max_prefill_tokens=prompt_tokens, kv_cache_tokens=2 * prompt_tokens + args.num_seqs * (max_tokens + 2),
             overlap_schedule=True, fused_kernels=False, cuda_graphs=False, show_progress=False,
         )
+    if args.stub_device:
+        stub_device_work(engine.core.runner, args.num_seqs)
     timer = StepTimer(engine, args.num_seqs, args.warmup, args.steps, args.profile)
     try:
         params = [SamplingParams(max_tokens=max_tokens, temperature=0.6, ignore_eos=True, seed=i) for i in range(len(seqs))]
@@ -212,12 +245,15 @@ def main() -> None:
     top = profile_top(timer.profiler, args.profile, args.profile_top) if args.profile else []
     record = {
         "bench": "host_overhead", "shape": args.shape, **environment("cpu"), "num_seqs": args.num_seqs,
-        "prompt_tokens": prompt_tokens, "steps": len(timer.timed), "ms_per_step": ms, "profile_top": top,
+        "prompt_tokens": prompt_tokens, "stub_device": args.stub_device, "steps": len(timer.timed),
+        "ms_per_step": ms, "profile_top": top,
     }
     if args.json:
         emit(record)
         return
-    print(f"{args.num_seqs} sequences, {prompt_tokens} prompt tokens, median of {len(timer.timed)} steady decode steps")
+    device = "stand-ins for the device work" if args.stub_device else "the device work computed on the CPU"
+    print(f"{args.num_seqs} sequences, {prompt_tokens} prompt tokens, {device}, "
+          f"median of {len(timer.timed)} steady decode steps")
     print(f"{'part':<16}{'ms/step':>9}  what")
     for label, what in PARTS:
         print(f"{label:<16}{ms[label]:9.3f}  {what}")
