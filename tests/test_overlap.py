@@ -21,12 +21,13 @@ from test_sampler import assert_same_sampling_batch
 @pytest.fixture
 def sampling_checks(monkeypatch):
     """Check each step's sampling tensors against a build from the step's rows; count the
-    steps that moved the last tensors on ("moved") and those that built them ("built")."""
+    steps that moved the last tensors on ("moved"; "subset" of them for other requests than
+    the last step's) and those that built them ("built")."""
     from radixserve.engine.core import EngineCore
     from radixserve.model_runner.sampler import SamplingBatch
     from radixserve.scheduler.scheduler import Scheduler
 
-    counts = {"moved": 0, "built": 0}
+    counts = {"moved": 0, "subset": 0, "built": 0}
     builds = []
     sampling_rows = Scheduler.sampling_rows
     sampling_batch = EngineCore._sampling_batch
@@ -37,8 +38,11 @@ def sampling_checks(monkeypatch):
 
     def checked(self, batch, ahead):
         before = len(builds)
+        same = self._last_sampling is not None and self._last_sampling.reqs == batch.sample_reqs
         got = sampling_batch(self, batch, ahead)
-        counts["built" if len(builds) > before else "moved"] += 1
+        built = len(builds) > before
+        counts["built" if built else "moved"] += 1
+        counts["subset"] += not built and not same
         fresh = SamplingBatch.build(sampling_rows(self, batch, ahead), self.runner.vocab_size, self.device)
         assert_same_sampling_batch(got, fresh)
         return got
@@ -80,7 +84,7 @@ def test_overlap_matches_sequential_with_arrivals_and_sampling(tiny_qwen3_path, 
     want, want_reqs, _ = _run(tiny_qwen3_path, prompts, params, arrivals=arrivals, overlap_schedule=False)
     got, got_reqs, ahead = _run(tiny_qwen3_path, prompts, params, arrivals=arrivals, overlap_schedule=True)
     assert ahead > 5, "no step was scheduled ahead"
-    assert sampling_checks["moved"] > 5 and sampling_checks["built"] > 5
+    assert sampling_checks["moved"] > 5 and sampling_checks["subset"] > 2 and sampling_checks["built"] > 5
     assert got == want
     for a, b in zip(got_reqs, want_reqs):
         assert a.finish_reason == b.finish_reason
@@ -163,8 +167,8 @@ def test_sampling_tensors_move_on_only_while_the_sampled_requests_stay(tiny_qwen
     got, core, got_reqs = run_core(tiny_qwen3_path, prompts, params, **options)
     assert core.stats()["retractions"] > 0
     assert {"stop", "abort", "length"} == {r.finish_reason for r in got_reqs}
-    assert sampling_checks["moved"] > 10 and sampling_checks["built"] > 5
-    monkeypatch.setattr(SamplingBatch, "next_step", lambda self: None)
+    assert sampling_checks["moved"] > 10 and sampling_checks["subset"] > 2 and sampling_checks["built"] > 5
+    monkeypatch.setattr(SamplingBatch, "next_step", lambda self, keep=None: None)
     want, _, want_reqs = run_core(tiny_qwen3_path, prompts, params, **options)
     assert got == want
     for a, b in zip(got_reqs, want_reqs):

@@ -259,6 +259,36 @@ def test_next_step_equals_a_build_of_the_rows_one_step_later(picks, steps):
         assert torch.equal(sample(logits, batch).token_ids, sample(logits, fresh).token_ids)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    picks=st.lists(st.tuples(st.integers(0, len(MOVABLE) - 1), st.integers(0, 2**64), st.integers(0, 100)),
+                   min_size=1, max_size=7),
+    data=st.data(),
+)
+def test_next_step_of_some_rows_equals_a_build_of_those_rows(picks, data):
+    rows = [row(MOVABLE[p], seed=seed, step=step) for p, seed, step in picks]
+    keep = data.draw(st.lists(st.integers(0, len(rows) - 1), min_size=1, max_size=len(rows), unique=True))
+    logits = torch.randn(len(keep), V, generator=torch.Generator().manual_seed(len(keep))) * 2
+    moved = SamplingBatch.build(rows, V, "cpu").next_step(keep)
+    fresh = SamplingBatch.build([rows[i]._replace(step=rows[i].step + 1) for i in keep], V, "cpu")
+    assert_same_sampling_batch(moved, fresh)
+    assert torch.equal(sample(logits, moved).token_ids, sample(logits, fresh).token_ids)
+
+
+def test_next_step_of_some_rows_drops_what_they_no_longer_use():
+    """Parts only the left-out rows used go, as a build of the kept rows leaves them out."""
+    rows = [row(SamplingParams(temperature=0.0)), row(SamplingParams(top_k=3, top_p=0.5, min_p=0.1, logprobs=4)),
+            row(SamplingParams(temperature=0.0, logprobs=1))]
+    batch = SamplingBatch.build(rows, V, "cpu")
+    assert batch.top_k is not None and batch.num_logprobs == 4 and not batch.all_greedy
+    greedy_only = batch.next_step([2, 0])
+    assert greedy_only.all_greedy and greedy_only.steps is None and greedy_only.top_k is None
+    assert greedy_only.top_p is None and greedy_only.log_min_p is None and greedy_only.num_logprobs == 1
+    assert_same_sampling_batch(greedy_only, SamplingBatch.build([rows[2], rows[0]], V, "cpu"))
+    with pytest.raises(ValueError, match="keep"):
+        batch.next_step([])
+
+
 def test_next_step_draws_what_each_row_draws_alone_at_that_step():
     logits = torch.zeros(3, 1000)  # uniform: the token is the noise's argmax, a function of (seed, step)
     rows = [row(seed=s, step=10 * s) for s in range(3)]
@@ -275,6 +305,7 @@ def test_next_step_needs_a_build_where_tokens_matter():
     assert SamplingBatch.build([row(), row(SamplingParams(repetition_penalty=1.2))], V, "cpu").next_step() is None
     assert SamplingBatch.build([row(), row(SamplingParams(presence_penalty=1.0))], V, "cpu").next_step() is None
     assert SamplingBatch.build([row(), row(suppress=[3])], V, "cpu").next_step() is None
+    assert SamplingBatch.build([row(), row(suppress=[3])], V, "cpu").next_step([0]) is None
     greedy = SamplingBatch.build([row(SamplingParams(temperature=0.0))], V, "cpu")
     assert_same_sampling_batch(greedy.next_step(), greedy)
 

@@ -168,21 +168,27 @@ class EngineCore:
 
     def _sampling_batch(self, batch: ScheduledBatch, ahead: bool) -> SamplingBatch:
         """The step's sampling tensors, built from its rows (a Python loop over requests) only
-        when the requests it samples differ from the last sampling step's.
+        when it samples a request that the last sampling step did not.
 
-        Same requests in the same order: each has drawn exactly one token since (a request
-        is sampled once per step it runs in, and its seed step counts its draws), and its
-        params and seed never change, so the last tensors one step on are this step's
-        (`SamplingBatch.next_step`, None where penalties or suppressed ids need a rebuild)."""
-        last = self._last_sampling
-        if last is not None and last.reqs == batch.sample_reqs:
-            moved = last.batch.next_step()
-            if moved is not None:
-                self._last_sampling = _Sampling(last.reqs, moved)
-                return moved
-        rows = self.scheduler.sampling_rows(batch, ahead)
-        sampling = SamplingBatch.build(rows, self.runner.vocab_size, self.device)
-        self._last_sampling = _Sampling(batch.sample_reqs, sampling)
+        A request sampled in both has drawn exactly one token since (a request is sampled
+        once per step it runs in, and its seed step counts its draws), and its params and
+        seed never change: its row of the last tensors, one step on, is its row now. So
+        the last tensors move on (`SamplingBatch.next_step`) when the requests are the
+        same, or some of them (the others finished or left); None from next_step (penalties
+        or suppressed ids) means a build."""
+        last, reqs = self._last_sampling, batch.sample_reqs
+        sampling = None
+        if last is not None and last.reqs == reqs:  # the common case: one add on the device
+            sampling = last.batch.next_step()
+        elif last is not None:
+            row_of = {id(r): i for i, r in enumerate(last.reqs)}
+            keep = [row_of.get(id(r)) for r in reqs]
+            if None not in keep:
+                sampling = last.batch.next_step(keep)
+        if sampling is None:
+            rows = self.scheduler.sampling_rows(batch, ahead)
+            sampling = SamplingBatch.build(rows, self.runner.vocab_size, self.device)
+        self._last_sampling = _Sampling(reqs, sampling)
         return sampling
 
     def _complete(self, launched: "_Launched") -> list[StepUpdate]:

@@ -3,10 +3,10 @@
 `SamplingBatch.build` turns per-row inputs into device tensors (that is where
 the Python loop over rows lives); `sample(logits, batch)` is then pure tensor
 work: no loop over rows, no host sync. The caller copies `SampleOutput` to the
-host when it needs the tokens. For the next step of the same rows,
-`SamplingBatch.next_step` moves the batch on without the loop: only the noise
-depends on the step, unless a row's penalties or suppressed ids depend on its
-tokens.
+host when it needs the tokens. For the next step of the same rows, or of some
+of them, `SamplingBatch.next_step` moves the batch on without the loop: only the
+noise depends on the step, unless a row's penalties or suppressed ids depend on
+its tokens.
 
 Order of processing, per row (greedy rows stop after step 3):
 
@@ -90,6 +90,47 @@ class _Penalties:
     frequency: torch.Tensor  # [R] float32
 
 
+class _Columns(NamedTuple):
+    """Each row's values as the tensors hold them (greedy rows skip the filters: they cannot
+    move an argmax), and what the rows use as a whole."""
+
+    greedy: list[bool]
+    temperature: list[float]  # 1.0 on greedy rows
+    top_k: list[int]  # vocab_size where disabled
+    top_p: list[float]  # +inf where disabled
+    min_p: list[float]  # 0.0 where disabled
+    all_greedy: bool
+    any_greedy: bool
+    uses_top_k: bool
+    max_top_k: int
+    uses_top_p: bool
+    uses_min_p: bool
+    num_logprobs: int | None
+
+
+def _columns(params: Sequence[SamplingParams], vocab_size: int) -> _Columns:
+    greedy = [p.temperature == 0.0 for p in params]
+    sampled = [not g for g in greedy]
+    top_k = [p.top_k if s and 0 < p.top_k < vocab_size else vocab_size for p, s in zip(params, sampled)]
+    top_p = [p.top_p if s and p.top_p < 1.0 else float("inf") for p, s in zip(params, sampled)]
+    min_p = [p.min_p if s else 0.0 for p, s in zip(params, sampled)]
+    requested = [p.logprobs for p in params if p.logprobs is not None]
+    return _Columns(
+        greedy=greedy,
+        temperature=[p.temperature if s else 1.0 for p, s in zip(params, sampled)],
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        all_greedy=all(greedy),
+        any_greedy=any(greedy),
+        uses_top_k=min(top_k) < vocab_size,
+        max_top_k=max((k for k in top_k if k < vocab_size), default=vocab_size),
+        uses_top_p=min(top_p) < 1.0,
+        uses_min_p=max(min_p) > 0.0,
+        num_logprobs=max(requested) if requested else None,
+    )
+
+
 @dataclass(frozen=True)
 class SamplingBatch:
     """Device tensors for one step's sampling. Optional parts are None when no row uses them,
@@ -97,6 +138,7 @@ class SamplingBatch:
 
     size: int
     vocab_size: int
+    params: tuple[SamplingParams, ...]  # each row's, on the host: what a subset's summaries come from
     greedy: torch.Tensor  # [B] bool
     all_greedy: bool
     any_greedy: bool
@@ -118,48 +160,69 @@ class SamplingBatch:
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
         device = torch.device(device)
-        params = [r.params for r in rows]
-        greedy = [p.temperature == 0.0 for p in params]
-        sampled = [not g for g in greedy]
-        # Filters cannot move an argmax, so greedy rows skip them.
-        top_k = [p.top_k if s and 0 < p.top_k < vocab_size else vocab_size for p, s in zip(params, sampled)]
-        top_p = [p.top_p if s and p.top_p < 1.0 else float("inf") for p, s in zip(params, sampled)]
-        min_p = [p.min_p if s else 0.0 for p, s in zip(params, sampled)]
-        temperature = [p.temperature if s else 1.0 for p, s in zip(params, sampled)]
-        requested = [p.logprobs for p in params if p.logprobs is not None]
+        params = tuple(r.params for r in rows)
+        cols = _columns(params, vocab_size)
         # Two host->device copies carry every per-row scalar (small copies cost more than their bytes).
-        floats = _to_device(torch.tensor([temperature, top_p, min_p], dtype=torch.float32), device)
-        ints = torch.tensor([greedy, top_k], dtype=torch.int64)
-        if not all(greedy):
+        floats = _to_device(torch.tensor([cols.temperature, cols.top_p, cols.min_p], dtype=torch.float32), device)
+        ints = torch.tensor([cols.greedy, cols.top_k], dtype=torch.int64)
+        if not cols.all_greedy:
             ints = torch.cat([ints, _seed_keys_and_steps(rows)])
         ints = _to_device(ints, device)
         return cls(
             size=len(rows),
             vocab_size=vocab_size,
+            params=params,
             greedy=ints[0] != 0,
-            all_greedy=all(greedy),
-            any_greedy=any(greedy),
+            all_greedy=cols.all_greedy,
+            any_greedy=cols.any_greedy,
             temperature=floats[0],
-            top_k=ints[1] if min(top_k) < vocab_size else None,
-            max_top_k=max((k for k in top_k if k < vocab_size), default=vocab_size),
-            top_p=floats[1] if min(top_p) < 1.0 else None,
-            log_min_p=floats[2].log() if max(min_p) > 0.0 else None,
+            top_k=ints[1] if cols.uses_top_k else None,
+            max_top_k=cols.max_top_k,
+            top_p=floats[1] if cols.uses_top_p else None,
+            log_min_p=floats[2].log() if cols.uses_min_p else None,
             penalties=_build_penalties(rows, vocab_size, device),
             suppress=_build_suppress(rows, vocab_size, device),
-            seed_keys=None if all(greedy) else ints[2],
-            steps=None if all(greedy) else ints[3],
-            num_logprobs=max(requested) if requested else None,
+            seed_keys=None if cols.all_greedy else ints[2],
+            steps=None if cols.all_greedy else ints[3],
+            num_logprobs=cols.num_logprobs,
         )
 
-    def next_step(self) -> SamplingBatch | None:
-        """This batch for the same rows one step later (each row has drawn one more token),
-        without a loop over rows. None when a row's sampling depends on its tokens
-        (penalties, suppressed ids): only `build` from the rows knows those."""
+    def next_step(self, keep: Sequence[int] | None = None) -> SamplingBatch | None:
+        """This batch one step later, each row having drawn one more token: every row, or the
+        rows `keep` (indices into this batch) in that order. The tensors move on the device
+        (an add, a gather each), with no loop over the rows' inputs. None when a row's
+        sampling depends on its tokens (penalties, suppressed ids): only `build` knows those."""
         if self.penalties is not None or self.suppress is not None:
             return None
-        if self.steps is None:  # all greedy: nothing depends on the step
-            return self
-        return dataclasses.replace(self, steps=self.steps + 1)
+        if keep is None:
+            return self if self.steps is None else dataclasses.replace(self, steps=self.steps + 1)
+        if not keep:
+            raise ValueError("keep must hold at least one row")
+        params = tuple(self.params[i] for i in keep)
+        cols = _columns(params, self.vocab_size)
+        index = _to_device(torch.tensor(keep, dtype=torch.int64), self.greedy.device)
+
+        def pick(rows: torch.Tensor | None, used: bool) -> torch.Tensor | None:
+            return rows.index_select(0, index) if used else None  # a subset uses what the batch did, or less
+
+        return SamplingBatch(
+            size=len(keep),
+            vocab_size=self.vocab_size,
+            params=params,
+            greedy=self.greedy.index_select(0, index),
+            all_greedy=cols.all_greedy,
+            any_greedy=cols.any_greedy,
+            temperature=self.temperature.index_select(0, index),
+            top_k=pick(self.top_k, cols.uses_top_k),
+            max_top_k=cols.max_top_k,
+            top_p=pick(self.top_p, cols.uses_top_p),
+            log_min_p=pick(self.log_min_p, cols.uses_min_p),
+            penalties=None,
+            suppress=None,
+            seed_keys=pick(self.seed_keys, not cols.all_greedy),
+            steps=None if cols.all_greedy else self.steps.index_select(0, index) + 1,
+            num_logprobs=cols.num_logprobs,
+        )
 
 
 def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
