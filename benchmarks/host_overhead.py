@@ -6,24 +6,26 @@ takes longer than the GPU, so the host's share of a step is what this measures.
 The workload is throughput.py's (nano-vllm's: random prompts of 100-1024 tokens,
 temperature 0.6, ignore_eos) on a tiny random Qwen3 on the CPU, through the
 public `Engine.generate` (overlap on, fused kernels off). Every prompt is
-prefilled in one step; then each steady step (every sequence decoding, one step
-in flight) is timed by wrapping the engine's parts: the scheduler's, the
-sampler's, the engine loop's delivery. The forward and the sampler's tensor work
-are timed too but left out of the host total: on the CPU they compute, on a GPU
-they only launch (the forward is one graph replay).
+prefilled in one step; then each steady step (sequences decoding, one step in
+flight, nothing waiting) is timed by wrapping the engine's parts: the
+scheduler's, the sampler's, the engine loop's delivery. The forward and the
+sampler's tensor work are timed too but left out of the host total: on the CPU
+they compute, on a GPU they only launch (the forward is one graph replay).
+By default every sequence decodes through the timed steps; with --output-len
+they end at random lengths as in throughput.py, so the batch shrinks.
 
 The CPU forward also evicts the host's caches between the parts, which a GPU's
-does not: --stub-device replaces the full decode steps' forward and sampler
-tensor work with stand-ins of the right shape (fixed random logits, random
-tokens; with ignore_eos the steps take the same path), for host times closer to
-a GPU host's.
+does not: --stub-device replaces the decode steps' forward and sampler tensor
+work with stand-ins of the right shape (fixed random logits, random tokens; with
+ignore_eos the steps take the same path), for host times closer to a GPU host's.
 
-Prints a table of milliseconds per step (median over the timed steps), then with
---profile N the cProfile top functions of N more steps (the device work left
-out), and with --json one JSON line instead.
+Prints a table of milliseconds per step (median and mean over the timed steps),
+then with --profile N the cProfile top functions of N more steps (the device
+work left out), and with --json one JSON line instead.
 
     python benchmarks/host_overhead.py
     python benchmarks/host_overhead.py --stub-device --steps 200 --profile 50
+    python benchmarks/host_overhead.py --stub-device --steps 300 --output-len 20 400
     python benchmarks/host_overhead.py --num-seqs 8 --input-len 10 20 --steps 5 --json   # smoke test
 """
 
@@ -66,6 +68,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--shape", default="tiny-host", choices=sorted(SHAPES))
     p.add_argument("--num-seqs", type=int, default=256)
     p.add_argument("--input-len", type=int, nargs=2, default=(100, 1024), metavar=("MIN", "MAX"))
+    p.add_argument("--output-len", type=int, nargs=2, metavar=("MIN", "MAX"),
+                   help="random output lengths (default: every sequence outlasts the measured steps)")
     p.add_argument("--warmup", type=int, default=5, help="steady steps run before timing")
     p.add_argument("--steps", type=int, default=40, help="steady steps timed")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="then profile N steady steps (cProfile)")
@@ -77,21 +81,23 @@ def parse_args() -> argparse.Namespace:
 
 
 def stub_device_work(runner: ModelRunner, num_seqs: int) -> None:
-    """Full decode steps get fixed random logits and random tokens instead of the forward and
-    the sampler's tensor work; every other step runs as it is."""
+    """Decode steps get fixed random logits and random tokens instead of the forward and the
+    sampler's tensor work; every other step runs as it is."""
     forward, sample = runner.forward, runner.sample
     vocab = runner.vocab_size
     logits = torch.randn(num_seqs, vocab)
+    stand_ins = {n: logits[:n] for n in range(1, num_seqs + 1)}  # by batch size, so `sample` knows its own
 
     def stand_in_forward(batch: Any) -> ForwardOutput:
-        if batch.batch_size == num_seqs and batch.is_decode:
-            return ForwardOutput(logits, None, None)
+        if batch.is_decode:
+            return ForwardOutput(stand_ins[batch.batch_size], None, None)
         return forward(batch)
 
-    def stand_in_sample(step_logits: torch.Tensor, sampling: Any) -> SampleOutput:
-        if step_logits is logits:
-            return SampleOutput(torch.randint(vocab, (num_seqs,)), None, None, None)
-        return sample(step_logits, sampling)
+    def stand_in_sample(logits: torch.Tensor, sampling: Any) -> SampleOutput:
+        n = logits.shape[0]
+        if logits is stand_ins.get(n):
+            return SampleOutput(torch.randint(vocab, (n,)), None, None, None)
+        return sample(logits, sampling)
 
     runner.forward, runner.sample = stand_in_forward, stand_in_sample
 
@@ -99,12 +105,12 @@ def stub_device_work(runner: ModelRunner, num_seqs: int) -> None:
 class StepTimer:
     """Times the engine loop's parts per iteration of `Engine._iterate`, for steady steps only.
 
-    A step is steady when it starts with a decode of every sequence in flight and leaves
-    the next one in flight: the overlapped path the GPU run spends its decode phase in."""
+    A step is steady when it starts with a decode step in flight, nothing waiting, and
+    leaves the next one in flight: the overlapped path the GPU run spends its decode
+    phase in."""
 
-    def __init__(self, engine: Engine, num_seqs: int, warmup: int, steps: int, profile_steps: int) -> None:
+    def __init__(self, engine: Engine, warmup: int, steps: int, profile_steps: int) -> None:
         self.engine = engine
-        self.num_seqs = num_seqs
         self.plan = [("warmup", warmup), ("timed", steps), ("profiled", profile_steps)]
         self.current: dict[str, float] | None = None
         self.timed: list[dict[str, float]] = []
@@ -137,13 +143,7 @@ class StepTimer:
 
     def _steady(self) -> bool:
         core = self.engine.core
-        inflight = core._inflight
-        return (
-            inflight is not None
-            and len(inflight.batch.reqs) == self.num_seqs
-            and len(core.scheduler.running) == self.num_seqs
-            and not core.scheduler.waiting
-        )
+        return core._inflight is not None and not core.scheduler.waiting
 
     def _timed(self, fn: Callable, label: str) -> Callable:
         def wrapped(*a: Any, **kw: Any) -> Any:
@@ -188,8 +188,8 @@ class StepTimer:
         return wrapped
 
 
-def summarize(records: list[dict[str, float]]) -> dict[str, float]:
-    """Median ms per step of each part; `host` is the step without the device work."""
+def summarize(records: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Median and mean ms per step of each part; `host` is the step without the device work."""
     per_part: dict[str, list[float]] = defaultdict(list)
     for r in records:
         values = {label: r.get(label, 0.0) for label, _ in PARTS + DEVICE_PARTS if label != "other"}
@@ -198,7 +198,7 @@ def summarize(records: list[dict[str, float]]) -> dict[str, float]:
         values["total"] = r["total"]
         for k, v in values.items():
             per_part[k].append(v)
-    return {k: sorted(v)[len(v) // 2] for k, v in per_part.items()}
+    return {k: {"median": sorted(v)[len(v) // 2], "mean": sum(v) / len(v)} for k, v in per_part.items()}
 
 
 def profile_top(profiler: cProfile.Profile, steps: int, top: int) -> list[str]:
@@ -218,9 +218,11 @@ def profile_top(profiler: cProfile.Profile, steps: int, top: int) -> list[str]:
 def main() -> None:
     args = parse_args()
     vocab = SHAPES[args.shape]["vocab_size"]
-    seqs = nano_vllm_workload(args.num_seqs, args.seed, tuple(args.input_len), (1, 1), vocab=vocab)
     steady = args.warmup + args.steps + args.profile
-    max_tokens = steady + 4  # the prefill's token, the first decode, and slack for the last steps
+    # By default: the prefill's token, the first decode, and slack for the last steps.
+    output_len = tuple(args.output_len) if args.output_len else (steady + 4, steady + 4)
+    seqs = nano_vllm_workload(args.num_seqs, args.seed, tuple(args.input_len), output_len, vocab=vocab)
+    max_tokens = max(s.output_len for s in seqs)
     prompt_tokens = sum(len(s.prompt) for s in seqs)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = random_checkpoint(args.shape, Path(tmp) / args.shape, "cpu", seed=args.seed)
@@ -233,9 +235,11 @@ def main() -> None:
         )
     if args.stub_device:
         stub_device_work(engine.core.runner, args.num_seqs)
-    timer = StepTimer(engine, args.num_seqs, args.warmup, args.steps, args.profile)
+    timer = StepTimer(engine, args.warmup, args.steps, args.profile)
     try:
-        params = [SamplingParams(max_tokens=max_tokens, temperature=0.6, ignore_eos=True, seed=i) for i in range(len(seqs))]
+        params = [
+            SamplingParams(max_tokens=s.output_len, temperature=0.6, ignore_eos=True, seed=i) for i, s in enumerate(seqs)
+        ]
         engine.generate([s.prompt for s in seqs], params, progress=False)
     finally:
         engine.shutdown()
@@ -245,21 +249,22 @@ def main() -> None:
     top = profile_top(timer.profiler, args.profile, args.profile_top) if args.profile else []
     record = {
         "bench": "host_overhead", "shape": args.shape, **environment("cpu"), "num_seqs": args.num_seqs,
-        "prompt_tokens": prompt_tokens, "stub_device": args.stub_device, "steps": len(timer.timed),
+        "prompt_tokens": prompt_tokens, "output_len": output_len, "stub_device": args.stub_device,
+        "steps": len(timer.timed),
         "ms_per_step": ms, "profile_top": top,
     }
     if args.json:
         emit(record)
         return
     device = "stand-ins for the device work" if args.stub_device else "the device work computed on the CPU"
-    print(f"{args.num_seqs} sequences, {prompt_tokens} prompt tokens, {device}, "
-          f"median of {len(timer.timed)} steady decode steps")
-    print(f"{'part':<16}{'ms/step':>9}  what")
-    for label, what in PARTS:
-        print(f"{label:<16}{ms[label]:9.3f}  {what}")
-    print(f"{'host':<16}{ms['host']:9.3f}  the step less the device work (parts summed per step)")
-    for label, what in DEVICE_PARTS:
-        print(f"{label:<16}{ms[label]:9.3f}  {what} (device work, not in host)")
+    print(f"{args.num_seqs} sequences, {prompt_tokens} prompt tokens, output lengths {output_len[0]}-{output_len[1]}, "
+          f"{device}; {len(timer.timed)} steady decode steps")
+    print(f"{'part':<16}{'median':>9}{'mean':>9}  ms per step")
+    rows = [(label, what) for label, what in PARTS]
+    rows.append(("host", "the step less the device work (parts summed per step)"))
+    rows += [(label, f"{what} (device work, not in host)") for label, what in DEVICE_PARTS]
+    for label, what in rows:
+        print(f"{label:<16}{ms[label]['median']:9.3f}{ms[label]['mean']:9.3f}  {what}")
     if top:
         print(f"\ncProfile over {args.profile} steady steps, by own time (ms per step):")
         print("\n".join(top))
