@@ -93,11 +93,11 @@ def stub_device_work(runner: ModelRunner, num_seqs: int) -> None:
             return ForwardOutput(stand_ins[batch.batch_size], None, None)
         return forward(batch)
 
-    def stand_in_sample(logits: torch.Tensor, sampling: Any) -> SampleOutput:
-        n = logits.shape[0]
-        if logits is stand_ins.get(n):
+    def stand_in_sample(step_logits: torch.Tensor, sampling: Any) -> SampleOutput:
+        n = step_logits.shape[0]
+        if step_logits is stand_ins.get(n):
             return SampleOutput(torch.randint(vocab, (n,)), None, None, None)
-        return sample(logits, sampling)
+        return sample(step_logits, sampling)
 
     runner.forward, runner.sample = stand_in_forward, stand_in_sample
 
