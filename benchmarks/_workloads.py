@@ -62,6 +62,13 @@ SHAPES: dict[str, dict[str, Any]] = {
         num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, vocab_size=12000,
         tie_word_embeddings=True, max_position_embeddings=4096,
     ),
+    # Host-overhead measurements on a CPU (host_overhead.py): the model and vocabulary are kept
+    # small so that the forward and the sampler's tensor work, which a GPU does, stay cheap.
+    "tiny-host": dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=128, vocab_size=512, tie_word_embeddings=True,
+        max_position_embeddings=4096,
+    ),
     # For smoke-testing the scripts on a CPU.
     "tiny": dict(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -29,11 +29,15 @@ def shared_prefix_prompts(rng: random.Random, n: int) -> list[list[int]]:
     return prompts
 
 
-def run_core(path, prompts, params, *, arrivals=None, **options) -> tuple[list[list[int]], EngineCore, list[Req]]:
-    """Run prompts through a fresh EngineCore; request i arrives before step arrivals[i]."""
+def run_core(
+    path, prompts, params, *, arrivals=None, aborts=None, **options
+) -> tuple[list[list[int]], EngineCore, list[Req]]:
+    """Run prompts through a fresh EngineCore; request i (rid f"r{i}") arrives before step
+    arrivals[i]; aborts maps a step to the rid aborted before it."""
     config = EngineConfig(model=str(path), device="cpu", check_invariants=True, show_progress=False, **options)
     core = EngineCore(config, path)
     arrivals = arrivals or [0] * len(prompts)
+    aborts = aborts or {}
     if isinstance(params, SamplingParams):
         params = [params] * len(prompts)
     reqs = [Req(f"r{i}", p, sp, seed=1234 + i) for i, (p, sp) in enumerate(zip(prompts, params))]
@@ -42,6 +46,8 @@ def run_core(path, prompts, params, *, arrivals=None, **options) -> tuple[list[l
     while order or core.has_work():
         while order and arrivals[order[0]] <= step:
             core.add([reqs[order.pop(0)]])
+        if step in aborts:
+            core.abort(aborts[step])
         core.step()
         step += 1
         assert step < 10_000, "engine made no progress"

@@ -1,7 +1,11 @@
 """Overlapped scheduling (EngineCore.step with overlap_schedule): the next decode step is
 built and launched before the previous one is processed. Tokens, logprobs and finish
 reasons must equal the sequential engine's in every case; the slot invariants are checked
-after every step (run_core) and every engine is leak-checked."""
+after every step (run_core) and every engine is leak-checked.
+
+Either way, a step that samples the same requests as the last one moves the last sampling
+tensors a step on instead of building them (EngineCore._sampling_batch); the
+`sampling_checks` fixture compares them with a build at every step."""
 
 from __future__ import annotations
 
@@ -11,6 +15,41 @@ import pytest
 
 from radixserve import SamplingParams
 from test_engine_cache import run_core, shared_prefix_prompts
+from test_sampler import assert_same_sampling_batch
+
+
+@pytest.fixture
+def sampling_checks(monkeypatch):
+    """Check each step's sampling tensors against a build from the step's rows; count the
+    steps that moved the last tensors on ("moved"; "subset" of them for other requests than
+    the last step's) and those that built them ("built")."""
+    from radixserve.engine.core import EngineCore
+    from radixserve.model_runner.sampler import SamplingBatch
+    from radixserve.scheduler.scheduler import Scheduler
+
+    counts = {"moved": 0, "subset": 0, "built": 0}
+    builds = []
+    sampling_rows = Scheduler.sampling_rows
+    sampling_batch = EngineCore._sampling_batch
+
+    def counted_rows(self, batch, ahead=False):
+        builds.append(batch)
+        return sampling_rows(self, batch, ahead)
+
+    def checked(self, batch, ahead):
+        before = len(builds)
+        same = self._last_sampling is not None and self._last_sampling.reqs == batch.sample_reqs
+        got = sampling_batch(self, batch, ahead)
+        built = len(builds) > before
+        counts["built" if built else "moved"] += 1
+        counts["subset"] += not built and not same
+        fresh = SamplingBatch.build(sampling_rows(self, batch, ahead), self.runner.vocab_size, self.device)
+        assert_same_sampling_batch(got, fresh)
+        return got
+
+    monkeypatch.setattr(Scheduler, "sampling_rows", counted_rows)
+    monkeypatch.setattr(EngineCore, "_sampling_batch", checked)
+    return counts
 
 
 def _run(path, prompts, params, **options):
@@ -33,7 +72,7 @@ def _run(path, prompts, params, **options):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_overlap_matches_sequential_with_arrivals_and_sampling(tiny_qwen3_path, seed):
+def test_overlap_matches_sequential_with_arrivals_and_sampling(tiny_qwen3_path, seed, sampling_checks):
     rng = random.Random(seed)
     prompts = shared_prefix_prompts(rng, 14)
     params = [
@@ -45,13 +84,14 @@ def test_overlap_matches_sequential_with_arrivals_and_sampling(tiny_qwen3_path, 
     want, want_reqs, _ = _run(tiny_qwen3_path, prompts, params, arrivals=arrivals, overlap_schedule=False)
     got, got_reqs, ahead = _run(tiny_qwen3_path, prompts, params, arrivals=arrivals, overlap_schedule=True)
     assert ahead > 5, "no step was scheduled ahead"
+    assert sampling_checks["moved"] > 5 and sampling_checks["subset"] > 2 and sampling_checks["built"] > 5
     assert got == want
     for a, b in zip(got_reqs, want_reqs):
         assert a.finish_reason == b.finish_reason
         assert [(t, round(lp, 5)) for t, lp, _ in a.output_logprobs] == [(t, round(lp, 5)) for t, lp, _ in b.output_logprobs]
 
 
-def test_overlap_with_stop_tokens_wastes_one_step_and_changes_nothing(tiny_qwen3_path):
+def test_overlap_with_stop_tokens_wastes_one_step_and_changes_nothing(tiny_qwen3_path, sampling_checks):
     """A stop token is seen one step late: the request decodes once more, that token is
     dropped, and its slot goes back with the rest."""
     rng = random.Random(3)
@@ -69,7 +109,7 @@ def test_overlap_with_stop_tokens_wastes_one_step_and_changes_nothing(tiny_qwen3
     assert [(r.finish_reason, r.stop_reason) for r in got_reqs] == [(r.finish_reason, r.stop_reason) for r in want_reqs]
 
 
-def test_overlap_falls_back_for_penalties_min_tokens_and_retraction(tiny_qwen3_path):
+def test_overlap_falls_back_for_penalties_min_tokens_and_retraction(tiny_qwen3_path, sampling_checks):
     """Requests whose sampling needs their latest token, and a pool small enough to
     retract, run sequentially where needed and give the same tokens."""
     rng = random.Random(5)
@@ -85,7 +125,7 @@ def test_overlap_falls_back_for_penalties_min_tokens_and_retraction(tiny_qwen3_p
     assert got == want
 
 
-def test_engine_with_overlap_streams_aborts_and_matches(tiny_qwen3_path, make_engine):
+def test_engine_with_overlap_streams_aborts_and_matches(tiny_qwen3_path, make_engine, sampling_checks):
     prompts = [[5, 6, 7, 8, 9], [5, 6, 7, 1, 2, 3], [11, 12], [5, 6, 7, 8, 9, 10, 11]]
     params = [SamplingParams(max_tokens=3 + 4 * i, temperature=0.7, seed=i, ignore_eos=True) for i in range(4)]
     sequential = make_engine(tiny_qwen3_path, overlap_schedule=False)
@@ -131,6 +171,37 @@ def test_overlap_runs_with_a_backlog_when_every_row_is_taken(tiny_qwen3_path):
     assert got == want
     assert [r.finish_reason for r in got_reqs] == [r.finish_reason for r in want_reqs]
     assert sum(1 for n in waiting_when_ahead if n > 0) > 5, waiting_when_ahead
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_sampling_tensors_move_on_only_while_the_sampled_requests_stay(tiny_qwen3_path, sampling_checks, monkeypatch,
+                                                                      overlap):
+    """Requests arrive with other params, finish, stop on tokens, are aborted and retracted;
+    some with penalties or min_tokens join mid-run. Each step's tensors equal a build (the
+    fixture), and the tokens equal those of a run that builds every step."""
+    from radixserve.model_runner.sampler import SamplingBatch
+
+    rng = random.Random(9)
+    prompts = shared_prefix_prompts(rng, 12)
+    params = [
+        SamplingParams(max_tokens=rng.randrange(12, 30), temperature=rng.choice([0.0, 0.8]), top_k=rng.choice([0, 5]),
+                       ignore_eos=True, logprobs=1 if i % 4 == 0 else None,
+                       stop_token_ids=[175, 13, 326] if i % 3 == 0 else [],  # tokens this model often draws
+                       repetition_penalty=1.3 if i == 6 else 1.0, min_tokens=5 if i == 9 else 0)
+        for i in range(len(prompts))
+    ]
+    options = dict(arrivals=[0, 0, 0, 1, 2, 3, 8, 9, 9, 12, 14, 20], aborts={6: "r2", 11: "r5"}, kv_cache_tokens=90,
+                   max_prefill_tokens=16, overlap_schedule=overlap)
+    got, core, got_reqs = run_core(tiny_qwen3_path, prompts, params, **options)
+    assert core.stats()["retractions"] > 0
+    assert {"stop", "abort", "length"} == {r.finish_reason for r in got_reqs}
+    assert sampling_checks["moved"] > 10 and sampling_checks["subset"] > 2 and sampling_checks["built"] > 5
+    monkeypatch.setattr(SamplingBatch, "next_step", lambda self, keep=None: None)
+    want, _, want_reqs = run_core(tiny_qwen3_path, prompts, params, **options)
+    assert got == want
+    for a, b in zip(got_reqs, want_reqs):
+        assert (a.finish_reason, a.output_logprobs) == (b.finish_reason, b.output_logprobs)
+    assert [r.finish_reason for r in got_reqs].count("abort") == 2
 
 
 def test_overlap_option_is_checked(tiny_qwen3_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -216,6 +217,99 @@ def test_draws_depend_on_seed_and_step():
     assert len({int(run(logits, [row(seed=s)]).token_ids) for s in (7, 7 + 2**32, 7 + 2**40, -7)}) == 4
 
 
+def assert_same_sampling_batch(a: SamplingBatch, b: SamplingBatch) -> None:
+    """Every field equal: tensors element for element and in dtype, nested parts field by field."""
+
+    def same(x: object, y: object, where: str) -> None:
+        if isinstance(x, torch.Tensor):
+            assert isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y), where
+        elif dataclasses.is_dataclass(x):
+            assert type(x) is type(y), where
+            for f in dataclasses.fields(x):
+                same(getattr(x, f.name), getattr(y, f.name), f"{where}.{f.name}")
+        elif isinstance(x, tuple):
+            assert isinstance(y, tuple) and len(x) == len(y), where
+            for i, (xi, yi) in enumerate(zip(x, y)):
+                same(xi, yi, f"{where}[{i}]")
+        else:
+            assert x == y, f"{where}: {x!r} != {y!r}"
+
+    same(a, b, "batch")
+
+
+# What next_step can move on: no penalties (PARAMS[5] and PARAMS[6] have them).
+MOVABLE = PARAMS[:5] + [SamplingParams(logprobs=3, top_k=2)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    picks=st.lists(st.tuples(st.integers(0, len(MOVABLE) - 1), st.integers(0, 2**70), st.integers(0, 2**32 + 3)),
+                   min_size=1, max_size=6),
+    steps=st.integers(1, 4),
+)
+def test_next_step_equals_a_build_of_the_rows_one_step_later(picks, steps):
+    gen = torch.Generator().manual_seed(len(picks))
+    logits = torch.randn(len(picks), V, generator=gen) * 2
+    rows = [row(MOVABLE[p], seed=seed, step=step, history=[1, 2], output=[2]) for p, seed, step in picks]
+    batch = SamplingBatch.build(rows, V, "cpu")
+    for k in range(1, steps + 1):  # steps past 2**32 wrap in the hash, as a build's do
+        batch = batch.next_step()
+        fresh = SamplingBatch.build([r._replace(step=r.step + k) for r in rows], V, "cpu")
+        assert_same_sampling_batch(batch, fresh)
+        assert torch.equal(sample(logits, batch).token_ids, sample(logits, fresh).token_ids)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    picks=st.lists(st.tuples(st.integers(0, len(MOVABLE) - 1), st.integers(0, 2**64), st.integers(0, 100)),
+                   min_size=1, max_size=7),
+    data=st.data(),
+)
+def test_next_step_of_some_rows_equals_a_build_of_those_rows(picks, data):
+    rows = [row(MOVABLE[p], seed=seed, step=step) for p, seed, step in picks]
+    keep = data.draw(st.lists(st.integers(0, len(rows) - 1), min_size=1, max_size=len(rows), unique=True))
+    logits = torch.randn(len(keep), V, generator=torch.Generator().manual_seed(len(keep))) * 2
+    moved = SamplingBatch.build(rows, V, "cpu").next_step(keep)
+    fresh = SamplingBatch.build([rows[i]._replace(step=rows[i].step + 1) for i in keep], V, "cpu")
+    assert_same_sampling_batch(moved, fresh)
+    assert torch.equal(sample(logits, moved).token_ids, sample(logits, fresh).token_ids)
+
+
+def test_next_step_of_some_rows_drops_what_they_no_longer_use():
+    """Parts only the left-out rows used go, as a build of the kept rows leaves them out."""
+    rows = [row(SamplingParams(temperature=0.0)), row(SamplingParams(top_k=3, top_p=0.5, min_p=0.1, logprobs=4)),
+            row(SamplingParams(temperature=0.0, logprobs=1))]
+    batch = SamplingBatch.build(rows, V, "cpu")
+    assert batch.top_k is not None and batch.num_logprobs == 4 and not batch.all_greedy
+    greedy_only = batch.next_step([2, 0])
+    assert greedy_only.all_greedy and greedy_only.steps is None and greedy_only.top_k is None
+    assert greedy_only.top_p is None and greedy_only.log_min_p is None and greedy_only.num_logprobs == 1
+    assert_same_sampling_batch(greedy_only, SamplingBatch.build([rows[2], rows[0]], V, "cpu"))
+    with pytest.raises(ValueError, match="keep"):
+        batch.next_step([])
+
+
+def test_next_step_draws_what_each_row_draws_alone_at_that_step():
+    logits = torch.zeros(3, 1000)  # uniform: the token is the noise's argmax, a function of (seed, step)
+    rows = [row(seed=s, step=10 * s) for s in range(3)]
+    batch = SamplingBatch.build(rows, 1000, "cpu")
+    for k in range(1, 4):
+        batch = batch.next_step()
+        alone = [int(run(logits[:1], [row(seed=s, step=10 * s + k)]).token_ids) for s in range(3)]
+        assert sample(logits, batch).token_ids.tolist() == alone
+    assert len(set(alone)) == 3
+
+
+def test_next_step_needs_a_build_where_tokens_matter():
+    """Penalties and suppressed ids depend on the tokens drawn: only a build knows them."""
+    assert SamplingBatch.build([row(), row(SamplingParams(repetition_penalty=1.2))], V, "cpu").next_step() is None
+    assert SamplingBatch.build([row(), row(SamplingParams(presence_penalty=1.0))], V, "cpu").next_step() is None
+    assert SamplingBatch.build([row(), row(suppress=[3])], V, "cpu").next_step() is None
+    assert SamplingBatch.build([row(), row(suppress=[3])], V, "cpu").next_step([0]) is None
+    greedy = SamplingBatch.build([row(SamplingParams(temperature=0.0))], V, "cpu")
+    assert_same_sampling_batch(greedy.next_step(), greedy)
+
+
 def test_logprobs_are_raw_log_softmax_with_sorted_top_k():
     torch.manual_seed(3)
     logits = torch.randn(4, V) * 3
@@ -279,7 +373,8 @@ def test_cuda_build_and_sample_never_sync_and_match_cpu():
         out = sample(gpu_logits, batch)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert torch.equal(batch.noise_keys.cpu(), SamplingBatch.build(rows, 1000, "cpu").noise_keys)
+    on_cpu = SamplingBatch.build(rows, 1000, "cpu")
+    assert torch.equal(batch.seed_keys.cpu(), on_cpu.seed_keys) and torch.equal(batch.steps.cpu(), on_cpu.steps)
     assert torch.equal(out.token_ids.cpu(), cpu.token_ids)
 
 
@@ -296,3 +391,25 @@ def test_cuda_draws_reproduce_in_any_batch_and_match_the_torch_path(monkeypatch)
     assert torch.equal(reverse.flip(0), together)
     monkeypatch.setattr(sampler, "triton", None)  # the pure-torch path, same formula
     assert torch.equal(run(logits, rows).token_ids, together)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_next_step_never_syncs_and_draws_what_a_build_draws(monkeypatch):
+    torch.manual_seed(7)
+    logits = torch.randn(64, 50_000, device="cuda") * 3
+    rows = [row(MOVABLE[i % len(MOVABLE)], seed=500 + i, step=i % 5 + (2**32 - 2 if i == 7 else 0)) for i in range(64)]
+    batch = SamplingBatch.build(rows, 50_000, "cuda")
+    drawn = []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            batch = batch.next_step()
+            drawn.append(sample(logits, batch).token_ids)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    monkeypatch.setattr(sampler, "triton", None)  # the pure-torch path, from freshly built batches
+    for k, tokens in enumerate(drawn, start=1):
+        fresh = SamplingBatch.build([r._replace(step=r.step + k) for r in rows], 50_000, "cuda")
+        assert torch.equal(tokens, sample(logits, fresh).token_ids)

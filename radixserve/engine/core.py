@@ -14,6 +14,7 @@ import torch
 
 from radixserve.engine.config import EngineConfig
 from radixserve.model_runner.model_runner import DTYPES, ForwardOutput, HostSample, ModelRunner
+from radixserve.model_runner.sampler import SamplingBatch
 from radixserve.radix_tree import RadixTree
 from radixserve.scheduler.batch_builder import ScheduledBatch
 from radixserve.scheduler.kv_cache import KVCacheManager
@@ -29,6 +30,13 @@ class _Launched(NamedTuple):
     batch: ScheduledBatch
     out: ForwardOutput
     sampled: HostSample | None
+
+
+class _Sampling(NamedTuple):
+    """The sampling tensors of the last step that sampled, and the requests of their rows."""
+
+    reqs: list[Req]
+    batch: SamplingBatch
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -92,6 +100,7 @@ class EngineCore:
         # Overlapped scheduling (see step): None means on for CUDA devices.
         self.overlap = config.overlap_schedule if config.overlap_schedule is not None else self.device.type == "cuda"
         self._inflight: _Launched | None = None
+        self._last_sampling: _Sampling | None = None
         self.prompt_tokens = 0
         self.generated_tokens = 0
         self.computed_tokens = 0
@@ -166,11 +175,36 @@ class EngineCore:
         out = self.runner.forward(batch.forward)
         sampled = None
         if batch.sample_reqs:
-            rows = self.scheduler.sampling_rows(batch, ahead=prev is not None)
-            sampled = self.runner.to_host(self.runner.sample(out.logits, rows))
+            sampling = self._sampling_batch(batch, ahead=prev is not None)
+            sampled = self.runner.to_host(self.runner.sample(out.logits, sampling))
         self.steps += 1
         self.computed_tokens += batch.forward.num_tokens
         return _Launched(batch, out, sampled)
+
+    def _sampling_batch(self, batch: ScheduledBatch, ahead: bool) -> SamplingBatch:
+        """The step's sampling tensors, built from its rows (a Python loop over requests) only
+        when it samples a request that the last sampling step did not.
+
+        A request sampled in both has drawn exactly one token since (a request is sampled
+        once per step it runs in, and its seed step counts its draws), and its params and
+        seed never change: its row of the last tensors, one step on, is its row now. So
+        the last tensors move on (`SamplingBatch.next_step`) when the requests are the
+        same, or some of them (the others finished or left); None from next_step (penalties
+        or suppressed ids) means a build."""
+        last, reqs = self._last_sampling, batch.sample_reqs
+        sampling = None
+        if last is not None and last.reqs == reqs:  # the common case: one add on the device
+            sampling = last.batch.next_step()
+        elif last is not None:
+            row_of = {id(r): i for i, r in enumerate(last.reqs)}
+            keep = [row_of.get(id(r)) for r in reqs]
+            if None not in keep:
+                sampling = last.batch.next_step(keep)
+        if sampling is None:
+            rows = self.scheduler.sampling_rows(batch, ahead)
+            sampling = SamplingBatch.build(rows, self.runner.vocab_size, self.device)
+        self._last_sampling = _Sampling(reqs, sampling)
+        return sampling
 
     def _complete(self, launched: "_Launched") -> list[StepUpdate]:
         sampled = None if launched.sampled is None else launched.sampled.wait()

@@ -39,8 +39,10 @@ class Tracker:
         out = self.outputs[req.index]
         out.text += u.text
         out.token_ids.extend(u.token_ids)
-        lps = tuple(TokenLogprob(t, lp, top) for t, lp, top in u.logprobs)
-        if req.params.logprobs is not None:
+        wants_logprobs = req.params.logprobs is not None
+        lps = ()
+        if wants_logprobs:  # runs for every token of every request: build these only where asked for
+            lps = tuple(TokenLogprob(t, lp, top) for t, lp, top in u.logprobs)
             if out.logprobs is None:
                 out.logprobs = []
             out.logprobs.extend(lps)
@@ -59,7 +61,7 @@ class Tracker:
                 index=req.index,
                 text=u.text,
                 token_ids=tuple(u.token_ids),
-                logprobs=lps if req.params.logprobs is not None else None,
+                logprobs=lps if wants_logprobs else None,
                 finish_reason=out.finish_reason if u.finished else None,
                 prompt_tokens=len(self.prompt_ids),
                 cached_tokens=req.cached_tokens,

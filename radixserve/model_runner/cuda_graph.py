@@ -36,12 +36,13 @@ import bisect
 import logging
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from radixserve.model_runner.attention.cascade import graph_cascade_metadata
 from radixserve.model_runner.attention.fa4_backend import FA4Attention, fa4_supports
 from radixserve.model_runner.attention.metadata import decode_graph_metadata
-from radixserve.model_runner.forward_batch import CascadePlan, ForwardBatch
+from radixserve.model_runner.forward_batch import ForwardBatch
 
 if TYPE_CHECKING:
     from radixserve.model_runner.model_runner import ModelRunner
@@ -52,11 +53,28 @@ BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 # Per-sequence rows of the static input block, and what a padding row holds in each.
 _IDS, _POS, _SLOTS, _ROWS, _LENS, _SHARED = range(6)
 _PADDING = (0, 0, 0, 0, 1, 0)
+_PADDING_COLUMN = np.array(_PADDING[:5], dtype=np.int64)[:, None]  # stage_inputs' rows
 
 
 def graph_buckets(max_batch: int) -> list[int]:
     """The batch sizes captured: BUCKETS up to `max_batch`, and `max_batch` itself."""
     return sorted({b for b in BUCKETS if b < max_batch} | {max_batch})
+
+
+def stage_inputs(host: np.ndarray, batch: ForwardBatch) -> None:
+    """Write a decode batch's inputs into `host`, its bucket's [5, bs] block, padding after.
+
+    Numpy on the block's memory, from views of the batch's tensors: a few microseconds,
+    where each tensor op or list conversion would cost the host more. A decode batch's
+    token i is sequence i's one token, at position prefix_lens[i]: the sequence lengths
+    are the positions plus one."""
+    n = batch.batch_size
+    host[_IDS, :n] = batch.input_ids.numpy()
+    host[_POS, :n] = batch.positions.numpy()
+    host[_SLOTS, :n] = batch.out_slots.numpy()
+    host[_ROWS, :n] = batch.req_rows
+    np.add(host[_POS, :n], 1, out=host[_LENS, :n])
+    host[:, n:] = _PADDING_COLUMN
 
 
 def unsupported_reason(runner: ModelRunner) -> str | None:
@@ -83,6 +101,7 @@ class _GraphSet:
         self.per_seq = 6 if cascade else 5  # per-sequence rows of a block
         self.inputs = torch.zeros(self.width(top), dtype=torch.int64, device=device)
         self.host = torch.zeros(self.width(top), dtype=torch.int64).pin_memory()
+        self.host_array = self.host.numpy()  # the same pinned memory, staged with numpy
         self.host_free = torch.cuda.Event()  # the last copy out of `host` has finished
         self.host_free.record()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -103,34 +122,31 @@ class _GraphSet:
 
     def fill(self, batch: ForwardBatch, bs: int) -> None:
         """Copy the batch (n <= bs sequences, padded) into bucket bs's block."""
-        n = batch.batch_size
         # The pinned buffer is rewritten only once the previous copy out of it has finished.
         self.host_free.synchronize()
-        host = self.host[: self.width(bs)]
-        seqs = host[: self.per_seq * bs].view(self.per_seq, bs)
-        seqs[_IDS, :n] = batch.input_ids
-        seqs[_POS, :n] = batch.positions
-        seqs[_SLOTS, :n] = batch.out_slots
-        seqs[_ROWS, :n] = torch.as_tensor(batch.req_rows, dtype=torch.int64)
-        seqs[_LENS, :n] = torch.as_tensor(batch.seq_lens, dtype=torch.int64)
-        seqs[:, n:] = torch.tensor(_PADDING[: self.per_seq], dtype=torch.int64)[:, None]
+        block = self.host_array[: self.width(bs)]
+        stage_inputs(block[: 5 * bs].reshape(5, bs), batch)  # the first 5 rows of either layout
         if self.cascade:
-            self._fill_groups(host[self.per_seq * bs :], seqs, batch.cascade, n, bs)
-        self.inputs[: self.width(bs)].copy_(host, non_blocking=True)
+            _stage_groups(block[5 * bs :], batch, bs)
+        self.inputs[: self.width(bs)].copy_(self.host[: self.width(bs)], non_blocking=True)
         self.host_free.record()
 
-    @staticmethod
-    def _fill_groups(groups: torch.Tensor, seqs: torch.Tensor, plan: CascadePlan, n: int, bs: int) -> None:
-        seqs[_SHARED, :n] = torch.as_tensor(plan.shared_lens, dtype=torch.int64)
-        cu_q, rows, prefix = groups[: bs + 1], groups[bs + 1 : 2 * bs + 1], groups[2 * bs + 1 :]
-        g = len(plan.group_sizes)
-        starts = torch.as_tensor([0, *plan.group_sizes], dtype=torch.int64).cumsum(0)
-        cu_q[: g + 1] = starts
-        cu_q[g + 1 :] = bs  # the padding rows' group (if any), then empty groups
-        rows.zero_()
-        rows[:g] = seqs[_ROWS, starts[:-1]]
-        prefix.zero_()
-        prefix[:g] = torch.as_tensor(plan.prefix_lens, dtype=torch.int64)
+
+def _stage_groups(block: np.ndarray, batch: ForwardBatch, bs: int) -> None:
+    """A cascade block's rows after the first five: shared_lens [bs], then per group (padded
+    to bs groups) group_cu_q [bs + 1], group_rows [bs], group_prefix [bs]."""
+    plan, n = batch.cascade, batch.batch_size
+    shared, cu_q, rows, prefix = np.split(block, [bs, 2 * bs + 1, 3 * bs + 1])
+    shared[:n] = plan.shared_lens
+    shared[n:] = 0
+    g = len(plan.group_sizes)
+    cu_q[0] = 0
+    np.cumsum(plan.group_sizes, out=cu_q[1 : g + 1])
+    cu_q[g + 1 :] = bs  # the padding rows' group (if any), then empty groups
+    rows[:] = 0
+    rows[:g] = np.asarray(batch.req_rows)[cu_q[:g]]
+    prefix[:] = 0
+    prefix[:g] = plan.prefix_lens
 
 
 class DecodeGraphRunner:

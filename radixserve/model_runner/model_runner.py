@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -18,7 +18,7 @@ from radixserve.model_runner.forward_batch import ForwardBatch
 from radixserve.model_runner.kv_pool import KVPool, ReqToTokenPool, SlotAllocator
 from radixserve.model_runner.loader import load_model
 from radixserve.model_runner.models.kernels import compile_unsupported_reason, compiled_kernels
-from radixserve.model_runner.sampler import SampleOutput, SamplingBatch, SamplingRow, sample
+from radixserve.model_runner.sampler import SampleOutput, SamplingBatch, sample
 
 logger = logging.getLogger(__name__)
 
@@ -165,8 +165,7 @@ class ModelRunner:
         return self.model.compute_logits(hidden[rows])
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleOutput:
-        batch = SamplingBatch.build(rows, self.vocab_size, logits.device)
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
         return sample(logits, batch)
 
     def to_host(self, out: SampleOutput) -> "HostSample":

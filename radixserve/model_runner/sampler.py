@@ -1,9 +1,12 @@
 """Batched next-token sampling on the device, every parameter per row.
 
-`SamplingBatch.build` turns per-row inputs into device tensors once per step
-(that is where the Python loop over rows lives); `sample(logits, batch)` is then
-pure tensor work: no loop over rows, no host sync. The caller copies
-`SampleOutput` to the host when it needs the tokens.
+`SamplingBatch.build` turns per-row inputs into device tensors (that is where
+the Python loop over rows lives); `sample(logits, batch)` is then pure tensor
+work: no loop over rows, no host sync. The caller copies `SampleOutput` to the
+host when it needs the tokens. For the next step of the same rows, or of some
+of them, `SamplingBatch.next_step` moves the batch on without the loop: only the
+noise depends on the step, unless a row's penalties or suppressed ids depend on
+its tokens.
 
 Order of processing, per row (greedy rows stop after step 3):
 
@@ -23,6 +26,8 @@ Order of processing, per row (greedy rows stop after step 3):
 Seeds: `u` is a counter-based hash of (seed, step, vocab index), so a row's
 draw depends on nothing else in the batch (no torch.Generator, no shared state):
 the same seed at the same step picks the same token in any batch, at any row.
+The seed is hashed once per row on the host (`seed_keys`); the step joins it
+where the noise is drawn, so moving a batch a step on is one add on the device.
 The n completions of one request therefore need n seeds (the scheduler's job).
 CPU (torch) and CUDA (Triton) hash the same bits; their logs may differ in the
 last ulp, so a token can differ across devices only on a near-exact tie.
@@ -34,6 +39,7 @@ trainers compute importance ratios against them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -84,6 +90,47 @@ class _Penalties:
     frequency: torch.Tensor  # [R] float32
 
 
+class _Columns(NamedTuple):
+    """Each row's values as the tensors hold them (greedy rows skip the filters: they cannot
+    move an argmax), and what the rows use as a whole."""
+
+    greedy: list[bool]
+    temperature: list[float]  # 1.0 on greedy rows
+    top_k: list[int]  # vocab_size where disabled
+    top_p: list[float]  # +inf where disabled
+    min_p: list[float]  # 0.0 where disabled
+    all_greedy: bool
+    any_greedy: bool
+    uses_top_k: bool
+    max_top_k: int
+    uses_top_p: bool
+    uses_min_p: bool
+    num_logprobs: int | None
+
+
+def _columns(params: Sequence[SamplingParams], vocab_size: int) -> _Columns:
+    greedy = [p.temperature == 0.0 for p in params]
+    sampled = [not g for g in greedy]
+    top_k = [p.top_k if s and 0 < p.top_k < vocab_size else vocab_size for p, s in zip(params, sampled)]
+    top_p = [p.top_p if s and p.top_p < 1.0 else float("inf") for p, s in zip(params, sampled)]
+    min_p = [p.min_p if s else 0.0 for p, s in zip(params, sampled)]
+    requested = [p.logprobs for p in params if p.logprobs is not None]
+    return _Columns(
+        greedy=greedy,
+        temperature=[p.temperature if s else 1.0 for p, s in zip(params, sampled)],
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        all_greedy=all(greedy),
+        any_greedy=any(greedy),
+        uses_top_k=min(top_k) < vocab_size,
+        max_top_k=max((k for k in top_k if k < vocab_size), default=vocab_size),
+        uses_top_p=min(top_p) < 1.0,
+        uses_min_p=max(min_p) > 0.0,
+        num_logprobs=max(requested) if requested else None,
+    )
+
+
 @dataclass(frozen=True)
 class SamplingBatch:
     """Device tensors for one step's sampling. Optional parts are None when no row uses them,
@@ -91,6 +138,7 @@ class SamplingBatch:
 
     size: int
     vocab_size: int
+    params: tuple[SamplingParams, ...]  # each row's, on the host: what a subset's summaries come from
     greedy: torch.Tensor  # [B] bool
     all_greedy: bool
     any_greedy: bool
@@ -101,7 +149,8 @@ class SamplingBatch:
     log_min_p: torch.Tensor | None  # [B] float32 log(min_p); -inf where disabled
     penalties: _Penalties | None
     suppress: tuple[torch.Tensor, torch.Tensor] | None  # (rows, ids), both [S] int64
-    noise_keys: torch.Tensor | None  # [2, B] int64 (two 32-bit keys per row); None if all greedy
+    seed_keys: torch.Tensor | None  # [B] int64, each row's seed hashed (32 bits); None if all greedy
+    steps: torch.Tensor | None  # [B] int64, each row's step; None if all greedy
     num_logprobs: int | None  # top alternatives to return (max over rows); None: no logprobs
 
     @classmethod
@@ -111,36 +160,68 @@ class SamplingBatch:
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
         device = torch.device(device)
-        params = [r.params for r in rows]
-        greedy = [p.temperature == 0.0 for p in params]
-        sampled = [not g for g in greedy]
-        # Filters cannot move an argmax, so greedy rows skip them.
-        top_k = [p.top_k if s and 0 < p.top_k < vocab_size else vocab_size for p, s in zip(params, sampled)]
-        top_p = [p.top_p if s and p.top_p < 1.0 else float("inf") for p, s in zip(params, sampled)]
-        min_p = [p.min_p if s else 0.0 for p, s in zip(params, sampled)]
-        temperature = [p.temperature if s else 1.0 for p, s in zip(params, sampled)]
-        requested = [p.logprobs for p in params if p.logprobs is not None]
+        params = tuple(r.params for r in rows)
+        cols = _columns(params, vocab_size)
         # Two host->device copies carry every per-row scalar (small copies cost more than their bytes).
-        floats = _to_device(torch.tensor([temperature, top_p, min_p], dtype=torch.float32), device)
-        ints = torch.tensor([greedy, top_k], dtype=torch.int64)
-        if not all(greedy):
-            ints = torch.cat([ints, _noise_keys(rows)])
+        floats = _to_device(torch.tensor([cols.temperature, cols.top_p, cols.min_p], dtype=torch.float32), device)
+        ints = torch.tensor([cols.greedy, cols.top_k], dtype=torch.int64)
+        if not cols.all_greedy:
+            ints = torch.cat([ints, _seed_keys_and_steps(rows)])
         ints = _to_device(ints, device)
         return cls(
             size=len(rows),
             vocab_size=vocab_size,
+            params=params,
             greedy=ints[0] != 0,
-            all_greedy=all(greedy),
-            any_greedy=any(greedy),
+            all_greedy=cols.all_greedy,
+            any_greedy=cols.any_greedy,
             temperature=floats[0],
-            top_k=ints[1] if min(top_k) < vocab_size else None,
-            max_top_k=max((k for k in top_k if k < vocab_size), default=vocab_size),
-            top_p=floats[1] if min(top_p) < 1.0 else None,
-            log_min_p=floats[2].log() if max(min_p) > 0.0 else None,
+            top_k=ints[1] if cols.uses_top_k else None,
+            max_top_k=cols.max_top_k,
+            top_p=floats[1] if cols.uses_top_p else None,
+            log_min_p=floats[2].log() if cols.uses_min_p else None,
             penalties=_build_penalties(rows, vocab_size, device),
             suppress=_build_suppress(rows, vocab_size, device),
-            noise_keys=None if all(greedy) else ints[2:4],
-            num_logprobs=max(requested) if requested else None,
+            seed_keys=None if cols.all_greedy else ints[2],
+            steps=None if cols.all_greedy else ints[3],
+            num_logprobs=cols.num_logprobs,
+        )
+
+    def next_step(self, keep: Sequence[int] | None = None) -> SamplingBatch | None:
+        """This batch one step later, each row having drawn one more token: every row, or the
+        rows `keep` (indices into this batch) in that order. The tensors move on the device
+        (an add, a gather each), with no loop over the rows' inputs. None when a row's
+        sampling depends on its tokens (penalties, suppressed ids): only `build` knows those."""
+        if self.penalties is not None or self.suppress is not None:
+            return None
+        if keep is None:
+            return self if self.steps is None else dataclasses.replace(self, steps=self.steps + 1)
+        if not keep:
+            raise ValueError("keep must hold at least one row")
+        params = tuple(self.params[i] for i in keep)
+        cols = _columns(params, self.vocab_size)
+        index = _to_device(torch.tensor(keep, dtype=torch.int64), self.greedy.device)
+
+        def pick(rows: torch.Tensor | None, used: bool) -> torch.Tensor | None:
+            return rows.index_select(0, index) if used else None  # a subset uses what the batch did, or less
+
+        return SamplingBatch(
+            size=len(keep),
+            vocab_size=self.vocab_size,
+            params=params,
+            greedy=self.greedy.index_select(0, index),
+            all_greedy=cols.all_greedy,
+            any_greedy=cols.any_greedy,
+            temperature=self.temperature.index_select(0, index),
+            top_k=pick(self.top_k, cols.uses_top_k),
+            max_top_k=cols.max_top_k,
+            top_p=pick(self.top_p, cols.uses_top_p),
+            log_min_p=pick(self.log_min_p, cols.uses_min_p),
+            penalties=None,
+            suppress=None,
+            seed_keys=pick(self.seed_keys, not cols.all_greedy),
+            steps=None if cols.all_greedy else self.steps.index_select(0, index) + 1,
+            num_logprobs=cols.num_logprobs,
         )
 
 
@@ -217,8 +298,8 @@ def _filter(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 def _draw(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """argmax(x + Gumbel noise) per row; greedy rows get no noise."""
     if x.is_cuda and triton is not None:
-        return _draw_triton(x.contiguous(), batch.noise_keys, batch.greedy)
-    noise = _gumbel_noise(batch.noise_keys, batch.vocab_size)
+        return _draw_triton(x.contiguous(), batch)
+    noise = _gumbel_noise(_noise_keys(batch.seed_keys, batch.steps), batch.vocab_size)
     if batch.any_greedy:
         noise = noise.masked_fill_(batch.greedy[:, None], 0.0)
     return (x + noise).argmax(dim=-1)
@@ -236,15 +317,21 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def _noise_keys(rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """[2, B] int64 per-row keys from (seed mod 2**64, step): the hash counter's row part (on the host)."""
+def _seed_keys_and_steps(rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """[2, B] int64 (on the host): each row's seed (mod 2**64) hashed, and its step."""
     if any(r.step < 0 for r in rows):
         raise ValueError("SamplingRow.step must be >= 0")
     seeds = [int(r.seed) % (1 << 64) for r in rows]
     lo = torch.tensor([s & _U32 for s in seeds], dtype=torch.int64)
     hi = torch.tensor([s >> 32 for s in seeds], dtype=torch.int64)
-    step = torch.tensor([r.step & _U32 for r in rows], dtype=torch.int64)
-    key1 = _mix32(_mix32(_mix32(lo ^ 0x9E3779B9) ^ hi) ^ step)
+    steps = torch.tensor([r.step for r in rows], dtype=torch.int64)
+    return torch.stack([_mix32(_mix32(lo ^ 0x9E3779B9) ^ hi), steps])
+
+
+def _noise_keys(seed_keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """[2, B] int64 per-row keys from the seed keys and steps (mod 2**32): the hash counter's
+    row part. The Triton kernel computes the same two keys per row."""
+    key1 = _mix32(seed_keys ^ (steps & _U32))
     return torch.stack([key1, _mix32(key1 ^ 0x85EBCA6B)])
 
 
@@ -339,7 +426,8 @@ if triton is not None:
 
     @triton.jit
     def _gumbel_argmax_kernel(
-        x_ptr, keys_ptr, greedy_ptr, best_ptr, best_index_ptr, num_rows, vocab_size, num_blocks, BLOCK: tl.constexpr
+        x_ptr, seed_keys_ptr, steps_ptr, greedy_ptr, best_ptr, best_index_ptr, vocab_size, num_blocks,
+        BLOCK: tl.constexpr,
     ):
         """One (row, block of the vocab) per program: the block's max of x + noise and where it is."""
         row = tl.program_id(0).to(tl.int64)
@@ -347,8 +435,9 @@ if triton is not None:
         cols = block * BLOCK + tl.arange(0, BLOCK)
         inside = cols < vocab_size
         x = tl.load(x_ptr + row * vocab_size + cols, mask=inside, other=float("-inf"))
-        key1 = tl.load(keys_ptr + row).to(tl.uint32)  # keys is [2, rows]
-        key2 = tl.load(keys_ptr + num_rows + row).to(tl.uint32)
+        # The row's keys as _noise_keys computes them; to(uint32) keeps the step's low 32 bits.
+        key1 = _mix32_tl(tl.load(seed_keys_ptr + row).to(tl.uint32) ^ tl.load(steps_ptr + row).to(tl.uint32))
+        key2 = _mix32_tl(key1 ^ 0x85EBCA6B)
         h = _mix32_tl(_mix32_tl(cols.to(tl.uint32) ^ key1) ^ key2)
         u = (h.to(tl.float32) + 0.5) * 2.3283064365386963e-10  # * 2**-32, as in _gumbel_noise
         noise = -libdevice.log(-libdevice.log1p(-u))
@@ -359,13 +448,14 @@ if triton is not None:
         tl.store(best_index_ptr + row * num_blocks + block, block * BLOCK + index)
 
 
-def _draw_triton(x: torch.Tensor, keys: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
+def _draw_triton(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     rows, vocab_size = x.shape
     num_blocks = triton.cdiv(vocab_size, _DRAW_BLOCK)
     best = torch.empty(rows, num_blocks, dtype=torch.float32, device=x.device)
     best_index = torch.empty(rows, num_blocks, dtype=torch.int64, device=x.device)
     _gumbel_argmax_kernel[(rows, num_blocks)](
-        x, keys, greedy, best, best_index, rows, vocab_size, num_blocks, BLOCK=_DRAW_BLOCK, num_warps=8
+        x, batch.seed_keys, batch.steps, batch.greedy, best, best_index, vocab_size, num_blocks,
+        BLOCK=_DRAW_BLOCK, num_warps=8,
     )
     # The first block holding the row max: ties resolve to the lowest index, as torch.argmax does.
     return best_index.gather(1, best.argmax(dim=1, keepdim=True)).squeeze(1)

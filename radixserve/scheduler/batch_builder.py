@@ -128,10 +128,12 @@ def build_decode_ahead(
         positions.append(req.kv_len)
         req.kv_len += 1
     n = len(reqs)
+    # One conversion for the three columns: torch.tensor reads a list element by element.
+    input_ids, token_positions, out_slots = torch.from_numpy(np.array([rows, positions, slots], dtype=np.int64))
     forward = ForwardBatch(
-        input_ids=torch.tensor(rows, dtype=torch.int64),
-        positions=torch.tensor(positions, dtype=torch.int64),
-        out_slots=torch.tensor(slots, dtype=torch.int64),
+        input_ids=input_ids,
+        positions=token_positions,
+        out_slots=out_slots,
         req_rows=[r.row for r in reqs],
         prefix_lens=positions,
         extend_lens=[1] * n,
