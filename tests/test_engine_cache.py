@@ -229,3 +229,15 @@ def test_lpm_groups_a_long_queue_by_prompt_start():
     for key in firsts:
         members = [int(r.rid[1:]) for r in order if (r.fill_ids[0], r.namespace) == key]
         assert members == sorted(members)
+
+
+def test_admission_counts_a_prompt_once_against_the_pool(tiny_qwen3_path):
+    """Four 40-token prompts with one output token each fit a 200-slot pool together
+    (4 x (40 + 0.7) reserved): all are admitted in the first step, not just two."""
+    config = EngineConfig(model=str(tiny_qwen3_path), device="cpu", kv_cache_tokens=200, show_progress=False)
+    core = EngineCore(config, tiny_qwen3_path)
+    params = SamplingParams(max_tokens=1, ignore_eos=True)
+    core.add([Req(f"r{i}", [i + 1] + list(range(100, 139)), params, seed=i) for i in range(4)])
+    batch = core.scheduler.schedule()
+    assert len(batch.reqs) == 4
+    assert not core.scheduler.waiting

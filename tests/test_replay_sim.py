@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from radixserve.replay.formats import TraceRequest
@@ -194,12 +194,15 @@ def test_block_simulation_equals_token_simulation(seed: int, policy: str, capaci
 @settings(max_examples=40, deadline=None)
 @given(st.integers(0, 10**6), st.integers(1, 40), st.booleans())
 def test_belady_bounds_every_online_policy(seed: int, capacity: int, tokens: bool) -> None:
+    """MIN's guarantee needs every prompt to fit in the cache (see replay/belady.py): a longer
+    one is cut on insert, and there an online policy can win (~1% of tiny random traces)."""
     rng = random.Random(seed)
     if tokens:  # uniform sizes: token-level prompts over a small alphabet
-        reqs = [tok(i, [rng.randint(0, 3) for _ in range(rng.randint(1, 8))]) for i in range(30)]
+        reqs = [tok(i, [rng.randint(0, 3) for _ in range(rng.randint(1, min(8, capacity)))]) for i in range(30)]
     else:  # full blocks only
         reqs = [blk(r.index, list(r.hash_ids), r.block_size * len(r.hash_ids), r.block_size)
                 for r in random_block_trace(seed, 30, 2)]
+        assume(max(r.input_length for r in reqs) <= capacity)
     specs = [RunSpec(p, capacity) for p in ("belady", "lru", "lfu", "fifo")]
     runs = simulate(reqs, specs, SimOptions(check=True)).runs
     best = runs[0]["hit_tokens"]

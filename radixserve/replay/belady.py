@@ -26,9 +26,11 @@ How it runs on the tree:
   (dropping dead blocks early never costs a hit).
 
 Guarantee: with blocks of one size (token-level traces, or hash-id traces
-whose prompts fill their last block) this is the offline optimum, so an upper
-bound for every online policy; tests check it against a brute-force search
-over all eviction schedules. The capacity is in tokens, and a partial last
+whose prompts fill their last block) and every prompt fitting in the
+capacity, this is the offline optimum, so an upper bound for every online
+policy; tests check it against a brute-force search over all eviction
+schedules. A prompt longer than the capacity is cut on insert, and there an
+online policy beat MIN on about 1% of tiny random traces. The capacity is in tokens, and a partial last
 block is smaller than the others; with mixed sizes no greedy rule is optimal
 (caching with sizes is NP-hard), and on tiny random traces an online policy
 beat MIN in about 0.2% of cases, by a few blocks. On real traces, where

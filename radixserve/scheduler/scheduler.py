@@ -238,7 +238,7 @@ class Scheduler:
             n = min(extend, budget)
             budget -= n
             pending += n
-            reserved += need
+            reserved += need - n  # this step's chunk is pending; the rest of the prompt and output later
             plan.append((req, n))
             admitted.append(req)
         for req in admitted:
