@@ -121,10 +121,10 @@ def _compiled_kernels() -> dict[str, int]:
     counts = {}
     try:
         from flash_attn.cute import interface
-
-        counts["fa4"] = len(interface._flash_attn_fwd.compile_cache)
-    except Exception:  # no FA4 here
+    except Exception:  # no FA4 here, or its CuTe DSL libraries fail to load (as load_fa4)
         pass
+    else:  # its JIT cache keeps the compiled variants in a dict
+        counts["fa4"] = len(interface._flash_attn_fwd.compile_cache.cache)
     import torch._dynamo.utils
 
     counts["dynamo_graphs"] = int(torch._dynamo.utils.counters["stats"].get("unique_graphs", 0))

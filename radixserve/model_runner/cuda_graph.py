@@ -117,7 +117,8 @@ class _GraphSet:
         host.zero_()
         host[: self.per_seq * bs].view(self.per_seq, bs)[:] = torch.tensor(_PADDING[: self.per_seq])[:, None]
         if self.cascade:
-            host[self.per_seq * bs + 1 : self.per_seq * bs + bs + 1] = bs  # group_cu_q = [0, bs, bs, ...]
+            cu_q, _, _ = _group_views(host[self.per_seq * bs :], bs)
+            cu_q[1:] = bs  # one group of every row, then empty ones
         self.inputs[: self.width(bs)].copy_(host)
 
     def fill(self, batch: ForwardBatch, bs: int) -> None:
@@ -136,7 +137,8 @@ def _stage_groups(block: np.ndarray, batch: ForwardBatch, bs: int) -> None:
     """A cascade block's rows after the first five: shared_lens [bs], then per group (padded
     to bs groups) group_cu_q [bs + 1], group_rows [bs], group_prefix [bs]."""
     plan, n = batch.cascade, batch.batch_size
-    shared, cu_q, rows, prefix = np.split(block, [bs, 2 * bs + 1, 3 * bs + 1])
+    shared = block[:bs]
+    cu_q, rows, prefix = _group_views(block[bs:], bs)
     shared[:n] = plan.shared_lens
     shared[n:] = 0
     g = len(plan.group_sizes)
@@ -147,6 +149,12 @@ def _stage_groups(block: np.ndarray, batch: ForwardBatch, bs: int) -> None:
     rows[:g] = np.asarray(batch.req_rows)[cu_q[:g]]
     prefix[:] = 0
     prefix[:g] = plan.prefix_lens
+
+
+def _group_views(groups, bs: int):
+    """The per-group part of a cascade block (after its six per-sequence rows), numpy or
+    torch alike: group_cu_q [bs + 1], group_rows [bs], group_prefix [bs]."""
+    return groups[: bs + 1], groups[bs + 1 : 2 * bs + 1], groups[2 * bs + 1 : 3 * bs + 1]
 
 
 class DecodeGraphRunner:
@@ -204,10 +212,9 @@ class DecodeGraphRunner:
         cu_q = self._cu_seqlens_q[: bs + 1]
         table = runner.req_to_token.table
         if graphs.cascade:
-            groups = block[graphs.per_seq * bs :]
+            group_cu_q, group_rows, group_prefix = _group_views(block[graphs.per_seq * bs :], bs)
             runner.backend.prepare_graph(None, graph_cascade_metadata(
-                rows, lens, seqs[_SHARED], groups[: bs + 1].to(torch.int32), groups[bs + 1 : 2 * bs + 1],
-                groups[2 * bs + 1 :], cu_q, table,
+                rows, lens, seqs[_SHARED], group_cu_q.to(torch.int32), group_rows, group_prefix, cu_q, table,
             ))
         else:
             runner.backend.prepare_graph(decode_graph_metadata(rows, lens, cu_q, table))

@@ -50,7 +50,6 @@ class CascadeMetadata(NamedTuple):
 def build_cascade_metadata(batch: ForwardBatch, req_to_token: torch.Tensor) -> CascadeMetadata:
     """Both passes' metadata for `batch` (its `cascade` plan set), with one host->device copy."""
     plan = batch.cascade
-    device = req_to_token.device
     extend_lens = batch.extend_lens
     shared = plan.shared_lens
     suffix_lens = [s - p for s, p in zip(batch.seq_lens, shared)]
@@ -63,16 +62,16 @@ def build_cascade_metadata(batch: ForwardBatch, req_to_token: torch.Tensor) -> C
         cu_q + list(accumulate(suffix_lens, initial=0)) + suffix_lens + shared + list(batch.req_rows)
         + group_cu_q + list(accumulate(plan.prefix_lens, initial=0)) + plan.prefix_lens + group_rows
     )
-    dev = torch.tensor(ints, dtype=torch.int32).to(device, non_blocking=True)
+    dev = torch.tensor(ints, dtype=torch.int32).to(req_to_token.device, non_blocking=True)
     parts = iter(torch.split(dev, [b + 1, b + 1, b, b, b, g + 1, g + 1, g, g]))
     cu_seqlens_q, cu_suffix, suffix_used, shared_dev, rows = (next(parts) for _ in range(5))
     group_cu, cu_prefix, prefix_used, first_rows = (next(parts) for _ in range(4))
 
     width = max(suffix_lens)
     suffix_table = _offset_rows(req_to_token, rows.long(), shared_dev.long(), width)
-    max_prefix = max(plan.prefix_lens)
-    prefix_table = req_to_token[:, : max(max_prefix, 1)].index_select(0, first_rows.long()).to(torch.int32)
-    row_shared = torch.tensor([p > 0 for p, n in zip(shared, extend_lens) for _ in range(n)], dtype=torch.bool)
+    max_prefix = max(plan.prefix_lens)  # > 0: a plan saves reads
+    prefix_table = req_to_token[:, :max_prefix].index_select(0, first_rows.long()).to(torch.int32)
+    row_shared = torch.repeat_interleave(shared_dev > 0, cu_seqlens_q.diff(), output_size=cu_q[-1])
     return CascadeMetadata(
         prefix=VarlenMetadata(
             cu_seqlens_q=group_cu,
@@ -92,7 +91,7 @@ def build_cascade_metadata(batch: ForwardBatch, req_to_token: torch.Tensor) -> C
             max_seqlen_k=width,
             total_k=sum(suffix_lens),
         ),
-        shared=row_shared.to(device, non_blocking=True),
+        shared=row_shared,
     )
 
 

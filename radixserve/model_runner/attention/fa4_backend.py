@@ -88,15 +88,10 @@ class FA4Attention:
         if not fa4_supports(q.dtype, q.shape[-1]) or k_cache.dtype != q.dtype:
             return self._fallback.attend(q, k_cache, v_cache, scale)
         if self._cascade is not None:
-            return cascade_attend(self._attend_lse, _compiled_merge(), q, k_cache, v_cache, scale, self._cascade)
+            attend_lse = functools.partial(self._call, return_lse=True)
+            return cascade_attend(attend_lse, _compiled_merge(), q, k_cache, v_cache, scale, self._cascade)
         out, _ = self._call(q, k_cache, v_cache, scale, self._meta, causal=True, return_lse=False)
         return out
-
-    def _attend_lse(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
-        meta: VarlenMetadata, causal: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._call(q, k_cache, v_cache, scale, meta, causal=causal, return_lse=True)
 
     def _call(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
