@@ -179,3 +179,12 @@ def test_cascade_off_by_default_on_cpu_and_options_checked(tiny_qwen3_path):
         Engine(str(tiny_qwen3_path), device="cpu", cascade_attention="yes", show_progress=False)
     with pytest.raises(ValueError, match="cascade_min_prefix"):
         Engine(str(tiny_qwen3_path), device="cpu", cascade_min_prefix=0, show_progress=False)
+
+
+def test_forcing_cascade_on_a_backend_without_it_is_a_value_error(tiny_qwen3_path, monkeypatch):
+    from radixserve import Engine
+    from radixserve.model_runner.attention.torch_backend import TorchAttention
+
+    monkeypatch.setattr(TorchAttention, "supports_cascade", False)  # as torch_varlen declares
+    with pytest.raises(ValueError, match="cascade_attention needs an attention backend that supports it"):
+        Engine(str(tiny_qwen3_path), device="cpu", cascade_attention=True, show_progress=False)
