@@ -241,3 +241,49 @@ def test_admission_counts_a_prompt_once_against_the_pool(tiny_qwen3_path):
     batch = core.scheduler.schedule()
     assert len(batch.reqs) == 4
     assert not core.scheduler.waiting
+
+
+def _shared_slots(a: Req, b: Req) -> int:
+    n = 0
+    for x, y in zip(a.slots, b.slots):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize("fold_mode", ["off", "mlp", "tree"])
+def test_cache_off_shares_slots_only_within_a_fold(tiny_qwen3_path, fold_mode):
+    """With the prefix cache off a request never points at another request's K/V, even a
+    concurrent duplicate's after its commit; only tree folding shares, among the sequences
+    folded together in one batch. With the cache on the later duplicate is served from the
+    tree. Tokens are the same in every case."""
+    prompt = list(range(100, 160))
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    outputs = {}
+    for cache in (True, False):
+        config = EngineConfig(model=str(tiny_qwen3_path), device="cpu", check_invariants=True, show_progress=False,
+                              enable_prefix_cache=cache, fold_mode=fold_mode)
+        core = EngineCore(config, tiny_qwen3_path)
+        first = [Req("a0", prompt + [1], params, seed=1), Req("a1", prompt + [2], params, seed=1)]
+        core.add(first)
+        core.step()  # both prefilled in one batch
+        late = Req("b", prompt + [3], params, seed=1)
+        core.add([late])
+        core.step()  # the late one is prefilled while the first two decode
+        core.step()
+        folded = _shared_slots(first[0], first[1])
+        borrowed = max(_shared_slots(first[0], late), _shared_slots(first[1], late))
+        if cache:
+            assert late.cached_tokens == len(prompt)
+            assert borrowed >= len(prompt)
+        else:
+            assert late.cached_tokens == 0
+            assert borrowed == 0
+            assert folded == (len(prompt) if fold_mode == "tree" else 0)
+        while core.has_work():
+            core.step()
+        outputs[cache] = [r.output_ids for r in (*first, late)]
+        core.check_invariants()
+        assert core.flush_cache() and core.runner.allocator.num_free == core.kv_capacity
+    assert outputs[True] == outputs[False]

@@ -135,3 +135,29 @@ def test_fused_kernels_on_by_default_and_close_to_eager(qwen3_d64):
         print(f"fused vs eager, step {step}: relative error {err:.2e}, argmax agreement {agree:.2f}")
         assert err < 2e-2, f"step {step}: logits relative error {err:.2e}"
         assert agree >= 0.75, f"step {step}: argmax agreement {agree:.2f}"
+
+
+def _fa4_variants() -> int:
+    from flash_attn.cute import interface
+
+    return len(interface._flash_attn_fwd.compile_cache.cache)
+
+
+def test_engine_start_compiles_every_fa4_variant_serving_needs(qwen3_d64, make_engine):
+    """Prefill chunks, mixed steps and cascades of every size after start compile no FA4
+    variant (a compile mid-run stalled a step for 4.5 s): the start warms them up."""
+    if "fa4" not in available_backends("cuda"):
+        pytest.skip("fa4 is not available here")
+    engine = make_engine(
+        qwen3_d64, dtype="bfloat16", attention_backend="fa4", max_running_requests=12,
+        max_prefill_tokens=300, cascade_min_prefix=32, **GPU,
+    )
+    before = _fa4_variants()
+    g = torch.Generator().manual_seed(3)
+    stems = [torch.randint(0, 500, (n,), generator=g).tolist() for n in (40, 400)]
+    prompts = [stems[i % 2] + torch.randint(0, 500, (5 + 37 * i,), generator=g).tolist() for i in range(12)]
+    params = SamplingParams(max_tokens=20, temperature=0.6, ignore_eos=True, seed=2)
+    outs = engine.generate(prompts, params, progress=False)
+    assert [len(o.token_ids) for o in outs] == [20] * len(prompts)
+    assert engine.stats()["cascade_batches"] > 0
+    assert _fa4_variants() == before

@@ -16,7 +16,9 @@ cascade attention on, else on first use). Static state per set:
                   cascade  [6, bs]  the same and shared_lens, then per group (padded
                            to bs groups) group_cu_q [bs + 1], group_rows [bs], group_prefix [bs]
     cu_seqlens_q  [max_bs + 1] int32  arange: one query row per sequence (shared)
-    per bucket    the graph and its logits [bs, vocab] float32 (valid until the next replay)
+    logits        [max_bs, vocab] float32, shared: a replay of bucket bs writes its first
+                  bs rows (valid until the next replay)
+    per bucket    the graph
 
 Inside the graph the attention metadata is built from these buffers on the device
 (`decode_graph_metadata`, `graph_cascade_metadata`): page tables are whole (or
@@ -49,7 +51,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+# A padding row attends over one token, so padding costs matmul rows only: coarser past 256.
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
 # Per-sequence rows of the static input block, and what a padding row holds in each.
 _IDS, _POS, _SLOTS, _ROWS, _LENS, _SHARED = range(6)
 _PADDING = (0, 0, 0, 0, 1, 0)
@@ -170,6 +173,9 @@ class DecodeGraphRunner:
         self.buckets = graph_buckets(max_batch)
         top = self.buckets[-1]
         self._cu_seqlens_q = torch.arange(top + 1, dtype=torch.int32, device=self.device)
+        # Every graph writes its logits here: one [top, vocab] buffer, not one per bucket and kind
+        # (at 1,024 rows and a 152k vocabulary that is 0.6 GB against 8 GB).
+        self._logits = torch.empty(top, runner.vocab_size, dtype=torch.float32, device=self.device)
         self._plain = _GraphSet(False, top, self.device)
         self._cascade: _GraphSet | None = None  # see cascade_graphs
         for bs in reversed(self.buckets):  # largest first: smaller graphs reuse its pool
@@ -219,7 +225,7 @@ class DecodeGraphRunner:
         else:
             runner.backend.prepare_graph(decode_graph_metadata(rows, lens, cu_q, table))
         hidden = runner.model(ids, pos, runner._attention(slots))
-        return runner.model.compute_logits(hidden)
+        return runner.model.compute_logits(hidden, out=self._logits[:bs])
 
     @torch.inference_mode()
     def _capture(self, graphs: _GraphSet, bs: int) -> None:

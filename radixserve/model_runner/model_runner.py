@@ -14,7 +14,7 @@ import torch
 
 from radixserve.model_runner.attention import create_backend
 from radixserve.model_runner.cuda_graph import DecodeGraphRunner, unsupported_reason
-from radixserve.model_runner.forward_batch import ForwardBatch
+from radixserve.model_runner.forward_batch import CascadePlan, ForwardBatch
 from radixserve.model_runner.kv_pool import KVPool, ReqToTokenPool, SlotAllocator
 from radixserve.model_runner.loader import load_model
 from radixserve.model_runner.models.kernels import compile_unsupported_reason, compiled_kernels
@@ -108,6 +108,44 @@ class ModelRunner:
                 "raise gpu_memory_utilization or set kv_cache_tokens"
             )
         return slots
+
+    @torch.inference_mode()
+    def warm_up_attention(self, cascade_min_prefix: int) -> None:
+        """Run one layer's eager attention once per shape class an eager step can meet, so a
+        backend that compiles a kernel variant per class (FA4 keys on causal or not, LSE or
+        not, one query tile per sequence or more, batches past 256) compiles it now, not in
+        the middle of serving (measured: a 4.5 s step). Decode shapes under CUDA graphs are
+        warmed by their capture; this covers prefill and mixed steps, and cascades with
+        `cascade_min_prefix` > 0. Reads whatever the pool and the table hold; writes nothing."""
+        if self.device.type != "cuda":
+            return
+        cfg = self.model_config
+        prefix = max(cascade_min_prefix, 256)
+        longest = 512  # a prefill chunk's query rows: more than one query tile
+        if prefix + longest > self.max_context:
+            prefix, longest = self.max_context // 2, self.max_context // 4
+        for n in sorted({min(2, self.req_to_token.max_requests), self.req_to_token.max_requests}):
+            for first in (1, longest):
+                extend = [first] + [1] * (n - 1)
+                plans: list[CascadePlan | None] = [None]
+                if cascade_min_prefix > 0 and n > 1:
+                    sizes = [2] * (n // 2) + [1] * (n % 2)
+                    plans.append(CascadePlan(sizes, [prefix] * (n // 2) + [0] * (n % 2)))
+                for plan in plans:
+                    batch = ForwardBatch(
+                        input_ids=torch.empty(0, dtype=torch.int64),
+                        positions=torch.empty(0, dtype=torch.int64),
+                        out_slots=torch.empty(0, dtype=torch.int64),
+                        req_rows=list(range(n)),
+                        prefix_lens=[prefix] * n,
+                        extend_lens=extend,
+                        logits_rows=torch.empty(0, dtype=torch.int64),
+                        cascade=plan,
+                    )
+                    q = torch.randn(sum(extend), cfg.num_heads, cfg.head_dim, dtype=self.dtype, device=self.device)
+                    self.backend.prepare(batch, self.req_to_token.table)
+                    self.backend.attend(q, self.pool.k[0], self.pool.v[0], self.scale)
+        torch.cuda.synchronize(self.device)
 
     def release_memory(self) -> None:
         """Drop the KV pool, graphs and weights (the engine shut down): a later engine in

@@ -96,6 +96,7 @@ def build_batch(
         if fold.num_rows == fold.num_tokens or fold.fold_ratio >= fold_threshold:
             fold = None
     if fold is not None and fold_mode == "tree":
+        _share_families(plan, keys, cache)
         forward, row_of = _layout_tree(plan, fold, cache)
     else:
         forward, row_of = _layout_full(plan, tokens, positions, fold, cache)
@@ -198,6 +199,17 @@ def shared_slots(prev: Req, req: Req) -> int:
     if lo < n:
         req.shared_memo = (a, b, lo)
     return lo
+
+
+def _share_families(plan: list[tuple[Req, int]], keys: list[object], cache: KVCacheManager) -> None:
+    """Fresh sequences of one fold root may borrow each other's slots: one family each
+    (cache off). Those at a radix node are in the node's family already."""
+    roots: dict[object, list[Req]] = {}
+    for (req, _), key in zip(plan, keys):
+        if key[0] == "root":
+            roots.setdefault(key, []).append(req)
+    for members in roots.values():
+        cache.share_family(members)
 
 
 def _seq_offsets(plan: list[tuple[Req, int]]) -> np.ndarray:

@@ -9,15 +9,19 @@ A slot moves free -> private when a step allocates it, private -> tree on
 to the tree's own copy on insert.
 
 With the prefix cache off the tree is still where computed tokens go (so
-slots shared inside a batch have one owner), but admission matches nothing and
-whatever no running request has locked is evicted as soon as a request ends:
-the tree keeps nothing that no running request needs.
+slots shared inside a batch have one owner), but admission matches nothing,
+whatever no running request has locked is evicted as soon as a request ends,
+and no request shares a slot with another that it was not folded with: each
+request files its tokens under a namespace of its own (its "family"), which
+the sequences folded together in a batch share (`share_family`). Otherwise a
+commit would re-point a request at a concurrent duplicate's slots, and the
+cache-off engine would share K/V across requests after all.
 """
 
 from __future__ import annotations
 
-from itertools import chain
-from typing import Iterable, Sequence
+from itertools import chain, count
+from typing import Hashable, Iterable, Sequence
 
 from radixserve.model_runner.kv_pool import ReqToTokenPool, SlotAllocator
 from radixserve.radix_tree import RadixTree
@@ -47,6 +51,7 @@ class KVCacheManager:
         # Admission-time counters (the tree's own also count internal re-matches).
         self.queried_tokens = 0
         self.hit_tokens = 0
+        self._families = count()  # cache off: one tree namespace per request or fold family
 
     @property
     def capacity(self) -> int:
@@ -70,6 +75,7 @@ class KVCacheManager:
         req.row = row
         fill = req.fill_ids
         if self.enable_prefix_cache:
+            req.tree_namespace = req.namespace
             m = self.tree.match_prefix(fill[: req.match_limit], namespace=req.namespace)
             self.tree.lock(m.node)
             req.last_node = m.node
@@ -77,6 +83,7 @@ class KVCacheManager:
             req.cache_len = req.kv_len = m.length
             self._table_writes.append((row, 0, req.slots))
         else:
+            req.tree_namespace = (req.namespace, next(self._families))
             req.slots = []
             req.cache_len = req.kv_len = 0
         if not req.admitted_once:
@@ -85,6 +92,18 @@ class KVCacheManager:
             self.queried_tokens += len(req.prompt_ids)
             self.hit_tokens += req.cached_tokens
         return True
+
+    def share_family(self, reqs: Sequence[Req]) -> None:
+        """Fresh requests folded together in one batch (tree mode) file their tokens under
+        one namespace, so the slots they share have one owner. Nothing to do with the cache
+        on: every request of a namespace shares the tree there."""
+        if self.enable_prefix_cache or len(reqs) < 2:
+            return
+        family: Hashable = reqs[0].tree_namespace
+        for req in reqs[1:]:
+            if req.cache_len or req.kv_len:
+                raise RuntimeError(f"{req} joins a fold family after computing tokens")
+            req.tree_namespace = family
 
     def undo_admit(self, req: Req) -> None:
         """Give back what `admit` took (the request did not fit after all)."""
@@ -152,8 +171,8 @@ class KVCacheManager:
         """
         n = req.kv_len
         key = req.fill_ids[:n]
-        self.tree.insert(key, req.slots[:n], namespace=req.namespace)
-        m = self.tree.match_prefix(key, namespace=req.namespace)
+        self.tree.insert(key, req.slots[:n], namespace=req.tree_namespace)
+        m = self.tree.match_prefix(key, namespace=req.tree_namespace)
         canonical = _flatten(m.values)
         start = max(req.cache_len, req.borrowed_len)
         if m.length > start:

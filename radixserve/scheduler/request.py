@@ -67,6 +67,9 @@ class Req:
         self.seed = seed
         self.detokenizer = detokenizer
         self.namespace = namespace
+        # Where its tokens go in the radix tree (set on admission): `namespace`, or with the
+        # prefix cache off a namespace of its own or its fold family's (scheduler/kv_cache.py).
+        self.tree_namespace: Hashable = namespace
         # A sibling (n > 1) waits until the first one's prompt is in the tree,
         # so it is served from the cache instead of computing the prompt again.
         self.wait_for = wait_for

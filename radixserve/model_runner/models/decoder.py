@@ -169,10 +169,11 @@ class DecoderForCausalLM(nn.Module):
             if hasattr(type(module), "kernels"):
                 module.kernels = kernels
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, H] -> float32 logits [N, vocab]."""
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [N, H] -> float32 logits [N, vocab], written to `out` if given (the cast is the copy)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        logits = F.linear(hidden, weight)
+        return logits.float() if out is None else out.copy_(logits)
 
     def moe_stats(self) -> dict[str, Any]:
         """Expert work done since the last reset (all zero for a dense model; see moe.py)."""
