@@ -37,6 +37,9 @@ from radixserve.replay.gentrace import GenConfig, generate_trace
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_engine_args(p)
+    # Every request of the workload may run at once (the cache-off run holds fewer: its KV pool
+    # runs out first); SGLang sizes its running batch from memory the same way.
+    p.set_defaults(max_running=1024)
     p.add_argument("--groups", type=int, default=64)
     p.add_argument("--prompts-per-group", type=int, default=16)
     p.add_argument("--system-prompt-len", type=int, default=2048)

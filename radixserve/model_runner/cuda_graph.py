@@ -176,6 +176,9 @@ class DecodeGraphRunner:
         # Every graph writes its logits here: one [top, vocab] buffer, not one per bucket and kind
         # (at 1,024 rows and a 152k vocabulary that is 0.6 GB against 8 GB).
         self._logits = torch.empty(top, runner.vocab_size, dtype=torch.float32, device=self.device)
+        # One capture stream for every graph: the caching allocator reuses a block only on the
+        # stream that freed it, so a stream per capture kept each bucket's memory to itself.
+        self._stream = torch.cuda.Stream(self.device)
         self._plain = _GraphSet(False, top, self.device)
         self._cascade: _GraphSet | None = None  # see cascade_graphs
         for bs in reversed(self.buckets):  # largest first: smaller graphs reuse its pool
@@ -230,7 +233,7 @@ class DecodeGraphRunner:
     @torch.inference_mode()
     def _capture(self, graphs: _GraphSet, bs: int) -> None:
         graphs.fill_padding(bs)
-        stream = torch.cuda.Stream(self.device)
+        stream = self._stream
         # Warm up outside the capture, on the capture stream: FA4 compiles each new
         # kernel variant on its first call, and nothing may compile inside a capture.
         stream.wait_stream(torch.cuda.current_stream(self.device))
