@@ -35,6 +35,7 @@ def split_kv_kernel(
     Q, K, V, PageTable, SeqUsed,
     PartOut, PartLse, Out, Lse,
     scale_log2,  # softmax scale * log2(e): scores live in base 2 for exp2
+    num_splits,  # a runtime value: one compiled kernel serves every split count
     stride_qb, stride_qh,
     stride_ks, stride_kh,
     stride_vs, stride_vh,
@@ -48,7 +49,6 @@ def split_kv_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     DIRECT: tl.constexpr,  # S == 1: write Out (and Lse) instead of the partials
     WRITE_LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (tests); bf16/fp16 ignore it
@@ -59,7 +59,7 @@ def split_kv_kernel(
 
     seq_len = tl.load(SeqUsed + b)
     # Each split takes a whole number of tiles, so only the last non-empty one is ragged.
-    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     lo = split * per_split
     hi = tl.minimum(lo + per_split, seq_len)
 
@@ -124,13 +124,13 @@ def split_kv_kernel(
 @triton.jit
 def merge_splits_kernel(
     PartOut, PartLse, Out, Lse,
+    num_splits,
     stride_pob, stride_poh, stride_pos,
     stride_plb, stride_plh,
     stride_ob, stride_oh,
     stride_lh, stride_lb,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     WRITE_LSE: tl.constexpr,
 ):
@@ -138,7 +138,7 @@ def merge_splits_kernel(
     head = tl.program_id(1).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < NUM_SPLITS
+    s_mask = offs_s < num_splits
     d_mask = offs_d < HEAD_DIM
 
     lse = tl.load(PartLse + b * stride_plb + head * stride_plh + offs_s, mask=s_mask, other=float("-inf"))
