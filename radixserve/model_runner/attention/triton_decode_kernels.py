@@ -26,11 +26,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)  # globals read by a kernel must be constexpr
 
 
-@triton.jit
+# The table's row stride is max_seqlen_k outside graphs (it changes per batch) and
+# num_splits may be 1: keeping them unspecialized keeps one compile per tile config.
+@triton.jit(do_not_specialize=["num_splits", "stride_pb"])
 def split_kv_kernel(
     Q, K, V, PageTable, SeqUsed,
     PartOut, PartLse, Out, Lse,
@@ -82,10 +83,16 @@ def split_kv_kernel(
     k_head = K + kv_head * stride_kh
     v_head = V + kv_head * stride_vh
     table = PageTable + b * stride_pb
+    # The slots of tile i + 1 are loaded in iteration i: then the K/V loads of a tile
+    # depend on no load of their own iteration, and the pipeliner keeps num_stages - 1
+    # tiles in flight (with the slot load inside the iteration, it kept one buffer at any
+    # num_stages: seen in the TTGIR of triton 3.9 for sm_90).
+    next_slots = tl.load(table + lo + offs_n, mask=lo + offs_n < hi, other=0)
     for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n
         n_mask = pos < hi
-        slots = tl.load(table + pos, mask=n_mask, other=0).to(tl.int64)
+        slots = next_slots.to(tl.int64)
+        next_slots = tl.load(table + pos + BLOCK_N, mask=pos + BLOCK_N < hi, other=0)
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_head + slots[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_H, BLOCK_N], fp32
@@ -121,7 +128,7 @@ def split_kv_kernel(
         tl.store(PartLse + b * stride_plb + heads * stride_plh + split, lse, mask=h_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def merge_splits_kernel(
     PartOut, PartLse, Out, Lse,
     num_splits,
