@@ -36,11 +36,15 @@ LENS = [1, 5, 16, 17, 63, 64, 65, 130, 301]
 @pytest.fixture
 def device() -> str:
     """Where the kernels can run here: the GPU, or the CPU under Triton's interpreter."""
-    pytest.importorskip("triton")
+    triton = pytest.importorskip("triton")
     if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         return "cuda"
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no GPU: run with TRITON_INTERPRET=1 to test the kernels on the CPU")
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9):
+        # Checked here: 3.9.0 runs these; 3.6.0's interpreter loads a scalar as a
+        # 1-element array, which a `range` bound in the kernel rejects.
+        pytest.skip(f"the kernel tests need triton >= 3.9 under the interpreter (found {triton.__version__})")
     return "cpu"
 
 
@@ -264,6 +268,13 @@ def test_invalid_inputs_name_the_field():
         paged_decode(q, k, v, table, seqused, 0.1, 2, workspace=make_workspace(2, 8, 16, 3, "cpu"))
 
 
+def test_empty_batch_launches_nothing():
+    """B = 0 (no decode rows) returns empty results without touching triton."""
+    q, k, v, table, seqused = make_decode_case([3], 8, 4, 16, seed=0)
+    out, lse = paged_decode(q[:0], k, v, table[:0], seqused[:0], 0.1, 4, return_lse=True)
+    assert out.shape == (0, 8, 16) and lse.shape == (8, 0)
+
+
 def test_missing_triton_is_a_clear_error(monkeypatch):
     """The module imports without triton (CI); a call says what is missing."""
     monkeypatch.setitem(sys.modules, "triton", None)
@@ -287,28 +298,63 @@ def test_num_splits_fill_the_gpu():
 # -- on the GPU: bf16 at model sizes, and inside a CUDA graph ----------------------------------------
 
 
-def _gpu_case(batch, hq, hkv, seed, max_len=4096, pool=300_000):
-    """bf16 q and a pool of `pool` slots (unused ones NaN) with random lengths up to max_len."""
-    g = torch.Generator().manual_seed(seed)
-    lens = torch.randint(1, max_len + 1, (batch,), generator=g).tolist()
-    return make_decode_case(lens, hq, hkv, 128, seed, dtype=torch.bfloat16, device="cuda",
-                            pool_slack=max(pool - sum(lens), sum(lens)))
+def _gpu_case(lens, hq, hkv, seed, num_slots=1 << 20, first_slot=1):
+    """Like make_decode_case, built on the GPU in bf16: the pool's `num_slots` slots are NaN
+    except the sequences' own, drawn at random from first_slot..num_slots; table
+    entries past each length are slot 0 (NaN)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    cuda = dict(device="cuda")
+    total, d = sum(lens), 128
+    k = torch.full((num_slots + 1, hkv, d), float("nan"), dtype=torch.bfloat16, **cuda)
+    v = torch.full_like(k, float("nan"))
+    used = torch.randperm(num_slots + 1 - first_slot, generator=g, **cuda)[:total] + first_slot
+    k[used] = torch.randn(total, hkv, d, generator=g, dtype=torch.bfloat16, **cuda)
+    v[used] = torch.randn(total, hkv, d, generator=g, dtype=torch.bfloat16, **cuda)
+    table = torch.zeros(len(lens), max(lens) + 23, dtype=torch.int32, **cuda)
+    starts = [0, *torch.tensor(lens).cumsum(0).tolist()]
+    for i, n in enumerate(lens):
+        table[i, :n] = used[starts[i] : starts[i] + n].to(torch.int32)
+    q = torch.randn(len(lens), hq, d, generator=g, dtype=torch.bfloat16, **cuda)
+    return q, k, v, table, torch.tensor(lens, dtype=torch.int32, **cuda)
+
+
+def _random_lens(batch: int, lo: int, hi: int, seed: int) -> list[int]:
+    return torch.randint(lo, hi + 1, (batch,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("heads", [(16, 8), (32, 8)], ids=["qwen3-0.6b", "qwen3-8b"])
 @pytest.mark.parametrize("batch", [1, 64, 256])
 def test_gpu_bf16_matches_reference(device, heads, batch):
+    """Model shapes, lengths 1..2048, the split count the helper picks and a few others."""
     if device != "cuda":
         pytest.skip("needs the GPU without the interpreter")
-    q, k, v, table, seqused = _gpu_case(batch, *heads, seed=batch)
+    q, k, v, table, seqused = _gpu_case(_random_lens(batch, 1, 2048, batch), *heads, seed=batch)
     scale = 1 / math.sqrt(128)
-    num_splits = choose_num_splits(batch, heads[1], torch.cuda.get_device_properties(0).multi_processor_count)
-    out, lse = paged_decode(q, k, v, table, seqused, scale, num_splits, return_lse=True)
     ref_out, ref_lse = reference(q, k, v, table, seqused, scale)
+    auto = choose_num_splits(batch, heads[1], torch.cuda.get_device_properties(0).multi_processor_count)
+    for num_splits in sorted({auto, 1, 5}):
+        for config in (KernelConfig(), KernelConfig(32, 4, 4), KernelConfig(128, 8, 2)):
+            out, lse = paged_decode(q, k, v, table, seqused, scale, num_splits, return_lse=True, config=config)
+            assert torch.isfinite(out).all(), (num_splits, config)
+            assert rel_err(out, ref_out) < 1e-2, (num_splits, config)
+            torch.testing.assert_close(lse, ref_lse, rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_pool_past_int32_offsets(device):
+    """Slots whose element offset slot * Hkv * D passes 2^31 (a 2.2M-slot pool: 4.5 GB per
+    K and V): the kernel's offset arithmetic is int64."""
+    if device != "cuda":
+        pytest.skip("needs the GPU without the interpreter")
+    num_slots = 2_200_000
+    first = 2_000_000  # 2**31 / (8 * 128) = 2_097_152: about half the slots lie past it
+    q, k, v, table, seqused = _gpu_case(_random_lens(16, 500, 3000, 7), 16, 8, seed=7,
+                                        num_slots=num_slots, first_slot=first)
+    assert int(table.max()) * 8 * 128 >= 2**31
+    out = paged_decode(q, k, v, table, seqused, 0.09, num_splits=4)
     assert torch.isfinite(out).all()
-    assert rel_err(out, ref_out) < 1e-2
-    torch.testing.assert_close(lse, ref_lse, rtol=1e-2, atol=2e-2)
+    assert rel_err(out, reference(q, k, v, table, seqused, 0.09)[0]) < 1e-2
 
 
 @pytest.mark.gpu
@@ -317,7 +363,7 @@ def test_gpu_cuda_graph_replay(device):
     if device != "cuda":
         pytest.skip("needs the GPU without the interpreter")
     batch, hq, hkv = 32, 32, 8
-    q, k, v, table, seqused = _gpu_case(batch, hq, hkv, seed=0)
+    q, k, v, _, _ = _gpu_case(_random_lens(batch, 1, 4096, 0), hq, hkv, seed=0)
     width = 8192  # a fixed table width covers every replay, as under the engine's graphs
     s_table = torch.zeros(batch, width, dtype=torch.int32, device="cuda")
     s_used = torch.zeros(batch, dtype=torch.int32, device="cuda")

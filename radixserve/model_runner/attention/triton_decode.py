@@ -110,32 +110,47 @@ def paged_decode(
     keys (whose output is 0): the layout cascade.merge_states takes.
     """
     batch, q_heads, head_dim = _check_inputs(q, k_cache, v_cache, page_table, seqused_k, num_splits, config)
-    kv_heads = k_cache.shape[1]
-    group = q_heads // kv_heads
     if out is None:
         out = torch.empty_like(q)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with unit last stride, got {tuple(out.shape)} {out.dtype}")
-    lse = torch.empty(q_heads, batch, dtype=torch.float32, device=q.device) if return_lse else out
-    if batch == 0:
-        return (out, lse) if return_lse else out
-
-    direct = num_splits == 1
-    if direct:
-        part_out, part_lse = out, out  # unused by the kernel
-        part_strides = (0, 0, 0, 0, 0)
-    else:
+    lse = torch.empty(q_heads, batch, dtype=torch.float32, device=q.device) if return_lse else None
+    if num_splits > 1:
         if workspace is None:
             workspace = make_workspace(batch, q_heads, head_dim, num_splits, q.device)
         _check_workspace(workspace, batch, q_heads, head_dim, num_splits)
-        part_out, part_lse = workspace
-        part_strides = (*part_out.stride()[:3], *part_lse.stride()[:2])
+    if batch > 0:
+        _launch(q, k_cache, v_cache, page_table, seqused_k, scale, num_splits, out, lse, workspace, config)
+    return (out, lse) if return_lse else out
+
+
+def _launch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seqused_k: torch.Tensor,
+    scale: float,
+    num_splits: int,
+    out: torch.Tensor,
+    lse: torch.Tensor | None,
+    workspace: DecodeWorkspace | None,
+    config: KernelConfig,
+) -> None:
+    """The split kernel, then (S > 1) the merge. Arguments a variant does not use get
+    `out` as a placeholder pointer and zero strides."""
     kernels = _kernels()
-    lse_strides = (lse.stride(0), lse.stride(1)) if return_lse else (0, 0)
+    batch, q_heads, head_dim = q.shape
+    kv_heads = k_cache.shape[1]
+    group = q_heads // kv_heads
+    direct = num_splits == 1
+    part_out, part_lse = (out, out) if direct else workspace
+    part_strides = (0,) * 5 if direct else (*part_out.stride()[:3], *part_lse.stride()[:2])
+    lse_ptr, lse_strides = (out, (0, 0)) if lse is None else (lse, lse.stride())
     block_d = _next_pow2(head_dim)
     kernels.split_kv_kernel[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache, page_table, seqused_k,
-        part_out, part_lse, out, lse,
+        part_out, part_lse, out, lse_ptr,
         scale * LOG2E,
         num_splits,
         q.stride(0), q.stride(1),
@@ -147,18 +162,18 @@ def paged_decode(
         *lse_strides,
         GROUP=group,
         HEAD_DIM=head_dim,
-        BLOCK_H=max(16, _next_pow2(group)),
+        BLOCK_H=max(16, _next_pow2(group)),  # tl.dot needs 16 rows; rows >= G are padding
         BLOCK_D=block_d,
         BLOCK_N=config.block_n,
         DIRECT=direct,
-        WRITE_LSE=return_lse,
+        WRITE_LSE=lse is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
     if not direct:
         kernels.merge_splits_kernel[(batch, q_heads)](
-            part_out, part_lse, out, lse,
+            part_out, part_lse, out, lse_ptr,
             num_splits,
             *part_strides,
             out.stride(0), out.stride(1),
@@ -166,10 +181,9 @@ def paged_decode(
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
             BLOCK_S=_next_pow2(num_splits),
-            WRITE_LSE=return_lse,
+            WRITE_LSE=lse is not None,
             num_warps=4 if block_d >= 128 else 2,
         )
-    return (out, lse) if return_lse else out
 
 
 def _next_pow2(n: int) -> int:
