@@ -11,7 +11,7 @@ case: FA4, our best config, and their ratio.
 Ours is swept in two stages to keep compiles few: split counts at the default
 tile config, then tile configs (BLOCK_N, num_warps, num_stages) at the best split count.
 
-    python benchmarks/decode_kernel_bench.py            # all cases, ~1-2 min on an H100
+    python benchmarks/decode_kernel_bench.py            # all cases; mostly Triton compiles
     python benchmarks/decode_kernel_bench.py --quick    # fewer configs
 """
 
@@ -23,6 +23,7 @@ import math
 from typing import Callable
 
 import torch
+from triton.runtime.errors import OutOfResources
 
 from radixserve.model_runner.attention.fa4_backend import load_fa4
 from radixserve.model_runner.attention.triton_decode import (
@@ -38,9 +39,8 @@ SPLITS = [1, 2, 4, 8, 16]
 # (BLOCK_N, num_warps, num_stages); num_stages - 1 K/V tiles are in flight per program,
 # each 2 * BLOCK_N * D * 2 bytes of shared memory (228 KB per H100 SM).
 TILES = [KernelConfig(*c) for c in [
-    (32, 4, 2), (32, 4, 3), (32, 4, 4), (64, 4, 2), (64, 4, 3), (64, 4, 4),
-    (64, 8, 3), (64, 8, 4), (128, 4, 2), (128, 8, 2), (128, 8, 3),
-]]
+    (32, 4, 3), (32, 4, 4), (64, 4, 2), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 8, 2),
+]]  # and the default, KernelConfig()
 QUICK_TILES = [KernelConfig(64, 4, 2), KernelConfig(64, 4, 3), KernelConfig(32, 4, 4), KernelConfig(128, 8, 2)]
 
 
@@ -139,7 +139,7 @@ def run_case(name, lens, heads, k, v, fa4, tiles, num_sms, iters, g) -> None:
         tag = dict(splits=num_splits, block_n=config.block_n, warps=config.num_warps, stages=config.num_stages)
         try:
             call()
-        except Exception as exc:  # a config past the SM's shared memory: report it, go on
+        except OutOfResources as exc:  # a config past the SM's shared memory: report it, go on
             print(json.dumps({**case, "kernel": "triton", **tag, "error": f"{type(exc).__name__}: {exc}"[:300]}))
             return None
         nonlocal ref

@@ -10,7 +10,7 @@ their log-sum-exp (the same algebra as cascade.merge_states).
 
 Inputs are what `VarlenMetadata` holds for a decode batch: `page_table` `[B, W]`
 int32 and `seqused_k` `[B]` int32 on the device. Nothing on the host depends on
-their contents: the grid is (B, Hkv, S) and each split finds its range from
+their contents: the grid is (Hkv, S, B) and each split finds its range from
 seqused_k in the kernel, so a call is CUDA-graph capturable (S is fixed per
 captured batch size; see `choose_num_splits`). Buffers are allocated from shapes
 only, or passed in (`make_workspace`).
@@ -29,6 +29,7 @@ import torch
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64  # the merge kernel holds one [S, D] tile
+MAX_GRID_YZ = 65535  # the batch is the split grid's z dimension
 
 
 class DecodeWorkspace(NamedTuple):
@@ -148,7 +149,7 @@ def _launch(
     part_strides = (0,) * 5 if direct else (*part_out.stride()[:3], *part_lse.stride()[:2])
     lse_ptr, lse_strides = (out, (0, 0)) if lse is None else (lse, lse.stride())
     block_d = _next_pow2(head_dim)
-    kernels.split_kv_kernel[(batch, kv_heads, num_splits)](
+    kernels.split_kv_kernel[(kv_heads, num_splits, batch)](
         q, k_cache, v_cache, page_table, seqused_k,
         part_out, part_lse, out, lse_ptr,
         scale * LOG2E,
@@ -172,7 +173,7 @@ def _launch(
         num_stages=config.num_stages,
     )
     if not direct:
-        kernels.merge_splits_kernel[(batch, q_heads)](
+        kernels.merge_splits_kernel[(q_heads, batch)](
             part_out, part_lse, out, lse_ptr,
             num_splits,
             *part_strides,
@@ -219,6 +220,8 @@ def _check_inputs(
         raise ValueError("page_table needs a unit stride on its columns")
     if seqused_k.dtype != torch.int32 or seqused_k.shape != (batch,):
         raise ValueError(f"seqused_k must be [B={batch}] int32, got {tuple(seqused_k.shape)} {seqused_k.dtype}")
+    if batch > MAX_GRID_YZ:
+        raise ValueError(f"q's batch must be at most {MAX_GRID_YZ} (a CUDA grid dimension), got {batch}")
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in 1..{MAX_SPLITS}, got {num_splits}")
     if config.block_n < 16 or config.block_n & (config.block_n - 1):

@@ -5,14 +5,14 @@ this module holds only device code, so that importing the entry never needs trit
 
 Work of one decode step (B sequences, one query token each, Hq = G * Hkv heads):
 
-    split kernel   grid (B, Hkv, S). Program (b, h, s) takes the G query heads of KV
+    split kernel   grid (Hkv, S, B). Program (h, s, b) takes the G query heads of KV
                    head h as one [BLOCK_H, D] tile (rows >= G are zero padding, so
                    tl.dot has its 16 rows) and keys [lo, hi) of sequence b, where the
                    sequence's length is cut into S chunks of a whole number of
                    BLOCK_N tiles. Each tile's slots come from the page table; each K
                    and V row is read once for all G heads. Online softmax in fp32.
                    With S == 1 it writes the output (and lse) directly.
-    reduce kernel  grid (B, Hq). Merges the S partial outputs by their log-sum-exp.
+    merge kernel   grid (Hq, B). Merges the S partial outputs by their log-sum-exp.
 
 Invariant: only page-table entries [0, seqused_k[b]) are loaded, and only their K/V
 rows: every load past a sequence's length is masked, so garbage there is never read.
@@ -54,9 +54,11 @@ def split_kv_kernel(
     WRITE_LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (tests); bf16/fp16 ignore it
 ):
-    b = tl.program_id(0).to(tl.int64)
-    kv_head = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2)
+    # KV heads vary fastest in launch order: the Hkv programs of one (sequence, split) run
+    # side by side and read the Hkv adjacent 256-byte pieces of the same slot rows together.
+    kv_head = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
 
     seq_len = tl.load(SeqUsed + b)
     # Each split takes a whole number of tiles, so only the last non-empty one is ragged.
@@ -141,8 +143,8 @@ def merge_splits_kernel(
     BLOCK_S: tl.constexpr,
     WRITE_LSE: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1).to(tl.int64)
+    head = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     s_mask = offs_s < num_splits
