@@ -15,10 +15,12 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import radixserve
 from radixserve.model_runner.attention.cascade import merge_states, reference_attend_lse
 from radixserve.model_runner.attention.metadata import VarlenMetadata, cumulative_lens
 from radixserve.model_runner.attention.triton_decode import (
@@ -245,6 +247,8 @@ def test_kernels_compile_for_hopper(group):
         check_hopper_compile(group)
         return
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = str(Path(radixserve.__file__).parents[1])  # the child imports this radixserve
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     child = subprocess.run([sys.executable, __file__, str(group)], env=env, capture_output=True, text=True)
     assert child.returncode == 0, child.stderr[-3000:]
 
