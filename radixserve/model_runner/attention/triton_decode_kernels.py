@@ -16,9 +16,11 @@ Work of one decode step (B sequences, one query token each, Hq = G * Hkv heads):
 
 Invariant: only page-table entries [0, seqused_k[b]) are loaded, and only their K/V
 rows: every load past a sequence's length is masked, so garbage there is never read.
-Empty splits (lo >= hi) write lse = -inf and no output row; the reduce gives them
+Empty splits (lo >= hi) write lse = -inf and no output row; the merge gives them
 weight 0 and does not load their rows.
 Offsets into the pool are computed in int64 (slot * stride can pass 2^31).
+Each tile's slots are loaded one iteration ahead, so the K/V loads of a tile depend on
+no load of its own iteration and the pipeliner keeps num_stages - 1 K/V tiles in flight.
 """
 
 from __future__ import annotations
