@@ -1,0 +1,244 @@
+"""Split-KV ("flash-decoding") paged decode attention in Triton, over the token-granular pool.
+
+A decode batch is B sequences of one query token each. A kernel that gives one
+program to each (sequence, KV head) runs B * Hkv programs, which at small B or
+long contexts leaves most SMs idle while a few walk long key lists. Here each
+sequence's keys are cut into a fixed number S of splits: B * Hkv * S programs each
+attend over one chunk (all G = Hq / Hkv query heads of a KV head at once, so each
+K/V row is read once), and a second small kernel merges the S partial outputs by
+their log-sum-exp (the same algebra as cascade.merge_states).
+
+Inputs are what `VarlenMetadata` holds for a decode batch: `page_table` `[B, W]`
+int32 and `seqused_k` `[B]` int32 on the device. Nothing on the host depends on
+their contents: the grid is (Hkv, S, B) and each split finds its range from
+seqused_k in the kernel, so a call is CUDA-graph capturable (S is fixed per
+captured batch size; see `choose_num_splits`). Buffers are allocated from shapes
+only, or passed in (`make_workspace`).
+
+Triton is optional: this module imports without it; a call raises ImportError.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from types import ModuleType
+from typing import NamedTuple
+
+import torch
+
+LOG2E = 1.4426950408889634
+MAX_SPLITS = 64  # the merge kernel holds one [S, D] tile
+MAX_GRID_YZ = 65535  # the batch is the split grid's z dimension
+
+
+class DecodeWorkspace(NamedTuple):
+    """Per-split results; the first dim may exceed B (a buffer sized for the largest batch)."""
+
+    partial_out: torch.Tensor  # [>= B, Hq, S, D] float32
+    partial_lse: torch.Tensor  # [>= B, Hq, S] float32, natural log
+
+
+class KernelConfig(NamedTuple):
+    """Tile shape and launch options of the split kernel. The default keeps two K/V tiles
+    in flight in ~70 KB of shared memory (three programs per H100 SM); the benchmark
+    sweeps the rest."""
+
+    block_n: int = 64  # keys per loop iteration
+    num_warps: int = 4
+    num_stages: int = 3  # K/V tiles in flight = num_stages - 1
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _kernels() -> ModuleType:
+    try:
+        return importlib.import_module("radixserve.model_runner.attention.triton_decode_kernels")
+    except ImportError as exc:
+        raise ImportError("paged_decode needs the triton package (pip install triton)") from exc
+
+
+def choose_num_splits(batch: int, kv_heads: int, num_sms: int, waves: int = 8, max_splits: int = 16) -> int:
+    """Splits per sequence so that B * Hkv * S programs number at least `waves` per SM.
+
+    Depends on shapes only (never on lengths), so one value serves every replay of a
+    graph captured for `batch` rows. Two to four programs run on an SM at once (they
+    are bound by shared memory for the pipelined K/V tiles), so 8 programs per SM is
+    two to four real waves: the last, ragged wave then costs a small fraction.
+    Splitting more costs little beyond that: each split writes D + 1 floats per head,
+    and an empty split (a sequence shorter than S tiles) only its lse.
+    """
+    if batch < 1 or kv_heads < 1 or num_sms < 1:
+        raise ValueError(f"batch, kv_heads and num_sms must be >= 1, got {batch}, {kv_heads}, {num_sms}")
+    wanted = math.ceil(waves * num_sms / (batch * kv_heads))
+    return max(1, min(max_splits, wanted))
+
+
+def make_workspace(
+    batch: int, q_heads: int, head_dim: int, num_splits: int, device: torch.device | str
+) -> DecodeWorkspace:
+    return DecodeWorkspace(
+        partial_out=torch.empty(batch, q_heads, num_splits, head_dim, dtype=torch.float32, device=device),
+        partial_lse=torch.empty(batch, q_heads, num_splits, dtype=torch.float32, device=device),
+    )
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seqused_k: torch.Tensor,
+    scale: float,
+    num_splits: int,
+    out: torch.Tensor | None = None,
+    workspace: DecodeWorkspace | None = None,
+    return_lse: bool = False,
+    config: KernelConfig = KernelConfig(),
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each sequence's one query token over its `seqused_k[i]` keys.
+
+    q `[B, Hq, D]`; k_cache, v_cache `[slots, Hkv, D]` (Hq a multiple of Hkv);
+    page_table `[B, W]` int32 (row i's first seqused_k[i] entries are its slots);
+    seqused_k `[B]` int32. Returns out `[B, Hq, D]` in q's dtype, and with
+    `return_lse` also lse `[Hq, B]` float32, natural log, -inf for a sequence with no
+    keys (whose output is 0): the layout cascade.merge_states takes.
+    """
+    batch, q_heads, head_dim = _check_inputs(q, k_cache, v_cache, page_table, seqused_k, num_splits, config)
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with unit last stride, got {tuple(out.shape)} {out.dtype}")
+    lse = torch.empty(q_heads, batch, dtype=torch.float32, device=q.device) if return_lse else None
+    if num_splits > 1:
+        if workspace is None:
+            workspace = make_workspace(batch, q_heads, head_dim, num_splits, q.device)
+        _check_workspace(workspace, batch, q_heads, head_dim, num_splits)
+    if batch > 0:
+        _launch(q, k_cache, v_cache, page_table, seqused_k, scale, num_splits, out, lse, workspace, config)
+    return (out, lse) if return_lse else out
+
+
+def _launch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seqused_k: torch.Tensor,
+    scale: float,
+    num_splits: int,
+    out: torch.Tensor,
+    lse: torch.Tensor | None,
+    workspace: DecodeWorkspace | None,
+    config: KernelConfig,
+) -> None:
+    """The split kernel, then (S > 1) the merge. Arguments a variant does not use get
+    `out` as a placeholder pointer and zero strides."""
+    kernels = _kernels()
+    batch, q_heads, head_dim = q.shape
+    kv_heads = k_cache.shape[1]
+    group = q_heads // kv_heads
+    direct = num_splits == 1
+    part_out, part_lse = (out, out) if direct else workspace
+    part_strides = (0,) * 5 if direct else (*part_out.stride()[:3], *part_lse.stride()[:2])
+    lse_ptr, lse_strides = (out, (0, 0)) if lse is None else (lse, lse.stride())
+    block_d = _next_pow2(head_dim)
+    kernels.split_kv_kernel[(kv_heads, num_splits, batch)](
+        q, k_cache, v_cache, page_table, seqused_k,
+        part_out, part_lse, out, lse_ptr,
+        scale * LOG2E,
+        num_splits,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1),
+        v_cache.stride(0), v_cache.stride(1),
+        page_table.stride(0),
+        *part_strides,
+        out.stride(0), out.stride(1),
+        *lse_strides,
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_H=max(16, _next_pow2(group)),  # tl.dot needs 16 rows; rows >= G are padding
+        BLOCK_D=block_d,
+        BLOCK_N=config.block_n,
+        DIRECT=direct,
+        WRITE_LSE=lse is not None,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    if not direct:
+        kernels.merge_splits_kernel[(q_heads, batch)](
+            part_out, part_lse, out, lse_ptr,
+            num_splits,
+            *part_strides,
+            out.stride(0), out.stride(1),
+            *lse_strides,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            BLOCK_S=_next_pow2(num_splits),
+            WRITE_LSE=lse is not None,
+            num_warps=4 if block_d >= 128 else 2,
+        )
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _check_inputs(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seqused_k: torch.Tensor,
+    num_splits: int,
+    config: KernelConfig,
+) -> tuple[int, int, int]:
+    """Shape, dtype and layout checks (host metadata only: no device sync)."""
+    if q.dim() != 3 or k_cache.dim() != 3 or v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"q must be [B, Hq, D] and k_cache, v_cache one [slots, Hkv, D] shape, got "
+            f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
+        )
+    batch, q_heads, head_dim = q.shape
+    kv_heads = k_cache.shape[1]
+    if k_cache.shape[2] != head_dim or q_heads % kv_heads != 0:
+        raise ValueError(f"q heads {q_heads} must be a multiple of KV heads {kv_heads}, with equal head_dim")
+    if not (k_cache.dtype == v_cache.dtype == q.dtype):
+        raise ValueError(f"q, k_cache, v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if min(q.stride(-1), k_cache.stride(-1), v_cache.stride(-1)) != 1:
+        raise ValueError("q, k_cache and v_cache need a unit stride on head_dim")
+    if page_table.dtype != torch.int32 or page_table.dim() != 2 or page_table.shape[0] != batch:
+        raise ValueError(f"page_table must be [B={batch}, W] int32, got {tuple(page_table.shape)} {page_table.dtype}")
+    if page_table.stride(1) != 1:
+        raise ValueError("page_table needs a unit stride on its columns")
+    if seqused_k.dtype != torch.int32 or seqused_k.shape != (batch,):
+        raise ValueError(f"seqused_k must be [B={batch}] int32, got {tuple(seqused_k.shape)} {seqused_k.dtype}")
+    if batch > MAX_GRID_YZ:
+        raise ValueError(f"q's batch must be at most {MAX_GRID_YZ} (a CUDA grid dimension), got {batch}")
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be in 1..{MAX_SPLITS}, got {num_splits}")
+    if config.block_n < 16 or config.block_n & (config.block_n - 1):
+        raise ValueError(f"config.block_n must be a power of two >= 16, got {config.block_n}")
+    return batch, q_heads, head_dim
+
+
+def _check_workspace(ws: DecodeWorkspace, batch: int, q_heads: int, head_dim: int, num_splits: int) -> None:
+    po, pl = ws
+    ok = (
+        po.dtype == pl.dtype == torch.float32
+        and po.dim() == 4 and po.shape[0] >= batch and po.shape[1:] == (q_heads, num_splits, head_dim)
+        and pl.dim() == 3 and pl.shape[0] >= batch and pl.shape[1:] == (q_heads, num_splits)
+        and po.stride(-1) == 1 and pl.stride(-1) == 1
+    )
+    if not ok:
+        raise ValueError(
+            f"workspace must be float32 [>= {batch}, {q_heads}, {num_splits}, {head_dim}] and "
+            f"[>= {batch}, {q_heads}, {num_splits}], got {tuple(po.shape)} and {tuple(pl.shape)}"
+        )
