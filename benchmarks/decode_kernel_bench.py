@@ -49,6 +49,8 @@ def workloads(g: torch.Generator) -> dict[str, list[int]]:
         "256x[100,2048]": torch.randint(100, 2049, (256,), generator=g).tolist(),
         "256x1024": [1024] * 256,
         "64x4096": [4096] * 64,
+        # cascade's suffix pass in the shared-prefix workload: 1,024 questions of 128 tokens plus output
+        "1024x[129,385]": torch.randint(129, 386, (1024,), generator=g).tolist(),
     }
 
 

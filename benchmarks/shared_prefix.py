@@ -107,7 +107,12 @@ class StepTimeline:
         self.compiled = {k: v - self.compiled_before.get(k, 0) for k, v in _compiled_kernels().items()}
 
     def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"slowest_ms": sorted((round(1e3 * r[0], 1) for r in self.rows), reverse=True)[:8]}
+        slowest = sorted(range(len(self.rows)), key=lambda i: self.rows[i][0], reverse=True)[:8]
+        out: dict[str, Any] = {
+            "slowest_ms": [round(1e3 * self.rows[i][0], 1) for i in slowest],
+            # (step index, graph replay, sequences, cascade groups) of each of those steps
+            "slowest_steps": [(i, *self.rows[i][1:]) for i in slowest],
+        }
         for kind, graph in (("graph", True), ("eager", False)):
             rows = [r for r in self.rows if r[1] == graph and r[2] > 0]
             if rows:
