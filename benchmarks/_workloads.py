@@ -97,6 +97,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fused-kernels", action="store_true", help="eager norms/RoPE/SiLU (default: torch.compile on CUDA)")
     p.add_argument("--no-cascade-attention", action="store_true",
                    help="attend to shared prefixes per sequence (default: cascade on CUDA)")
+    p.add_argument("--no-triton-decode", action="store_true",
+                   help="decode attention with FA4 (default: the Triton split-KV kernel where installed)")
     p.add_argument("--batch-order", default="prefix", choices=["prefix", "arrival"], help="see EngineConfig.batch_order")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--kv-cache-tokens", type=int)
@@ -119,6 +121,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         fused_kernels=False if args.no_fused_kernels else None, batch_order=args.batch_order,
         overlap_schedule=False if args.no_overlap_schedule else None,
         cascade_attention=False if args.no_cascade_attention else None,
+        triton_decode=False if args.no_triton_decode else None,
     )
 
 
@@ -289,7 +292,7 @@ def emit(record: dict[str, Any]) -> None:
 
 def _categorize(kernel: str) -> str:
     k = kernel.lower()
-    if "flash" in k or "fmha" in k or "attention" in k:
+    if "flash" in k or "fmha" in k or "attention" in k or "split_kv" in k or "merge_splits" in k:
         return "attention"
     if any(s in k for s in ("gemm", "nvjet", "xmma", "cublas", "cutlass", "splitk")):
         return "gemm"

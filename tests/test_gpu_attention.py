@@ -24,7 +24,9 @@ from radixserve.model_runner.forward_batch import ForwardBatch
 
 pytestmark = pytest.mark.gpu
 
-FAST = ["fa4", "torch_varlen"]
+# "fa4" runs decode passes with the Triton split-KV kernel where Triton is installed;
+# "fa4:no-triton" keeps them on FA4.
+FAST = ["fa4", "fa4:no-triton", "torch_varlen"]
 GARBAGE = 300.0
 
 # (prefix_len, extend_len) per sequence; None entries are drawn at random per seed.
@@ -43,8 +45,13 @@ def _rand(g: torch.Generator, lo: int, hi: int) -> int:
 
 
 def _backend(name: str):
+    name, _, variant = name.partition(":")
     if name not in available_backends("cuda"):
         pytest.skip(f"{name} is not available here (available: {available_backends('cuda')})")
+    if name == "fa4":
+        backend = create_backend(name, "cuda", triton_decode=False if variant == "no-triton" else None)
+        assert backend.triton_decode == (variant != "no-triton"), "Triton is on the device image: the default uses it"
+        return backend
     return create_backend(name, "cuda")
 
 
@@ -184,9 +191,10 @@ def test_registry_on_this_machine():
 
 @pytest.mark.parametrize("heads", HEADS, ids=lambda h: "h{}-{}-d{}".format(*h))
 @pytest.mark.parametrize("case", sorted(CASCADE_CASES))
-def test_fa4_cascade_matches_reference(case, heads):
+@pytest.mark.parametrize("name", ["fa4", "fa4:no-triton"])
+def test_fa4_cascade_matches_reference(case, heads, name):
     """Prefix pass + suffix pass + merge against the reference without a cascade."""
-    backend = _backend("fa4")
+    backend = _backend(name)
     q, k, v, table, batch = make_cascade_case(
         CASCADE_CASES[case], *heads, seed=7, dtype=torch.bfloat16, device="cuda"
     )

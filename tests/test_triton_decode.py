@@ -406,3 +406,14 @@ def test_gpu_cuda_graph_replay(device):
 
 if __name__ == "__main__":  # the child of test_kernels_compile_for_hopper
     check_hopper_compile(int(sys.argv[1]))
+
+
+def test_triton_decode_option_is_checked(tiny_qwen3_path):
+    """The engine option: a bool or None; forcing it on a backend other than fa4 is a
+    ValueError naming the option (it is never accepted and ignored)."""
+    from radixserve import Engine
+
+    with pytest.raises(ValueError, match="triton_decode must be None"):
+        Engine(str(tiny_qwen3_path), device="cpu", triton_decode="yes", show_progress=False)
+    with pytest.raises(ValueError, match="triton_decode=True needs attention_backend 'fa4'"):
+        Engine(str(tiny_qwen3_path), device="cpu", triton_decode=True, show_progress=False)

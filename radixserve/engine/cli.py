@@ -28,6 +28,10 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
         "--no-cascade-attention", action="store_true",
         help="attend to shared prefixes once per sequence, not once per group (default: cascade on CUDA)",
     )
+    p.add_argument(
+        "--no-triton-decode", action="store_true",
+        help="decode attention with FA4 instead of the Triton split-KV kernel (default: Triton where installed)",
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -40,6 +44,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         kw["fused_kernels"] = False
     if args.no_cascade_attention:
         kw["cascade_attention"] = False
+    if args.no_triton_decode:
+        kw["triton_decode"] = False
     for name in ("kv_cache_tokens", "max_running_requests", "attention_backend"):
         value = getattr(args, name)
         if value is not None:

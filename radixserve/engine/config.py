@@ -57,6 +57,9 @@ class EngineConfig:
     # at least cascade_min_prefix tokens.
     cascade_attention: bool | None = None
     cascade_min_prefix: int = 256
+    # Decode passes (one query row per sequence) of the fa4 backend run our Triton split-KV
+    # kernel (attention/triton_decode.py). None: where Triton is installed; True: required.
+    triton_decode: bool | None = None
     moe_backend: str = "auto"  # Qwen3-MoE expert computation: "auto" | "grouped_mm" | "loop"
     seed: int | None = None  # seeds the draws of per-request seeds for unseeded requests
     check_invariants: bool = False  # verify slot ownership and the tree after every step
@@ -80,6 +83,8 @@ class EngineConfig:
         if self.cascade_attention is not None and not isinstance(self.cascade_attention, bool):
             raise ValueError(f"cascade_attention must be None (auto), True or False, got {self.cascade_attention!r}")
         _check_int(self, "cascade_min_prefix", 1)
+        if self.triton_decode is not None and not isinstance(self.triton_decode, bool):
+            raise ValueError(f"triton_decode must be None (auto), True or False, got {self.triton_decode!r}")
         if not isinstance(self.enable_prefix_cache, bool):
             raise ValueError(f"enable_prefix_cache must be a bool, got {self.enable_prefix_cache!r}")
         if not 0.0 < float(self.gpu_memory_utilization) <= 1.0:

@@ -72,6 +72,7 @@ class EngineCore:
             progress=config.show_progress,
             cuda_graphs=config.cuda_graphs,
             fused_kernels=config.fused_kernels,
+            triton_decode=config.triton_decode,
         )
         self.tree = RadixTree(page_size=config.page_size, policy=config.eviction_policy)
         self.cache = KVCacheManager(

@@ -48,6 +48,7 @@ class ModelRunner:
         progress: bool = True,
         cuda_graphs: bool | None = None,
         fused_kernels: bool | None = None,
+        triton_decode: bool | None = None,
     ) -> None:
         if cuda_graphs and device.type != "cuda":
             raise ValueError(f"cuda_graphs needs a CUDA device, got device {str(device)!r}")
@@ -66,7 +67,7 @@ class ModelRunner:
         self.pool = KVPool(cfg.num_layers, num_slots, cfg.num_kv_heads, cfg.head_dim, dtype, device)
         self.allocator = SlotAllocator(num_slots)
         self.req_to_token = ReqToTokenPool(max_running_requests, self.max_context, device)
-        self.backend = create_backend(attention_backend, device, dtype, cfg.head_dim)
+        self.backend = create_backend(attention_backend, device, dtype, cfg.head_dim, triton_decode)
         self.scale = cfg.softmax_scale
         logger.info(
             "model %s on %s (%s): %d KV slots, attention %s",

@@ -70,6 +70,7 @@ def create_backend(
     device: torch.device | str,
     dtype: torch.dtype | None = None,
     head_dim: int | None = None,
+    triton_decode: bool | None = None,
 ) -> AttentionBackend:
     """Build the backend `name`; "auto" picks the fastest available on `device`.
 
@@ -88,8 +89,17 @@ def create_backend(
         raise ValueError(f"attention_backend must be 'auto' or one of {sorted(_BACKENDS)}, got {name!r}")
     elif name not in usable:
         raise ValueError(f"attention_backend {name!r} is not available on {device}; available: {usable}")
-    logger.info("attention backend: %s (available on %s: %s)", name, device, ", ".join(usable))
-    return _BACKENDS[name].factory()
+    if name != "fa4":
+        if triton_decode:
+            raise ValueError(f"triton_decode=True needs attention_backend 'fa4', got {name!r}")
+        logger.info("attention backend: %s (available on %s: %s)", name, device, ", ".join(usable))
+        return _BACKENDS[name].factory()
+    backend = FA4Attention(triton_decode)
+    logger.info(
+        "attention backend: fa4, decode passes %s (available on %s: %s)",
+        "Triton split-KV" if backend.triton_decode else "fa4", device, ", ".join(usable),
+    )
+    return backend
 
 
 __all__ = ["AttentionBackend", "available_backends", "create_backend"]
