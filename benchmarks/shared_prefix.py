@@ -22,6 +22,7 @@ requests at once where the KV pool runs out (each holds its whole prompt).
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import time
 from pathlib import Path
@@ -98,11 +99,24 @@ class StepTimeline:
             return out
 
         core.step = timed_step
+        # Collector pauses by generation (a full pass over a big heap stalls a step).
+        self.gc_pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        started = [0.0]
+
+        def on_gc(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                started[0] = time.perf_counter()
+            else:
+                self.gc_pauses[info["generation"]].append(time.perf_counter() - started[0])
+
+        self._on_gc = on_gc
+        gc.callbacks.append(on_gc)
         self.compiled_before = _compiled_kernels()
         sched.schedule = lambda: note(schedule())
         sched.schedule_ahead = lambda prev: note(ahead(prev))
 
     def detach(self) -> None:
+        gc.callbacks.remove(self._on_gc)
         self.core.step, self.core.scheduler.schedule, self.core.scheduler.schedule_ahead = self._originals
         self.compiled = {k: v - self.compiled_before.get(k, 0) for k, v in _compiled_kernels().items()}
 
@@ -123,6 +137,10 @@ class StepTimeline:
                     "mean_groups": sum(r[3] for r in rows) / len(rows),
                 }
         out["compiled_during_run"] = self.compiled
+        out["gc_pauses"] = {  # per generation: count, total and longest ms
+            f"gen{g}": (len(p), round(1e3 * sum(p), 1), round(1e3 * max(p, default=0.0), 1))
+            for g, p in self.gc_pauses.items()
+        }
         return out
 
 
