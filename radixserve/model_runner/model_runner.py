@@ -111,25 +111,6 @@ class ModelRunner:
         return slots
 
     @torch.inference_mode()
-    def warm_up(self, prefill_tokens: int, cascade_min_prefix: int) -> None:
-        """Before serving: one eager forward of a `prefill_tokens` chunk (the first real one
-        stalled its step for ~0.4 s: GEMM shapes and allocations met for the first time),
-        then `warm_up_attention`. Its K/V go to the dummy slot 0; nothing else is written."""
-        if self.device.type != "cuda":
-            return
-        n = max(1, min(prefill_tokens, self.max_context - 1))
-        self.forward(ForwardBatch(
-            input_ids=torch.zeros(n, dtype=torch.int64),
-            positions=torch.arange(n, dtype=torch.int64),
-            out_slots=torch.zeros(n, dtype=torch.int64),
-            req_rows=[0],
-            prefix_lens=[0],
-            extend_lens=[n],
-            logits_rows=torch.tensor([n - 1]),
-        ))
-        self.warm_up_attention(cascade_min_prefix)
-
-    @torch.inference_mode()
     def warm_up_attention(self, cascade_min_prefix: int) -> None:
         """Run one layer's eager attention once per shape class an eager step can meet, so a
         backend that compiles a kernel variant per class (FA4 keys on causal or not, LSE or
