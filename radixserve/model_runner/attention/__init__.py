@@ -89,16 +89,11 @@ def create_backend(
         raise ValueError(f"attention_backend must be 'auto' or one of {sorted(_BACKENDS)}, got {name!r}")
     elif name not in usable:
         raise ValueError(f"attention_backend {name!r} is not available on {device}; available: {usable}")
-    if name != "fa4":
-        if triton_decode:
-            raise ValueError(f"triton_decode=True needs attention_backend 'fa4', got {name!r}")
-        logger.info("attention backend: %s (available on %s: %s)", name, device, ", ".join(usable))
-        return _BACKENDS[name].factory()
-    backend = FA4Attention(triton_decode)
-    logger.info(
-        "attention backend: fa4, decode passes %s (available on %s: %s)",
-        "Triton split-KV" if backend.triton_decode else "fa4", device, ", ".join(usable),
-    )
+    if name != "fa4" and triton_decode:
+        raise ValueError(f"triton_decode=True needs attention_backend 'fa4', got {name!r}")
+    backend = FA4Attention(triton_decode) if name == "fa4" else _BACKENDS[name].factory()
+    decode = ", decode passes Triton split-KV" if getattr(backend, "triton_decode", False) else ""
+    logger.info("attention backend: %s%s (available on %s: %s)", name, decode, device, ", ".join(usable))
     return backend
 
 
