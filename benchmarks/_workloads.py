@@ -312,8 +312,13 @@ def _categorize(kernel: str) -> str:
 def profile_decode(ckpt: Path, seqs: list[Seq], args: argparse.Namespace) -> dict[str, Any]:
     """Prefill the workload, then time decode steps of `EngineCore.step`: first with a sync
     after each phase (schedule, forward, sampling rows, sample, process), then free-running,
-    then under torch.profiler (kernel time by category, host syncs, GPU busy fraction)."""
-    from torch.profiler import ProfilerActivity, profile, record_function
+    then under torch.profiler (kernel time by category, host syncs, GPU busy fraction).
+    `--profile-steps` prefill steps (after two unprofiled ones) are profiled the same way,
+    with the host's Python time by function (cProfile), under "prefill"."""
+    import cProfile
+    import pstats
+
+    from torch.profiler import record_function
 
     from radixserve.engine.config import EngineConfig
     from radixserve.engine.core import EngineCore
@@ -326,7 +331,34 @@ def profile_decode(ckpt: Path, seqs: list[Seq], args: argparse.Namespace) -> dic
         Req(f"p{i}", s.prompt, SamplingParams(max_tokens=s.output_len, temperature=0.6, ignore_eos=True), seed=i)
         for i, s in enumerate(seqs)
     ])
-    while sched.waiting or any(r.kv_len < len(r.prompt_ids) for r in sched.running):
+    n = args.profile_steps
+
+    def prefilling() -> bool:
+        return bool(sched.waiting) or any(r.kv_len < len(r.prompt_ids) for r in sched.running)
+
+    for _ in range(2):
+        core.step()
+    prefill: dict[str, Any] = {}
+    if prefilling():
+        host = cProfile.Profile()
+
+        def prefill_steps() -> int:
+            done = 0
+            while done < n and prefilling():
+                host.enable()
+                core.step()
+                host.disable()
+                done += 1
+            return done
+
+        prefill = _profiled(prefill_steps, args.device)
+        stats = pstats.Stats(host)
+        top_host = sorted(stats.stats.items(), key=lambda kv: -kv[1][3])[:20]  # by cumulative time
+        prefill["host_cumulative_ms"] = [
+            f"{1e3 * cum / max(1, prefill['steps']):.2f} {func[2]} ({Path(func[0]).name}:{func[1]})"
+            for func, (_, _, _, cum, _) in top_host
+        ]
+    while prefilling():
         core.step()
     for _ in range(3):
         core.step()
@@ -354,7 +386,6 @@ def profile_decode(ckpt: Path, seqs: list[Seq], args: argparse.Namespace) -> dic
         (sched, "sampling_rows", "sampling_rows"), (runner, "sample", "sample"), (sched, "process", "process"),
     ]:
         instrument(obj, method, label)
-    n = args.profile_steps
     state["sync_each_phase"] = True
     for _ in range(n):
         core.step()
@@ -362,11 +393,32 @@ def profile_decode(ckpt: Path, seqs: list[Seq], args: argparse.Namespace) -> dic
     with Timer() as free_run:
         for _ in range(n):
             core.step()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+
+    def decode_steps() -> int:
+        for _ in range(n):
+            core.step()
+        return n
+
+    decode = _profiled(decode_steps, args.device, args.trace)
+    return {
+        "batch_size": len(sched.running),
+        "context_tokens": sum(r.kv_len for r in sched.running),
+        "step_ms": 1e3 * free_run.seconds / n,
+        "synced_phase_ms": {k: sorted(v)[len(v) // 2] for k, v in phases.items()},
+        **decode,
+        "prefill": prefill,
+    }
+
+
+def _profiled(run_steps: Any, device: str, trace: str | None = None) -> dict[str, Any]:
+    """Run `run_steps()` (returns how many steps it ran) under torch.profiler: per step, the
+    wall time, kernel time by category, the GPU's busy fraction, host syncs and launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     with profile(activities=activities) as prof:
         with Timer() as profiled:
-            for _ in range(n):
-                core.step()
+            n = max(1, run_steps())
     kernels: dict[str, float] = defaultdict(float)
     top: list[tuple[float, str]] = []
     syncs = launches = 0
@@ -381,19 +433,16 @@ def profile_decode(ckpt: Path, seqs: list[Seq], args: argparse.Namespace) -> dic
             syncs += ev.count
         if ev.key.startswith("cudaLaunchKernel"):
             launches += ev.count
-    if args.trace:
-        raw = Path(args.trace).with_suffix("")
+    if trace:
+        raw = Path(trace).with_suffix("")
         prof.export_chrome_trace(str(raw))
-        with open(raw, "rb") as src, gzip.open(args.trace, "wb") as dst:
+        with open(raw, "rb") as src, gzip.open(trace, "wb") as dst:
             shutil.copyfileobj(src, dst)
         raw.unlink()
     gpu_ms = sum(kernels.values())
     return {
-        "batch_size": len(sched.running),
-        "context_tokens": sum(r.kv_len for r in sched.running),
-        "step_ms": 1e3 * free_run.seconds / n,
+        "steps": n,
         "step_ms_profiled": 1e3 * profiled.seconds / n,
-        "synced_phase_ms": {k: sorted(v)[len(v) // 2] for k, v in phases.items()},
         "gpu_kernel_ms": dict(sorted(kernels.items(), key=lambda kv: -kv[1])),
         "gpu_busy_fraction": gpu_ms / (1e3 * profiled.seconds / n),
         "host_syncs_per_step": syncs / n,

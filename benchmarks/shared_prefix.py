@@ -54,6 +54,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--schedule-policy", default="fcfs", choices=["fcfs", "lpm"], help="see EngineConfig")
     p.add_argument("--cascade-baseline", action="store_true",
                    help="add a run: cache on, cascade attention off")
+    p.add_argument("--cache-on-only", action="store_true",
+                   help="only the cache-on run (to profile it from outside, e.g. with py-spy)")
     return p.parse_args()
 
 
@@ -72,15 +74,23 @@ def shared_prefix_workload(args: argparse.Namespace, vocab: int = 10000) -> list
 
 class StepTimeline:
     """Where the run's time goes: wraps the engine's step (the loop thread looks it up each
-    time) and the scheduler's batch builders, and sums wall time per kind of step."""
+    time), the scheduler's batch builders and the step's phases, and sums wall time per kind
+    of step. Phases (host wall time, no syncs added): `schedule` (either builder and
+    can_schedule_ahead), `launch` (queueing the forward and sampling), `wait` (for the GPU:
+    a step's sampled tokens on the host) and `process`."""
+
+    PHASES = ("schedule", "launch", "wait", "process")
 
     def __init__(self, engine: Engine) -> None:
         self.core = engine.core
-        self.rows: list[tuple[float, bool, int, int]] = []  # (seconds, graph, sequences, groups)
+        # (seconds, graph, sequences, groups, {phase: seconds})
+        self.rows: list[tuple[float, bool, int, int, dict[str, float]]] = []
         self._batch = (0, 0)
+        self._phases: dict[str, float] = dict.fromkeys(self.PHASES, 0.0)
         core, sched = self.core, self.core.scheduler
-        self._originals = (core.step, sched.schedule, sched.schedule_ahead)
-        step, schedule, ahead = self._originals
+        self._originals = (core.step, core._launch, core._complete, sched.schedule, sched.schedule_ahead,
+                           sched.can_schedule_ahead, sched.process)
+        step, launch, complete, schedule, ahead, can_ahead, process = self._originals
         last = [time.perf_counter()]
 
         def note(batch: Any) -> Any:
@@ -89,16 +99,34 @@ class StepTimeline:
                 self._batch = (batch.forward.batch_size, 0 if plan is None else len(plan.group_sizes))
             return batch
 
+        def timed(phase: str, fn: Any) -> Any:
+            def wrapped(*a: Any) -> Any:
+                start = time.perf_counter()
+                try:
+                    return fn(*a)
+                finally:
+                    self._phases[phase] += time.perf_counter() - start
+            return wrapped
+
         def timed_step() -> Any:
             graphs = core.runner.graph_batches
             self._batch = (0, 0)
+            self._phases = dict.fromkeys(self.PHASES, 0.0)
             out = step()
             now = time.perf_counter()
-            self.rows.append((now - last[0], core.runner.graph_batches > graphs, *self._batch))
+            phases = self._phases
+            phases["wait"] -= phases["process"]  # _complete is the wait, then process
+            self.rows.append((now - last[0], core.runner.graph_batches > graphs, *self._batch, phases))
             last[0] = now
             return out
 
         core.step = timed_step
+        core._launch = timed("launch", launch)
+        core._complete = timed("wait", complete)
+        sched.process = timed("process", process)
+        sched.can_schedule_ahead = timed("schedule", can_ahead)
+        sched.schedule = timed("schedule", lambda: note(schedule()))
+        sched.schedule_ahead = timed("schedule", lambda prev: note(ahead(prev)))
         # Collector pauses by generation (a full pass over a big heap stalls a step).
         self.gc_pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
         started = [0.0]
@@ -112,12 +140,12 @@ class StepTimeline:
         self._on_gc = on_gc
         gc.callbacks.append(on_gc)
         self.compiled_before = _compiled_kernels()
-        sched.schedule = lambda: note(schedule())
-        sched.schedule_ahead = lambda prev: note(ahead(prev))
 
     def detach(self) -> None:
         gc.callbacks.remove(self._on_gc)
-        self.core.step, self.core.scheduler.schedule, self.core.scheduler.schedule_ahead = self._originals
+        core, sched = self.core, self.core.scheduler
+        (core.step, core._launch, core._complete, sched.schedule, sched.schedule_ahead,
+         sched.can_schedule_ahead, sched.process) = self._originals
         self.compiled = {k: v - self.compiled_before.get(k, 0) for k, v in _compiled_kernels().items()}
 
     def summary(self) -> dict[str, Any]:
@@ -125,7 +153,8 @@ class StepTimeline:
         out: dict[str, Any] = {
             "slowest_ms": [round(1e3 * self.rows[i][0], 1) for i in slowest],
             # (step index, graph replay, sequences, cascade groups) of each of those steps
-            "slowest_steps": [(i, *self.rows[i][1:]) for i in slowest],
+            "slowest_steps": [(i, *self.rows[i][1:4], {k: round(1e3 * v, 1) for k, v in self.rows[i][4].items()})
+                              for i in slowest],
         }
         for kind, graph in (("graph", True), ("eager", False)):
             rows = [r for r in self.rows if r[1] == graph and r[2] > 0]
@@ -135,6 +164,11 @@ class StepTimeline:
                     "steps": len(rows), "time_s": sum(times), "median_ms": 1e3 * times[len(times) // 2],
                     "mean_sequences": sum(r[2] for r in rows) / len(rows),
                     "mean_groups": sum(r[3] for r in rows) / len(rows),
+                    # per phase: the median step's ms, and the sum over these steps in s
+                    "phase_median_ms": {
+                        ph: round(1e3 * sorted(r[4][ph] for r in rows)[len(rows) // 2], 2) for ph in self.PHASES
+                    },
+                    "phase_total_s": {ph: round(sum(r[4][ph] for r in rows), 3) for ph in self.PHASES},
                 }
         out["compiled_during_run"] = self.compiled
         out["gc_pauses"] = {  # per generation: count, total and longest ms
@@ -223,6 +257,9 @@ def main() -> None:
         if args.profile_only:
             return
     on = run(ckpt, seqs, args, prefix_cache=True, fold=args.fold_mode)
+    if args.cache_on_only:
+        emit({"bench": "shared_prefix", "shape": args.model or args.shape, **environment(args.device), "cache_on": on})
+        return
     off = run(ckpt, seqs, args, prefix_cache=False, fold="off")
     extra: dict[str, Any] = {}
     if args.fold_baseline:

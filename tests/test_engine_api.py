@@ -25,6 +25,7 @@ def idle_and_empty(engine) -> None:
         ([1, 2, -3], None, "prompt"),
         ([1, 2, 10**9], None, "prompt"),
         ([1, 2.5], None, "prompt"),
+        ([1, True], None, "prompt"),  # bool is an int subclass, not a token id
         ("x " * 9000, None, "prompt"),
         ("hello", "not params", "params"),
     ],

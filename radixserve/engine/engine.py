@@ -118,13 +118,15 @@ class Engine:
         else:
             ids = list(prompt)
             text = None
-            if any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
+            # Checked with C-level passes (map, min, max): a Python loop over a long
+            # prompt's ids cost ~1 ms per 2,000 tokens at submission. bool is not int here.
+            if not set(map(type, ids)) <= {int}:
                 raise ValueError("prompt token ids must be integers")
         if not ids:
             raise ValueError("prompt is empty")
         vocab = self.core.runner.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
+        if min(ids) < 0 or max(ids) >= vocab:
+            bad = [t for t in ids if not 0 <= t < vocab]
             raise ValueError(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
         limit = min(self.core.max_context, self.core.kv_capacity)
         if len(ids) >= limit:
