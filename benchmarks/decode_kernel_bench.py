@@ -1,18 +1,30 @@
-"""Decode attention kernels on the GPU: our Triton split-KV kernel against FlashAttention-4.
+"""Decode attention kernels on the GPU: our Triton split-KV kernels against FlashAttention-4.
 
-For each case (heads Hq/Hkv/D, a batch of context lengths, slots scattered at
-random through a pool of ~1M slots) prints one JSON line per kernel and config:
-median ms over `--iters` back-to-back calls (CUDA events, after warm-up), K/V
-TB/s (each K and V byte of each sequence's context counted once:
-2 * sum(lens) * Hkv * D * 2 bytes) and the max abs difference from FA4's output
-(or from our default config where FA4 is missing). Then one summary line per
-case: FA4, our best config, and their ratio.
+Two passes of a decode step, each against FA4 over the same pool and tables:
+
+    decode   one query row per sequence (triton_decode.paged_decode)
+    prefix   cascade's prefix pass: each group's members (one row each) against the
+             group's shared prefix, unmasked, with its LSE (triton_group.paged_group_attend;
+             FA4 called as fa4_backend._call calls it, causal=False, return_lse=True).
+             Each case runs twice: with its G groups, and "graph-padded" as a CUDA graph
+             step runs it (groups padded to one per row, G = T, the extra ones empty;
+             FA4's max_seqlen_q then the row count).
+
+For each case (heads Hq/Hkv/D, lengths, slots scattered at random through a pool of
+~1M slots) prints one JSON line per kernel and config: median ms over `--iters`
+back-to-back calls (CUDA events, after warm-up), K/V TB/s (each K and V byte of each
+sequence's context, or each group's prefix, counted once: 2 * sum(lens) * Hkv * D *
+2 bytes) and the max abs difference from FA4's output (or from our default config
+where FA4 is missing; for the prefix pass also of the LSE). Then one summary line per
+case: FA4, our best config (and the split count the rule picks), and their ratio.
 
 Ours is swept in two stages to keep compiles few: split counts at the default
-tile config, then tile configs (BLOCK_N, num_warps, num_stages) at the best split count.
+tile config, then tile configs (BLOCK_N, num_warps, num_stages; for the prefix pass
+also BLOCK_M) at the best split count.
 
-    python benchmarks/decode_kernel_bench.py            # all cases; mostly Triton compiles
-    python benchmarks/decode_kernel_bench.py --quick    # fewer configs
+    python benchmarks/decode_kernel_bench.py                 # all cases; mostly Triton compiles
+    python benchmarks/decode_kernel_bench.py --quick         # fewer configs
+    python benchmarks/decode_kernel_bench.py --pass prefix   # only the prefix pass
 """
 
 from __future__ import annotations
@@ -32,6 +44,11 @@ from radixserve.model_runner.attention.triton_decode import (
     make_workspace,
     paged_decode,
 )
+from radixserve.model_runner.attention.triton_group import (
+    GroupKernelConfig,
+    choose_group_splits,
+    paged_group_attend,
+)
 
 POOL_SLOTS = 1 << 20
 HEADS = [(16, 8, 128), (32, 8, 128)]  # Qwen3-0.6B, Qwen3-8B
@@ -42,6 +59,15 @@ TILES = [KernelConfig(*c) for c in [
     (32, 4, 3), (32, 4, 4), (64, 4, 2), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 8, 2),
 ]]  # and the default, KernelConfig()
 QUICK_TILES = [KernelConfig(64, 4, 2), KernelConfig(64, 4, 3), KernelConfig(32, 4, 4), KernelConfig(128, 8, 2)]
+PREFIX_SPLITS = [1, 2, 3, 4, 8]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). At BLOCK_M = 64 (a Hopper warpgroup MMA) the
+# query tile sits in shared memory too: the default (64, 64, 4, 2) takes ~80 KB, two
+# programs per SM (compiled for SM 9.0 with Triton 3.6 and 3.9).
+GROUP_TILES = [GroupKernelConfig(*c) for c in [
+    (64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2), (32, 64, 4, 3), (32, 32, 4, 3),
+    (128, 64, 8, 2), (64, 128, 8, 2), (16, 64, 4, 3),
+]]  # and the default, GroupKernelConfig()
+QUICK_GROUP_TILES = [GroupKernelConfig(64, 32, 4, 3), GroupKernelConfig(32, 64, 4, 2), GroupKernelConfig(128, 64, 8, 2)]
 
 
 def workloads(g: torch.Generator) -> dict[str, list[int]]:
@@ -54,8 +80,20 @@ def workloads(g: torch.Generator) -> dict[str, list[int]]:
     }
 
 
-def make_inputs(lens: list[int], hq: int, hkv: int, d: int, k: torch.Tensor, v: torch.Tensor, g: torch.Generator):
-    """q, page_table [B, max_len] int32 (distinct random slots), seqused_k [B] int32."""
+def prefix_workloads(g: torch.Generator) -> dict[str, tuple[list[int], list[int]]]:
+    """Members (query rows) and shared prefix length per group."""
+    return {
+        # the shared-prefix benchmark's decode step: 64 prompts of 2,048 tokens, 16 questions each
+        "64x16-2048": ([16] * 64, [2048] * 64),
+        "256x~4-2048": (torch.randint(2, 7, (256,), generator=g).tolist(), [2048] * 256),
+        # every running request behind one system prompt: one group of many row chunks
+        "1x1024-2048": ([1024], [2048]),
+    }
+
+
+def make_inputs(lens: list[int], hq: int, hkv: int, d: int, k: torch.Tensor, v: torch.Tensor, g: torch.Generator,
+                rows: int | None = None):
+    """q [rows or B, Hq, D], page_table [B, max_len] int32 (distinct random slots), seqused_k [B] int32."""
     total = sum(lens)
     slots = (torch.randperm(POOL_SLOTS, generator=g)[:total] + 1).to(torch.int32)
     table = torch.zeros(len(lens), max(lens), dtype=torch.int32)
@@ -63,7 +101,7 @@ def make_inputs(lens: list[int], hq: int, hkv: int, d: int, k: torch.Tensor, v: 
     for i, n in enumerate(lens):
         table[i, :n] = slots[start : start + n]
         start += n
-    q = torch.randn(len(lens), hq, d, generator=g).to("cuda", torch.bfloat16)
+    q = torch.randn(len(lens) if rows is None else rows, hq, d, generator=g).to("cuda", torch.bfloat16)
     return q, table.cuda(), torch.tensor(lens, dtype=torch.int32, device="cuda")
 
 
@@ -86,6 +124,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--quick", action="store_true", help="fewer tile configs")
+    ap.add_argument("--pass", dest="passes", choices=["decode", "prefix", "all"], default="all")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("decode_kernel_bench needs a CUDA GPU")
@@ -93,14 +132,21 @@ def main() -> None:
     num_sms = props.multi_processor_count
     fa4 = load_fa4()
     tiles = QUICK_TILES if args.quick else TILES
+    group_tiles = QUICK_GROUP_TILES if args.quick else GROUP_TILES
     print(json.dumps({"device": props.name, "sms": num_sms, "fa4": fa4 is not None, "pool_slots": POOL_SLOTS}))
 
     g = torch.Generator().manual_seed(0)
     for hq, hkv, d in HEADS:
         k = torch.randn(POOL_SLOTS + 1, hkv, d, dtype=torch.bfloat16, device="cuda")
         v = torch.randn(POOL_SLOTS + 1, hkv, d, dtype=torch.bfloat16, device="cuda")
-        for name, lens in workloads(g).items():
-            run_case(name, lens, (hq, hkv, d), k, v, fa4, tiles, num_sms, args.iters, g)
+        if args.passes in ("decode", "all"):
+            for name, lens in workloads(g).items():
+                run_case(name, lens, (hq, hkv, d), k, v, fa4, tiles, num_sms, args.iters, g)
+        if args.passes in ("prefix", "all"):
+            for name, (members, prefixes) in prefix_workloads(g).items():
+                for padded in (False, True):
+                    run_prefix_case(name, members, prefixes, padded, (hq, hkv, d), k, v, fa4, group_tiles, num_sms,
+                                    args.iters, g)
         del k, v
         torch.cuda.empty_cache()
 
@@ -160,6 +206,84 @@ def run_case(name, lens, heads, k, v, fa4, tiles, num_sms, iters, g) -> None:
         summary["fa4_ms"] = fa4_row["ms"]
         summary["fa4_tb_s"] = fa4_row["kv_tb_s"]
         summary["speedup_vs_fa4"] = round(fa4_row["ms"] / best["ms"], 3)
+    print(json.dumps(summary), flush=True)
+
+
+def run_prefix_case(name, members, prefixes, padded, heads, k, v, fa4, tiles, num_sms, iters, g) -> None:
+    """Cascade's prefix pass over groups of `members` rows and `prefixes` keys; `padded` as a
+    graph step: one group per row (G = T), those past the real ones with no rows, no keys."""
+    hq, hkv, d = heads
+    rows = sum(members)
+    q, table, seqused = make_inputs(prefixes, hq, hkv, d, k, v, g, rows=rows)
+    cu = torch.tensor([0, *torch.tensor(members).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    if padded:
+        extra = rows - len(members)
+        table = torch.cat([table, torch.zeros(extra, table.shape[1], dtype=torch.int32, device="cuda")])
+        seqused = torch.cat([seqused, torch.zeros(extra, dtype=torch.int32, device="cuda")])
+        cu = torch.cat([cu, torch.full((extra,), rows, dtype=torch.int32, device="cuda")])
+    groups = len(seqused)
+    max_rows = rows if padded else max(members)  # graph_cascade_metadata's max_seqlen_q is the row count
+    scale = 1 / math.sqrt(d)
+    kv_bytes = 2 * sum(prefixes) * hkv * d * k.element_size()
+    case = {"case": f"prefix {name}" + (" graph-padded" if padded else ""), "heads": f"{hq}/{hkv}/{d}",
+            "rows": rows, "groups": groups}
+
+    def report(kernel: str, ms: float, out, lse, ref, **extra) -> dict:
+        row = {**case, "kernel": kernel, **extra, "ms": round(ms, 4), "kv_tb_s": round(kv_bytes / ms / 1e9, 3)}
+        if ref is not None:
+            row["max_abs_err"] = float((out.float() - ref[0].float()).abs().max())
+            row["max_lse_err"] = float((lse - ref[1]).abs().max())
+        print(json.dumps(row), flush=True)
+        return row
+
+    ref = None
+    fa4_row = None
+    if fa4 is not None:
+
+        def call_fa4():
+            return fa4(q, k.unsqueeze(1), v.unsqueeze(1), cu_seqlens_q=cu, max_seqlen_q=max_rows,
+                       max_seqlen_k=table.shape[1], seqused_k=seqused, page_table=table,
+                       softmax_scale=scale, causal=False, return_lse=True)
+
+        fa4_out, fa4_lse = call_fa4()
+        ref = (fa4_out.clone(), fa4_lse.clone())
+        fa4_row = report("fa4", time_ms(call_fa4, iters), fa4_out, fa4_lse, None)
+
+    out = torch.empty_like(q)
+
+    def ours(num_splits: int, config: GroupKernelConfig) -> dict | None:
+        ws = make_workspace(rows, hq, d, num_splits, "cuda")
+        call = lambda: paged_group_attend(q, k, v, table, seqused, cu, scale, num_splits, out=out, workspace=ws,
+                                          return_lse=True, config=config)
+        tag = dict(splits=num_splits, block_m=config.block_m, block_n=config.block_n, warps=config.num_warps,
+                   stages=config.num_stages)
+        try:
+            _, lse = call()
+        except OutOfResources as exc:  # a config past the SM's shared memory: report it, go on
+            print(json.dumps({**case, "kernel": "triton", **tag, "error": f"{type(exc).__name__}: {exc}"[:300]}))
+            return None
+        nonlocal ref
+        if ref is None:
+            ref = (out.clone(), lse.clone())
+        return report("triton", time_ms(call, iters), out, lse, ref, **tag)
+
+    default = GroupKernelConfig()
+    auto = choose_group_splits(rows, groups, hq, hkv, num_sms, default)
+    by_splits = {s: ours(s, default) for s in sorted(set(PREFIX_SPLITS) | {auto})}
+    measured = [r for r in by_splits.values() if r]
+    best_splits = min(measured, key=lambda r: r["ms"])["splits"]
+    measured += [r for r in (ours(best_splits, t) for t in tiles if t != default) if r]
+    best = min(measured, key=lambda r: r["ms"])
+    summary = {**case, "summary": True, "auto_splits": auto,
+               "best": {k_: best[k_] for k_ in ("splits", "block_m", "block_n", "warps", "stages", "ms", "kv_tb_s")}}
+    if by_splits[auto] is not None:
+        summary["auto_ms"] = by_splits[auto]["ms"]
+    if fa4_row is not None:
+        summary["fa4_ms"] = fa4_row["ms"]
+        summary["fa4_tb_s"] = fa4_row["kv_tb_s"]
+        summary["speedup_vs_fa4"] = round(fa4_row["ms"] / best["ms"], 3)
+        if by_splits[auto] is not None:
+            summary["auto_speedup_vs_fa4"] = round(fa4_row["ms"] / by_splits[auto]["ms"], 3)
     print(json.dumps(summary), flush=True)
 
 

@@ -22,6 +22,7 @@ requests at once where the KV pool runs out (each holds its whole prompt).
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import logging
 import time
@@ -147,6 +148,9 @@ class StepTimeline:
         (core.step, core._launch, core._complete, sched.schedule, sched.schedule_ahead,
          sched.can_schedule_ahead, sched.process) = self._originals
         self.compiled = {k: v - self.compiled_before.get(k, 0) for k, v in _compiled_kernels().items()}
+        # What a full collection walks: objects tracked and not frozen (the engine still runs), by type.
+        tracked = collections.Counter(type(o).__name__ for o in gc.get_objects())
+        self.tracked = {"total": sum(tracked.values()), "top": tracked.most_common(8)}
 
     def summary(self) -> dict[str, Any]:
         slowest = sorted(range(len(self.rows)), key=lambda i: self.rows[i][0], reverse=True)[:8]
@@ -171,6 +175,7 @@ class StepTimeline:
                     "phase_total_s": {ph: round(sum(r[4][ph] for r in rows), 3) for ph in self.PHASES},
                 }
         out["compiled_during_run"] = self.compiled
+        out["gc_tracked_after_run"] = self.tracked
         out["gc_pauses"] = {  # per generation: count, total and longest ms
             f"gen{g}": (len(p), round(1e3 * sum(p), 1), round(1e3 * max(p, default=0.0), 1))
             for g, p in self.gc_pauses.items()

@@ -57,6 +57,24 @@ def tiny_qwen3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3"))
 
 
+@pytest.fixture
+def device() -> str:
+    """Where the Triton kernel tests run here: the GPU, or the CPU under Triton's interpreter
+    (skipped where neither can: no triton, or no GPU and no TRITON_INTERPRET=1)."""
+    import torch
+
+    triton = pytest.importorskip("triton")
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU: run with TRITON_INTERPRET=1 to test the kernels on the CPU")
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9):
+        # Checked here: 3.9.0 runs these; 3.6.0's interpreter loads a scalar as a
+        # 1-element array, which a `range` bound in the kernel rejects.
+        pytest.skip(f"the kernel tests need triton >= 3.9 under the interpreter (found {triton.__version__})")
+    return "cpu"
+
+
 def _engine(model: Path | str, **kw):
     from radixserve import Engine
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from triton_cases import compile_for_hopper, gpu_case, make_decode_case, random_lens, rel_err
 
 import radixserve
 from radixserve.model_runner.attention.cascade import merge_states, reference_attend_lse
@@ -35,52 +36,6 @@ SMALL = KernelConfig(block_n=16, num_warps=4, num_stages=2)  # small tiles: many
 LENS = [1, 5, 16, 17, 63, 64, 65, 130, 301]
 
 
-@pytest.fixture
-def device() -> str:
-    """Where the kernels can run here: the GPU, or the CPU under Triton's interpreter."""
-    triton = pytest.importorskip("triton")
-    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        return "cuda"
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no GPU: run with TRITON_INTERPRET=1 to test the kernels on the CPU")
-    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9):
-        # Checked here: 3.9.0 runs these; 3.6.0's interpreter loads a scalar as a
-        # 1-element array, which a `range` bound in the kernel rejects.
-        pytest.skip(f"the kernel tests need triton >= 3.9 under the interpreter (found {triton.__version__})")
-    return "cpu"
-
-
-def make_decode_case(lens, hq, hkv, d, seed, dtype=torch.float32, device="cpu", pool_slack=64,
-                     past_end="poison"):
-    """q, k_cache, v_cache, page_table, seqused_k for sequences of `lens` keys.
-
-    Slots are scattered at random; slot 0 and every unused slot hold NaN. Table
-    entries past a sequence's length are NaN slots (`past_end="poison"`) or indices
-    outside the pool (`"out_of_range"`), never read either way."""
-    g = torch.Generator().manual_seed(seed)
-    total = sum(lens)
-    num_slots = total + pool_slack
-    k = torch.randn(num_slots + 1, hkv, d, generator=g)
-    v = torch.randn(num_slots + 1, hkv, d, generator=g)
-    perm = torch.randperm(num_slots, generator=g) + 1
-    used, unused = perm[:total], torch.cat([perm[total:], torch.zeros(1, dtype=perm.dtype)])
-    k[unused], v[unused] = float("nan"), float("nan")
-    width = max(lens) + 23
-    if past_end == "poison":
-        table = unused[torch.randint(0, len(unused), (len(lens), width), generator=g)]
-    else:
-        table = torch.randint(num_slots + 1, 2**31 - 1, (len(lens), width), generator=g)
-        table[:, ::2] = -1
-    start = 0
-    for i, n in enumerate(lens):
-        table[i, :n] = used[start : start + n]
-        start += n
-    q = torch.randn(len(lens), hq, d, generator=g)
-    as_dev = dict(device=device)
-    return (q.to(dtype=dtype, **as_dev), k.to(dtype=dtype, **as_dev), v.to(dtype=dtype, **as_dev),
-            table.to(torch.int32).to(**as_dev), torch.tensor(lens, dtype=torch.int32, **as_dev))
-
-
 def reference(q, k, v, table, seqused, scale):
     """fp32 attention of each row's query over its slots: out [B, Hq, D], lse [Hq, B]."""
     b = q.shape[0]
@@ -94,10 +49,6 @@ def reference(q, k, v, table, seqused, scale):
         total_k=int(seqused.sum()),
     )
     return reference_attend_lse(q.float(), k.float(), v.float(), scale, meta, causal=False)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.float() - ref).norm() / ref.norm())
 
 
 # -- on the CPU, through the interpreter (or on a GPU where there is one) ---------------------------
@@ -146,6 +97,29 @@ def test_table_entries_past_the_length_are_never_read(device):
     q, k, v, table, seqused = make_decode_case(LENS, 8, 2, 32, seed=5, device=device, past_end="out_of_range")
     out = paged_decode(q, k, v, table, seqused, 0.2, num_splits=4, config=SMALL)
     torch.testing.assert_close(out, reference(q, k, v, table, seqused, 0.2)[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_indirect_table_reads_request_rows_in_place(device, num_splits):
+    """With table_rows / table_start the kernel reads sequence i's slots at
+    table[table_rows[i], table_start[i]:] of an int64 request table (rows shuffled, each
+    sequence's slots after a random offset, poison everywhere else): same result as the
+    gathered int32 table."""
+    q, k, v, table, seqused = make_decode_case(LENS, 8, 4, 32, seed=3, device=device)
+    g = torch.Generator().manual_seed(4)
+    b, width = table.shape
+    rows = torch.randperm(b + 5, generator=g)[:b]
+    starts = torch.randint(0, 40, (b,), generator=g)
+    poison = int(table[0, -1])  # a NaN slot (make_decode_case poisons past the lengths)
+    request_table = torch.full((b + 5, width + 40), poison, dtype=torch.int64)
+    for i in range(b):
+        request_table[rows[i], starts[i] : starts[i] + width] = table[i].cpu().long()
+    on = dict(device=device)
+    want = paged_decode(q, k, v, table, seqused, 0.2, num_splits, return_lse=True, config=SMALL)
+    got = paged_decode(q, k, v, request_table.to(**on), seqused, 0.2, num_splits, return_lse=True, config=SMALL,
+                       table_rows=rows.to(**on), table_start=starts.to(**on))
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("config", [KernelConfig(), KernelConfig(block_n=32, num_warps=2, num_stages=3)],
@@ -197,41 +171,20 @@ def test_preallocated_out_and_workspace(device):
     torch.testing.assert_close(out, reference(q, k, v, table, seqused, 0.2)[0], rtol=1e-4, atol=1e-4)
 
 
-def _compile_for_hopper(kernel, constexprs: dict, dtype: str, num_warps: int, num_stages: int = 1):
-    """Compile a kernel of the module for SM 9.0 on this machine (no GPU needed)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-
-    fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)  # interpreted: rewrap
-    pointers = {"Q": dtype, "K": dtype, "V": dtype, "Out": dtype, "PageTable": "i32", "SeqUsed": "i32",
-                "PartOut": "fp32", "PartLse": "fp32", "Lse": "fp32"}
-    signature = {
-        name: "constexpr" if name in constexprs else f"*{pointers[name]}" if name in pointers
-        else "fp32" if name == "scale_log2" else "i32"
-        for name in fn.arg_names
-    }
-    src = ASTSource(fn=fn, signature=signature,
-                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-    options = {"num_warps": num_warps, "num_stages": num_stages}
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-
-
 def check_hopper_compile(group: int) -> None:
     """The split and merge kernels compile for SM 9.0, and the default config fits an SM."""
     from radixserve.model_runner.attention import triton_decode_kernels as kernels
 
     config = KernelConfig()
     for direct in (False, True):
-        split = _compile_for_hopper(
+        split = compile_for_hopper(
             kernels.split_kv_kernel,
             dict(GROUP=group, HEAD_DIM=128, BLOCK_H=16, BLOCK_D=128, BLOCK_N=config.block_n,
                  DIRECT=direct, WRITE_LSE=True, DOT_PRECISION="tf32"),
             "bf16", config.num_warps, config.num_stages,
         )
         assert 0 < split.metadata.shared <= 227 * 1024, split.metadata.shared
-    merge = _compile_for_hopper(
+    merge = compile_for_hopper(
         kernels.merge_splits_kernel, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_S=16, WRITE_LSE=True), "bf16", 4
     )
     assert "ld.global" in merge.asm["ptx"]
@@ -259,7 +212,13 @@ def test_kernels_compile_for_hopper(group):
 def test_invalid_inputs_name_the_field():
     q, k, v, table, seqused = make_decode_case([3, 4], 8, 4, 16, seed=0)
     with pytest.raises(ValueError, match="page_table"):
-        paged_decode(q, k, v, table.long(), seqused, 0.1, 2)
+        paged_decode(q, k, v, table.float(), seqused, 0.1, 2)
+    with pytest.raises(ValueError, match="page_table"):
+        paged_decode(q, k, v, table[:1], seqused, 0.1, 2)
+    with pytest.raises(ValueError, match="table_start needs table_rows"):
+        paged_decode(q, k, v, table, seqused, 0.1, 2, table_start=seqused.long())
+    with pytest.raises(ValueError, match="table_rows"):
+        paged_decode(q, k, v, table, seqused, 0.1, 2, table_rows=seqused[:1].long())
     with pytest.raises(ValueError, match="seqused_k"):
         paged_decode(q, k, v, table, seqused.long(), 0.1, 2)
     with pytest.raises(ValueError, match="multiple of KV heads"):
@@ -302,30 +261,6 @@ def test_num_splits_fill_the_gpu():
 # -- on the GPU: bf16 at model sizes, and inside a CUDA graph ----------------------------------------
 
 
-def _gpu_case(lens, hq, hkv, seed, num_slots=1 << 20, first_slot=1):
-    """Like make_decode_case, built on the GPU in bf16: the pool's `num_slots` slots are NaN
-    except the sequences' own, drawn at random from first_slot..num_slots; table
-    entries past each length are slot 0 (NaN)."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    cuda = dict(device="cuda")
-    total, d = sum(lens), 128
-    k = torch.full((num_slots + 1, hkv, d), float("nan"), dtype=torch.bfloat16, **cuda)
-    v = torch.full_like(k, float("nan"))
-    used = torch.randperm(num_slots + 1 - first_slot, generator=g, **cuda)[:total] + first_slot
-    k[used] = torch.randn(total, hkv, d, generator=g, dtype=torch.bfloat16, **cuda)
-    v[used] = torch.randn(total, hkv, d, generator=g, dtype=torch.bfloat16, **cuda)
-    table = torch.zeros(len(lens), max(lens) + 23, dtype=torch.int32, **cuda)
-    starts = [0, *torch.tensor(lens).cumsum(0).tolist()]
-    for i, n in enumerate(lens):
-        table[i, :n] = used[starts[i] : starts[i] + n].to(torch.int32)
-    q = torch.randn(len(lens), hq, d, generator=g, dtype=torch.bfloat16, **cuda)
-    return q, k, v, table, torch.tensor(lens, dtype=torch.int32, **cuda)
-
-
-def _random_lens(batch: int, lo: int, hi: int, seed: int) -> list[int]:
-    return torch.randint(lo, hi + 1, (batch,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("heads", [(16, 8), (32, 8)], ids=["qwen3-0.6b", "qwen3-8b"])
 @pytest.mark.parametrize("batch", [1, 64, 256])
@@ -333,7 +268,7 @@ def test_gpu_bf16_matches_reference(device, heads, batch):
     """Model shapes, lengths 1..2048, the split count the helper picks and a few others."""
     if device != "cuda":
         pytest.skip("needs the GPU without the interpreter")
-    q, k, v, table, seqused = _gpu_case(_random_lens(batch, 1, 2048, batch), *heads, seed=batch)
+    q, k, v, table, seqused = gpu_case(random_lens(batch, 1, 2048, batch), *heads, seed=batch)
     scale = 1 / math.sqrt(128)
     ref_out, ref_lse = reference(q, k, v, table, seqused, scale)
     auto = choose_num_splits(batch, heads[1], torch.cuda.get_device_properties(0).multi_processor_count)
@@ -353,7 +288,7 @@ def test_gpu_pool_past_int32_offsets(device):
         pytest.skip("needs the GPU without the interpreter")
     num_slots = 2_200_000
     first = 2_000_000  # 2**31 / (8 * 128) = 2_097_152: about half the slots lie past it
-    q, k, v, table, seqused = _gpu_case(_random_lens(16, 500, 3000, 7), 16, 8, seed=7,
+    q, k, v, table, seqused = gpu_case(random_lens(16, 500, 3000, 7), 16, 8, seed=7,
                                         num_slots=num_slots, first_slot=first)
     assert int(table.max()) * 8 * 128 >= 2**31
     out = paged_decode(q, k, v, table, seqused, 0.09, num_splits=4)
@@ -367,7 +302,7 @@ def test_gpu_cuda_graph_replay(device):
     if device != "cuda":
         pytest.skip("needs the GPU without the interpreter")
     batch, hq, hkv = 32, 32, 8
-    q, k, v, _, _ = _gpu_case(_random_lens(batch, 1, 4096, 0), hq, hkv, seed=0)
+    q, k, v, _, _ = gpu_case(random_lens(batch, 1, 4096, 0), hq, hkv, seed=0)
     width = 8192  # a fixed table width covers every replay, as under the engine's graphs
     s_table = torch.zeros(batch, width, dtype=torch.int32, device="cuda")
     s_used = torch.zeros(batch, dtype=torch.int32, device="cuda")

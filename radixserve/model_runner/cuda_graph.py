@@ -22,7 +22,8 @@ cascade attention on, else on first use). Static state per set:
 
 Inside the graph the attention metadata is built from these buffers on the device
 (`decode_graph_metadata`, `graph_cascade_metadata`): page tables are whole (or
-offset) `req_to_token` rows, `max_seqlen_k` the table's width, and a group holds
+offset) `req_to_token` rows (read in place through row indices by the Triton kernels,
+gathered for FA4), `max_seqlen_k` the table's width, and a group holds
 at most bs query rows, so no host value depends on the batch.
 
 Padding rows (n <= i < bs) are token 0 at position 0 of request row 0 with one
@@ -220,13 +221,16 @@ class DecodeGraphRunner:
         ids, pos, slots, rows, lens = seqs[:5]
         cu_q = self._cu_seqlens_q[: bs + 1]
         table = runner.req_to_token.table
+        # The Triton kernels read the request table through row indices: no per-step gathers.
+        indirect = runner.backend.triton_decode
         if graphs.cascade:
             group_cu_q, group_rows, group_prefix = _group_views(block[graphs.per_seq * bs :], bs)
             runner.backend.prepare_graph(None, graph_cascade_metadata(
                 rows, lens, seqs[_SHARED], group_cu_q.to(torch.int32), group_rows, group_prefix, cu_q, table,
+                indirect_prefix=indirect, indirect_suffix=indirect,
             ))
         else:
-            runner.backend.prepare_graph(decode_graph_metadata(rows, lens, cu_q, table))
+            runner.backend.prepare_graph(decode_graph_metadata(rows, lens, cu_q, table, indirect=indirect))
         hidden = runner.model(ids, pos, runner._attention(slots))
         return runner.model.compute_logits(hidden, out=self._logits[:bs])
 

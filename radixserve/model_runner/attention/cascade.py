@@ -58,6 +58,7 @@ def build_cascade_metadata(batch: ForwardBatch, req_to_token: torch.Tensor) -> C
     group_cu_q = [cu_q[i] for i in first]
     group_rows = [batch.req_rows[i] for i in first[:-1]]
     b, g = len(extend_lens), len(plan.group_sizes)
+    decode = max(extend_lens) == 1  # every sequence adds one token: a decode step
     ints = (
         cu_q + list(accumulate(suffix_lens, initial=0)) + suffix_lens + shared + list(batch.req_rows)
         + group_cu_q + list(accumulate(plan.prefix_lens, initial=0)) + plan.prefix_lens + group_rows
@@ -81,6 +82,7 @@ def build_cascade_metadata(batch: ForwardBatch, req_to_token: torch.Tensor) -> C
             max_seqlen_q=max(b - a for a, b in zip(group_cu_q, group_cu_q[1:])),
             max_seqlen_k=max_prefix,
             total_k=sum(plan.prefix_lens),
+            decode_rows=decode,
         ),
         suffix=VarlenMetadata(
             cu_seqlens_q=cu_seqlens_q,
@@ -90,6 +92,7 @@ def build_cascade_metadata(batch: ForwardBatch, req_to_token: torch.Tensor) -> C
             max_seqlen_q=max(extend_lens),
             max_seqlen_k=width,
             total_k=sum(suffix_lens),
+            decode_rows=decode,
         ),
         shared=row_shared,
     )
@@ -104,6 +107,8 @@ def graph_cascade_metadata(
     group_prefix: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     req_to_token: torch.Tensor,
+    indirect_prefix: bool = False,
+    indirect_suffix: bool = False,
 ) -> CascadeMetadata:
     """A decode batch's cascade metadata from device tensors only (CUDA-graph capturable).
 
@@ -112,28 +117,43 @@ def graph_cascade_metadata(
     group_cu_q[g + 1]; trailing groups empty), `group_rows` (a member's request row) and
     `group_prefix` `[B]` int64. Host bounds are fixed: B query rows per group, the table's
     width of keys. `total_k` is unknown on the host (-1): page-table kernels only.
+    `indirect_*`: that pass reads the request table through row indices (and, for the
+    suffix, column offsets) instead of a gathered `[B, width]` table (metadata.py).
     """
     width = req_to_token.shape[1]
     prefix_used = group_prefix.to(torch.int32)
     suffix_used = (seq_lens - shared_lens).to(torch.int32)
+    if indirect_prefix:
+        prefix_table, prefix_rows = req_to_token, group_rows
+    else:
+        prefix_table, prefix_rows = req_to_token.index_select(0, group_rows).to(torch.int32), None
+    if indirect_suffix:
+        suffix_table, suffix_rows, suffix_start = req_to_token, req_rows, shared_lens
+    else:
+        suffix_table, suffix_rows, suffix_start = _offset_rows(req_to_token, req_rows, shared_lens, width), None, None
     return CascadeMetadata(
         prefix=VarlenMetadata(
             cu_seqlens_q=group_cu_q,
             seqused_k=prefix_used,
             cu_seqlens_k=cumulative_lens(prefix_used),
-            page_table=req_to_token.index_select(0, group_rows).to(torch.int32),
+            page_table=prefix_table,
             max_seqlen_q=int(req_rows.shape[0]),
             max_seqlen_k=width,
             total_k=-1,
+            table_rows=prefix_rows,
+            decode_rows=True,
         ),
         suffix=VarlenMetadata(
             cu_seqlens_q=cu_seqlens_q,
             seqused_k=suffix_used,
             cu_seqlens_k=cumulative_lens(suffix_used),
-            page_table=_offset_rows(req_to_token, req_rows, shared_lens, width),
+            page_table=suffix_table,
             max_seqlen_q=1,
             max_seqlen_k=width,
             total_k=-1,
+            table_rows=suffix_rows,
+            table_start=suffix_start,
+            decode_rows=True,
         ),
         shared=shared_lens > 0,
     )

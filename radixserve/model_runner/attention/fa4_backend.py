@@ -9,11 +9,14 @@ a cascade plan runs two calls per layer (the groups' shared prefixes, then each
 sequence's suffix, both with `return_lse`) and merges them (attention/cascade.py);
 the merge is fused by torch.compile.
 
-Decode passes (one query row per sequence: a decode batch, or a cascade's suffix
-pass in a decode step) go to our Triton split-KV kernel where Triton is installed
-(`triton_decode`, attention/triton_decode.py): on the H100 it reads K/V at
-2.9 TB/s where FA4 reaches 2.56, and 1.8x faster on many short sequences
-(`benchmarks/decode_kernel_bench.py`, docs/benchmarks.md).
+Decode passes go to our Triton kernels where Triton is installed (`triton_decode`):
+one query row per sequence (a decode batch, or a cascade's suffix pass in a decode
+step) to the split-KV kernel (attention/triton_decode.py: on the H100 it reads K/V
+at 2.9 TB/s where FA4 reaches 2.56, and 1.8x faster on many short sequences), and
+a decode step's cascade prefix pass (each group's members x G heads as the rows of
+one tile) to the group kernel (attention/triton_group.py), where FA4 read the
+prefixes at ~1.7 TB/s (`benchmarks/decode_kernel_bench.py`, docs/benchmarks.md).
+Under CUDA graphs both read the request table in place (metadata.py, indirect tables).
 
 FA4 runs bf16/fp16 with head_dim in 8..256 (a multiple of 8) on SM 8.x-12.x.
 Other calls (fp32 engines, used by the CPU/GPU parity tests) go to the torch
@@ -42,6 +45,7 @@ from radixserve.model_runner.attention.triton_decode import (
     paged_decode,
     triton_available,
 )
+from radixserve.model_runner.attention.triton_group import GroupKernelConfig, choose_group_splits, paged_group_attend
 from radixserve.model_runner.forward_batch import ForwardBatch
 
 logger = logging.getLogger(__name__)
@@ -71,6 +75,10 @@ def _compiled_merge() -> Callable[..., torch.Tensor]:
 # The tile config that was fastest or within 1% of it in every case measured on the H100
 # (256 x 100-2048, 256 x 1024, 64 x 4096 and 1,024 x 129-385 keys; GQA 2 and 4).
 DECODE_CONFIG = KernelConfig(block_n=128, num_warps=4, num_stages=2)
+# The prefix pass as CUDA graphs run it (groups padded to one per row): the fastest tile
+# config in every graph-padded case measured on the H100 (64 x 16, 256 x ~4 and 1 x 1,024
+# members over 2,048-token prefixes; GQA 2 and 4): 2.30 TB/s where FA4 reads 1.71.
+GROUP_CONFIG = GroupKernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=3)
 
 
 class FA4Attention:
@@ -121,6 +129,11 @@ class FA4Attention:
         if self.triton_decode and meta.max_seqlen_q == 1 and q.shape[0] == meta.seqused_k.shape[0]:
             # One query row per sequence, the last position: causal or not attends to every key.
             return self._decode(q, k_cache, v_cache, scale, meta, return_lse)
+        if self.triton_decode and meta.decode_rows and not causal:
+            # A decode step's cascade prefix pass: a group's members x G heads form one tile.
+            return self._group(q, k_cache, v_cache, scale, meta, return_lse)
+        if meta.table_rows is not None:
+            raise RuntimeError("an indirect page table reached FA4, which takes gathered tables only")
         return self._fn(
             q,
             k_cache.unsqueeze(1),  # [pages, page_size = 1, Hkv, D], a view
@@ -135,16 +148,34 @@ class FA4Attention:
             return_lse=return_lse,
         )
 
+    def _sms(self, device: torch.device) -> int:
+        if self._num_sms is None:
+            self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return self._num_sms
+
     def _decode(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
         meta: VarlenMetadata, return_lse: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The Triton split-KV kernel; the split count depends on shapes only (graph-safe)."""
-        if self._num_sms is None:
-            self._num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-        splits = choose_num_splits(q.shape[0], k_cache.shape[1], self._num_sms)
+        splits = choose_num_splits(q.shape[0], k_cache.shape[1], self._sms(q.device))
         result = paged_decode(
             q, k_cache, v_cache, meta.page_table, meta.seqused_k, scale, splits,
-            return_lse=return_lse, config=DECODE_CONFIG,
+            return_lse=return_lse, config=DECODE_CONFIG, table_rows=meta.table_rows, table_start=meta.table_start,
+        )
+        return result if return_lse else (result, None)
+
+    def _group(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
+        meta: VarlenMetadata, return_lse: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The Triton group kernel over a decode step's prefix pass (shape-only splits)."""
+        rows, groups = q.shape[0], meta.seqused_k.shape[0]
+        splits = choose_group_splits(
+            rows, groups, q.shape[1], k_cache.shape[1], self._sms(q.device), GROUP_CONFIG
+        )
+        result = paged_group_attend(
+            q, k_cache, v_cache, meta.page_table, meta.seqused_k, meta.cu_seqlens_q, scale, splits,
+            return_lse=return_lse, config=GROUP_CONFIG, table_rows=meta.table_rows,
         )
         return result if return_lse else (result, None)

@@ -8,6 +8,13 @@ Layout (what FlashAttention's varlen kernels take), for B sequences and T new to
 
 Entries of `page_table` past `seqused_k[i]` are whatever the request table holds
 there (stale slots of earlier requests, or 0): kernels never read them.
+
+Indirect tables (`table_rows` set; the Triton kernels read them, FA4 does not):
+`page_table` is then the request table itself, `[rows, max_context]` int64, and
+sequence i's slots are `page_table[table_rows[i], table_start[i]:]` (start 0 when
+`table_start` is None). A CUDA-graph decode step builds these instead of gathering
+a `[B, max_context]` table every step (at 1,024 rows and a 40,960-token context,
+~1 ms of gathers and casts per step on the H100).
 Nothing here syncs with the host: the lengths come from the batch's host lists,
 and the one host->device copy carries every per-sequence integer.
 `decode_graph_metadata` builds the same layout for a captured decode step from
@@ -32,6 +39,9 @@ class VarlenMetadata(NamedTuple):
     max_seqlen_q: int
     max_seqlen_k: int
     total_k: int  # sum of seq lens
+    table_rows: torch.Tensor | None = None  # [B] int64: page_table is indirect (see above)
+    table_start: torch.Tensor | None = None  # [B] int64 column offsets of an indirect table
+    decode_rows: bool = False  # every q row is its own sequence's newest token (a decode step)
 
 
 def build_varlen_metadata(batch: ForwardBatch, req_to_token: torch.Tensor) -> VarlenMetadata:
@@ -58,6 +68,7 @@ def build_varlen_metadata(batch: ForwardBatch, req_to_token: torch.Tensor) -> Va
         max_seqlen_q=max(batch.extend_lens),
         max_seqlen_k=max_k,
         total_k=cu_k[-1],
+        decode_rows=max(batch.extend_lens) == 1,
     )
 
 
@@ -66,24 +77,28 @@ def decode_graph_metadata(
     seq_lens: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     req_to_token: torch.Tensor,
+    indirect: bool = False,
 ) -> VarlenMetadata:
     """Metadata of a decode batch (one new token per sequence) from device tensors only, so a
     CUDA graph can capture it: `req_rows`, `seq_lens` `[B]` int64 and `cu_seqlens_q` `[B + 1]`
     int32 (= arange) live in static buffers that each replay refills.
 
     No host value depends on the batch: `max_seqlen_k` is the table's width (a bound that
-    covers every replay) and the page table is every row's whole `req_to_token` row.
-    `total_k` is unknown on the host (-1): this metadata serves page-table kernels (FA4) only.
+    covers every replay) and the page table is every row's whole `req_to_token` row,
+    gathered, or with `indirect` the request table itself with `table_rows` (no copy).
+    `total_k` is unknown on the host (-1): this metadata serves page-table kernels only.
     """
     seqused_k = seq_lens.to(torch.int32)
     return VarlenMetadata(
         cu_seqlens_q=cu_seqlens_q,
         seqused_k=seqused_k,
         cu_seqlens_k=cumulative_lens(seqused_k),
-        page_table=req_to_token.index_select(0, req_rows).to(torch.int32),
+        page_table=req_to_token if indirect else req_to_token.index_select(0, req_rows).to(torch.int32),
         max_seqlen_q=1,
         max_seqlen_k=req_to_token.shape[1],
         total_k=-1,
+        table_rows=req_rows if indirect else None,
+        decode_rows=True,
     )
 
 
@@ -98,6 +113,8 @@ def flat_kv_slots(meta: VarlenMetadata) -> torch.Tensor:
     Position j of sequence i (j < seq_len_i) sits at `cu_seqlens_k[i] + j`, so
     `k_cache[flat_kv_slots(meta)]` is K laid out for a contiguous varlen call.
     """
+    if meta.table_rows is not None:
+        raise ValueError("flat_kv_slots needs a gathered page table, got an indirect one")
     device = meta.page_table.device
     b = meta.seqused_k.shape[0]
     seq_of = torch.repeat_interleave(

@@ -13,7 +13,8 @@ int32 and `seqused_k` `[B]` int32 on the device. Nothing on the host depends on
 their contents: the grid is (Hkv, S, B) and each split finds its range from
 seqused_k in the kernel, so a call is CUDA-graph capturable (S is fixed per
 captured batch size; see `choose_num_splits`). Buffers are allocated from shapes
-only, or passed in (`make_workspace`).
+only, or passed in (`make_workspace`). triton_group.py (cascade's prefix pass: many
+query rows per sequence) shares the kernels' loop and merge, and the host helpers here.
 
 Triton is optional: this module imports without it; a call raises ImportError.
 """
@@ -57,11 +58,11 @@ def triton_available() -> bool:
     return True
 
 
-def _kernels() -> ModuleType:
+def load_kernels() -> ModuleType:
     try:
         return importlib.import_module("radixserve.model_runner.attention.triton_decode_kernels")
     except ImportError as exc:
-        raise ImportError("paged_decode needs the triton package (pip install triton)") from exc
+        raise ImportError("split-KV attention needs the triton package (pip install triton)") from exc
 
 
 def choose_num_splits(batch: int, kv_heads: int, num_sms: int, waves: int = 8, max_splits: int = 16) -> int:
@@ -101,35 +102,52 @@ def paged_decode(
     workspace: DecodeWorkspace | None = None,
     return_lse: bool = False,
     config: KernelConfig = KernelConfig(),
+    table_rows: torch.Tensor | None = None,
+    table_start: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of each sequence's one query token over its `seqused_k[i]` keys.
 
     q `[B, Hq, D]`; k_cache, v_cache `[slots, Hkv, D]` (Hq a multiple of Hkv);
-    page_table `[B, W]` int32 (row i's first seqused_k[i] entries are its slots);
+    page_table `[B, W]` int32 or int64 (row i's first seqused_k[i] entries are its
+    slots), or with `table_rows` `[B]` any `[R, W]` table read in place: sequence i's
+    slots are `page_table[table_rows[i], table_start[i]:]` (`table_start` `[B]`, or 0);
     seqused_k `[B]` int32. Returns out `[B, Hq, D]` in q's dtype, and with
     `return_lse` also lse `[Hq, B]` float32, natural log, -inf for a sequence with no
     keys (whose output is 0): the layout cascade.merge_states takes.
     """
-    batch, q_heads, head_dim = _check_inputs(q, k_cache, v_cache, page_table, seqused_k, num_splits, config)
-    if out is None:
-        out = torch.empty_like(q)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
-        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with unit last stride, got {tuple(out.shape)} {out.dtype}")
-    lse = torch.empty(q_heads, batch, dtype=torch.float32, device=q.device) if return_lse else None
-    if num_splits > 1:
-        if workspace is None:
-            workspace = make_workspace(batch, q_heads, head_dim, num_splits, q.device)
-        _check_workspace(workspace, batch, q_heads, head_dim, num_splits)
+    batch = _check_inputs(q, k_cache, v_cache, page_table, seqused_k, num_splits, config, table_rows, table_start)
+    out, lse, workspace = prepare_outputs(q, out, workspace, return_lse, num_splits)
     if batch > 0:
-        _launch(q, k_cache, v_cache, page_table, seqused_k, scale, num_splits, out, lse, workspace, config)
+        _launch(q, k_cache, v_cache, TableRef.of(page_table, seqused_k, table_rows, table_start), seqused_k, scale,
+                num_splits, out, lse, workspace, config)
     return (out, lse) if return_lse else out
+
+
+class TableRef(NamedTuple):
+    """A page table as kernel arguments: the table, the row and start pointers (seqused_k
+    stands in for those a gathered table does not use) and the two constexpr flags."""
+
+    table: torch.Tensor
+    rows: torch.Tensor
+    start: torch.Tensor
+    indirect: bool
+    offset: bool
+
+    @classmethod
+    def of(
+        cls, table: torch.Tensor, seqused_k: torch.Tensor, rows: torch.Tensor | None, start: torch.Tensor | None
+    ) -> TableRef:
+        return cls(
+            table, seqused_k if rows is None else rows, seqused_k if start is None else start,
+            rows is not None, start is not None,
+        )
 
 
 def _launch(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    page_table: torch.Tensor,
+    table: TableRef,
     seqused_k: torch.Tensor,
     scale: float,
     num_splits: int,
@@ -138,56 +156,103 @@ def _launch(
     workspace: DecodeWorkspace | None,
     config: KernelConfig,
 ) -> None:
-    """The split kernel, then (S > 1) the merge. Arguments a variant does not use get
-    `out` as a placeholder pointer and zero strides."""
-    kernels = _kernels()
+    """The split kernel, then (S > 1) the merge."""
+    kernels = load_kernels()
     batch, q_heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
     group = q_heads // kv_heads
     direct = num_splits == 1
-    part_out, part_lse = (out, out) if direct else workspace
-    part_strides = (0,) * 5 if direct else (*part_out.stride()[:3], *part_lse.stride()[:2])
-    lse_ptr, lse_strides = (out, (0, 0)) if lse is None else (lse, lse.stride())
-    block_d = _next_pow2(head_dim)
+    dest = KernelOutputs.of(out, lse, workspace)
     kernels.split_kv_kernel[(kv_heads, num_splits, batch)](
-        q, k_cache, v_cache, page_table, seqused_k,
-        part_out, part_lse, out, lse_ptr,
+        q, k_cache, v_cache, table.table, seqused_k, table.rows, table.start,
+        dest.part_out, dest.part_lse, out, dest.lse,
         scale * LOG2E,
         num_splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1),
-        page_table.stride(0),
-        *part_strides,
+        table.table.stride(0),
+        *dest.part_strides,
         out.stride(0), out.stride(1),
-        *lse_strides,
+        *dest.lse_strides,
         GROUP=group,
         HEAD_DIM=head_dim,
-        BLOCK_H=max(16, _next_pow2(group)),  # tl.dot needs 16 rows; rows >= G are padding
-        BLOCK_D=block_d,
+        BLOCK_H=max(16, next_pow2(group)),  # tl.dot needs 16 rows; rows >= G are padding
+        BLOCK_D=next_pow2(head_dim),
         BLOCK_N=config.block_n,
         DIRECT=direct,
-        WRITE_LSE=lse is not None,
+        WRITE_LSE=dest.write_lse,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        INDIRECT=table.indirect,
+        OFFSET=table.offset,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
     if not direct:
-        kernels.merge_splits_kernel[(q_heads, batch)](
-            part_out, part_lse, out, lse_ptr,
-            num_splits,
-            *part_strides,
-            out.stride(0), out.stride(1),
-            *lse_strides,
-            HEAD_DIM=head_dim,
-            BLOCK_D=block_d,
-            BLOCK_S=_next_pow2(num_splits),
-            WRITE_LSE=lse is not None,
-            num_warps=4 if block_d >= 128 else 2,
-        )
+        launch_merge(kernels, dest, out, num_splits)
 
 
-def _next_pow2(n: int) -> int:
+class KernelOutputs(NamedTuple):
+    """Where a split kernel writes, as its pointer arguments and strides. With S == 1 the
+    partials are unused: `out` stands in as their pointer, with zero strides; so does it
+    for lse when no lse is wanted."""
+
+    part_out: torch.Tensor
+    part_lse: torch.Tensor
+    part_strides: tuple[int, ...]  # partial_out's first three, partial_lse's first two
+    lse: torch.Tensor
+    lse_strides: tuple[int, int]
+    write_lse: bool
+
+    @classmethod
+    def of(cls, out: torch.Tensor, lse: torch.Tensor | None, workspace: DecodeWorkspace | None) -> KernelOutputs:
+        if workspace is None:
+            part_out, part_lse, part_strides = out, out, (0,) * 5
+        else:
+            part_out, part_lse = workspace
+            part_strides = (*part_out.stride()[:3], *part_lse.stride()[:2])
+        lse_ptr, lse_strides = (out, (0, 0)) if lse is None else (lse, lse.stride())
+        return cls(part_out, part_lse, part_strides, lse_ptr, lse_strides, lse is not None)
+
+
+def launch_merge(kernels: ModuleType, dest: KernelOutputs, out: torch.Tensor, num_splits: int) -> None:
+    """The merge kernel over every row of `out` `[rows, Hq, D]` (and of lse, if wanted)."""
+    rows, q_heads, head_dim = out.shape
+    block_d = next_pow2(head_dim)
+    kernels.merge_splits_kernel[(q_heads, rows)](
+        dest.part_out, dest.part_lse, out, dest.lse,
+        num_splits,
+        *dest.part_strides,
+        out.stride(0), out.stride(1),
+        *dest.lse_strides,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_S=next_pow2(num_splits),
+        WRITE_LSE=dest.write_lse,
+        num_warps=4 if block_d >= 128 else 2,
+    )
+
+
+def prepare_outputs(
+    q: torch.Tensor, out: torch.Tensor | None, workspace: DecodeWorkspace | None, return_lse: bool, num_splits: int
+) -> tuple[torch.Tensor, torch.Tensor | None, DecodeWorkspace | None]:
+    """out `[rows, Hq, D]` (checked, or allocated like q), lse `[Hq, rows]` (or None) and the
+    workspace (checked, or allocated; None with one split)."""
+    rows, q_heads, head_dim = q.shape
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with unit last stride, got {tuple(out.shape)} {out.dtype}")
+    lse = torch.empty(q_heads, rows, dtype=torch.float32, device=q.device) if return_lse else None
+    if num_splits == 1:
+        return out, lse, None
+    if workspace is None:
+        workspace = make_workspace(rows, q_heads, head_dim, num_splits, q.device)
+    check_workspace(workspace, rows, q_heads, head_dim, num_splits)
+    return out, lse, workspace
+
+
+def next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
@@ -199,14 +264,27 @@ def _check_inputs(
     seqused_k: torch.Tensor,
     num_splits: int,
     config: KernelConfig,
-) -> tuple[int, int, int]:
-    """Shape, dtype and layout checks (host metadata only: no device sync)."""
+    table_rows: torch.Tensor | None = None,
+    table_start: torch.Tensor | None = None,
+) -> int:
+    """Shape, dtype and layout checks (host metadata only: no device sync); the batch size."""
+    batch = check_qkv(q, k_cache, v_cache, "B")
+    check_table(page_table, seqused_k, batch, "B", table_rows, table_start)
+    if batch > MAX_GRID_YZ:
+        raise ValueError(f"q's batch must be at most {MAX_GRID_YZ} (a CUDA grid dimension), got {batch}")
+    check_tiling(num_splits, config.block_n)
+    return batch
+
+
+def check_qkv(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: str) -> int:
+    """q `[rows, Hq, D]` against the pool `[slots, Hkv, D]`: shapes, dtypes, unit strides on D.
+    Returns q's row count."""
     if q.dim() != 3 or k_cache.dim() != 3 or v_cache.shape != k_cache.shape:
         raise ValueError(
-            f"q must be [B, Hq, D] and k_cache, v_cache one [slots, Hkv, D] shape, got "
+            f"q must be [{rows}, Hq, D] and k_cache, v_cache one [slots, Hkv, D] shape, got "
             f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
         )
-    batch, q_heads, head_dim = q.shape
+    _, q_heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
     if k_cache.shape[2] != head_dim or q_heads % kv_heads != 0:
         raise ValueError(f"q heads {q_heads} must be a multiple of KV heads {kv_heads}, with equal head_dim")
@@ -214,22 +292,49 @@ def _check_inputs(
         raise ValueError(f"q, k_cache, v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     if min(q.stride(-1), k_cache.stride(-1), v_cache.stride(-1)) != 1:
         raise ValueError("q, k_cache and v_cache need a unit stride on head_dim")
-    if page_table.dtype != torch.int32 or page_table.dim() != 2 or page_table.shape[0] != batch:
-        raise ValueError(f"page_table must be [B={batch}, W] int32, got {tuple(page_table.shape)} {page_table.dtype}")
+    return q.shape[0]
+
+
+def check_table(
+    page_table: torch.Tensor,
+    seqused_k: torch.Tensor,
+    seqs: int,
+    name: str,
+    table_rows: torch.Tensor | None = None,
+    table_start: torch.Tensor | None = None,
+) -> None:
+    """page_table int32 or int64 with unit column stride: `[seqs, W]`, or with `table_rows`
+    `[seqs]` (and `table_start` `[seqs]`, only with rows) any `[R, W]` read through them;
+    seqused_k `[seqs]` int32, contiguous."""
+    if page_table.dtype not in (torch.int32, torch.int64) or page_table.dim() != 2:
+        raise ValueError(f"page_table must be 2-D int32 or int64, got {tuple(page_table.shape)} {page_table.dtype}")
+    if table_rows is None and page_table.shape[0] != seqs:
+        raise ValueError(f"page_table must be [{name}={seqs}, W], got {tuple(page_table.shape)}")
+    if table_start is not None and table_rows is None:
+        raise ValueError("table_start needs table_rows")
+    for field, index in (("table_rows", table_rows), ("table_start", table_start)):
+        if index is not None and (
+            index.dtype not in (torch.int32, torch.int64) or index.shape != (seqs,) or not index.is_contiguous()
+        ):
+            raise ValueError(
+                f"{field} must be [{name}={seqs}] int32 or int64, contiguous, got {tuple(index.shape)} {index.dtype}"
+            )
     if page_table.stride(1) != 1:
         raise ValueError("page_table needs a unit stride on its columns")
-    if seqused_k.dtype != torch.int32 or seqused_k.shape != (batch,):
-        raise ValueError(f"seqused_k must be [B={batch}] int32, got {tuple(seqused_k.shape)} {seqused_k.dtype}")
-    if batch > MAX_GRID_YZ:
-        raise ValueError(f"q's batch must be at most {MAX_GRID_YZ} (a CUDA grid dimension), got {batch}")
+    if seqused_k.dtype != torch.int32 or seqused_k.shape != (seqs,) or not seqused_k.is_contiguous():
+        raise ValueError(
+            f"seqused_k must be [{name}={seqs}] int32, contiguous, got {tuple(seqused_k.shape)} {seqused_k.dtype}"
+        )
+
+
+def check_tiling(num_splits: int, block_n: int) -> None:
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in 1..{MAX_SPLITS}, got {num_splits}")
-    if config.block_n < 16 or config.block_n & (config.block_n - 1):
-        raise ValueError(f"config.block_n must be a power of two >= 16, got {config.block_n}")
-    return batch, q_heads, head_dim
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"config.block_n must be a power of two >= 16, got {block_n}")
 
 
-def _check_workspace(ws: DecodeWorkspace, batch: int, q_heads: int, head_dim: int, num_splits: int) -> None:
+def check_workspace(ws: DecodeWorkspace, batch: int, q_heads: int, head_dim: int, num_splits: int) -> None:
     po, pl = ws
     ok = (
         po.dtype == pl.dtype == torch.float32
