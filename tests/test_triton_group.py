@@ -378,6 +378,8 @@ def test_group_splits_depend_on_shapes_and_fill_the_gpu():
             assert s == 1 or hkv * z * (s - 1) < 8 * sms
     with pytest.raises(ValueError, match="multiple"):
         choose_group_splits(8, 2, 6, 4, sms)
+    with pytest.raises(ValueError, match="block_m"):  # a 16-row tile cannot hold 32 heads of a row
+        choose_group_splits(8, 2, 32, 1, sms, GroupKernelConfig(block_m=16))
 
 
 # -- on the GPU: bf16 at model sizes, and inside a CUDA graph ----------------------------------------
