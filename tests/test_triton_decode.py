@@ -12,16 +12,14 @@ sequences leave some splits empty.
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from triton_cases import compile_for_hopper, gpu_case, make_decode_case, random_lens, rel_err
+from triton_cases import (
+    compile_check_outside_interpreter, compile_for_hopper, gpu_case, make_decode_case, random_lens, rel_err,
+)
 
-import radixserve
 from radixserve.model_runner.attention.cascade import merge_states, reference_attend_lse
 from radixserve.model_runner.attention.metadata import VarlenMetadata, cumulative_lens
 from radixserve.model_runner.attention.triton_decode import (
@@ -196,14 +194,7 @@ def test_kernels_compile_for_hopper(group):
     dot shapes, layouts) on this machine, GPU or not. Under TRITON_INTERPRET the
     compiler is unusable in-process, so the check runs in a child without it."""
     pytest.importorskip("triton")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        check_hopper_compile(group)
-        return
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = str(Path(radixserve.__file__).parents[1])  # the child imports this radixserve
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    child = subprocess.run([sys.executable, __file__, str(group)], env=env, capture_output=True, text=True)
-    assert child.returncode == 0, child.stderr[-3000:]
+    compile_check_outside_interpreter(check_hopper_compile, __file__, group)
 
 
 # -- no kernel needed ---------------------------------------------------------------------------------

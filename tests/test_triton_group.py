@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import subprocess
 import sys
 from itertools import accumulate
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,9 +22,10 @@ import torch
 from cascade_cases import CASES, make_cascade_case
 from hypothesis import given
 from hypothesis import strategies as st
-from triton_cases import compile_for_hopper, gpu_case, make_decode_case, random_lens, rel_err
+from triton_cases import (
+    compile_check_outside_interpreter, compile_for_hopper, gpu_case, make_decode_case, random_lens, rel_err,
+)
 
-import radixserve
 from radixserve.model_runner.attention.cascade import (
     build_cascade_metadata,
     graph_cascade_metadata,
@@ -283,14 +281,7 @@ def test_kernel_compiles_for_hopper(group):
     """What the interpreter does not check (see test_triton_decode): the lowering to SM 9.0,
     in a child without TRITON_INTERPRET."""
     pytest.importorskip("triton")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        check_hopper_compile(group)
-        return
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = str(Path(radixserve.__file__).parents[1])  # the child imports this radixserve
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    child = subprocess.run([sys.executable, __file__, str(group)], env=env, capture_output=True, text=True)
-    assert child.returncode == 0, child.stderr[-3000:]
+    compile_check_outside_interpreter(check_hopper_compile, __file__, group)
 
 
 # -- no kernel needed ---------------------------------------------------------------------------------

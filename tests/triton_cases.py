@@ -9,7 +9,14 @@ pool): a kernel that reads one row it should not gives NaN.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
+
+import radixserve
 
 
 def make_decode_case(lens, hq, hkv, d, seed, dtype=torch.float32, device="cpu", pool_slack=64,
@@ -94,3 +101,16 @@ def gpu_case(lens, hq, hkv, seed, num_slots=1 << 20, first_slot=1):
 
 def random_lens(batch: int, lo: int, hi: int, seed: int) -> list[int]:
     return torch.randint(lo, hi + 1, (batch,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def compile_check_outside_interpreter(check, test_file: str, group: int) -> None:
+    """Run `check(group)` (a Hopper compile check) here, or, under TRITON_INTERPRET (where the
+    compiler is unusable in-process), in a child running `test_file` without it."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        check(group)
+        return
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = str(Path(radixserve.__file__).parents[1])  # the child imports this radixserve
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    child = subprocess.run([sys.executable, test_file, str(group)], env=env, capture_output=True, text=True)
+    assert child.returncode == 0, child.stderr[-3000:]
