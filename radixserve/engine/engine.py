@@ -138,7 +138,7 @@ class Engine:
             raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
         return text, ids, params
 
-    def _make_reqs(self, rid: str, ids: list[int], params: SamplingParams) -> list[Req]:
+    def _make_reqs(self, rid: str, ids: Sequence[int], params: SamplingParams) -> list[Req]:
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
         reqs: list[Req] = []
         for i in range(params.n):
@@ -166,7 +166,7 @@ class Engine:
         self,
         items: list[tuple[str | None, list[int], SamplingParams]],
         sink_for: Callable,
-        make_reqs: Callable[[str, list[int], SamplingParams], list[Req]] | None = None,
+        make_reqs: Callable[[str, tuple[int, ...], SamplingParams], list[Req]] | None = None,
         *,
         stream: bool = True,
     ) -> list[Tracker]:
@@ -177,6 +177,10 @@ class Engine:
         batch = []
         for text, ids, params in items:
             rid = f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+            # A tuple of ints is untracked by the collector once a pass has seen it; a list's
+            # items are visited by every full collection while the request lives (at 1,024
+            # requests of 2,176 tokens, each such list adds ~10 ms to a full pass).
+            ids = tuple(ids)
             reqs = make_reqs(rid, ids, params)
             tracker = Tracker(rid, text, ids, len(reqs), sink_for(rid), stream=stream)
             trackers.append(tracker)
@@ -295,7 +299,7 @@ class Engine:
             bar.close()
 
     def _run_prefill(
-        self, items: list[tuple[str | None, list[int], SamplingParams]], make: Callable[[str, list[int]], Req]
+        self, items: list[tuple[str | None, list[int], SamplingParams]], make: Callable[[str, tuple[int, ...]], Req]
     ) -> list[Req]:
         """Submit prefill-only requests (embed, score) and wait for them."""
         sinks: dict[str, queue.SimpleQueue] = {}
@@ -305,7 +309,7 @@ class Engine:
             sinks[rid] = queue.SimpleQueue()
             return sinks[rid].put
 
-        def make_reqs(rid: str, ids: list[int], params: SamplingParams) -> list[Req]:
+        def make_reqs(rid: str, ids: tuple[int, ...], params: SamplingParams) -> list[Req]:
             made.append(make(rid, ids))
             return [made[-1]]
 

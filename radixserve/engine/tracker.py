@@ -8,7 +8,7 @@ function feeding an asyncio queue through `call_soon_threadsafe`.
 from __future__ import annotations
 
 import queue
-from typing import Callable
+from typing import Callable, Sequence
 
 from radixserve.engine.outputs import CompletionOutput, RequestOutput, StreamDelta, TokenLogprob
 from radixserve.scheduler.scheduler import StepUpdate
@@ -20,7 +20,7 @@ class Tracker:
     """Collects one prompt's n completions and forwards each delta to a sink."""
 
     def __init__(
-        self, rid: str, prompt: str | None, prompt_ids: list[int], n: int, sink: Callable, *, stream: bool = True
+        self, rid: str, prompt: str | None, prompt_ids: Sequence[int], n: int, sink: Callable, *, stream: bool = True
     ) -> None:
         self.rid = rid
         # stream False: the sink hears only the end (DONE, or a failure), never a delta; callers
@@ -75,7 +75,7 @@ class Tracker:
         return RequestOutput(
             request_id=self.rid,
             prompt=self.prompt,
-            prompt_token_ids=self.prompt_ids,
+            prompt_token_ids=list(self.prompt_ids),
             outputs=self.outputs,
             cached_tokens=self.cached_tokens,
             folded_tokens=sum(self.folded),

@@ -19,7 +19,7 @@ the new node.
 from __future__ import annotations
 
 import enum
-from typing import Any, Hashable, Protocol
+from typing import Any, Hashable, Protocol, Sequence
 
 import torch
 
@@ -48,7 +48,7 @@ class Req:
     def __init__(
         self,
         rid: str,
-        prompt_ids: list[int],
+        prompt_ids: Sequence[int],
         params: SamplingParams,
         *,
         seed: int,
