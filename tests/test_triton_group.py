@@ -226,7 +226,7 @@ def graph_step(batch, table, bs, indirect=False):
     seq_lens = torch.tensor(list(batch.seq_lens) + [1] * (bs - n), **on)
     cu_q = torch.arange(bs + 1, dtype=torch.int32, device=table.device)
     return graph_cascade_metadata(req_rows, seq_lens, shared, group_cu_q.to(torch.int32), group_rows, group_prefix,
-                                  cu_q, table, indirect_prefix=indirect, indirect_suffix=indirect)
+                                  cu_q, table, indirect=indirect)
 
 
 @pytest.mark.parametrize("indirect", [False, True], ids=["gathered", "indirect"])

@@ -227,7 +227,7 @@ class DecodeGraphRunner:
             group_cu_q, group_rows, group_prefix = _group_views(block[graphs.per_seq * bs :], bs)
             runner.backend.prepare_graph(None, graph_cascade_metadata(
                 rows, lens, seqs[_SHARED], group_cu_q.to(torch.int32), group_rows, group_prefix, cu_q, table,
-                indirect_prefix=indirect, indirect_suffix=indirect,
+                indirect=indirect,
             ))
         else:
             runner.backend.prepare_graph(decode_graph_metadata(rows, lens, cu_q, table, indirect=indirect))

@@ -107,8 +107,7 @@ def graph_cascade_metadata(
     group_prefix: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     req_to_token: torch.Tensor,
-    indirect_prefix: bool = False,
-    indirect_suffix: bool = False,
+    indirect: bool = False,
 ) -> CascadeMetadata:
     """A decode batch's cascade metadata from device tensors only (CUDA-graph capturable).
 
@@ -117,19 +116,17 @@ def graph_cascade_metadata(
     group_cu_q[g + 1]; trailing groups empty), `group_rows` (a member's request row) and
     `group_prefix` `[B]` int64. Host bounds are fixed: B query rows per group, the table's
     width of keys. `total_k` is unknown on the host (-1): page-table kernels only.
-    `indirect_*`: that pass reads the request table through row indices (and, for the
-    suffix, column offsets) instead of a gathered `[B, width]` table (metadata.py).
+    `indirect`: both passes read the request table through row indices (and, for the
+    suffix, column offsets) instead of gathered `[B, width]` tables (metadata.py).
     """
     width = req_to_token.shape[1]
     prefix_used = group_prefix.to(torch.int32)
     suffix_used = (seq_lens - shared_lens).to(torch.int32)
-    if indirect_prefix:
+    if indirect:
         prefix_table, prefix_rows = req_to_token, group_rows
-    else:
-        prefix_table, prefix_rows = req_to_token.index_select(0, group_rows).to(torch.int32), None
-    if indirect_suffix:
         suffix_table, suffix_rows, suffix_start = req_to_token, req_rows, shared_lens
     else:
+        prefix_table, prefix_rows = req_to_token.index_select(0, group_rows).to(torch.int32), None
         suffix_table, suffix_rows, suffix_start = _offset_rows(req_to_token, req_rows, shared_lens, width), None, None
     return CascadeMetadata(
         prefix=VarlenMetadata(
