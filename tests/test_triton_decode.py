@@ -210,6 +210,8 @@ def test_invalid_inputs_name_the_field():
         paged_decode(q, k, v, table, seqused, 0.1, 2, table_start=seqused.long())
     with pytest.raises(ValueError, match="table_rows"):
         paged_decode(q, k, v, table, seqused, 0.1, 2, table_rows=seqused[:1].long())
+    with pytest.raises(ValueError, match="rows B must be at most 65535"):  # the grid's z dimension
+        paged_decode(q.new_zeros(65536, 4, 16), k, v, table, seqused, 0.1, 2)
     with pytest.raises(ValueError, match="seqused_k"):
         paged_decode(q, k, v, table, seqused.long(), 0.1, 2)
     with pytest.raises(ValueError, match="multiple of KV heads"):

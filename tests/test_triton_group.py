@@ -297,6 +297,8 @@ def test_invalid_inputs_name_the_field():
         paged_group_attend(q, k, v, table[:1], seqused, cu, 0.1, 2)
     with pytest.raises(ValueError, match="table_rows"):
         paged_group_attend(q, k, v, table, seqused, cu, 0.1, 2, table_rows=torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="rows T must be at most 65535"):  # bounds the grid's chunks
+        paged_group_attend(q.new_zeros(65536, 4, 16), k, v, table, seqused, cu, 0.1, 2)
     with pytest.raises(ValueError, match="seqused_k"):
         paged_group_attend(q, k, v, table, seqused.long(), cu, 0.1, 2)
     with pytest.raises(ValueError, match="seqused_k"):

@@ -157,17 +157,47 @@ def _launch(
     config: KernelConfig,
 ) -> None:
     """The split kernel, then (S > 1) the merge."""
-    kernels = load_kernels()
-    batch, q_heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
-    group = q_heads // kv_heads
+    group = q.shape[1] // kv_heads
+    launch_split(
+        "split_kv_kernel", (kv_heads, num_splits, q.shape[0]), (seqused_k,), (num_splits,),
+        q, k_cache, v_cache, table, scale, out, KernelOutputs.of(out, lse, workspace), num_splits, config,
+        GROUP=group,
+        BLOCK_H=max(16, next_pow2(group)),  # tl.dot needs 16 rows; rows >= G are padding
+    )
+
+
+def launch_split(
+    kernel_name: str,
+    grid: tuple[int, int, int],
+    lengths: tuple[torch.Tensor, ...],
+    scalars: tuple[int, ...],
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    table: TableRef,
+    scale: float,
+    out: torch.Tensor,
+    dest: KernelOutputs,
+    num_splits: int,
+    config: KernelConfig,
+    **constexprs: object,
+) -> None:
+    """Launch a split kernel of triton_decode_kernels (decode or group), then (S > 1) the
+    merge over every row of `out`.
+
+    Both take one argument layout: Q, K, V, the page table, `lengths` (seqused_k, and the
+    group kernel's cu_seqlens_q), the table's row and start pointers, the four outputs,
+    the softmax scale, `scalars` (ending with num_splits), the strides, the shared
+    constexprs; `constexprs` holds each kernel's own (GROUP and its tile rows)."""
+    kernels = load_kernels()
+    head_dim = q.shape[2]
     direct = num_splits == 1
-    dest = KernelOutputs.of(out, lse, workspace)
-    kernels.split_kv_kernel[(kv_heads, num_splits, batch)](
-        q, k_cache, v_cache, table.table, seqused_k, table.rows, table.start,
+    getattr(kernels, kernel_name)[grid](
+        q, k_cache, v_cache, table.table, *lengths, table.rows, table.start,
         dest.part_out, dest.part_lse, out, dest.lse,
         scale * LOG2E,
-        num_splits,
+        *scalars,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1),
@@ -175,9 +205,7 @@ def _launch(
         *dest.part_strides,
         out.stride(0), out.stride(1),
         *dest.lse_strides,
-        GROUP=group,
         HEAD_DIM=head_dim,
-        BLOCK_H=max(16, next_pow2(group)),  # tl.dot needs 16 rows; rows >= G are padding
         BLOCK_D=next_pow2(head_dim),
         BLOCK_N=config.block_n,
         DIRECT=direct,
@@ -187,6 +215,7 @@ def _launch(
         OFFSET=table.offset,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **constexprs,
     )
     if not direct:
         launch_merge(kernels, dest, out, num_splits)
@@ -270,15 +299,13 @@ def _check_inputs(
     """Shape, dtype and layout checks (host metadata only: no device sync); the batch size."""
     batch = check_qkv(q, k_cache, v_cache, "B")
     check_table(page_table, seqused_k, batch, "B", table_rows, table_start)
-    if batch > MAX_GRID_YZ:
-        raise ValueError(f"q's batch must be at most {MAX_GRID_YZ} (a CUDA grid dimension), got {batch}")
     check_tiling(num_splits, config.block_n)
     return batch
 
 
 def check_qkv(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: str) -> int:
-    """q `[rows, Hq, D]` against the pool `[slots, Hkv, D]`: shapes, dtypes, unit strides on D.
-    Returns q's row count."""
+    """q `[rows, Hq, D]` against the pool `[slots, Hkv, D]`: shapes, dtypes, unit strides on D,
+    and at most MAX_GRID_YZ rows. Returns q's row count."""
     if q.dim() != 3 or k_cache.dim() != 3 or v_cache.shape != k_cache.shape:
         raise ValueError(
             f"q must be [{rows}, Hq, D] and k_cache, v_cache one [slots, Hkv, D] shape, got "
@@ -292,6 +319,8 @@ def check_qkv(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, row
         raise ValueError(f"q, k_cache, v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     if min(q.stride(-1), k_cache.stride(-1), v_cache.stride(-1)) != 1:
         raise ValueError("q, k_cache and v_cache need a unit stride on head_dim")
+    if q.shape[0] > MAX_GRID_YZ:  # q's rows bound the grid's z dimension (sequences or row chunks)
+        raise ValueError(f"q's rows {rows} must be at most {MAX_GRID_YZ} (a CUDA grid dimension), got {q.shape[0]}")
     return q.shape[0]
 
 

@@ -36,8 +36,6 @@ from typing import NamedTuple
 import torch
 
 from radixserve.model_runner.attention.triton_decode import (
-    LOG2E,
-    MAX_GRID_YZ,
     DecodeWorkspace,
     KernelOutputs,
     TableRef,
@@ -45,9 +43,7 @@ from radixserve.model_runner.attention.triton_decode import (
     check_table,
     check_tiling,
     choose_num_splits,
-    launch_merge,
-    load_kernels,
-    next_pow2,
+    launch_split,
     prepare_outputs,
 )
 
@@ -159,43 +155,18 @@ def _launch(
     config: GroupKernelConfig,
 ) -> None:
     """The group kernel, then (S > 1) the merge over every row."""
-    kernels = load_kernels()
-    rows, q_heads, head_dim = q.shape
+    rows, q_heads, _ = q.shape
     groups = seqused_k.shape[0]
     kv_heads = k_cache.shape[1]
     group_size = q_heads // kv_heads
-    direct = num_splits == 1
-    dest = KernelOutputs.of(out, lse, workspace)
     chunks = max_chunks(rows, groups, group_size, config.block_m)
-    kernels.group_split_kv_kernel[(kv_heads, num_splits, chunks)](
-        q, k_cache, v_cache, table.table, seqused_k, cu_seqlens_q, table.rows, table.start,
-        dest.part_out, dest.part_lse, out, dest.lse,
-        scale * LOG2E,
-        groups,
-        num_splits,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1),
-        v_cache.stride(0), v_cache.stride(1),
-        table.table.stride(0),
-        *dest.part_strides,
-        out.stride(0), out.stride(1),
-        *dest.lse_strides,
+    launch_split(
+        "group_split_kv_kernel", (kv_heads, num_splits, chunks), (seqused_k, cu_seqlens_q), (groups, num_splits),
+        q, k_cache, v_cache, table, scale, out, KernelOutputs.of(out, lse, workspace), num_splits, config,
         GROUP=group_size,
-        HEAD_DIM=head_dim,
         BLOCK_M=config.block_m,
-        BLOCK_D=next_pow2(head_dim),
-        BLOCK_N=config.block_n,
         BLOCK_G=SCAN_BLOCK,
-        DIRECT=direct,
-        WRITE_LSE=dest.write_lse,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        INDIRECT=table.indirect,
-        OFFSET=table.offset,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
     )
-    if not direct:
-        launch_merge(kernels, dest, out, num_splits)
 
 
 def _check_inputs(
@@ -217,8 +188,6 @@ def _check_inputs(
         raise ValueError("cu_seqlens_q must be contiguous")
     groups = cu_seqlens_q.shape[0] - 1
     check_table(page_table, seqused_k, groups, "G", table_rows)
-    if rows > MAX_GRID_YZ:
-        raise ValueError(f"q's rows T must be at most {MAX_GRID_YZ} (a CUDA grid dimension), got {rows}")
     check_tiling(num_splits, config.block_n)
     group_size = q.shape[1] // k_cache.shape[1]
     block_m = config.block_m
