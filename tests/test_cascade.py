@@ -19,6 +19,7 @@ from radixserve.model_runner.attention.cascade import merge_states, reference_at
 from radixserve.model_runner.attention.metadata import build_varlen_metadata
 from radixserve.model_runner.attention.torch_backend import TorchAttention
 from radixserve.scheduler.batch_builder import plan_cascade, shared_slots
+from radixserve.scheduler.request import token_array
 from test_engine_cache import run_core
 
 
@@ -73,7 +74,7 @@ def test_merge_weights_two_halves_by_their_mass():
 
 
 def _req(slots):
-    return SimpleNamespace(slots=slots, shared_memo=None)
+    return SimpleNamespace(slots=token_array(slots), shared_memo=None)
 
 
 def test_shared_slots_finds_the_first_difference():
@@ -91,7 +92,7 @@ def test_shared_slots_memo_follows_the_lists():
     assert shared_slots(a, b) == 200
     b.slots.append(3)  # appending past a difference changes nothing
     assert shared_slots(a, b) == 200
-    b.slots = base + [4]  # a commit re-points the list at the tree's slots
+    b.slots = token_array(base + [4])  # a commit re-points the request at the tree's slots
     assert shared_slots(a, b) == 300
 
 

@@ -3,6 +3,7 @@ eviction and retraction all give identical greedy tokens. Drives EngineCore step
 
 from __future__ import annotations
 
+import gc
 import random
 
 import pytest
@@ -55,7 +56,7 @@ def run_core(
     core.check_invariants()
     assert core.flush_cache()
     assert core.runner.allocator.num_free == core.kv_capacity
-    return [r.output_ids for r in reqs], core, reqs
+    return [list(r.output_ids) for r in reqs], core, reqs
 
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -114,7 +115,7 @@ def test_multi_turn_reuses_prompt_and_output(tiny_qwen3_path):
     core.add([r1])
     while core.has_work():
         core.step()
-    second = first + r1.output_ids + [77, 78, 79]
+    second = first + list(r1.output_ids) + [77, 78, 79]
     r2 = Req("turn2", second, GREEDY, seed=1)
     core.add([r2])
     while core.has_work():
@@ -122,8 +123,43 @@ def test_multi_turn_reuses_prompt_and_output(tiny_qwen3_path):
     # Everything with K/V was inserted: the prompt and all output tokens but the last.
     assert r2.cached_tokens == len(first) + len(r1.output_ids) - 1
     (alone,), _, _ = run_core(tiny_qwen3_path, [second], GREEDY, enable_prefix_cache=False)
-    assert r2.output_ids == alone
+    assert list(r2.output_ids) == alone
     core.check_invariants()
+
+
+def test_long_lived_token_state_is_one_object_to_the_collector(tiny_qwen3_path):
+    """A full collection visits every item of a list; a request's token and slot ids, the
+    tree's slot pieces and the free list are arrays (no items to visit), so what a pass walks
+    does not grow with the tokens live requests hold."""
+    config = EngineConfig(
+        model=str(tiny_qwen3_path), device="cpu", check_invariants=True, show_progress=False,
+        max_prefill_tokens=64,
+    )
+    core = EngineCore(config, tiny_qwen3_path)
+    stem = list(range(10, 110))
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    reqs = [Req(f"r{i}", stem + [200 + i] * 20, params, seed=i) for i in range(4)]
+    core.add(reqs)
+    held = []
+    while core.has_work():
+        core.step()
+        running = [r for r in reqs if r.kv_len]
+        held += [obj for r in running for obj in (r.fill_ids, r.output_ids, r.slots)]
+        held.append(core.runner.allocator._free)
+    held += [node.value for node in _tree_nodes(core.tree)]
+    assert len(held) > 20 and any(len(obj) >= 100 for obj in held)
+    for obj in held:
+        assert len(gc.get_referents(obj)) <= 1, type(obj)  # an array refers to its type at most
+    core.check_invariants()
+
+
+def _tree_nodes(tree):
+    stack = list(tree._roots.values())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children.values())
+        if node.key:
+            yield node
 
 
 def lpm_admission_order(path, aging: int) -> list[str]:
@@ -195,7 +231,7 @@ def test_batch_order_puts_shared_prefixes_side_by_side(tiny_qwen3_path, enable_p
             core.step()
             if len(core.scheduler.running) == 8:
                 seen_orders[order] = [int(r.rid[1:]) % 2 for r in core.scheduler.running]
-        outputs[order] = [r.output_ids for r in reqs]
+        outputs[order] = [list(r.output_ids) for r in reqs]
         assert core.flush_cache() and core.runner.allocator.num_free == core.kv_capacity
     assert seen_orders["arrival"] == [0, 1] * 4
     assert seen_orders["prefix"] in ([0] * 4 + [1] * 4, [1] * 4 + [0] * 4)
@@ -283,7 +319,7 @@ def test_cache_off_shares_slots_only_within_a_fold(tiny_qwen3_path, fold_mode):
             assert folded == (len(prompt) if fold_mode == "tree" else 0)
         while core.has_work():
             core.step()
-        outputs[cache] = [r.output_ids for r in (*first, late)]
+        outputs[cache] = [list(r.output_ids) for r in (*first, late)]
         core.check_invariants()
         assert core.flush_cache() and core.runner.allocator.num_free == core.kv_capacity
     assert outputs[True] == outputs[False]

@@ -44,6 +44,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from radixserve.sampling_params import SamplingParams
@@ -62,8 +63,8 @@ class SamplingRow(NamedTuple):
     """What the sampler needs to know about one row for one step."""
 
     params: SamplingParams
-    # Read only for rows that use the penalty. Numpy arrays or CPU tensors are taken without
-    # a copy; a list is converted id by id (~30 ns each), which long prompts feel.
+    # Read only for rows that use the penalty. Int64 arrays (`array`, numpy) are copied in
+    # one go and CPU tensors taken as they are; a list is converted id by id.
     token_history: Sequence[int]  # prompt + output ids so far (repetition penalty)
     output_ids: Sequence[int]  # output ids so far (presence/frequency penalties)
     seed: int  # always set: the scheduler draws one for unseeded requests
@@ -392,7 +393,7 @@ def _flat_index(
     row_ids: list[int], seqs: list[Sequence[int]], vocab_size: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, ids) index pair for `tensor[rows, ids]`: row_ids[j] repeated once per id of seqs[j]."""
-    ids = [torch.as_tensor(s, dtype=torch.int64).reshape(-1) for s in seqs]  # no copy for arrays/tensors
+    ids = [_int64_tensor(s) for s in seqs]
     flat = torch.cat(ids)
     if flat.numel():
         low, high = torch.aminmax(flat)
@@ -402,6 +403,14 @@ def _flat_index(
     # Expanded on the device; output_size spares the device->host read of the total.
     row_index = torch.repeat_interleave(rows_and_lengths[0], rows_and_lengths[1], output_size=flat.numel())
     return row_index, _to_device(flat, device)
+
+
+def _int64_tensor(seq: Sequence[int]) -> torch.Tensor:
+    """A 1-D int64 CPU tensor of the ids. Buffers (array, numpy) are copied, not viewed: a
+    view would keep a request's growing array from being appended to while it lives."""
+    if isinstance(seq, torch.Tensor):
+        return seq.to(torch.int64).reshape(-1)
+    return torch.from_numpy(np.array(seq, dtype=np.int64).reshape(-1))
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -27,6 +27,7 @@ side.
 
 from __future__ import annotations
 
+from array import array
 from typing import NamedTuple
 
 import numpy as np
@@ -86,8 +87,8 @@ def build_batch(
 ) -> ScheduledBatch:
     """Allocate the step's KV slots and lay out the forward pass (folded or not); with
     `cascade_min_prefix` > 0, plan a cascade over prefixes shared by at least that many slots."""
-    tokens = [req.fill_ids[req.kv_len : req.kv_len + n] for req, n in plan]
-    positions = [list(range(req.kv_len, req.kv_len + n)) for req, n in plan]
+    tokens = [np.array(req.fill_ids[req.kv_len : req.kv_len + n], dtype=np.int64) for req, n in plan]
+    positions = [np.arange(req.kv_len, req.kv_len + n, dtype=np.int64) for req, n in plan]
     fold: FoldPlan | None = None
     keys = [fold_key(r, n) for r, n in plan] if fold_mode != "off" else []
     # Only sequences without a private tail can share rows; a step of decodes has none.
@@ -218,7 +219,7 @@ def _seq_offsets(plan: list[tuple[Req, int]]) -> np.ndarray:
     return cu
 
 
-def _alloc(cache: KVCacheManager, n: int) -> list[int]:
+def _alloc(cache: KVCacheManager, n: int) -> array:
     """All of a step's new slots in one allocation (one eviction pass if short)."""
     slots = cache.alloc(n)
     if slots is None:  # admission and retraction guarantee room
@@ -228,8 +229,8 @@ def _alloc(cache: KVCacheManager, n: int) -> list[int]:
 
 def _layout_full(
     plan: list[tuple[Req, int]],
-    tokens: list[list[int]],
-    positions: list[list[int]],
+    tokens: list[np.ndarray],
+    positions: list[np.ndarray],
     fold: FoldPlan | None,
     cache: KVCacheManager,
 ) -> tuple[ForwardBatch, np.ndarray]:
@@ -239,12 +240,12 @@ def _layout_full(
     for req, n in plan:
         cache.extend(req, slots[offset : offset + n])
         offset += n
-    full_ids = torch.tensor([t for seq in tokens for t in seq], dtype=torch.int64)
-    full_pos = torch.tensor([p for seq in positions for p in seq], dtype=torch.int64)
+    full_ids = torch.from_numpy(np.concatenate(tokens))
+    full_pos = torch.from_numpy(np.concatenate(positions))
     forward = ForwardBatch(
         input_ids=full_ids,
         positions=full_pos,
-        out_slots=torch.tensor(slots, dtype=torch.int64),
+        out_slots=torch.from_numpy(np.array(slots, dtype=np.int64)),
         req_rows=[r.row for r, _ in plan],
         prefix_lens=[r.kv_len for r, _ in plan],
         extend_lens=[n for _, n in plan],

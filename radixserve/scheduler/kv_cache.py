@@ -20,17 +20,21 @@ cache-off engine would share K/V across requests after all.
 
 from __future__ import annotations
 
-from itertools import chain, count
+from array import array
+from itertools import count
 from typing import Hashable, Iterable, Sequence
 
 from radixserve.model_runner.kv_pool import ReqToTokenPool, SlotAllocator
 from radixserve.radix_tree import RadixTree
-from radixserve.scheduler.request import Req
+from radixserve.scheduler.request import Req, token_array
 
 
-def _flatten(pieces: Sequence[Sequence[int]]) -> list[int]:
-    """The tree's value pieces (slot lists) as one list."""
-    return list(chain.from_iterable(pieces))
+def _flatten(pieces: Sequence[Sequence[int]]) -> array:
+    """The tree's value pieces (slot arrays) as one array."""
+    out = token_array()
+    for piece in pieces:
+        out.extend(piece)  # one copy per piece
+    return out
 
 
 class KVCacheManager:
@@ -47,7 +51,7 @@ class KVCacheManager:
         self.req_to_token = req_to_token
         self.enable_prefix_cache = enable_prefix_cache
         # Table writes of this step, applied together by `sync_table` before the forward.
-        self._table_writes: list[tuple[int, int, list[int]]] = []
+        self._table_writes: list[tuple[int, int, Sequence[int]]] = []
         # Admission-time counters (the tree's own also count internal re-matches).
         self.queried_tokens = 0
         self.hit_tokens = 0
@@ -84,7 +88,7 @@ class KVCacheManager:
             self._table_writes.append((row, 0, req.slots))
         else:
             req.tree_namespace = (req.namespace, next(self._families))
-            req.slots = []
+            req.slots = token_array()
             req.cache_len = req.kv_len = 0
         if not req.admitted_once:
             req.admitted_once = True
@@ -111,10 +115,10 @@ class KVCacheManager:
             raise RuntimeError(f"undo_admit after {req} computed tokens")
         self._unlock(req)
         self._drop_row(req)
-        req.slots = []
+        req.slots = token_array()
         req.kv_len = req.cache_len = 0
 
-    def alloc(self, n: int) -> list[int] | None:
+    def alloc(self, n: int) -> array | None:
         """Take n free slots, evicting unlocked tree leaves if needed; None if impossible."""
         short = n - self.allocator.num_free
         if short > 0:
@@ -126,7 +130,7 @@ class KVCacheManager:
         if evicted.values:
             self.allocator.free(_flatten(evicted.values))
 
-    def extend(self, req: Req, slots: list[int]) -> None:
+    def extend(self, req: Req, slots: Sequence[int]) -> None:
         """The request's next tokens will be written to `slots` (private until committed)."""
         self._table_writes.append((req.row, len(req.slots), slots))
         req.slots.extend(slots)
@@ -153,7 +157,7 @@ class KVCacheManager:
         m, _ = self._insert(req)
         self._unlock(req)
         self.allocator.free(req.slots[m.length :])
-        req.slots = []
+        req.slots = token_array()
         req.kv_len = req.cache_len = 0
         self._drop_row(req)
         if not self.enable_prefix_cache:
