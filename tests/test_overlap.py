@@ -32,18 +32,18 @@ def sampling_checks(monkeypatch):
     sampling_rows = Scheduler.sampling_rows
     sampling_batch = EngineCore._sampling_batch
 
-    def counted_rows(self, batch, ahead=False):
+    def counted_rows(self, batch):
         builds.append(batch)
-        return sampling_rows(self, batch, ahead)
+        return sampling_rows(self, batch)
 
-    def checked(self, batch, ahead):
+    def checked(self, batch):
         before = len(builds)
         same = self._last_sampling is not None and self._last_sampling.reqs == batch.sample_reqs
-        got = sampling_batch(self, batch, ahead)
+        got = sampling_batch(self, batch)
         built = len(builds) > before
         counts["built" if built else "moved"] += 1
         counts["subset"] += not built and not same
-        fresh = SamplingBatch.build(sampling_rows(self, batch, ahead), self.runner.vocab_size, self.device)
+        fresh = SamplingBatch.build(sampling_rows(self, batch), self.runner.vocab_size, self.device)
         assert_same_sampling_batch(got, fresh)
         return got
 
@@ -88,6 +88,48 @@ def test_overlap_matches_sequential_with_arrivals_and_sampling(tiny_qwen3_path, 
     assert got == want
     for a, b in zip(got_reqs, want_reqs):
         assert a.finish_reason == b.finish_reason
+        assert [(t, round(lp, 5)) for t, lp, _ in a.output_logprobs] == [(t, round(lp, 5)) for t, lp, _ in b.output_logprobs]
+
+
+@pytest.mark.parametrize("options", [
+    dict(),  # prefix cache and tree folding on
+    dict(enable_prefix_cache=False, fold_mode="tree"),  # fold families, no cache
+    dict(fold_mode="mlp", cascade_attention=True, cascade_min_prefix=8),
+])
+def test_mixed_steps_overlap_and_match_sequential(tiny_qwen3_path, sampling_checks, options):
+    """Steps with prefill chunks overlap too: the next step (chunks read on the host, the
+    tokens just sampled read on the device, new requests admitted against a tree that
+    already holds the in-flight chunks) is built before the last is processed."""
+    from radixserve.scheduler.scheduler import Scheduler
+
+    rng = random.Random(11)
+    stem = [rng.randrange(1, 500) for _ in range(40)]
+    prompts = [stem[: rng.randrange(10, 41)] + [rng.randrange(1, 500) for _ in range(rng.randrange(1, 30))]
+               for _ in range(14)]
+    params = [SamplingParams(max_tokens=rng.randrange(2, 12), temperature=rng.choice([0.0, 0.8]), ignore_eos=True,
+                             logprobs=1)
+              for _ in prompts]
+    arrivals = [rng.randrange(0, 20) for _ in prompts]
+    mixed = []
+    original = Scheduler.schedule_ahead
+
+    def counted(self, prev):
+        batch = original(self, prev)
+        if batch is not None and batch.ahead and any(n > 1 for n in batch.extend_lens):
+            mixed.append((len(batch.ahead), batch.forward.num_tokens, len(batch.reqs)))
+        return batch
+
+    run = dict(arrivals=arrivals, max_prefill_tokens=24, **options)
+    want, want_reqs, _ = _run(tiny_qwen3_path, prompts, params, overlap_schedule=False, **run)
+    Scheduler.schedule_ahead = counted
+    try:
+        got, got_reqs, _ = _run(tiny_qwen3_path, prompts, params, overlap_schedule=True, **run)
+    finally:
+        Scheduler.schedule_ahead = original
+    assert len(mixed) > 5, mixed  # chunks and decodes of sampled tokens in one step built ahead
+    assert got == want
+    for a, b in zip(got_reqs, want_reqs):
+        assert a.finish_reason == b.finish_reason and a.cached_tokens == b.cached_tokens
         assert [(t, round(lp, 5)) for t, lp, _ in a.output_logprobs] == [(t, round(lp, 5)) for t, lp, _ in b.output_logprobs]
 
 

@@ -141,10 +141,11 @@ class EngineCore:
     def step(self) -> list[StepUpdate]:
         """Run one batch; return what each request gained.
 
-        With `overlap_schedule`, a plain decode step stays in flight: the next call
-        builds and launches the following decode step first (its input tokens are read
-        on the device), then processes this one, so the host's scheduling work runs
-        while the GPU computes. Anything else is scheduled, run and processed in order.
+        With `overlap_schedule`, a step stays in flight: the next call builds and launches
+        the following step first (the tokens it sampled are read on the device), then
+        processes this one, so the host's scheduling work runs while the GPU computes.
+        Where the next step needs this one's results on the host (Scheduler.can_schedule_ahead),
+        it is processed first.
         """
         updates: list[StepUpdate] = []
         prev = self._inflight
@@ -160,8 +161,11 @@ class EngineCore:
             self._inflight = None
             updates += self._complete(prev)
         if launched is not None:
-            if self.overlap and launched.batch.is_plain_decode:
+            if self.overlap:
                 self._inflight = launched
+                # Its prefill chunks go into the tree now (tokens and slots are known), so
+                # the next step's admission matches them as it would sequentially.
+                self.scheduler.commit_chunks(launched.batch)
             else:
                 updates += self._complete(launched)
         elif prev is None:
@@ -172,18 +176,18 @@ class EngineCore:
 
     def _launch(self, batch: ScheduledBatch, prev: "_Launched | None") -> "_Launched":
         """Queue the batch's forward and sampling; start copying the tokens to the host."""
-        if prev is not None:
+        if batch.forward.sourced is not None:
             batch.forward.input_source = prev.sampled.device.token_ids
         out = self.runner.forward(batch.forward)
         sampled = None
         if batch.sample_reqs:
-            sampling = self._sampling_batch(batch, ahead=prev is not None)
+            sampling = self._sampling_batch(batch)
             sampled = self.runner.to_host(self.runner.sample(out.logits, sampling))
         self.steps += 1
         self.computed_tokens += batch.forward.num_tokens
         return _Launched(batch, out, sampled)
 
-    def _sampling_batch(self, batch: ScheduledBatch, ahead: bool) -> SamplingBatch:
+    def _sampling_batch(self, batch: ScheduledBatch) -> SamplingBatch:
         """The step's sampling tensors, built from its rows (a Python loop over requests) only
         when it samples a request that the last sampling step did not.
 
@@ -203,7 +207,7 @@ class EngineCore:
             if None not in keep:
                 sampling = last.batch.next_step(keep)
         if sampling is None:
-            rows = self.scheduler.sampling_rows(batch, ahead)
+            rows = self.scheduler.sampling_rows(batch)
             sampling = SamplingBatch.build(rows, self.runner.vocab_size, self.device)
         self._last_sampling = _Sampling(reqs, sampling)
         return sampling

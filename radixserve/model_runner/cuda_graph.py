@@ -45,7 +45,7 @@ import torch
 from radixserve.model_runner.attention.cascade import graph_cascade_metadata
 from radixserve.model_runner.attention.fa4_backend import FA4Attention, fa4_supports
 from radixserve.model_runner.attention.metadata import decode_graph_metadata
-from radixserve.model_runner.forward_batch import ForwardBatch
+from radixserve.model_runner.forward_batch import ForwardBatch, resolve_inputs
 
 if TYPE_CHECKING:
     from radixserve.model_runner.model_runner import ModelRunner
@@ -258,9 +258,8 @@ class DecodeGraphRunner:
         bs = self.buckets[bisect.bisect_left(self.buckets, n)]
         graphs = self._plain if batch.cascade is None else self.cascade_graphs()
         graphs.fill(batch, bs)
-        if batch.input_source is not None:  # ids are rows of the previous step's tokens
-            ids = graphs.inputs[:n]
-            ids.copy_(batch.input_source.index_select(0, ids))
+        if batch.sourced is not None:  # ids that are rows of the previous step's tokens
+            resolve_inputs(graphs.inputs[:n], batch.sourced, batch.input_source)
         graph, logits = graphs.graphs[bs]
         graph.replay()
         rows = batch.logits_rows.cpu()

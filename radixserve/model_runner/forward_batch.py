@@ -47,8 +47,10 @@ class ForwardBatch:
     hidden_rows: torch.Tensor | None = None  # rows whose final hidden state is returned (pooling)
     score_rows: torch.Tensor | None = None  # rows whose logprob of score_targets is returned
     score_targets: torch.Tensor | None = None
-    # Overlapped decode: the new tokens are still on the device, sampled by the previous
-    # step; input_ids then holds each sequence's row in this tensor, not a token id.
+    # Overlapped scheduling: some new tokens are still on the device, sampled by the previous
+    # step (`input_source`); at the positions `sourced` of input_ids stands each one's row
+    # in that tensor, not a token id (resolve_inputs). None: every id is a token id.
+    sourced: torch.Tensor | None = None
     input_source: torch.Tensor | None = None
     cascade: CascadePlan | None = None  # groups sharing a prefix (None: attend per sequence)
 
@@ -86,6 +88,18 @@ class ForwardBatch:
             hidden_rows=move(self.hidden_rows),
             score_rows=move(self.score_rows),
             score_targets=move(self.score_targets),
+            sourced=move(self.sourced),
             input_source=self.input_source,
             cascade=self.cascade,
         )
+
+
+def resolve_inputs(ids: torch.Tensor, sourced: torch.Tensor, source: torch.Tensor) -> None:
+    """In place: the ids at positions `sourced` are rows of `source`; put its tokens there.
+
+    A step of decodes all sourced (`sourced` is every position, in order) takes one gather."""
+    if sourced.numel() == ids.numel():
+        ids.copy_(source.index_select(0, ids))
+    elif sourced.numel():
+        sourced = sourced.to(ids.device, non_blocking=True)
+        ids[sourced] = source.index_select(0, ids[sourced])

@@ -14,7 +14,7 @@ import torch
 
 from radixserve.model_runner.attention import create_backend
 from radixserve.model_runner.cuda_graph import DecodeGraphRunner, unsupported_reason
-from radixserve.model_runner.forward_batch import CascadePlan, ForwardBatch
+from radixserve.model_runner.forward_batch import CascadePlan, ForwardBatch, resolve_inputs
 from radixserve.model_runner.kv_pool import KVPool, ReqToTokenPool, SlotAllocator
 from radixserve.model_runner.loader import load_model
 from radixserve.model_runner.models.kernels import compile_unsupported_reason, compiled_kernels
@@ -170,8 +170,8 @@ class ModelRunner:
             self.graph_batches += 1
             return ForwardOutput(self.graphs.run(batch), None, None)
         batch = batch.to(self.device)
-        if batch.input_source is not None:
-            batch.input_ids = batch.input_source.index_select(0, batch.input_ids)
+        if batch.sourced is not None:
+            resolve_inputs(batch.input_ids, batch.sourced, batch.input_source)
         self.backend.prepare(batch, self.req_to_token.table)
         hidden = self.model(batch.input_ids, batch.positions, self._attention(batch.out_slots, batch.unfold, batch.fold))
         logits = self._logits(hidden, batch.logits_rows)

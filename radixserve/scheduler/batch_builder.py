@@ -53,7 +53,10 @@ class ScheduledBatch(NamedTuple):
     score_spans: dict[int, tuple[int, int]]  # id(req) -> span of forward.score_rows
     folded: list[int]  # per request: tokens served by another sequence's rows this step
     fold_ratio: float  # computed rows / planned tokens
-    commits: list[Req]  # prefill chunks to insert into the tree once computed
+    commits: list[Req]  # prefill chunks to insert into the tree (emptied once inserted)
+    # ids of the requests whose input token the previous step sampled and the host has not
+    # seen yet (overlapped scheduling): it is read on the device (ForwardBatch.sourced).
+    ahead: frozenset[int] = frozenset()
 
     @property
     def is_plain_decode(self) -> bool:
@@ -84,10 +87,20 @@ def build_batch(
     fold_mode: str,
     fold_threshold: float,
     cascade_min_prefix: int = 0,
+    sourced: dict[int, int] | None = None,
 ) -> ScheduledBatch:
     """Allocate the step's KV slots and lay out the forward pass (folded or not); with
-    `cascade_min_prefix` > 0, plan a cascade over prefixes shared by at least that many slots."""
-    tokens = [np.array(req.fill_ids[req.kv_len : req.kv_len + n], dtype=np.int64) for req, n in plan]
+    `cascade_min_prefix` > 0, plan a cascade over prefixes shared by at least that many slots.
+
+    `sourced` (overlapped scheduling) maps id(req) to its row of the previous step's sampled
+    tokens, for each request decoding the token that step sampled: not on the host yet, so
+    its input id is that row (ForwardBatch.sourced)."""
+    sourced = sourced or {}
+    tokens = [
+        np.array(req.fill_ids[req.kv_len : req.kv_len + n], dtype=np.int64) if id(req) not in sourced
+        else np.array([sourced[id(req)]], dtype=np.int64)
+        for req, n in plan
+    ]
     positions = [np.arange(req.kv_len, req.kv_len + n, dtype=np.int64) for req, n in plan]
     fold: FoldPlan | None = None
     keys = [fold_key(r, n) for r, n in plan] if fold_mode != "off" else []
@@ -111,7 +124,12 @@ def build_batch(
     folded = fold.folded_tokens.tolist() if fold is not None else [0] * len(plan)
     ratio = fold.fold_ratio if fold is not None else 1.0
     commits = [req for req, n in plan if n > 1 or req.kv_len < len(req.prompt_ids)]
-    batch = ScheduledBatch(forward, reqs, extend_lens, [], {}, {}, folded, ratio, commits)
+    ahead = frozenset(sourced)
+    batch = ScheduledBatch(forward, reqs, extend_lens, [], {}, {}, folded, ratio, commits, ahead)
+    if ahead:
+        cu = _seq_offsets(plan)
+        where = [int(cu[i]) for i, (req, _) in enumerate(plan) if id(req) in ahead]
+        forward.sourced = torch.from_numpy(row_of[where].astype(np.int64))
     _output_rows(batch, row_of)
     for req, n in plan:  # the batch's K/V is written before any later step reads it
         req.kv_len += n
@@ -140,10 +158,12 @@ def build_decode_ahead(
         prefix_lens=positions,
         extend_lens=[1] * n,
         logits_rows=torch.arange(n, dtype=torch.int64),
+        sourced=torch.arange(n, dtype=torch.int64),
     )
     if cascade_min_prefix > 0:
         forward.cascade = plan_cascade(reqs, positions, [p + 1 for p in positions], cascade_min_prefix)
-    return ScheduledBatch(forward, list(reqs), [1] * n, list(reqs), {}, {}, [0] * n, 1.0, [])
+    ahead = frozenset(map(id, reqs))
+    return ScheduledBatch(forward, list(reqs), [1] * n, list(reqs), {}, {}, [0] * n, 1.0, [], ahead)
 
 
 def plan_cascade(
@@ -308,7 +328,7 @@ def _output_rows(batch: ScheduledBatch, row_of: np.ndarray) -> None:
         start = req.kv_len
         end = start + n
         if req.task == "generate":
-            if end == req.fill_len:
+            if end == req.fill_len + (id(req) in batch.ahead):  # its input is its newest token
                 logits.append(row_of[offset + n - 1])
                 batch.sample_reqs.append(req)
         elif req.task == "embed":

@@ -110,6 +110,14 @@ class Scheduler:
         self.step_count += 1
         self._reap_aborted()
         self._make_room_for_running()
+        return self._schedule({})
+
+    def _schedule(self, sourced: dict[int, int]) -> ScheduledBatch | None:
+        """Plan every running request's next tokens, admit what fits, build the batch.
+
+        `sourced`: id(req) -> row of the previous step's sampled tokens, for the requests
+        whose newest token the host has not seen yet (schedule_ahead). Each decodes it,
+        unless it was its last (by length)."""
         if self._reorder and self.config.batch_order == "prefix":
             # Only admissions and commits change the order (removing keeps a list sorted).
             self.running.sort(key=_prefix_order)
@@ -117,21 +125,28 @@ class Scheduler:
         plan: list[tuple[Req, int]] = []
         budget = self.config.max_prefill_tokens
         room = self.cache.available()
+        fill_limit = self._fill_limit()
+        pending = len(sourced)  # sampled tokens not yet appended, one per request
         for req in self.running:
-            remaining = req.fill_len - req.kv_len
-            if remaining == 1:  # a decode: not charged to the prefill budget
+            if id(req) in sourced:
+                if _ends_by_length(req, fill_limit, pending=1):
+                    del sourced[id(req)]  # that token is its last: `process` finishes it
+                    continue
+                n = 1
+            elif req.fill_len - req.kv_len == 1:  # a decode: not charged to the prefill budget
                 n = 1
             else:  # the next chunk of a long prompt
-                n = min(remaining, budget, room)
+                n = min(req.fill_len - req.kv_len, budget, room)
                 budget -= n
             if n > 0:
                 plan.append((req, n))
                 room -= n
-        self._admit(plan, budget)
+        self._admit(plan, budget, pending)
         if not plan:
             return None
         batch = build_batch(
-            plan, self.cache, self.config.fold_mode, self.config.fold_threshold, self.config.cascade_min_prefix
+            plan, self.cache, self.config.fold_mode, self.config.fold_threshold, self.config.cascade_min_prefix,
+            sourced,
         )
         self.cache.sync_table()
         self.cascade_batches += batch.forward.cascade is not None
@@ -141,30 +156,34 @@ class Scheduler:
             req.folded_tokens += k
         return batch
 
-    # -- overlapped decode steps -----------------------------------------------------
+    # -- overlapped steps ------------------------------------------------------------
 
     def can_schedule_ahead(self, prev: ScheduledBatch) -> bool:
         """Whether the next step may be built before `prev`'s results are processed.
 
-        Only a run of plain decode steps overlaps: `prev` decoded every running request
-        and nothing else, nothing was aborted, no retraction is needed, no request's
-        sampling depends on its latest token (penalties, min_tokens), and nothing waits
-        that could be admitted (a backlog waits while every running row is taken; a
-        request that `prev` ends by a stop token frees its row one step later than
-        sequentially). Anything else waits for `prev` (the caller processes it first)."""
-        if self._updates or not prev.is_plain_decode:
+        What the next step needs of `prev` is known on the host but its sampled tokens,
+        which the next step reads on the device, and its stop-token and stop-string ends
+        (such a request decodes once more and `process` drops that token). Prefill chunks
+        are committed to the tree first (`schedule_ahead`), so admission sees the same
+        tree as sequentially. It falls back (the caller processes `prev` first) where
+        more is needed: anything aborted; embeddings and scores; a request of `prev`
+        whose next sampling reads its newest token (penalties, min_tokens); a request
+        that `prev` ends by length while others wait (its row and slots free up only
+        once processed: admit in order); and a pool that cannot give every running
+        request a slot without retracting."""
+        if self._updates:
             return False
-        if self.waiting:
-            if len(self.running) < self.config.max_running_requests or any(r.aborted for r in self.waiting):
+        if any(r.aborted for r in self.waiting):
+            return False
+        for req in self.running:
+            if req.aborted or req.task != "generate":
                 return False
+        if self.waiting:
             fill_limit = self._fill_limit()
             if any(_ends_by_length(r, fill_limit, pending=1) for r in prev.sample_reqs):
-                return False  # a row frees up: admit in order
-        members = {id(r) for r in prev.reqs}
-        for req in self.running:
-            p = req.params
-            if id(req) not in members or req.aborted or req.task != "generate":
                 return False
+        for req in prev.sample_reqs:
+            p = req.params
             if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
                 return False
             if len(req.output_ids) + 1 < p.min_tokens:
@@ -172,12 +191,26 @@ class Scheduler:
         return self.cache.available() >= len(self.running)
 
     def schedule_ahead(self, prev: ScheduledBatch) -> ScheduledBatch | None:
-        """The decode step after `prev`, built before `prev`'s tokens reach the host.
+        """The step after `prev`, built before `prev`'s tokens reach the host.
 
-        Each request's input is its row of `prev`'s sampled tokens. A request that
-        `prev`'s token ends by length is left out; one it ends by a stop token or string
-        is not known yet: it decodes once more and `process` drops that token."""
+        Each request `prev` sampled decodes that token, read on the device (its row of
+        `prev`'s sampled tokens); one that the token ends by length is left out; one it
+        ends by a stop token or string is not known yet: it decodes once more and
+        `process` drops that token. A run of plain decode steps with nothing to admit
+        takes a shorter path (build_decode_ahead)."""
         self.step_count += 1
+        plain = prev.is_plain_decode
+        self.commit_chunks(prev)
+        members = {id(r) for r in prev.sample_reqs}
+        if plain and not self._could_admit() and all(id(r) in members for r in self.running):
+            return self._decode_ahead(prev)
+        sourced = {id(r): i for i, r in enumerate(prev.sample_reqs) if not r.finished}
+        return self._schedule(sourced)
+
+    def _could_admit(self) -> bool:
+        return bool(self.waiting) and len(self.running) < self.config.max_running_requests
+
+    def _decode_ahead(self, prev: ScheduledBatch) -> ScheduledBatch | None:
         fill_limit = self._fill_limit()
         reqs, rows = [], []
         for i, req in enumerate(prev.sample_reqs):
@@ -209,16 +242,18 @@ class Scheduler:
             self.new_token_ratio = self.config.new_token_ratio_init
             logger.info("retracted %r: the KV pool is full", victim)
 
-    def _reserved(self) -> float:
-        return sum(r.remaining_new_tokens for r in self.running) * self.new_token_ratio
+    def _reserved(self, pending: int = 0) -> float:
+        """Slots held back for running requests' output; `pending` of those tokens are
+        sampled already (not yet appended)."""
+        return (sum(r.remaining_new_tokens for r in self.running) - pending) * self.new_token_ratio
 
-    def _admit(self, plan: list[tuple[Req, int]], budget: int) -> None:
+    def _admit(self, plan: list[tuple[Req, int]], budget: int, pending: int = 0) -> None:
         cfg = self.config
         tree = self.cache.tree if self.cache.enable_prefix_cache else None
         order = order_waiting(
             self.waiting, cfg.schedule_policy, tree, self.step_count, cfg.lpm_aging_tokens_per_step
         )
-        reserved = self._reserved()
+        reserved = self._reserved(pending)
         pending = sum(n for _, n in plan)  # tokens already planned this step come first
         admitted: list[Req] = []
         for req in order:
@@ -254,11 +289,12 @@ class Scheduler:
         cfg = self.config
         self.new_token_ratio = max(cfg.new_token_ratio_min, self.new_token_ratio - cfg.new_token_ratio_decay)
 
-    def sampling_rows(self, batch: ScheduledBatch, ahead: bool = False) -> list[SamplingRow]:
-        """ahead: an overlapped decode step, whose requests each have one sampled token
-        not yet appended (the seed's step counts it)."""
+    def sampling_rows(self, batch: ScheduledBatch) -> list[SamplingRow]:
+        """Each sampled request's row; one of `batch.ahead` has a sampled token not yet
+        appended (the seed's step counts it)."""
         rows = []
         for req in batch.sample_reqs:
+            ahead = id(req) in batch.ahead
             p = req.params
             suppress: tuple[int, ...] = ()
             if len(req.output_ids) + ahead < p.min_tokens:
@@ -294,12 +330,22 @@ class Scheduler:
         if sampled is not None and batch.sample_reqs:
             updates += self._append_tokens(batch, sampled, finishing)
         self._collect_prefill_results(batch, out, finishing, updates)
-        for req in batch.commits:  # requests ending now too: their release must not free a borrower's slots
-            self.cache.commit(req)
-            self._reorder = True
+        self.commit_chunks(batch)  # requests ending now too: their release must not free a borrower's slots
         for req, reason in finishing:
             self._finish(req, reason)
         return updates
+
+    def commit_chunks(self, batch: ScheduledBatch) -> None:
+        """Insert the batch's prefill chunks into the tree (once: the list is emptied).
+
+        Only the tokens and slots are read, so this may run before the forward has computed
+        them (schedule_ahead): a later step that reads those slots runs after it on the
+        device. A commit's re-pointing at the tree's copies reaches the table at the next
+        sync_table, after the batch was launched over its own slots."""
+        for req in batch.commits:
+            self.cache.commit(req)
+            self._reorder = True
+        batch.commits.clear()
 
     def _append_tokens(
         self, batch: ScheduledBatch, sampled: SampleOutput, finishing: list[tuple[Req, str]]
