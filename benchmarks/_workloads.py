@@ -16,7 +16,7 @@ import subprocess
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import torch
 
@@ -126,7 +126,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 class Seq(NamedTuple):
-    prompt: list[int]
+    prompt: Sequence[int]
     output_len: int
 
 

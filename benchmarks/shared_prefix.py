@@ -73,7 +73,9 @@ def shared_prefix_workload(args: argparse.Namespace, vocab: int = WORKLOAD_VOCAB
     records = list(generate_trace(cfg))
     if args.no_shuffle:
         records.sort(key=lambda r: r["input_ids"][: args.system_prompt_len])
-    return [Seq(r["input_ids"], r["output_len"]) for r in records]
+    # Held as tuples: a list of 2,176 ids is 2,176 items for every full collection to visit
+    # while the run goes on (the harness's data, not the engine's; the engine copies them).
+    return [Seq(tuple(r["input_ids"]), r["output_len"]) for r in records]
 
 
 class StepTimeline:
