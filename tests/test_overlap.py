@@ -52,8 +52,9 @@ def sampling_checks(monkeypatch):
     return counts
 
 
-def _run(path, prompts, params, **options):
-    """run_core, counting the steps that were scheduled ahead."""
+def _run(path, prompts, params, on_ahead=None, **options):
+    """run_core, counting the steps that were scheduled ahead; on_ahead(scheduler, batch)
+    sees each one."""
     from radixserve.scheduler.scheduler import Scheduler
 
     calls = {"ahead": 0}
@@ -61,7 +62,10 @@ def _run(path, prompts, params, **options):
 
     def counted(self, prev):
         calls["ahead"] += 1
-        return original(self, prev)
+        batch = original(self, prev)
+        if on_ahead is not None:
+            on_ahead(self, batch)
+        return batch
 
     Scheduler.schedule_ahead = counted
     try:
@@ -100,8 +104,6 @@ def test_mixed_steps_overlap_and_match_sequential(tiny_qwen3_path, sampling_chec
     """Steps with prefill chunks overlap too: the next step (chunks read on the host, the
     tokens just sampled read on the device, new requests admitted against a tree that
     already holds the in-flight chunks) is built before the last is processed."""
-    from radixserve.scheduler.scheduler import Scheduler
-
     rng = random.Random(11)
     stem = [rng.randrange(1, 500) for _ in range(40)]
     prompts = [stem[: rng.randrange(10, 41)] + [rng.randrange(1, 500) for _ in range(rng.randrange(1, 30))]
@@ -111,21 +113,14 @@ def test_mixed_steps_overlap_and_match_sequential(tiny_qwen3_path, sampling_chec
               for _ in prompts]
     arrivals = [rng.randrange(0, 20) for _ in prompts]
     mixed = []
-    original = Scheduler.schedule_ahead
 
-    def counted(self, prev):
-        batch = original(self, prev)
+    def note_mixed(scheduler, batch):
         if batch is not None and batch.ahead and any(n > 1 for n in batch.extend_lens):
             mixed.append((len(batch.ahead), batch.forward.num_tokens, len(batch.reqs)))
-        return batch
 
     run = dict(arrivals=arrivals, max_prefill_tokens=24, **options)
     want, want_reqs, _ = _run(tiny_qwen3_path, prompts, params, overlap_schedule=False, **run)
-    Scheduler.schedule_ahead = counted
-    try:
-        got, got_reqs, _ = _run(tiny_qwen3_path, prompts, params, overlap_schedule=True, **run)
-    finally:
-        Scheduler.schedule_ahead = original
+    got, got_reqs, _ = _run(tiny_qwen3_path, prompts, params, note_mixed, overlap_schedule=True, **run)
     assert len(mixed) > 5, mixed  # chunks and decodes of sampled tokens in one step built ahead
     assert got == want
     for a, b in zip(got_reqs, want_reqs):
@@ -191,25 +186,14 @@ def test_overlap_runs_with_a_backlog_when_every_row_is_taken(tiny_qwen3_path):
     """A queue longer than max_running_requests: decode steps still overlap while nothing
     can be admitted (a request ending by length stops the overlap so the next one is
     admitted at once); tokens and finish reasons equal the sequential run's."""
-    from radixserve.scheduler.scheduler import Scheduler
-
     rng = random.Random(7)
     prompts = shared_prefix_prompts(rng, 9)
     params = [SamplingParams(max_tokens=rng.randrange(4, 16), temperature=0.8, ignore_eos=True) for _ in prompts]
     waiting_when_ahead = []
-    original = Scheduler.schedule_ahead
-
-    def counted(self, prev):
-        waiting_when_ahead.append(len(self.waiting))
-        return original(self, prev)
-
     small = dict(max_running_requests=3)
     want, want_reqs, _ = _run(tiny_qwen3_path, prompts, params, overlap_schedule=False, **small)
-    Scheduler.schedule_ahead = counted
-    try:
-        got, got_reqs, _ = _run(tiny_qwen3_path, prompts, params, overlap_schedule=True, **small)
-    finally:
-        Scheduler.schedule_ahead = original
+    got, got_reqs, _ = _run(tiny_qwen3_path, prompts, params, lambda s, _: waiting_when_ahead.append(len(s.waiting)),
+                            overlap_schedule=True, **small)
     assert got == want
     assert [r.finish_reason for r in got_reqs] == [r.finish_reason for r in want_reqs]
     assert sum(1 for n in waiting_when_ahead if n > 0) > 5, waiting_when_ahead

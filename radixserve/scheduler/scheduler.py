@@ -5,6 +5,10 @@ token (retracting requests when even eviction cannot); then admit waiting
 requests in policy order while the prefill token budget, the table rows and
 the KV pool (free + evictable, minus a reserve for running requests' expected
 output) allow. Long prompts are computed in chunks across steps.
+
+With overlapped scheduling (`schedule_ahead`) the next step is built before
+the last one's sampled tokens reach the host: those requests decode them on
+the device, and the rest is planned as above.
 """
 
 from __future__ import annotations
@@ -126,7 +130,7 @@ class Scheduler:
         budget = self.config.max_prefill_tokens
         room = self.cache.available()
         fill_limit = self._fill_limit()
-        pending = len(sourced)  # sampled tokens not yet appended, one per request
+        sampled_ahead = len(sourced)  # sampled tokens not yet appended, one per request
         for req in self.running:
             if id(req) in sourced:
                 if _ends_by_length(req, fill_limit, pending=1):
@@ -141,7 +145,7 @@ class Scheduler:
             if n > 0:
                 plan.append((req, n))
                 room -= n
-        self._admit(plan, budget, pending)
+        self._admit(plan, budget, sampled_ahead)
         if not plan:
             return None
         batch = build_batch(
@@ -242,18 +246,18 @@ class Scheduler:
             self.new_token_ratio = self.config.new_token_ratio_init
             logger.info("retracted %r: the KV pool is full", victim)
 
-    def _reserved(self, pending: int = 0) -> float:
-        """Slots held back for running requests' output; `pending` of those tokens are
-        sampled already (not yet appended)."""
-        return (sum(r.remaining_new_tokens for r in self.running) - pending) * self.new_token_ratio
+    def _reserved(self, sampled_ahead: int = 0) -> float:
+        """Slots held back for running requests' output; `sampled_ahead` of those tokens
+        are sampled already (not yet appended: schedule_ahead)."""
+        return (sum(r.remaining_new_tokens for r in self.running) - sampled_ahead) * self.new_token_ratio
 
-    def _admit(self, plan: list[tuple[Req, int]], budget: int, pending: int = 0) -> None:
+    def _admit(self, plan: list[tuple[Req, int]], budget: int, sampled_ahead: int = 0) -> None:
         cfg = self.config
         tree = self.cache.tree if self.cache.enable_prefix_cache else None
         order = order_waiting(
             self.waiting, cfg.schedule_policy, tree, self.step_count, cfg.lpm_aging_tokens_per_step
         )
-        reserved = self._reserved(pending)
+        reserved = self._reserved(sampled_ahead)
         pending = sum(n for _, n in plan)  # tokens already planned this step come first
         admitted: list[Req] = []
         for req in order:
