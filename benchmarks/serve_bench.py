@@ -11,15 +11,17 @@ Each run prints one JSON line: TTFT, inter-token latency and end-to-end latency
 percentiles (ms), throughput (requests/s, output and input tokens/s), and the
 server's prefix-cache hit rate over the run (from /metrics).
 
-Without --url it launches `radixserve serve` itself twice, with the prefix
-cache and without (`--no-prefix-cache`), on the same workload, and the cached
-run's line also carries the ratios against the uncached one (within-batch
-folding stays at the engine's default in both):
+Without --url it launches `radixserve serve` itself twice on the same
+workload: with the engine's defaults, and with one feature off (`--baseline`:
+`no-prefix-cache` by default, or `no-overlap-schedule`); the default run's
+line also carries the ratios against the baseline's (everything else, e.g.
+within-batch folding, stays at the engine's default in both):
 
     python benchmarks/serve_bench.py --device cpu                 # small defaults
     python benchmarks/serve_bench.py --url http://127.0.0.1:8000  # an already running server
     python benchmarks/serve_bench.py --device cuda --groups 16 --prompts-per-group 32 --system-len 2048 \\
         --question-len 128 --output-len 256 --rate 32
+    python benchmarks/serve_bench.py --device cuda --baseline no-overlap-schedule --route generate --model DIR
 """
 
 from __future__ import annotations
@@ -179,6 +181,8 @@ def main() -> None:
     p.add_argument("--model", default=None, help="launched servers: model directory (default: built-in)")
     p.add_argument("--device", default=None, help="launched servers: cpu | cuda")
     p.add_argument("--max-running-requests", type=int, default=None, help="launched servers")
+    p.add_argument("--baseline", choices=["no-prefix-cache", "no-overlap-schedule"], default="no-prefix-cache",
+                   help="launched servers: the feature the baseline server runs without")
     args = p.parse_args()
     cfg = GenConfig(groups=args.groups, prompts_per_group=args.prompts_per_group, system_len=args.system_len,
                     question_len=args.question_len, output_len=args.output_len, rate=args.rate, seed=args.seed)
@@ -193,21 +197,25 @@ def main() -> None:
                         ("--max-running-requests", args.max_running_requests)):
         if value is not None:
             extra += [flag, str(value)]
+    # The default server's name says what the baseline lacks ("prefix-cache" against "no-prefix-cache").
+    ours_name = args.baseline.removeprefix("no-")
     runs = {}
-    for name, flags in (("no-prefix-cache", ["--no-prefix-cache"]), ("prefix-cache", [])):
+    for name, flags in ((args.baseline, [f"--{args.baseline}"]), (ours_name, [])):
         proc, url = launch(extra + flags)
         try:
             runs[name] = asyncio.run(run_workload(url, cfg, args.route))
         finally:
             stop(proc)
-    base, ours = runs["no-prefix-cache"], runs["prefix-cache"]
-    print(json.dumps({**common, "server": "no-prefix-cache", "args": extra, **base}))
+    base, ours = runs[args.baseline], runs[ours_name]
+    print(json.dumps({**common, "server": args.baseline, "args": extra, **base}))
     ratios = {
         "ttft_p50_speedup": _ratio(base["ttft_ms"]["p50"], ours["ttft_ms"]["p50"]),
+        "itl_p50_speedup": _ratio(base["itl_ms"]["p50"], ours["itl_ms"]["p50"]),
         "e2e_p50_speedup": _ratio(base["e2e_ms"]["p50"], ours["e2e_ms"]["p50"]),
         "output_throughput_ratio": _ratio(ours["output_tokens_per_s"], base["output_tokens_per_s"]),
     }
-    print(json.dumps({**common, "server": "prefix-cache", "args": extra, **ours, "vs_no_prefix_cache": ratios}))
+    key = "vs_" + args.baseline.replace("-", "_")
+    print(json.dumps({**common, "server": ours_name, "args": extra, **ours, key: ratios}))
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
