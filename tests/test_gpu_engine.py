@@ -143,6 +143,31 @@ def _fa4_variants() -> int:
     return len(interface._flash_attn_fwd.compile_cache.cache)
 
 
+def test_a_variant_compiled_after_start_is_counted_and_logged(qwen3_d64, make_engine, caplog):
+    """A call that compiles an FA4 variant once the engine has started is counted in stats and
+    logged as a warning with its shape (the engine never asks for non-causal attention without
+    LSE: a variant of its own)."""
+    if "fa4" not in available_backends("cuda"):
+        pytest.skip("fa4 is not available here")
+    engine = make_engine(qwen3_d64, dtype="bfloat16", attention_backend="fa4", **GPU)
+    runner = engine.core.runner
+    before = _fa4_variants()
+    batch = ForwardBatch(
+        input_ids=torch.empty(0, dtype=torch.int64), positions=torch.empty(0, dtype=torch.int64),
+        out_slots=torch.empty(0, dtype=torch.int64), req_rows=[0, 1], prefix_lens=[16, 16], extend_lens=[8, 8],
+        logits_rows=torch.empty(0, dtype=torch.int64),
+    )
+    runner.backend.prepare(batch, runner.req_to_token.table)
+    cfg = runner.model_config
+    q = torch.randn(16, cfg.num_heads, cfg.head_dim, dtype=torch.bfloat16, device="cuda")
+    with caplog.at_level(logging.WARNING, logger="radixserve.model_runner.attention.fa4_backend"):
+        runner.backend._call(q, runner.pool.k[0], runner.pool.v[0], runner.scale, runner.backend._meta,
+                             causal=False, return_lse=False)
+    assert _fa4_variants() == before + 1
+    assert engine.stats()["attention_compiles"] == 1
+    assert "FA4 compiled a kernel variant" in caplog.text and "2 sequences, 16 query rows" in caplog.text
+
+
 def test_engine_start_compiles_every_fa4_variant_serving_needs(qwen3_d64, make_engine):
     """Prefill chunks, mixed steps and cascades of every size after start compile no FA4
     variant (a compile mid-run stalled a step for 4.5 s): the start warms them up."""
@@ -161,3 +186,4 @@ def test_engine_start_compiles_every_fa4_variant_serving_needs(qwen3_d64, make_e
     assert [len(o.token_ids) for o in outs] == [20] * len(prompts)
     assert engine.stats()["cascade_batches"] > 0
     assert _fa4_variants() == before
+    assert engine.stats()["attention_compiles"] == 0  # what the engine counts and would log

@@ -251,5 +251,7 @@ class EngineCore:
             # Rows computed over tokens planned (prefill chunks and decodes); 1.0: nothing folded.
             "fold_ratio": 1.0 - self.scheduler.folded_tokens / max(1, self.scheduler.planned_tokens),
             "steps": self.steps,
+            # Attention kernel variants compiled after start (each stalls a step; fa4 only).
+            "attention_compiles": getattr(self.runner.backend, "compiles", 0),
             "graph_steps": self.runner.graph_batches,  # steps that replayed a CUDA graph
         }

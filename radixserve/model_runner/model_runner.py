@@ -147,6 +147,8 @@ class ModelRunner:
                     self.backend.prepare(batch, self.req_to_token.table)
                     self.backend.attend(q, self.pool.k[0], self.pool.v[0], self.scale)
         torch.cuda.synchronize(self.device)
+        if hasattr(self.backend, "warmed"):  # what it compiles from now on stalls serving (fa4)
+            self.backend.warmed = True
 
     def release_memory(self) -> None:
         """Drop the KV pool, graphs and weights (the engine shut down): a later engine in

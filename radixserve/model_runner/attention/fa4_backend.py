@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from typing import Callable
 
 import torch
@@ -67,6 +68,17 @@ def load_fa4() -> Callable | None:
     return flash_attn_varlen_func
 
 
+def _fa4_compiled() -> dict | None:
+    """FA4's cache of compiled kernel variants (its JIT keys them on dtype, masking, LSE,
+    tiling...), or None where this FA4 keeps it elsewhere."""
+    try:
+        from flash_attn.cute import interface
+    except Exception:
+        return None
+    cache = getattr(getattr(interface._flash_attn_fwd, "compile_cache", None), "cache", None)
+    return cache if isinstance(cache, dict) else None
+
+
 @functools.cache
 def _compiled_merge() -> Callable[..., torch.Tensor]:
     return torch.compile(merge_states, dynamic=True, fullgraph=True)
@@ -97,6 +109,12 @@ class FA4Attention:
         self._meta: VarlenMetadata | None = None
         self._cascade: CascadeMetadata | None = None
         self._fallback = ReferenceFallback(self.name)
+        self._variants = _fa4_compiled()
+        # Set once the runner has warmed the backend up: from then on a call that compiles an
+        # FA4 kernel variant stalls serving for seconds, so it is counted and logged as a warning.
+        self.warmed = False
+        self.compiles = 0  # variants compiled after warm-up
+        self.compile_seconds = 0.0
 
     def prepare(self, batch: ForwardBatch, req_to_token: torch.Tensor) -> None:
         if batch.cascade is not None:
@@ -134,7 +152,9 @@ class FA4Attention:
             return self._group(q, k_cache, v_cache, scale, meta, return_lse)
         if meta.table_rows is not None:
             raise RuntimeError("an indirect page table reached FA4, which takes gathered tables only")
-        return self._fn(
+        known = len(self._variants) if self._variants is not None else 0
+        start = time.perf_counter()
+        result = self._fn(
             q,
             k_cache.unsqueeze(1),  # [pages, page_size = 1, Hkv, D], a view
             v_cache.unsqueeze(1),
@@ -147,6 +167,19 @@ class FA4Attention:
             causal=causal,
             return_lse=return_lse,
         )
+        if self._variants is not None and len(self._variants) > known:
+            seconds = time.perf_counter() - start
+            if self.warmed:
+                self.compiles += 1
+                self.compile_seconds += seconds
+            logger.log(
+                logging.WARNING if self.warmed else logging.DEBUG,
+                "FA4 compiled a kernel variant (%.1f s): %d sequences, %d query rows (max %d per sequence), "
+                "max %d keys, causal=%s, lse=%s; key %s",
+                seconds, meta.seqused_k.shape[0], q.shape[0], meta.max_seqlen_q, meta.max_seqlen_k, causal,
+                return_lse, list(self._variants)[known:],
+            )
+        return result
 
     def _sms(self, device: torch.device) -> int:
         if self._num_sms is None:
