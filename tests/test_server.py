@@ -264,6 +264,7 @@ def test_metrics_move_after_a_cached_request(client, model, server, engine):
     stats = engine.stats()  # folding metrics appear exactly when the engine reports them
     assert ("radixserve_folded_tokens_total" in after) == ("folded_tokens" in stats)
     assert ("radixserve_fold_ratio" in after) == ("fold_ratio" in stats)
+    assert after["radixserve_attention_kernel_compiles_total"] == stats["attention_compiles"] == 0  # CPU: none
 
 
 def test_embeddings(client, model, server, engine):

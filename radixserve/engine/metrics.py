@@ -30,6 +30,8 @@ _ENGINE_METRICS = (
     ("computed_tokens", "computed_tokens", "counter", "Tokens run through the model."),
     ("retractions", "retractions", "counter", "Running requests retracted for lack of KV memory."),
     ("folded_tokens", "folded_tokens", "counter", "Prompt tokens computed once for several sequences of a batch."),
+    ("attention_compiles", "attention_kernel_compiles", "counter",
+     "Attention kernel variants compiled after start (each stalls a step for seconds)."),
     ("cache_tokens", "prefix_cache_tokens", "gauge", "Tokens held in the radix tree."),
     ("running", "num_requests_running", "gauge", "Sequences running in the engine."),
     ("waiting", "num_requests_waiting", "gauge", "Sequences waiting in the engine's queue."),
