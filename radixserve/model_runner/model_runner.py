@@ -18,7 +18,8 @@ from radixserve.model_runner.forward_batch import CascadePlan, ForwardBatch, res
 from radixserve.model_runner.kv_pool import KVPool, ReqToTokenPool, SlotAllocator
 from radixserve.model_runner.loader import load_model
 from radixserve.model_runner.models.kernels import compile_unsupported_reason, compiled_kernels
-from radixserve.model_runner.sampler import SampleOutput, SamplingBatch, sample
+from radixserve.model_runner.sampler import SampleOutput, SamplingBatch, SamplingRow, sample
+from radixserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +154,33 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         if hasattr(self.backend, "warmed"):  # what it compiles from now on stalls serving (fa4)
             self.backend.warmed = True
+
+    @torch.inference_mode()
+    def warm_up_step(self) -> None:
+        """One eager step of a lone 16-token sequence, then a sampling pass (a greedy row and a
+        sampled one), on CUDA: first-use compiles land here, not in a server's first request
+        (measured on the H100: ~6 s for that request, a torch.compile recompile of the fused
+        kernels for eager shapes and the sampler's Triton kernel). Its K/V go to the dummy
+        slot 0 and it reads table row 0, which no request holds yet."""
+        if self.device.type != "cuda":
+            return
+        n = 16
+        batch = ForwardBatch(
+            input_ids=torch.zeros(n, dtype=torch.int64),
+            positions=torch.arange(n, dtype=torch.int64),
+            out_slots=torch.zeros(n, dtype=torch.int64),
+            req_rows=[0],
+            prefix_lens=[0],
+            extend_lens=[n],
+            logits_rows=torch.tensor([n - 1, n - 1], dtype=torch.int64),
+        )
+        logits = self.forward(batch).logits
+        rows = [
+            SamplingRow(params=params, token_history=(), output_ids=(), seed=0, step=0)
+            for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_k=20, top_p=0.9))
+        ]
+        self.sample(logits, SamplingBatch.build(rows, self.vocab_size, self.device))
+        torch.cuda.synchronize(self.device)
 
     def release_memory(self) -> None:
         """Drop the KV pool, graphs and weights (the engine shut down): a later engine in
