@@ -168,8 +168,8 @@ class Scheduler:
         What the next step needs of `prev` is known on the host but its sampled tokens,
         which the next step reads on the device, and its stop-token and stop-string ends
         (such a request decodes once more and `process` drops that token). Prefill chunks
-        are committed to the tree first (`schedule_ahead`), so admission sees the same
-        tree as sequentially. It falls back (the caller processes `prev` first) where
+        are committed to the tree when `prev` is launched (`commit_chunks`), so admission
+        sees the same tree as sequentially. It falls back (the caller processes `prev` first) where
         more is needed: anything aborted; embeddings and scores; a request of `prev`
         whose next sampling reads its newest token (penalties, min_tokens); a request
         that `prev` ends by length while others wait (its row and slots free up only
@@ -201,12 +201,11 @@ class Scheduler:
         `prev`'s sampled tokens); one that the token ends by length is left out; one it
         ends by a stop token or string is not known yet: it decodes once more and
         `process` drops that token. A run of plain decode steps with nothing to admit
-        takes a shorter path (build_decode_ahead)."""
+        takes a shorter path (build_decode_ahead). `prev`'s prefill chunks are in the tree
+        already: the caller commits them when it launches `prev` (EngineCore.step)."""
         self.step_count += 1
-        plain = prev.is_plain_decode
-        self.commit_chunks(prev)
         members = {id(r) for r in prev.sample_reqs}
-        if plain and not self._could_admit() and all(id(r) in members for r in self.running):
+        if prev.is_plain_decode and not self._could_admit() and all(id(r) in members for r in self.running):
             return self._decode_ahead(prev)
         sourced = {id(r): i for i, r in enumerate(prev.sample_reqs) if not r.finished}
         return self._schedule(sourced)
@@ -343,8 +342,8 @@ class Scheduler:
         """Insert the batch's prefill chunks into the tree (once: the list is emptied).
 
         Only the tokens and slots are read, so this may run before the forward has computed
-        them (schedule_ahead): a later step that reads those slots runs after it on the
-        device. A commit's re-pointing at the tree's copies reaches the table at the next
+        them (EngineCore.step, right after the launch): a later step that reads those slots
+        runs after it on the device. A commit's re-pointing at the tree's copies reaches the table at the next
         sync_table, after the batch was launched over its own slots."""
         for req in batch.commits:
             self.cache.commit(req)
