@@ -98,8 +98,7 @@ class EngineCore:
         )
         if self.scheduler.config.cascade_min_prefix and self.runner.graphs is not None:
             self.runner.graphs.cascade_graphs()  # capture now: not in the middle of serving
-        self.runner.warm_up_attention(self.scheduler.config.cascade_min_prefix)  # likewise
-        self.runner.warm_up_step()
+        self.runner.warm_up(self.scheduler.config.cascade_min_prefix)  # likewise
         # Overlapped scheduling (see step): None means on for CUDA devices.
         self.overlap = config.overlap_schedule if config.overlap_schedule is not None else self.device.type == "cuda"
         self._inflight: _Launched | None = None

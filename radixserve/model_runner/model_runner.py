@@ -111,8 +111,20 @@ class ModelRunner:
             )
         return slots
 
+    def warm_up(self, cascade_min_prefix: int) -> None:
+        """First-use compiles at start, on CUDA, not in the middle of serving: the eager
+        attention's shape classes, then one whole eager step with sampling. What the
+        backend compiles after this stalls serving (fa4 counts and logs it)."""
+        if self.device.type != "cuda":
+            return
+        self._warm_up_attention(cascade_min_prefix)
+        self._warm_up_step()
+        torch.cuda.synchronize(self.device)
+        if hasattr(self.backend, "warmed"):
+            self.backend.warmed = True
+
     @torch.inference_mode()
-    def warm_up_attention(self, cascade_min_prefix: int) -> None:
+    def _warm_up_attention(self, cascade_min_prefix: int) -> None:
         """Run one layer's eager attention once per shape class an eager step can meet, so a
         backend that compiles a kernel variant per class (FA4 keys on causal or not, LSE or
         not, one query tile per sequence or more, batches past 256) compiles it now, not in
@@ -123,8 +135,6 @@ class ModelRunner:
         A short chunk (2 rows) is a class of its own: with the Triton decode kernel serving
         one-row steps, nothing else reaches FA4 with a single query tile per sequence, and
         one request of 16 tokens alone on a fresh server was measured compiling for 5 s."""
-        if self.device.type != "cuda":
-            return
         cfg = self.model_config
         prefix = max(cascade_min_prefix, 256)
         longest = 512  # a prefill chunk's query rows: more than one query tile
@@ -151,19 +161,14 @@ class ModelRunner:
                     q = torch.randn(sum(extend), cfg.num_heads, cfg.head_dim, dtype=self.dtype, device=self.device)
                     self.backend.prepare(batch, self.req_to_token.table)
                     self.backend.attend(q, self.pool.k[0], self.pool.v[0], self.scale)
-        torch.cuda.synchronize(self.device)
-        if hasattr(self.backend, "warmed"):  # what it compiles from now on stalls serving (fa4)
-            self.backend.warmed = True
 
     @torch.inference_mode()
-    def warm_up_step(self) -> None:
+    def _warm_up_step(self) -> None:
         """One eager step of a lone 16-token sequence, then a sampling pass (a greedy row and a
-        sampled one), on CUDA: first-use compiles land here, not in a server's first request
-        (measured on the H100: ~6 s for that request, a torch.compile recompile of the fused
-        kernels for eager shapes and the sampler's Triton kernel). Its K/V go to the dummy
-        slot 0 and it reads table row 0, which no request holds yet."""
-        if self.device.type != "cuda":
-            return
+        sampled one): first-use compiles land here, not in a server's first request (measured
+        on the H100: ~6 s for that request, a torch.compile recompile of the fused kernels for
+        eager shapes and the sampler's Triton kernel). Its K/V go to the dummy slot 0 and it
+        reads table row 0, which no request holds yet."""
         n = 16
         batch = ForwardBatch(
             input_ids=torch.zeros(n, dtype=torch.int64),
@@ -180,7 +185,6 @@ class ModelRunner:
             for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_k=20, top_p=0.9))
         ]
         self.sample(logits, SamplingBatch.build(rows, self.vocab_size, self.device))
-        torch.cuda.synchronize(self.device)
 
     def release_memory(self) -> None:
         """Drop the KV pool, graphs and weights (the engine shut down): a later engine in

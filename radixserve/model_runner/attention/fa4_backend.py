@@ -114,7 +114,6 @@ class FA4Attention:
         # FA4 kernel variant stalls serving for seconds, so it is counted and logged as a warning.
         self.warmed = False
         self.compiles = 0  # variants compiled after warm-up
-        self.compile_seconds = 0.0
 
     def prepare(self, batch: ForwardBatch, req_to_token: torch.Tensor) -> None:
         if batch.cascade is not None:
@@ -171,7 +170,6 @@ class FA4Attention:
             seconds = time.perf_counter() - start
             if self.warmed:
                 self.compiles += 1
-                self.compile_seconds += seconds
             logger.log(
                 logging.WARNING if self.warmed else logging.DEBUG,
                 "FA4 compiled a kernel variant (%.1f s): %d sequences, %d query rows (max %d per sequence), "
