@@ -118,11 +118,14 @@ async def run_workload(url: str, cfg: GenConfig, route: str) -> dict[str, Any]:
         wall = time.perf_counter() - start
         async with session.get(url + "/metrics") as resp:
             after = parse_metrics(await resp.text())
-    return summarize(results, wall, before, after)
+    last = max(rec["timestamp"] for rec in trace)
+    return summarize(results, wall, before, after, round(len(trace) / last, 3) if last > 0 else None)
 
 
 def summarize(results: list[dict[str, Any]], wall: float, before: dict[str, float],
-              after: dict[str, float]) -> dict[str, Any]:
+              after: dict[str, float], offered_rate: float | None = None) -> dict[str, Any]:
+    """The run's numbers; `offered_rate`: requests per second the trace sent (its last arrival
+    over its count), against the served `request_throughput`."""
     ok = [r for r in results if "error" not in r]
     out_tokens = sum(r.get("completion_tokens", 0) for r in ok)
     in_tokens = sum(r["prompt_tokens"] for r in ok)
@@ -140,10 +143,15 @@ def summarize(results: list[dict[str, Any]], wall: float, before: dict[str, floa
         "itl_ms": percentiles([g for r in ok for g in r["gaps"]]),
         "e2e_ms": percentiles([r["latency"] for r in ok]),
         "request_throughput": round(len(ok) / wall, 3),
+        "offered_rate": offered_rate,
         "output_tokens_per_s": round(out_tokens / wall, 2),
         "input_tokens_per_s": round(in_tokens / wall, 2),
         "cached_token_share": round(sum(r.get("cached_tokens", 0) for r in ok) / max(1, in_tokens), 4),
         "server_hit_rate": round(moved("radixserve_prefix_cache_hit_tokens_total") / queried, 4) if queried else 0.0,
+        # The engine's steps over the run: decode graph replays, graph-piece (prefill, mixed)
+        # steps, and the rest (eager); and the offered load, to tell a saturated server.
+        "steps": {kind: int(moved(f"radixserve_{name}_total")) for kind, name in (
+            ("all", "engine_steps"), ("decode_graph", "decode_graph_steps"), ("piecewise", "piecewise_graph_steps"))},
     }
 
 
@@ -181,7 +189,8 @@ def main() -> None:
     p.add_argument("--model", default=None, help="launched servers: model directory (default: built-in)")
     p.add_argument("--device", default=None, help="launched servers: cpu | cuda")
     p.add_argument("--max-running-requests", type=int, default=None, help="launched servers")
-    p.add_argument("--baseline", choices=["no-prefix-cache", "no-overlap-schedule"], default="no-prefix-cache",
+    p.add_argument("--baseline", choices=["no-prefix-cache", "no-overlap-schedule", "no-piecewise-graphs"],
+                   default="no-prefix-cache",
                    help="launched servers: the feature the baseline server runs without")
     args = p.parse_args()
     cfg = GenConfig(groups=args.groups, prompts_per_group=args.prompts_per_group, system_len=args.system_len,

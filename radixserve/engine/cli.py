@@ -18,6 +18,9 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", default=None)
     p.add_argument("--no-prefix-cache", action="store_true", help="disable the radix prefix cache")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly (default: CUDA graphs where supported)")
+    p.add_argument("--no-piecewise-graphs", action="store_true",
+                   help="run prefill and mixed steps eagerly (default: graph pieces between attention calls where "
+                        "decode graphs run)")
     p.add_argument(
         "--no-overlap-schedule", action="store_true", help="process each step before building the next (default: overlap on CUDA)"
     )
@@ -38,6 +41,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     kw = {"model": args.model, "device": args.device, "dtype": args.dtype, "enable_prefix_cache": not args.no_prefix_cache}
     if args.no_cuda_graphs:
         kw["cuda_graphs"] = False
+    if args.no_piecewise_graphs:
+        kw["piecewise_graphs"] = False
     if args.no_overlap_schedule:
         kw["overlap_schedule"] = False
     if args.no_fused_kernels:

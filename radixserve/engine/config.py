@@ -45,6 +45,10 @@ class EngineConfig:
     # Replay captured CUDA graphs for decode steps (batch-size buckets up to max_running_requests):
     # needs device cuda, the fa4 backend and a bf16/fp16 dense model; capture costs seconds at start.
     cuda_graphs: bool | None = None  # decode under CUDA graphs; None: wherever supported (fa4, bf16/fp16, dense)
+    # Prefill and mixed steps replay the model between attention calls as captured pieces
+    # (token buckets up to max_prefill_tokens + max_running_requests; attention runs eagerly):
+    # same needs as cuda_graphs. None: on wherever decode graphs are; False: eager.
+    piecewise_graphs: bool | None = None
     # Build the next decode step while the GPU runs this one (runs of plain decode steps
     # only; a request ending on a stop token decodes once more, discarded). None: on for CUDA.
     overlap_schedule: bool | None = None
@@ -76,6 +80,8 @@ class EngineConfig:
             _check_int(self, "max_context", 2)
         if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be None (auto), True or False, got {self.cuda_graphs!r}")
+        if self.piecewise_graphs is not None and not isinstance(self.piecewise_graphs, bool):
+            raise ValueError(f"piecewise_graphs must be None (auto), True or False, got {self.piecewise_graphs!r}")
         if self.overlap_schedule is not None and not isinstance(self.overlap_schedule, bool):
             raise ValueError(f"overlap_schedule must be None (auto), True or False, got {self.overlap_schedule!r}")
         if self.fused_kernels is not None and not isinstance(self.fused_kernels, bool):

@@ -71,6 +71,8 @@ class EngineCore:
             moe_backend=config.moe_backend,
             progress=config.show_progress,
             cuda_graphs=config.cuda_graphs,
+            piecewise_graphs=config.piecewise_graphs,
+            max_prefill_tokens=config.max_prefill_tokens,
             fused_kernels=config.fused_kernels,
             triton_decode=config.triton_decode,
         )
@@ -253,5 +255,6 @@ class EngineCore:
             "steps": self.steps,
             # Attention kernel variants compiled after start (each stalls a step; fa4 only).
             "attention_compiles": getattr(self.runner.backend, "compiles", 0),
-            "graph_steps": self.runner.graph_batches,  # steps that replayed a CUDA graph
+            "graph_steps": self.runner.graph_batches,  # decode steps that replayed a CUDA graph
+            "piecewise_steps": self.runner.piecewise_batches,  # other steps that replayed graph pieces
         }

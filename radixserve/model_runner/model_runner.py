@@ -18,6 +18,7 @@ from radixserve.model_runner.forward_batch import CascadePlan, ForwardBatch, res
 from radixserve.model_runner.kv_pool import KVPool, ReqToTokenPool, SlotAllocator
 from radixserve.model_runner.loader import load_model
 from radixserve.model_runner.models.kernels import compile_unsupported_reason, compiled_kernels
+from radixserve.model_runner.piecewise_graph import PiecewiseGraphRunner
 from radixserve.model_runner.sampler import SampleOutput, SamplingBatch, SamplingRow, sample
 from radixserve.sampling_params import SamplingParams
 
@@ -48,6 +49,8 @@ class ModelRunner:
         moe_backend: str = "auto",
         progress: bool = True,
         cuda_graphs: bool | None = None,
+        piecewise_graphs: bool | None = None,
+        max_prefill_tokens: int | None = None,
         fused_kernels: bool | None = None,
         triton_decode: bool | None = None,
     ) -> None:
@@ -82,6 +85,14 @@ class ModelRunner:
         use_graphs = cuda_graphs if cuda_graphs is not None else reason is None
         self.graphs = DecodeGraphRunner(self, max_running_requests) if use_graphs else None
         self.graph_batches = 0  # forwards that replayed a captured graph (the rest ran eagerly)
+        # Other steps (prefill, mixed) replay the model's pieces between attention calls
+        # (piecewise_graph.py), up to a step's most rows: a full prefill budget plus a decode each.
+        if piecewise_graphs and reason is not None:
+            raise ValueError(f"piecewise_graphs=True: {reason}")
+        use_pieces = piecewise_graphs if piecewise_graphs is not None else use_graphs
+        max_rows = (max_prefill_tokens or 0) + max_running_requests
+        self.pieces = PiecewiseGraphRunner(self, max_rows) if use_pieces else None
+        self.piecewise_batches = 0  # forwards that replayed graph pieces
 
     def _set_kernels(self, fused: bool | None) -> None:
         """Fused (torch.compile) position-wise kernels. None: on for CUDA devices where they
@@ -189,7 +200,7 @@ class ModelRunner:
     def release_memory(self) -> None:
         """Drop the KV pool, graphs and weights (the engine shut down): a later engine in
         this process can size its pool from the memory they held."""
-        self.graphs = None
+        self.graphs = self.pieces = None
         self.pool.k, self.pool.v = [], []
         self.model = None
         if self.device.type == "cuda":
@@ -211,7 +222,12 @@ class ModelRunner:
         if batch.sourced is not None:
             resolve_inputs(batch.input_ids, batch.sourced, batch.input_source)
         self.backend.prepare(batch, self.req_to_token.table)
-        hidden = self.model(batch.input_ids, batch.positions, self._attention(batch.out_slots, batch.unfold, batch.fold))
+        attn = self._attention(batch.out_slots, batch.unfold, batch.fold)
+        if self.pieces is not None and self.pieces.can_run(batch):
+            self.piecewise_batches += 1
+            hidden = self.pieces.run(batch, attn)
+        else:
+            hidden = self.model(batch.input_ids, batch.positions, attn)
         logits = self._logits(hidden, batch.logits_rows)
         pooled = None if batch.hidden_rows is None else hidden[batch.hidden_rows].float()
         scores = None

@@ -57,9 +57,10 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, attn: AttentionFn
-    ) -> torch.Tensor:
+    def project_in(
+        self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, H] -> q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D] (normed and rotated; see AttentionFn)."""
         tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
         q = q.view(tokens, self.num_heads, self.head_dim)
@@ -72,8 +73,11 @@ class Attention(nn.Module):
             q, k = self.kernels.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, eps, cache, positions)
         else:
             q, k = self.kernels.rope(q, k, cache, positions)
-        out = attn(self.layer_id, q, k, v)
-        return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
+        return q, k, v
+
+    def project_out(self, out: torch.Tensor) -> torch.Tensor:
+        """Attention output [T, Hq, D] -> [T, H]."""
+        return self.o_proj(out.reshape(out.shape[0], self.num_heads * self.head_dim))
 
 
 class DecoderLayer(nn.Module):
@@ -96,14 +100,28 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, residual) -> (mlp output, residual stream before it); the residual add is
         deferred into the next norm (one fused kernel). residual None: x is the embedding."""
+        q, k, v, residual = self.before_attention(x, residual, positions, rotary)
+        return self.after_attention(attn(self.self_attn.layer_id, q, k, v), residual)
+
+    # The layer in two halves around attention: all the position-wise work (matmuls,
+    # norms, RoPE, MLP) is in them, so a runner can capture each stretch between two
+    # attention calls as a CUDA graph (piecewise_graph.py) and run attention eagerly.
+
+    def before_attention(
+        self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor, rotary: RotaryEmbedding
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x, residual) -> (q, k, v, residual stream)."""
         k, ln = self.kernels, self.input_layernorm
         if residual is None:
             h, residual = k.rms_norm(x, ln.weight, ln.eps), x
         else:
             h, residual = k.add_rms_norm(x, residual, ln.weight, ln.eps)
-        h = self.self_attn(h, positions, rotary, attn)
+        return (*self.self_attn.project_in(h, positions, rotary), residual)
+
+    def after_attention(self, out: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attention output [T, Hq, D], residual) -> (mlp output, residual stream before it)."""
         ln = self.post_attention_layernorm
-        h, residual = k.add_rms_norm(h, residual, ln.weight, ln.eps)
+        h, residual = self.kernels.add_rms_norm(self.self_attn.project_out(out), residual, ln.weight, ln.eps)
         return self.mlp(h), residual
 
 
@@ -159,6 +177,10 @@ class DecoderForCausalLM(nn.Module):
         residual = None
         for layer in self.layers:
             x, residual = layer(x, residual, positions, self.rotary, attn)
+        return self.final_norm(x, residual)
+
+    def final_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """The last layer's (x, residual) -> hidden [T, H]."""
         if residual is None:  # no layers
             return self.norm(x)
         return self.kernels.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]

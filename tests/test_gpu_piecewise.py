@@ -1,0 +1,168 @@
+"""Piecewise CUDA graphs for prefill and mixed steps (model_runner/piecewise_graph.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from radixserve import Engine, SamplingParams
+from radixserve.model_runner.attention import available_backends
+from radixserve.model_runner.forward_batch import CascadePlan, ForwardBatch
+from radixserve.model_runner.model_runner import ModelRunner
+from radixserve.model_runner.piecewise_graph import piecewise_buckets
+
+gpu = pytest.mark.gpu
+GPU = dict(device="cuda", dtype="bfloat16", kv_cache_tokens=8192)
+
+
+def _needs_fa4() -> None:
+    if "fa4" not in available_backends("cuda"):
+        pytest.skip("piecewise graphs need the fa4 backend")
+
+
+def test_piecewise_graphs_option_is_checked(tiny_qwen3_path):
+    with pytest.raises(ValueError, match="piecewise_graphs must be None"):
+        Engine(str(tiny_qwen3_path), device="cpu", piecewise_graphs="yes", show_progress=False)
+    with pytest.raises(ValueError, match="piecewise_graphs=True: cuda_graphs needs a CUDA device"):
+        Engine(str(tiny_qwen3_path), device="cpu", piecewise_graphs=True, show_progress=False)
+
+
+def test_cpu_engine_runs_no_pieces(tiny_qwen3_path):
+    engine = Engine(str(tiny_qwen3_path), device="cpu", show_progress=False)
+    try:
+        assert engine.core.runner.pieces is None
+        engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2), progress=False)
+        assert engine.stats()["piecewise_steps"] == 0
+    finally:
+        engine.shutdown()
+
+
+def test_buckets_cover_every_row_count_up_to_the_largest():
+    assert piecewise_buckets(100) == [16, 32, 64, 100]
+    assert piecewise_buckets(16) == [16]
+    assert piecewise_buckets(5) == [5]
+    buckets = piecewise_buckets(16384 + 256)
+    assert buckets[-1] == 16640 and buckets == sorted(set(buckets))
+    # Padding stays under 25% of a bucket past 1,024 rows.
+    assert all(b / a <= 1.25 for a, b in zip(buckets, buckets[1:]) if a >= 1024)
+
+
+# -- runner level: logits of padded pieces against the eager forward -------------------------------
+
+
+@pytest.fixture(scope="module")
+def qwen3_d64(tmp_path_factory):
+    """A tiny Qwen3 with a production-like head_dim 64 and GQA 8/2."""
+    from tiny_models import make_tiny_qwen3
+
+    return make_tiny_qwen3(
+        tmp_path_factory.mktemp("qwen3-d64-pieces"), hidden_size=128, head_dim=64,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
+    )
+
+
+def _runner(path, pieces: bool) -> ModelRunner:
+    return ModelRunner(
+        path, device=torch.device("cuda"), dtype=torch.bfloat16, max_running_requests=24,
+        max_context=None, kv_cache_tokens=32768, gpu_memory_utilization=0.9, attention_backend="fa4",
+        cuda_graphs=False, piecewise_graphs=pieces, max_prefill_tokens=1000,
+    )
+
+
+def _batch(runner: ModelRunner, rows: list[int], starts: list[int], tokens: list[torch.Tensor]) -> ForwardBatch:
+    slots = []
+    for row, start, toks in zip(rows, starts, tokens):
+        new = torch.tensor(runner.allocator.alloc(len(toks)))
+        runner.req_to_token.write(row, start, new)
+        slots.append(new)
+    lens = [len(t) for t in tokens]
+    return ForwardBatch(
+        input_ids=torch.cat(tokens),
+        positions=torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lens)]),
+        out_slots=torch.cat(slots), req_rows=rows, prefix_lens=starts, extend_lens=lens,
+        logits_rows=torch.tensor(lens).cumsum(0) - 1,
+    )
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    assert got.shape == want.shape, what
+    err = float((got - want).norm() / want.norm())
+    assert err < 1e-2, f"{what}: logits relative error {err:.2e}"
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9, what
+
+
+@gpu
+def test_piecewise_logits_match_eager(qwen3_d64):
+    """Fresh prefills, chunks over cached prefixes, mixed steps of chunks and decodes, a
+    cascade plan, and a step past the largest bucket (eager): every row count padded up to
+    a bucket but the exact ones, through a runner with pieces and one without."""
+    _needs_fa4()
+    eager, pieces = _runner(qwen3_d64, False), _runner(qwen3_d64, True)
+    assert eager.pieces is None and pieces.pieces is not None
+    assert pieces.pieces.max_rows == 1024
+    g = torch.Generator().manual_seed(7)
+    kv: dict[int, int] = {}
+
+    def step(rows: list[int], lens: list[int], plan: CascadePlan | None = None, what: str = "") -> None:
+        tokens = [torch.randint(0, 500, (n,), generator=g) for n in lens]
+        starts = [kv.get(r, 0) for r in rows]
+        outs = []
+        for runner in (eager, pieces):
+            batch = _batch(runner, rows, starts, tokens)
+            batch.cascade = plan
+            outs.append(runner.forward(batch).logits.float().cpu())
+        _close(outs[1], outs[0], what)
+        for r, n in zip(rows, lens):
+            kv[r] = kv.get(r, 0) + n
+
+    step([0, 1, 2], [37, 200, 64], what="fresh prefills (301 rows)")
+    step([3], [16], what="one sequence of 16 rows (a bucket exactly)")
+    step([0, 1, 2], [90, 1, 300], what="chunks over cached prefixes and a decode")
+    step([4, 5, 6, 7], [700, 1, 1, 1], what="a chunk with decodes of fresh rows")
+    before = pieces.piecewise_batches
+    step([8, 9], [800, 400], what="1,200 rows: past the largest bucket, eager")
+    assert pieces.piecewise_batches == before
+    # Sequences 10..13 share sequence 0's first 300 slots (as cached prefixes do).
+    for runner in (eager, pieces):
+        for r in (10, 11, 12, 13):
+            runner.req_to_token.table[r, :300] = runner.req_to_token.table[0, :300]
+    for r in (10, 11, 12, 13):
+        kv[r] = 300
+    step([10, 11, 12, 13, 1], [20, 5, 1, 9, 1], CascadePlan([4, 1], [300, 0]), what="a cascade mixed step")
+    assert pieces.piecewise_batches == before + 1
+
+
+# -- engine level -------------------------------------------------------------------------------------
+
+
+def _prompts(n: int, seed: int, stem: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randint(0, 250, (stem,), generator=g).tolist()
+    return [shared + torch.randint(0, 250, (int(k),), generator=g).tolist()
+            for k in torch.randint(3, 100, (n,), generator=g)]
+
+
+@gpu
+@pytest.mark.parametrize("fold_mode", ["tree", "mlp"])
+def test_piecewise_engine_greedy_tokens_equal_eager(tiny_qwen3_path, make_engine, fold_mode):
+    """Chunked prefills mixed with decodes (a small prefill budget, arrivals in rounds),
+    requests sharing a stem (cache hits, folding, cascade): tokens with pieces equal the
+    fully eager prefill's; every request's logprobs too, to bf16 rounding."""
+    _needs_fa4()
+    opts = dict(GPU, max_running_requests=16, max_prefill_tokens=256, fold_mode=fold_mode, cascade_min_prefix=64)
+    eager = make_engine(tiny_qwen3_path, piecewise_graphs=False, **opts)
+    pieces = make_engine(tiny_qwen3_path, **opts)
+    assert pieces.core.runner.pieces is not None and eager.core.runner.pieces is None
+    rounds = [_prompts(10, 1, stem=120), _prompts(6, 2), _prompts(10, 1, stem=120)[:4] + _prompts(8, 3, stem=90)]
+    for prompts in rounds:
+        params = [SamplingParams(max_tokens=3 + 5 * (i % 4), temperature=0.0, ignore_eos=True, logprobs=0)
+                  for i in range(len(prompts))]
+        want = eager.generate(prompts, params, progress=False)
+        got = pieces.generate(prompts, params, progress=False)
+        assert [o.token_ids for o in got] == [o.token_ids for o in want]
+        for a, b in zip(got, want):
+            diffs = [abs(x.logprob - y.logprob) for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs)]
+            assert max(diffs) < 0.05, diffs
+    stats = pieces.stats()
+    assert stats["piecewise_steps"] > 5 and eager.stats()["piecewise_steps"] == 0
+    assert stats["hit_tokens"] > 0
