@@ -18,7 +18,7 @@ from radixserve.model_runner.forward_batch import CascadePlan, ForwardBatch, res
 from radixserve.model_runner.kv_pool import KVPool, ReqToTokenPool, SlotAllocator
 from radixserve.model_runner.loader import load_model
 from radixserve.model_runner.models.kernels import compile_unsupported_reason, compiled_kernels
-from radixserve.model_runner.piecewise_graph import PiecewiseGraphRunner
+from radixserve.model_runner.piecewise_graph import MAX_ROWS as PIECEWISE_MAX_ROWS, PiecewiseGraphRunner
 from radixserve.model_runner.sampler import SampleOutput, SamplingBatch, SamplingRow, sample
 from radixserve.sampling_params import SamplingParams
 
@@ -86,11 +86,12 @@ class ModelRunner:
         self.graphs = DecodeGraphRunner(self, max_running_requests) if use_graphs else None
         self.graph_batches = 0  # forwards that replayed a captured graph (the rest ran eagerly)
         # Other steps (prefill, mixed) replay the model's pieces between attention calls
-        # (piecewise_graph.py), up to a step's most rows: a full prefill budget plus a decode each.
+        # (piecewise_graph.py), up to a step's most rows (a full prefill budget plus a decode
+        # each) or MAX_ROWS, past which the GPU's work outlasts the eager launch.
         if piecewise_graphs and reason is not None:
             raise ValueError(f"piecewise_graphs=True: {reason}")
         use_pieces = piecewise_graphs if piecewise_graphs is not None else use_graphs
-        max_rows = (max_prefill_tokens or 0) + max_running_requests
+        max_rows = min((max_prefill_tokens or 0) + max_running_requests, PIECEWISE_MAX_ROWS)
         self.pieces = PiecewiseGraphRunner(self, max_rows) if use_pieces else None
         self.piecewise_batches = 0  # forwards that replayed graph pieces
 
@@ -190,7 +191,16 @@ class ModelRunner:
             extend_lens=[n],
             logits_rows=torch.tensor([n - 1, n - 1], dtype=torch.int64),
         )
-        logits = self.forward(batch).logits
+        # Both paths of a step that prefills: the model's eager forward (steps past the graph
+        # pieces' largest bucket; it compiles apart from the captured pieces, measured as a
+        # ~0.7 s stall in the first such step of a run), then the pieces where there are some.
+        pieces, self.pieces = self.pieces, None
+        try:
+            logits = self.forward(batch).logits
+        finally:
+            self.pieces = pieces
+        if pieces is not None:
+            logits = self.forward(batch).logits
         rows = [
             SamplingRow(params=params, token_history=(), output_ids=(), seed=0, step=0)
             for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_k=20, top_p=0.9))
