@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from _workloads import (
-    SHAPES, _profiled, add_engine_args, emit, engine_kwargs, environment, free_memory, random_checkpoint,
+    _profiled, add_engine_args, emit, engine_kwargs, environment, random_checkpoint,
 )
 from radixserve import SamplingParams
 from radixserve.engine.config import EngineConfig
@@ -77,7 +77,7 @@ def main() -> None:
             out.append(Req(f"r{i}", prompt, params, seed=i))
         return out
 
-    sched, runner = core.scheduler, core.runner
+    sched = core.scheduler
     # The decoding requests: long enough to outlive every timed step.
     core.add(requests(args.decodes, max_tokens=10 * args.reps + 1000))
     while sched.waiting or any(r.kv_len < len(r.prompt_ids) for r in sched.running):
@@ -127,8 +127,6 @@ def main() -> None:
 
         record["kernels"] = _profiled(one_step, args.device)
     emit(record)
-    del core
-    free_memory()
 
 
 if __name__ == "__main__":
