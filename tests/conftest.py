@@ -57,6 +57,17 @@ def tiny_qwen3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3"))
 
 
+@pytest.fixture(scope="session")
+def qwen3_d64(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen3 with a production-like head_dim 64 and GQA 8/2 (the GPU runner tests)."""
+    from tiny_models import make_tiny_qwen3
+
+    return make_tiny_qwen3(
+        tmp_path_factory.mktemp("qwen3-d64"), hidden_size=128, head_dim=64,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
+    )
+
+
 @pytest.fixture
 def device() -> str:
     """Where the Triton kernel tests run here: the GPU, or the CPU under Triton's interpreter

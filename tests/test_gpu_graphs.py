@@ -7,8 +7,9 @@ import torch
 
 from radixserve import SamplingParams
 from radixserve.model_runner.attention import available_backends
-from radixserve.model_runner.forward_batch import CascadePlan, ForwardBatch
+from radixserve.model_runner.forward_batch import CascadePlan
 from radixserve.model_runner.model_runner import ModelRunner
+from tiny_models import runner_batch
 
 gpu = pytest.mark.gpu
 GPU = dict(device="cuda", dtype="bfloat16", kv_cache_tokens=4096)
@@ -76,38 +77,11 @@ def test_staged_graph_inputs_are_the_batch_then_padding(tiny_qwen3_path, monkeyp
 # -- runner level: logits of padded buckets against eager -----------------------------------------
 
 
-@pytest.fixture(scope="module")
-def qwen3_d64(tmp_path_factory):
-    """A tiny Qwen3 with a production-like head_dim 64 and GQA 8/2."""
-    from tiny_models import make_tiny_qwen3
-
-    return make_tiny_qwen3(
-        tmp_path_factory.mktemp("qwen3-d64-graphs"), hidden_size=128, head_dim=64,
-        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
-    )
-
-
 def _runner(path, graphs: bool) -> ModelRunner:
     return ModelRunner(
         path, device=torch.device("cuda"), dtype=torch.bfloat16, max_running_requests=24,
         max_context=None, kv_cache_tokens=16384, gpu_memory_utilization=0.9, attention_backend="fa4",
         cuda_graphs=graphs,
-    )
-
-
-def _batch(runner: ModelRunner, rows: list[int], starts: list[int], tokens: list[torch.Tensor],
-           logits_rows: torch.Tensor | None = None) -> ForwardBatch:
-    slots = []
-    for row, start, toks in zip(rows, starts, tokens):
-        new = torch.tensor(runner.allocator.alloc(len(toks)))
-        runner.req_to_token.write(row, start, new)
-        slots.append(new)
-    lens = [len(t) for t in tokens]
-    return ForwardBatch(
-        input_ids=torch.cat(tokens),
-        positions=torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lens)]),
-        out_slots=torch.cat(slots), req_rows=rows, prefix_lens=starts, extend_lens=lens,
-        logits_rows=torch.tensor(lens).cumsum(0) - 1 if logits_rows is None else logits_rows,
     )
 
 
@@ -125,15 +99,15 @@ def test_graph_decode_logits_match_eager(qwen3_d64):
     prompts = [torch.randint(0, 500, (n,), generator=g) for n in lens]
     last = {}
     for runner in (eager, graphs):
-        out = runner.forward(_batch(runner, rows, [0] * 24, prompts))
+        out = runner.forward(runner_batch(runner, rows, [0] * 24, prompts))
         last = dict(zip(rows, out.logits.argmax(-1).tolist()))
     for step, size in enumerate([24, 17, 9, 5, 3, 1, 16, 2]):
         picked = rows[step % 3 :: 1][:size]
         starts = [kv[r] for r in picked]
         tokens = [torch.tensor([last[r]]) for r in picked]
         subset = torch.tensor([0, size - 1]) if step == 6 else None  # logits of only some rows
-        want = eager.forward(_batch(eager, picked, starts, tokens, subset)).logits.cpu()
-        got = graphs.forward(_batch(graphs, picked, starts, tokens, subset)).logits.cpu()
+        want = eager.forward(runner_batch(eager, picked, starts, tokens, subset)).logits.cpu()
+        got = graphs.forward(runner_batch(graphs, picked, starts, tokens, subset)).logits.cpu()
         assert got.shape == want.shape
         err = float((got - want).norm() / want.norm())
         assert err < 1e-2, f"step {step} (batch {size}): logits relative error {err:.2e}"
@@ -164,12 +138,12 @@ def test_cascade_decode_logits_match_plain(qwen3_d64):
         it = iter(rows)
         for (p, m), stem, own in zip(groups, stems, owns):
             first = next(it)
-            runner.forward(_batch(runner, [first], [0], [torch.cat([stem, own[0]])]))
+            runner.forward(runner_batch(runner, [first], [0], [torch.cat([stem, own[0]])]))
             kv[first] = p + len(own[0])
             for tokens in own[1:]:
                 row = next(it)
                 runner.req_to_token.table[row, :p] = runner.req_to_token.table[first, :p]
-                runner.forward(_batch(runner, [row], [p], [tokens]))
+                runner.forward(runner_batch(runner, [row], [p], [tokens]))
                 kv[row] = p + len(tokens)
     plan = CascadePlan([m for _, m in groups], [p for p, _ in groups])
     for step, size in enumerate([17, 17, 9]):
@@ -177,9 +151,9 @@ def test_cascade_decode_logits_match_plain(qwen3_d64):
         step_plan = plan if size == 17 else CascadePlan([5, 1, 3], [300, 0, 120])
         starts = [kv[r] for r in picked]
         tokens = [torch.tensor([(7 * r + step) % 500]) for r in picked]
-        want = runners["plain"].forward(_batch(runners["plain"], picked, starts, tokens)).logits.float().cpu()
+        want = runners["plain"].forward(runner_batch(runners["plain"], picked, starts, tokens)).logits.float().cpu()
         for name, runner in runners.items():
-            batch = _batch(runner, picked, starts, tokens)
+            batch = runner_batch(runner, picked, starts, tokens)
             batch.cascade = step_plan
             got = runner.forward(batch).logits.float().cpu()
             err = float((got - want).norm() / want.norm())

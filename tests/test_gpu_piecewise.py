@@ -7,9 +7,10 @@ import torch
 
 from radixserve import Engine, SamplingParams
 from radixserve.model_runner.attention import available_backends
-from radixserve.model_runner.forward_batch import CascadePlan, ForwardBatch
+from radixserve.model_runner.forward_batch import CascadePlan
 from radixserve.model_runner.model_runner import ModelRunner
 from radixserve.model_runner.piecewise_graph import piecewise_buckets
+from tiny_models import runner_batch
 
 gpu = pytest.mark.gpu
 GPU = dict(device="cuda", dtype="bfloat16", kv_cache_tokens=8192)
@@ -50,37 +51,11 @@ def test_buckets_cover_every_row_count_up_to_the_largest():
 # -- runner level: logits of padded pieces against the eager forward -------------------------------
 
 
-@pytest.fixture(scope="module")
-def qwen3_d64(tmp_path_factory):
-    """A tiny Qwen3 with a production-like head_dim 64 and GQA 8/2."""
-    from tiny_models import make_tiny_qwen3
-
-    return make_tiny_qwen3(
-        tmp_path_factory.mktemp("qwen3-d64-pieces"), hidden_size=128, head_dim=64,
-        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
-    )
-
-
 def _runner(path, pieces: bool) -> ModelRunner:
     return ModelRunner(
         path, device=torch.device("cuda"), dtype=torch.bfloat16, max_running_requests=24,
         max_context=None, kv_cache_tokens=32768, gpu_memory_utilization=0.9, attention_backend="fa4",
         cuda_graphs=False, piecewise_graphs=pieces, max_prefill_tokens=1000,
-    )
-
-
-def _batch(runner: ModelRunner, rows: list[int], starts: list[int], tokens: list[torch.Tensor]) -> ForwardBatch:
-    slots = []
-    for row, start, toks in zip(rows, starts, tokens):
-        new = torch.tensor(runner.allocator.alloc(len(toks)))
-        runner.req_to_token.write(row, start, new)
-        slots.append(new)
-    lens = [len(t) for t in tokens]
-    return ForwardBatch(
-        input_ids=torch.cat(tokens),
-        positions=torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lens)]),
-        out_slots=torch.cat(slots), req_rows=rows, prefix_lens=starts, extend_lens=lens,
-        logits_rows=torch.tensor(lens).cumsum(0) - 1,
     )
 
 
@@ -108,7 +83,7 @@ def test_piecewise_logits_match_eager(qwen3_d64):
         starts = [kv.get(r, 0) for r in rows]
         outs = []
         for runner in (eager, pieces):
-            batch = _batch(runner, rows, starts, tokens)
+            batch = runner_batch(runner, rows, starts, tokens)
             batch.cascade = plan
             outs.append(runner.forward(batch).logits.float().cpu())
         _close(outs[1], outs[0], what)

@@ -152,3 +152,24 @@ def _byte_of(char: str) -> int:
         return code
     others = [b for b in range(256) if b not in printable]
     return others[code - 256]
+
+
+def runner_batch(runner: Any, rows: list[int], starts: list[int], tokens: list[torch.Tensor],
+                 logits_rows: torch.Tensor | None = None) -> Any:
+    """A ForwardBatch of `tokens[i]` appended at `starts[i]` to table row `rows[i]` of a bare
+    ModelRunner (fresh slots from its allocator, written to its table); logits of each
+    sequence's last token unless `logits_rows` says otherwise."""
+    from radixserve.model_runner.forward_batch import ForwardBatch
+
+    slots = []
+    for row, start, toks in zip(rows, starts, tokens):
+        new = torch.tensor(runner.allocator.alloc(len(toks)))
+        runner.req_to_token.write(row, start, new)
+        slots.append(new)
+    lens = [len(t) for t in tokens]
+    return ForwardBatch(
+        input_ids=torch.cat(tokens),
+        positions=torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lens)]),
+        out_slots=torch.cat(slots), req_rows=rows, prefix_lens=starts, extend_lens=lens,
+        logits_rows=torch.tensor(lens).cumsum(0) - 1 if logits_rows is None else logits_rows,
+    )
