@@ -265,6 +265,10 @@ def test_metrics_move_after_a_cached_request(client, model, server, engine):
     assert ("radixserve_folded_tokens_total" in after) == ("folded_tokens" in stats)
     assert ("radixserve_fold_ratio" in after) == ("fold_ratio" in stats)
     assert after["radixserve_attention_kernel_compiles_total"] == stats["attention_compiles"] == 0  # CPU: none
+    # Two requests of 4 tokens: a prefill step and up to 3 decode steps each; no graphs on the CPU.
+    assert 2 <= delta("radixserve_engine_steps_total") <= 8
+    assert after["radixserve_engine_steps_total"] == stats["steps"]
+    assert after["radixserve_decode_graph_steps_total"] == after["radixserve_piecewise_graph_steps_total"] == 0
 
 
 def test_embeddings(client, model, server, engine):
