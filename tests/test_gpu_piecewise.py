@@ -7,7 +7,7 @@ import torch
 
 from radixserve import Engine, SamplingParams
 from radixserve.model_runner.attention import available_backends
-from radixserve.model_runner.forward_batch import CascadePlan
+from radixserve.model_runner.forward_batch import CascadePlan, ForwardBatch
 from radixserve.model_runner.model_runner import ModelRunner
 from radixserve.model_runner.piecewise_graph import piecewise_buckets
 from tiny_models import runner_batch
@@ -141,3 +141,28 @@ def test_piecewise_engine_greedy_tokens_equal_eager(tiny_qwen3_path, make_engine
     stats = pieces.stats()
     assert stats["piecewise_steps"] > 5 and eager.stats()["piecewise_steps"] == 0
     assert stats["hit_tokens"] > 0
+
+
+@gpu
+def test_host_copies_do_not_wait_for_the_gpu():
+    """A step's inputs and attention metadata reach the device through pinned memory: with
+    the GPU busy (a queued ~1 s spin), moving a batch and building its metadata return while
+    the stream is still running (a copy from pageable memory would wait for it), and the
+    copies land intact."""
+    from radixserve.model_runner.attention.metadata import build_varlen_metadata
+
+    n = 1000
+    batch = ForwardBatch(
+        input_ids=torch.arange(n), positions=torch.arange(n), out_slots=torch.arange(1, n + 1),
+        req_rows=[0, 1], prefix_lens=[0, 0], extend_lens=[600, 400], logits_rows=torch.tensor([599, 999]),
+    )
+    table = torch.zeros((4, 2048), dtype=torch.int64, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # cycles: ~1 s at H100 clocks
+    moved = batch.to(torch.device("cuda"))
+    meta = build_varlen_metadata(batch, table)
+    assert not torch.cuda.current_stream().query(), "the host waited for the GPU"
+    torch.cuda.synchronize()
+    assert torch.equal(moved.input_ids.cpu(), batch.input_ids)
+    assert torch.equal(moved.logits_rows.cpu(), batch.logits_rows)
+    assert meta.cu_seqlens_q.tolist() == [0, 600, 1000] and meta.seqused_k.tolist() == [600, 400]

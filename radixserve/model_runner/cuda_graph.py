@@ -46,6 +46,7 @@ from radixserve.model_runner.attention.cascade import graph_cascade_metadata
 from radixserve.model_runner.attention.fa4_backend import FA4Attention, fa4_supports
 from radixserve.model_runner.attention.metadata import decode_graph_metadata
 from radixserve.model_runner.forward_batch import ForwardBatch, resolve_inputs
+from radixserve.model_runner.transfer import to_device
 
 if TYPE_CHECKING:
     from radixserve.model_runner.model_runner import ModelRunner
@@ -265,4 +266,4 @@ class DecodeGraphRunner:
         rows = batch.logits_rows.cpu()
         if rows.numel() == n and torch.equal(rows, torch.arange(n)):
             return logits[:n]
-        return logits.index_select(0, rows.to(self.device, non_blocking=True))
+        return logits.index_select(0, to_device(rows, self.device))

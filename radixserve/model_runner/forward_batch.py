@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 import torch
 
+from radixserve.model_runner.transfer import to_device
+
 
 class CascadePlan(NamedTuple):
     """Sequences of a batch that share a prefix's K/V slots, for cascade attention.
@@ -73,7 +75,7 @@ class ForwardBatch:
 
     def to(self, device: torch.device) -> "ForwardBatch":
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device, non_blocking=True)
+            return None if t is None else to_device(t, device)
 
         return ForwardBatch(
             input_ids=move(self.input_ids),
@@ -101,5 +103,5 @@ def resolve_inputs(ids: torch.Tensor, sourced: torch.Tensor, source: torch.Tenso
     if sourced.numel() == ids.numel():
         ids.copy_(source.index_select(0, ids))
     elif sourced.numel():
-        sourced = sourced.to(ids.device, non_blocking=True)
+        sourced = to_device(sourced, ids.device)
         ids[sourced] = source.index_select(0, ids[sourced])

@@ -20,6 +20,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from radixserve.model_runner.transfer import to_device
+
 
 class KVPool:
     """Per layer K and V tensors of shape `[num_slots + 1, kv_heads, head_dim]`."""
@@ -137,7 +139,5 @@ class ReqToTokenPool:
         total = int(lengths.sum())
         columns = np.arange(total, dtype=np.int64) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
         values = np.fromiter(chain.from_iterable(pieces), dtype=np.int64, count=total)
-        packed = torch.from_numpy(np.stack([rows, columns, values]))
-        if self.table.device.type == "cuda":
-            packed = packed.pin_memory().to(self.table.device, non_blocking=True)
+        packed = to_device(torch.from_numpy(np.stack([rows, columns, values])), self.table.device)
         self.table[packed[0], packed[1]] = packed[2]

@@ -47,6 +47,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from radixserve.model_runner.transfer import to_device
 from radixserve.sampling_params import SamplingParams
 
 try:  # On CUDA one Triton kernel does hash, noise and argmax in one pass (torch would take ~20).
@@ -164,11 +165,11 @@ class SamplingBatch:
         params = tuple(r.params for r in rows)
         cols = _columns(params, vocab_size)
         # Two host->device copies carry every per-row scalar (small copies cost more than their bytes).
-        floats = _to_device(torch.tensor([cols.temperature, cols.top_p, cols.min_p], dtype=torch.float32), device)
+        floats = to_device(torch.tensor([cols.temperature, cols.top_p, cols.min_p], dtype=torch.float32), device)
         ints = torch.tensor([cols.greedy, cols.top_k], dtype=torch.int64)
         if not cols.all_greedy:
             ints = torch.cat([ints, _seed_keys_and_steps(rows)])
-        ints = _to_device(ints, device)
+        ints = to_device(ints, device)
         return cls(
             size=len(rows),
             vocab_size=vocab_size,
@@ -201,7 +202,7 @@ class SamplingBatch:
             raise ValueError("keep must hold at least one row")
         params = tuple(self.params[i] for i in keep)
         cols = _columns(params, self.vocab_size)
-        index = _to_device(torch.tensor(keep, dtype=torch.int64), self.greedy.device)
+        index = to_device(torch.tensor(keep, dtype=torch.int64), self.greedy.device)
 
         def pick(rows: torch.Tensor | None, used: bool) -> torch.Tensor | None:
             return rows.index_select(0, index) if used else None  # a subset uses what the batch did, or less
@@ -368,10 +369,10 @@ def _build_penalties(rows: Sequence[SamplingRow], vocab_size: int, device: torch
 
     names = ("repetition_penalty", "presence_penalty", "frequency_penalty")
     values = [[getattr(rows[i].params, name) for i in pen_rows] for name in names]
-    repetition, presence, frequency = _to_device(torch.tensor(values, dtype=torch.float32), device)
+    repetition, presence, frequency = to_device(torch.tensor(values, dtype=torch.float32), device)
     all_rows = len(pen_rows) == len(rows)
     return _Penalties(
-        rows=None if all_rows else _to_device(torch.tensor(pen_rows, dtype=torch.int64), device),
+        rows=None if all_rows else to_device(torch.tensor(pen_rows, dtype=torch.int64), device),
         seen=seen,
         repetition=repetition,
         counts=counts,
@@ -399,10 +400,10 @@ def _flat_index(
         low, high = torch.aminmax(flat)
         if int(low) < 0 or int(high) >= vocab_size:
             raise ValueError(f"token ids must lie in [0, {vocab_size}) for the sampler")
-    rows_and_lengths = _to_device(torch.tensor([row_ids, [t.numel() for t in ids]], dtype=torch.int64), device)
+    rows_and_lengths = to_device(torch.tensor([row_ids, [t.numel() for t in ids]], dtype=torch.int64), device)
     # Expanded on the device; output_size spares the device->host read of the total.
     row_index = torch.repeat_interleave(rows_and_lengths[0], rows_and_lengths[1], output_size=flat.numel())
-    return row_index, _to_device(flat, device)
+    return row_index, to_device(flat, device)
 
 
 def _int64_tensor(seq: Sequence[int]) -> torch.Tensor:
@@ -412,12 +413,6 @@ def _int64_tensor(seq: Sequence[int]) -> torch.Tensor:
         return seq.to(torch.int64).reshape(-1)
     return torch.from_numpy(np.array(seq, dtype=np.int64).reshape(-1))
 
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host -> device without blocking the host: pinned memory and an async copy on CUDA."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 _DRAW_BLOCK = 4096

@@ -34,6 +34,7 @@ import torch
 
 from radixserve.model_runner.attention.metadata import VarlenMetadata, cumulative_lens
 from radixserve.model_runner.forward_batch import ForwardBatch
+from radixserve.model_runner.transfer import to_device
 
 # (q, k_cache, v_cache, scale, metadata, causal) -> (out [T, Hq, D], lse [Hq, T] float32)
 AttendLSE = Callable[
@@ -63,7 +64,7 @@ def build_cascade_metadata(batch: ForwardBatch, req_to_token: torch.Tensor) -> C
         cu_q + list(accumulate(suffix_lens, initial=0)) + suffix_lens + shared + list(batch.req_rows)
         + group_cu_q + list(accumulate(plan.prefix_lens, initial=0)) + plan.prefix_lens + group_rows
     )
-    dev = torch.tensor(ints, dtype=torch.int32).to(req_to_token.device, non_blocking=True)
+    dev = to_device(torch.tensor(ints, dtype=torch.int32), req_to_token.device)
     parts = iter(torch.split(dev, [b + 1, b + 1, b, b, b, g + 1, g + 1, g, g]))
     cu_seqlens_q, cu_suffix, suffix_used, shared_dev, rows = (next(parts) for _ in range(5))
     group_cu, cu_prefix, prefix_used, first_rows = (next(parts) for _ in range(4))

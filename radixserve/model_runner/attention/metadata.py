@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 
 from radixserve.model_runner.forward_batch import ForwardBatch
+from radixserve.model_runner.transfer import to_device
 
 
 class VarlenMetadata(NamedTuple):
@@ -52,7 +53,7 @@ def build_varlen_metadata(batch: ForwardBatch, req_to_token: torch.Tensor) -> Va
     cu_k = list(accumulate(seq_lens, initial=0))
     # One host->device copy for every per-sequence integer (small copies cost more than their bytes).
     host = torch.tensor(cu_q + cu_k + seq_lens + list(batch.req_rows), dtype=torch.int32)
-    dev = host.to(req_to_token.device, non_blocking=True)
+    dev = to_device(host, req_to_token.device)
     cu_seqlens_q = dev[: b + 1]
     cu_seqlens_k = dev[b + 1 : 2 * b + 2]
     seqused_k = dev[2 * b + 2 : 3 * b + 2]
