@@ -138,6 +138,9 @@ class ReqToTokenPool:
         # Column of each slot: its write's start plus its index within the write.
         total = int(lengths.sum())
         columns = np.arange(total, dtype=np.int64) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
-        values = np.fromiter(chain.from_iterable(pieces), dtype=np.int64, count=total)
+        if total >= 16 * len(pieces):  # long writes (prefill chunks): one buffer copy per write
+            values = np.concatenate([np.asarray(p, dtype=np.int64) for p in pieces])
+        else:  # a decode step's one-slot writes: one pass over the slots (a conversion each costs more)
+            values = np.fromiter(chain.from_iterable(pieces), dtype=np.int64, count=total)
         packed = to_device(torch.from_numpy(np.stack([rows, columns, values])), self.table.device)
         self.table[packed[0], packed[1]] = packed[2]
