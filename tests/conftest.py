@@ -57,6 +57,15 @@ def tiny_qwen3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3"))
 
 
+@pytest.fixture
+def needs_fa4() -> None:
+    """Skips a GPU test where the fa4 attention backend cannot run (the package is missing)."""
+    from radixserve.model_runner.attention import available_backends
+
+    if "fa4" not in available_backends("cuda"):
+        pytest.skip("needs the fa4 attention backend")
+
+
 @pytest.fixture(scope="session")
 def qwen3_d64(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Qwen3 with a production-like head_dim 64 and GQA 8/2 (the GPU runner tests)."""

@@ -59,17 +59,6 @@ def test_forcing_an_unavailable_backend_is_a_value_error(tiny_qwen3_path):
         Engine(str(tiny_qwen3_path), attention_backend="flashinfer", **GPU)
 
 
-@pytest.fixture(scope="module")
-def qwen3_d64(tmp_path_factory):
-    """A tiny Qwen3 with a production-like head_dim 64 and GQA 8/2."""
-    from tiny_models import make_tiny_qwen3
-
-    return make_tiny_qwen3(
-        tmp_path_factory.mktemp("qwen3-d64"), hidden_size=128, head_dim=64,
-        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
-    )
-
-
 def _runner(path, backend: str, fused: bool | None = None) -> ModelRunner:
     return ModelRunner(
         path, device=torch.device("cuda"), dtype=torch.bfloat16, max_running_requests=8,
@@ -143,12 +132,10 @@ def _fa4_variants() -> int:
     return len(interface._flash_attn_fwd.compile_cache.cache)
 
 
-def test_a_variant_compiled_after_start_is_counted_and_logged(qwen3_d64, make_engine, caplog):
+def test_a_variant_compiled_after_start_is_counted_and_logged(needs_fa4, qwen3_d64, make_engine, caplog):
     """A call that compiles an FA4 variant once the engine has started is counted in stats and
     logged as a warning with its shape (the engine never asks for non-causal attention without
     LSE: a variant of its own)."""
-    if "fa4" not in available_backends("cuda"):
-        pytest.skip("fa4 is not available here")
     engine = make_engine(qwen3_d64, dtype="bfloat16", attention_backend="fa4", **GPU)
     runner = engine.core.runner
     before = _fa4_variants()
@@ -170,11 +157,9 @@ def test_a_variant_compiled_after_start_is_counted_and_logged(qwen3_d64, make_en
     assert "FA4 compiled a kernel variant" in caplog.text and "2 sequences, 16 query rows" in caplog.text
 
 
-def test_engine_start_compiles_every_fa4_variant_serving_needs(qwen3_d64, make_engine):
+def test_engine_start_compiles_every_fa4_variant_serving_needs(needs_fa4, qwen3_d64, make_engine):
     """Prefill chunks, mixed steps and cascades of every size after start compile no FA4
     variant (a compile mid-run stalled a step for 4.5 s): the start warms them up."""
-    if "fa4" not in available_backends("cuda"):
-        pytest.skip("fa4 is not available here")
     engine = make_engine(
         qwen3_d64, dtype="bfloat16", attention_backend="fa4", max_running_requests=12,
         max_prefill_tokens=300, cascade_min_prefix=32, **GPU,

@@ -6,18 +6,12 @@ import pytest
 import torch
 
 from radixserve import SamplingParams
-from radixserve.model_runner.attention import available_backends
 from radixserve.model_runner.forward_batch import CascadePlan
 from radixserve.model_runner.model_runner import ModelRunner
 from tiny_models import runner_batch
 
 gpu = pytest.mark.gpu
 GPU = dict(device="cuda", dtype="bfloat16", kv_cache_tokens=4096)
-
-
-def _needs_fa4() -> None:
-    if "fa4" not in available_backends("cuda"):
-        pytest.skip("cuda_graphs needs the fa4 backend")
 
 
 def test_cuda_graphs_on_cpu_is_a_value_error(tiny_qwen3_path):
@@ -86,10 +80,9 @@ def _runner(path, graphs: bool) -> ModelRunner:
 
 
 @gpu
-def test_graph_decode_logits_match_eager(qwen3_d64):
+def test_graph_decode_logits_match_eager(needs_fa4, qwen3_d64):
     """Prefill 24 sequences eagerly, then decode batches of 24, 17, 9, 5, 3, 1 sequences
     (most padded up to a bucket) with the same tokens through both runners."""
-    _needs_fa4()
     eager, graphs = _runner(qwen3_d64, False), _runner(qwen3_d64, True)
     assert graphs.graphs is not None and graphs.graphs.buckets == [1, 2, 4, 8, 16, 24]
     g = torch.Generator().manual_seed(3)
@@ -121,11 +114,10 @@ def test_graph_decode_logits_match_eager(qwen3_d64):
 
 
 @gpu
-def test_cascade_decode_logits_match_plain(qwen3_d64):
+def test_cascade_decode_logits_match_plain(needs_fa4, qwen3_d64):
     """Groups of sequences sharing prefix slots (as cached prefixes do): decode steps with a
     cascade plan, eager and under CUDA graphs (padded buckets, a lazily captured cascade
     graph), against the eager forward without one."""
-    _needs_fa4()
     runners = {"plain": _runner(qwen3_d64, False), "graphs": _runner(qwen3_d64, True)}
     g = torch.Generator().manual_seed(5)
     groups = [(300, 5), (0, 1), (120, 3), (500, 1), (0, 1), (260, 6)]  # (shared prefix, members)
@@ -173,10 +165,9 @@ def _prompts(n: int, seed: int) -> list[list[int]]:
 
 
 @gpu
-def test_graph_engine_greedy_tokens_equal_eager(tiny_qwen3_path, make_engine):
+def test_graph_engine_greedy_tokens_equal_eager(needs_fa4, tiny_qwen3_path, make_engine):
     """Different max_tokens per request, so the decode batch shrinks through every bucket;
     the second round extends the first round's prompts (prefix-cache hits)."""
-    _needs_fa4()
     eager = make_engine(tiny_qwen3_path, max_running_requests=13, cuda_graphs=False, **GPU)
     graphs = make_engine(tiny_qwen3_path, max_running_requests=13, cuda_graphs=True, **GPU)
     assert graphs.core.runner.graphs is not None and eager.core.runner.graphs is None
@@ -193,9 +184,8 @@ def test_graph_engine_greedy_tokens_equal_eager(tiny_qwen3_path, make_engine):
 
 
 @gpu
-def test_graph_engine_with_retraction(tiny_qwen3_path, make_engine):
+def test_graph_engine_with_retraction(needs_fa4, tiny_qwen3_path, make_engine):
     """A pool too small for the batch: requests are retracted and resumed, tokens do not change."""
-    _needs_fa4()
     small = dict(GPU, kv_cache_tokens=400, max_prefill_tokens=64, max_running_requests=12)
     eager = make_engine(tiny_qwen3_path, cuda_graphs=False, **small)
     graphs = make_engine(tiny_qwen3_path, cuda_graphs=True, **small)
@@ -208,9 +198,8 @@ def test_graph_engine_with_retraction(tiny_qwen3_path, make_engine):
 
 
 @gpu
-def test_graph_engine_sampling_runs(tiny_qwen3_path, make_engine):
+def test_graph_engine_sampling_runs(needs_fa4, tiny_qwen3_path, make_engine):
     params = SamplingParams(max_tokens=20, temperature=0.8, top_p=0.9, ignore_eos=True, seed=4)
-    _needs_fa4()
     engine = make_engine(tiny_qwen3_path, max_running_requests=8, cuda_graphs=True, **GPU)
     outs = engine.generate(_prompts(10, 3), params, progress=False)
     assert [len(o.token_ids) for o in outs] == [20] * 10
@@ -225,11 +214,10 @@ def test_graph_needs_fa4(tiny_qwen3_path):
 
 
 @gpu
-def test_cascade_engine_tokens_match_plain(tiny_qwen3_path, make_engine):
+def test_cascade_engine_tokens_match_plain(needs_fa4, tiny_qwen3_path, make_engine):
     """Groups of requests sharing a 150-token prompt stem, bf16 under graphs: cascade on and
     off agree (bf16 sums in another order may flip a near-tie, so the tokens must agree up
     to the first difference for at least 90% of them)."""
-    _needs_fa4()
     g = torch.Generator().manual_seed(11)
     prompts = []
     for _ in range(3):

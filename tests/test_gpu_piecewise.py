@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from radixserve import Engine, SamplingParams
-from radixserve.model_runner.attention import available_backends
 from radixserve.model_runner.forward_batch import CascadePlan, ForwardBatch
 from radixserve.model_runner.model_runner import ModelRunner
 from radixserve.model_runner.piecewise_graph import piecewise_buckets
@@ -14,11 +13,6 @@ from tiny_models import runner_batch
 
 gpu = pytest.mark.gpu
 GPU = dict(device="cuda", dtype="bfloat16", kv_cache_tokens=8192)
-
-
-def _needs_fa4() -> None:
-    if "fa4" not in available_backends("cuda"):
-        pytest.skip("piecewise graphs need the fa4 backend")
 
 
 def test_piecewise_graphs_option_is_checked(tiny_qwen3_path):
@@ -67,11 +61,10 @@ def _close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 
 
 @gpu
-def test_piecewise_logits_match_eager(qwen3_d64):
+def test_piecewise_logits_match_eager(needs_fa4, qwen3_d64):
     """Fresh prefills, chunks over cached prefixes, mixed steps of chunks and decodes, a
     cascade plan, and a step past the largest bucket (eager): every row count padded up to
     a bucket but the exact ones, through a runner with pieces and one without."""
-    _needs_fa4()
     eager, pieces = _runner(qwen3_d64, False), _runner(qwen3_d64, True)
     assert eager.pieces is None and pieces.pieces is not None
     assert pieces.pieces.max_rows == 1024
@@ -119,11 +112,10 @@ def _prompts(n: int, seed: int, stem: int = 0) -> list[list[int]]:
 
 @gpu
 @pytest.mark.parametrize("fold_mode", ["tree", "mlp"])
-def test_piecewise_engine_greedy_tokens_equal_eager(tiny_qwen3_path, make_engine, fold_mode):
+def test_piecewise_engine_greedy_tokens_equal_eager(needs_fa4, tiny_qwen3_path, make_engine, fold_mode):
     """Chunked prefills mixed with decodes (a small prefill budget, arrivals in rounds),
     requests sharing a stem (cache hits, folding, cascade): tokens with pieces equal the
     fully eager prefill's; every request's logprobs too, to bf16 rounding."""
-    _needs_fa4()
     opts = dict(GPU, max_running_requests=16, max_prefill_tokens=256, fold_mode=fold_mode, cascade_min_prefix=64)
     eager = make_engine(tiny_qwen3_path, piecewise_graphs=False, **opts)
     pieces = make_engine(tiny_qwen3_path, **opts)

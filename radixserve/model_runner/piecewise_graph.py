@@ -36,12 +36,13 @@ from __future__ import annotations
 
 import bisect
 import logging
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from radixserve.model_runner.cuda_graph import unsupported_reason
 from radixserve.model_runner.forward_batch import ForwardBatch
+from radixserve.model_runner.models.decoder import AttentionFn
 
 if TYPE_CHECKING:
     from radixserve.model_runner.model_runner import ModelRunner
@@ -61,8 +62,6 @@ BUCKETS = (
 # rows in 56 ms for ~38 ms (pieces: 15 and 22 ms to launch); in the nano-vllm run, whose
 # prefill steps are 16k-row chunks, capturing up to 16,640 rows made it 1.5-1.9% slower.
 MAX_ROWS = 8192
-
-AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def piecewise_buckets(max_rows: int) -> list[int]:

@@ -414,7 +414,6 @@ def _int64_tensor(seq: Sequence[int]) -> torch.Tensor:
     return torch.from_numpy(np.array(seq, dtype=np.int64).reshape(-1))
 
 
-
 _DRAW_BLOCK = 4096
 
 if triton is not None:
