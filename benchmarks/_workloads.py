@@ -95,6 +95,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly (default: the engine's, graphs where supported)")
     p.add_argument("--no-piecewise-graphs", action="store_true",
                    help="prefill and mixed steps fully eager (default: graph pieces where decode graphs run)")
+    p.add_argument("--piecewise-max-rows", type=int, help="see EngineConfig.piecewise_max_rows (default: the engine's)")
     p.add_argument("--no-overlap-schedule", action="store_true", help="process each step before the next (default: overlap on CUDA)")
     p.add_argument("--no-fused-kernels", action="store_true", help="eager norms/RoPE/SiLU (default: torch.compile on CUDA)")
     p.add_argument("--no-cascade-attention", action="store_true",
@@ -120,7 +121,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         max_prefill_tokens=args.max_prefill_tokens, attention_backend=args.attention_backend,
         gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_tokens=args.kv_cache_tokens,
         cuda_graphs=False if args.no_cuda_graphs else None,
-        piecewise_graphs=False if args.no_piecewise_graphs else None,
+        piecewise_graphs=False if args.no_piecewise_graphs else None, piecewise_max_rows=args.piecewise_max_rows,
         fused_kernels=False if args.no_fused_kernels else None, batch_order=args.batch_order,
         overlap_schedule=False if args.no_overlap_schedule else None,
         cascade_attention=False if args.no_cascade_attention else None,

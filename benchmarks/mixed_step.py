@@ -13,6 +13,12 @@ runs one step:
     gpu        from the launch's start until the GPU finishes (a sync)
     process    Scheduler.process
 
+`--busy-ms N` queues N ms of GPU work (a spin) before each launch, as the
+previous step of an overlapped loop would be: a launch that returns in its own
+time did not wait for the GPU; one that takes N ms more waited somewhere.
+`--sync-debug` runs the last launch under torch's sync debug mode and lists each
+synchronizing torch call with the engine's frames that made it.
+
 with the host's Python of the launch by function (cProfile, `--profile`) and
 the GPU's kernel time by category (torch.profiler, `--kernels`). Medians over
 `--reps` repetitions; every repetition's requests finish before the next.
@@ -30,8 +36,10 @@ import io
 import pstats
 import random
 import time
+import traceback
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -55,6 +63,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--profile", type=int, default=25, help="print this many functions of the launch's cProfile")
     p.add_argument("--kernels", action="store_true", help="also the GPU's kernel time by category")
+    p.add_argument("--busy-ms", type=float, default=0.0, help="GPU work queued before each launch (CUDA)")
+    p.add_argument("--sync-debug", action="store_true", help="list the last launch's synchronizing calls (CUDA)")
     args = p.parse_args()
     args.max_running = max(args.max_running, args.decodes + args.new)
 
@@ -66,7 +76,9 @@ def main() -> None:
     rng = random.Random(args.seed)
     systems = [[rng.randrange(vocab) for _ in range(args.system_len)] for _ in range(args.groups)]
     counter = iter(range(1 << 30))
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    busy = spin_for(args.busy_ms) if cuda and args.busy_ms > 0 else (lambda: None)
 
     def requests(n: int, max_tokens: int) -> list[Req]:
         out = []
@@ -93,10 +105,12 @@ def main() -> None:
         sync()
         t0 = time.perf_counter()
         batch = sched.schedule()
+        busy()
         t1 = time.perf_counter()
         if rep == args.reps:
             host.enable()
-        launched = core._launch(batch, None)
+        with SyncLog(cuda and args.sync_debug and rep == args.reps) as syncs:
+            launched = core._launch(batch, None)
         if rep == args.reps:
             host.disable()
         t2 = time.perf_counter()
@@ -115,11 +129,14 @@ def main() -> None:
     record: dict[str, Any] = {
         "bench": "mixed_step", "shape": args.model or args.shape, **environment(args.device),
         "groups": args.groups, "system_len": args.system_len, "question_len": args.question_len,
-        "decodes": args.decodes, "new": args.new, "reps": args.reps, "batch": shape, "median_ms": median,
+        "decodes": args.decodes, "new": args.new, "reps": args.reps, "busy_ms": args.busy_ms,
+        "batch": shape, "median_ms": median,
         "launch_calls": sum(v[1] for v in stats.stats.values()),
         "launch_own_ms": [f"{1e3 * tt:.2f} {n}x {f[2]} ({Path(f[0]).name}:{f[1]})" for f, (_, n, tt, _, _) in top],
     }
-    if args.kernels and args.device.startswith("cuda"):
+    if args.sync_debug:
+        record["syncs"] = syncs.calls
+    if args.kernels and cuda:
         def one_step() -> int:
             core.add(requests(args.new, max_tokens=1))
             core._complete(core._launch(sched.schedule(), None))
@@ -127,6 +144,54 @@ def main() -> None:
 
         record["kernels"] = _profiled(one_step, args.device)
     emit(record)
+
+
+def spin_for(ms: float) -> Callable[[], None]:
+    """A function that queues about `ms` of GPU work (torch.cuda._sleep, calibrated here)."""
+    cycles = 10_000_000
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(cycles)  # first use loads the kernel
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    per_ms = cycles / start.elapsed_time(end)
+    return lambda: torch.cuda._sleep(int(ms * per_ms))
+
+
+class SyncLog:
+    """Within the block, torch's sync debug mode warns at each call that waits for the GPU;
+    `calls` collects them as (message, the innermost radixserve frames) with a count."""
+
+    def __init__(self, on: bool) -> None:
+        self.on = on
+        self.calls: list[dict[str, Any]] = []
+        self._seen: dict[tuple[str, tuple[str, ...]], dict[str, Any]] = {}
+
+    def __enter__(self) -> SyncLog:
+        if self.on:
+            self._catch = warnings.catch_warnings()
+            self._catch.__enter__()
+            warnings.simplefilter("always")
+            warnings.showwarning = self._record
+            torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.on:
+            torch.cuda.set_sync_debug_mode("default")
+            self._catch.__exit__(*exc)
+
+    def _record(self, message: Any, *args: Any, **kwargs: Any) -> None:
+        frames = tuple(
+            f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in traceback.extract_stack()
+            if "radixserve" in f.filename
+        )[-4:]
+        key = (str(message).splitlines()[0][:120], frames)
+        if key not in self._seen:
+            self._seen[key] = {"message": key[0], "frames": list(frames), "count": 0}
+            self.calls.append(self._seen[key])
+        self._seen[key]["count"] += 1
 
 
 if __name__ == "__main__":

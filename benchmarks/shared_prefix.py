@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from _workloads import (
     Seq, Timer, add_engine_args, add_profile_args, emit, engine_kwargs, environment, free_memory, profile_decode, random_checkpoint,
 )
@@ -146,6 +148,7 @@ class StepTimeline:
         self._on_gc = on_gc
         gc.callbacks.append(on_gc)
         self.compiled_before = _compiled_kernels()
+        self.allocator_before = _allocator_counts(core.device)
 
     def detach(self) -> None:
         gc.callbacks.remove(self._on_gc)
@@ -153,6 +156,7 @@ class StepTimeline:
         (core.step, core._launch, core._complete, sched.schedule, sched.schedule_ahead,
          sched.can_schedule_ahead, sched.process) = self._originals
         self.compiled = {k: v - self.compiled_before.get(k, 0) for k, v in _compiled_kernels().items()}
+        self.allocator = {k: v - self.allocator_before[k] for k, v in _allocator_counts(core.device).items()}
         # What a full collection walks: objects tracked and not frozen (the engine still runs), by type.
         tracked = collections.Counter(type(o).__name__ for o in gc.get_objects())
         self.tracked = {"total": sum(tracked.values()), "top": tracked.most_common(8)}
@@ -180,12 +184,24 @@ class StepTimeline:
                     "phase_total_s": {ph: round(sum(r[4][ph] for r in rows), 3) for ph in self.PHASES},
                 }
         out["compiled_during_run"] = self.compiled
+        out["allocator_during_run"] = self.allocator
         out["gc_tracked_after_run"] = self.tracked
         out["gc_pauses"] = {  # per generation: count, total and longest ms
             f"gen{g}": (len(p), round(1e3 * sum(p), 1), round(1e3 * max(p, default=0.0), 1))
             for g, p in self.gc_pauses.items()
         }
         return out
+
+
+def _allocator_counts(device: torch.device) -> dict[str, int]:
+    """The CUDA caching allocator's counters: a retry (a cudaMalloc that failed, then freed
+    every cached block and tried again) and a sync of all streams each hold the host until
+    the GPU drains, which an overlapped step cannot afford."""
+    if device.type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    names = ("num_alloc_retries", "num_sync_all_streams", "num_device_alloc", "num_device_free", "num_ooms")
+    return {name: int(stats.get(name, 0)) for name in names}
 
 
 def _compiled_kernels() -> dict[str, int]:

@@ -20,6 +20,9 @@ def test_piecewise_graphs_option_is_checked(tiny_qwen3_path):
         Engine(str(tiny_qwen3_path), device="cpu", piecewise_graphs="yes", show_progress=False)
     with pytest.raises(ValueError, match="piecewise_graphs=True: cuda_graphs needs a CUDA device"):
         Engine(str(tiny_qwen3_path), device="cpu", piecewise_graphs=True, show_progress=False)
+    for bad in (0, -5, 2.5, "8192"):
+        with pytest.raises(ValueError, match="piecewise_max_rows"):
+            Engine(str(tiny_qwen3_path), device="cpu", piecewise_max_rows=bad, show_progress=False)
 
 
 def test_cpu_engine_runs_no_pieces(tiny_qwen3_path):
@@ -45,12 +48,27 @@ def test_buckets_cover_every_row_count_up_to_the_largest():
 # -- runner level: logits of padded pieces against the eager forward -------------------------------
 
 
-def _runner(path, pieces: bool) -> ModelRunner:
+def _runner(path, pieces: bool, **options) -> ModelRunner:
     return ModelRunner(
         path, device=torch.device("cuda"), dtype=torch.bfloat16, max_running_requests=24,
         max_context=None, kv_cache_tokens=32768, gpu_memory_utilization=0.9, attention_backend="fa4",
-        cuda_graphs=False, piecewise_graphs=pieces, max_prefill_tokens=1000,
+        cuda_graphs=False, piecewise_graphs=pieces, max_prefill_tokens=1000, **options,
     )
+
+
+@gpu
+def test_piecewise_max_rows_bounds_the_captured_steps(needs_fa4, qwen3_d64):
+    """`piecewise_max_rows` caps the buckets; a step of more rows runs eagerly, one at the
+    cap replays the pieces, and both match the eager runner."""
+    eager, capped = _runner(qwen3_d64, False), _runner(qwen3_d64, True, piecewise_max_rows=64)
+    assert capped.pieces.buckets == [16, 32, 64]
+    g = torch.Generator().manual_seed(3)
+    for row, n, replayed in ((0, 64, 1), (1, 65, 0)):
+        tokens = [torch.randint(0, 500, (n,), generator=g)]
+        before = capped.piecewise_batches
+        got, want = (r.forward(runner_batch(r, [row], [0], tokens)).logits.float().cpu() for r in (capped, eager))
+        assert capped.piecewise_batches - before == replayed
+        _close(got, want, f"{n} rows")
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:

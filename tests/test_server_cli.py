@@ -70,3 +70,21 @@ def test_serve_prints_a_curl_example_and_sigterm_drains(smollm_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_engine_options_reach_the_engine_config():
+    """The command line's engine flags become EngineConfig fields (none parsed and dropped)."""
+    import argparse
+
+    from radixserve.engine.cli import add_engine_options, engine_kwargs
+    from radixserve.engine.config import EngineConfig
+
+    p = argparse.ArgumentParser()
+    add_engine_options(p)
+    kw = engine_kwargs(p.parse_args([
+        "--piecewise-max-rows", "512", "--no-piecewise-graphs", "--no-cascade-attention", "--kv-cache-tokens", "4096",
+    ]))
+    config = EngineConfig(**kw)
+    assert (config.piecewise_max_rows, config.piecewise_graphs, config.cascade_attention, config.kv_cache_tokens) == (
+        512, False, False, 4096)
+    assert EngineConfig(**engine_kwargs(p.parse_args([]))).piecewise_max_rows is None

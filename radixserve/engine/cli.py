@@ -21,6 +21,9 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-piecewise-graphs", action="store_true",
                    help="run prefill and mixed steps eagerly (default: graph pieces between attention calls where "
                         "decode graphs run)")
+    p.add_argument("--piecewise-max-rows", type=int, default=None,
+                   help="the most rows a step replays graph pieces for; bigger steps run eagerly "
+                        "(default: the engine's)")
     p.add_argument(
         "--no-overlap-schedule", action="store_true", help="process each step before building the next (default: overlap on CUDA)"
     )
@@ -51,7 +54,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         kw["cascade_attention"] = False
     if args.no_triton_decode:
         kw["triton_decode"] = False
-    for name in ("kv_cache_tokens", "max_running_requests", "attention_backend"):
+    for name in ("kv_cache_tokens", "max_running_requests", "attention_backend", "piecewise_max_rows"):
         value = getattr(args, name)
         if value is not None:
             kw[name] = value

@@ -49,6 +49,9 @@ class EngineConfig:
     # (row buckets up to max_prefill_tokens + max_running_requests, at most 8,192; attention
     # runs eagerly): same needs as cuda_graphs. None: on wherever decode graphs are; False: eager.
     piecewise_graphs: bool | None = None
+    # The most rows (prefill chunk tokens + decodes) a step replays pieces for; bigger steps
+    # run eagerly. None: max_prefill_tokens + max_running_requests, at most 8,192.
+    piecewise_max_rows: int | None = None
     # Build the next decode step while the GPU runs this one (runs of plain decode steps
     # only; a request ending on a stop token decodes once more, discarded). None: on for CUDA.
     overlap_schedule: bool | None = None
@@ -89,6 +92,8 @@ class EngineConfig:
         if self.cascade_attention is not None and not isinstance(self.cascade_attention, bool):
             raise ValueError(f"cascade_attention must be None (auto), True or False, got {self.cascade_attention!r}")
         _check_int(self, "cascade_min_prefix", 1)
+        if self.piecewise_max_rows is not None:
+            _check_int(self, "piecewise_max_rows", 1)
         if self.triton_decode is not None and not isinstance(self.triton_decode, bool):
             raise ValueError(f"triton_decode must be None (auto), True or False, got {self.triton_decode!r}")
         if not isinstance(self.enable_prefix_cache, bool):

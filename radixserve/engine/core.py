@@ -72,6 +72,7 @@ class EngineCore:
             progress=config.show_progress,
             cuda_graphs=config.cuda_graphs,
             piecewise_graphs=config.piecewise_graphs,
+            piecewise_max_rows=config.piecewise_max_rows,
             max_prefill_tokens=config.max_prefill_tokens,
             fused_kernels=config.fused_kernels,
             triton_decode=config.triton_decode,

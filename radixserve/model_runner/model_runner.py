@@ -50,6 +50,7 @@ class ModelRunner:
         progress: bool = True,
         cuda_graphs: bool | None = None,
         piecewise_graphs: bool | None = None,
+        piecewise_max_rows: int | None = None,
         max_prefill_tokens: int | None = None,
         fused_kernels: bool | None = None,
         triton_decode: bool | None = None,
@@ -87,11 +88,12 @@ class ModelRunner:
         self.graph_batches = 0  # forwards that replayed a captured graph (the rest ran eagerly)
         # Other steps (prefill, mixed) replay the model's pieces between attention calls
         # (piecewise_graph.py), up to a step's most rows (a full prefill budget plus a decode
-        # each) or MAX_ROWS, past which the GPU's work outlasts the eager launch.
+        # each), or `piecewise_max_rows` (default MAX_ROWS) where that is fewer.
         if piecewise_graphs and reason is not None:
             raise ValueError(f"piecewise_graphs=True: {reason}")
         use_pieces = piecewise_graphs if piecewise_graphs is not None else use_graphs
-        max_rows = min((max_prefill_tokens or 0) + max_running_requests, PIECEWISE_MAX_ROWS)
+        cap = PIECEWISE_MAX_ROWS if piecewise_max_rows is None else piecewise_max_rows
+        max_rows = min((max_prefill_tokens or 0) + max_running_requests, cap)
         self.pieces = PiecewiseGraphRunner(self, max_rows) if use_pieces else None
         self.piecewise_batches = 0  # forwards that replayed graph pieces
 
