@@ -13,15 +13,15 @@ runs one step:
     gpu        from the launch's start until the GPU finishes (a sync)
     process    Scheduler.process
 
-`--busy-ms N` queues N ms of GPU work (a spin) before each launch, as the
-previous step of an overlapped loop would be: a launch that returns in its own
-time did not wait for the GPU; one that takes N ms more waited somewhere.
-`--sync-debug` runs the last launch under torch's sync debug mode and lists each
-synchronizing torch call with the engine's frames that made it.
-
 with the host's Python of the launch by function (cProfile, `--profile`) and
 the GPU's kernel time by category (torch.profiler, `--kernels`). Medians over
 `--reps` repetitions; every repetition's requests finish before the next.
+
+`--busy-ms N` queues N ms of GPU work (a spin) before each launch, as the
+previous step of an overlapped loop would be (`gpu` then includes it): a launch
+that returns in its own time did not wait for the GPU; one that takes N ms more
+waited somewhere. `--sync-debug` runs the last launch under torch's sync debug
+mode and lists each synchronizing torch call with the engine's frames that made it.
 
     python benchmarks/mixed_step.py --device cuda                         # online-like: 4 new, 128 decoding
     python benchmarks/mixed_step.py --device cuda --new 64 --decodes 960  # the shared-prefix run's ramp

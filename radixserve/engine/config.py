@@ -46,8 +46,8 @@ class EngineConfig:
     # needs device cuda, the fa4 backend and a bf16/fp16 dense model; capture costs seconds at start.
     cuda_graphs: bool | None = None  # decode under CUDA graphs; None: wherever supported (fa4, bf16/fp16, dense)
     # Prefill and mixed steps replay the model between attention calls as captured pieces
-    # (row buckets up to max_prefill_tokens + max_running_requests, at most 8,192; attention
-    # runs eagerly): same needs as cuda_graphs. None: on wherever decode graphs are; False: eager.
+    # (row buckets up to piecewise_max_rows; attention runs eagerly): same needs as
+    # cuda_graphs. None: on wherever decode graphs are; False: eager.
     piecewise_graphs: bool | None = None
     # The most rows (prefill chunk tokens + decodes) a step replays pieces for; bigger steps
     # run eagerly. None: max_prefill_tokens + max_running_requests, at most 8,192.

@@ -56,14 +56,14 @@ BUCKETS = (
     6144, 7168, 8192, 10240, 12288, 14336, 16384,
 )
 
-# Steps of more rows run eagerly: their GPU work outlasts the eager launch, so the host
-# hides behind it, and pieces would only add their copies and padding. Measured on the
-# H100 (Qwen3-0.6B shape): 640 rows launch in 54 ms eagerly for ~8 ms of kernels, 4,731
-# rows in 56 ms for ~38 ms (pieces: 15 and 22 ms to launch); in the nano-vllm run, whose
-# prefill steps are 16k-row chunks, capturing up to 16,640 rows made it 1.5-1.9% slower;
-# in the shared-prefix run (16k-row chunks with ~1,000 decodes) a cap of 17,408 took its
-# eager steps from 84 to 114 ms (median) and the run from 7.89 to 8.29 s. The default cap
-# of `EngineConfig.piecewise_max_rows`.
+# The default cap of `EngineConfig.piecewise_max_rows`: steps of more rows run eagerly.
+# Chosen by measurement on the H100 (Qwen3-0.6B shape), not by a model of the costs: pieces
+# launch 640 rows in 15 ms where the eager forward takes 54 ms (~8 ms of kernels), and
+# 4,731 rows in 22 ms against 56 ms (~38 ms of kernels); but in the nano-vllm run, whose
+# prefill steps are 16k-row chunks, capturing up to 16,640 rows made it 1.5-1.9% slower,
+# and in the shared-prefix run (16k-row chunks with ~1,000 decodes) a cap of 17,408 took
+# those steps from 84 to 114 ms (median) and the run from 7.89 to 8.29 s. Why pieces lose
+# on steps that big was not profiled.
 MAX_ROWS = 8192
 
 
