@@ -10,6 +10,7 @@ import argparse
 import gc
 import gzip
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -112,6 +113,27 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile-steps", type=int, default=0, help="also profile this many decode steps")
     p.add_argument("--profile-only", action="store_true", help="skip the timed runs; profile only")
     p.add_argument("--trace", help="write the profiled steps' chrome trace here (.json.gz)")
+
+
+def add_peer_args(p: argparse.ArgumentParser, peers: Sequence[str], default: str) -> None:
+    """The options that pick and run the peer engine (vLLM's through `vllm_peer.run_peer`)."""
+    p.add_argument("--peer", default=default, choices=[*peers, "none"],
+                   help=f"the engine measured beside ours in the same run (default {default})")
+    p.add_argument("--vllm-path", default=os.environ.get("RADIXSERVE_VLLM_PATH", "/tmp/vl"),
+                   help="the PYTHONPATH of the vLLM peer's process (default $RADIXSERVE_VLLM_PATH or /tmp/vl)")
+    p.add_argument("--vllm-log", help="keep the vLLM peer's log here (default: a temporary file)")
+    p.add_argument("--vllm-timeout", type=float, default=1200, help="seconds before the vLLM peer is given up")
+    p.add_argument("--check-seqs", type=int, default=4,
+                   help="greedy outputs of this many prompts are compared between the engines (0: skip)")
+    p.add_argument("--check-tokens", type=int, default=32, help="tokens per greedy comparison")
+
+
+def greedy_outputs(engine: Any, prompts: Sequence[Sequence[int]], tokens: int) -> list[list[int]]:
+    """Greedy token ids of `prompts` from a fresh cache (the sanity check against a peer)."""
+    engine.flush_cache()
+    outs = engine.generate([list(p) for p in prompts],
+                           SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True), progress=False)
+    return [list(o.token_ids) for o in outs]
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

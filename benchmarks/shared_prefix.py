@@ -9,14 +9,39 @@ random weights unless --model is given (as in throughput.py).
 Prints one JSON line: prompt and output tokens/s and the cache hit rate, for
 our engine with the prefix cache and within-batch folding on (the defaults)
 and with both off (the issue's baseline: no request shares K/V or work with
-another), and their speed ratio. Add --fold-baseline for a cache-off run with
+another), and their speed ratio; with --peer vllm, vLLM's offline `LLM` on the
+same checkpoint, prompts and sampling settings (prefix caching on, its defaults
+otherwise; vllm_peer.py, in a process of its own with --vllm-path as its
+PYTHONPATH, run before our engine loads), with our cache-on run's speed over it.
+--cache-on-only skips the cache-off run. Add --fold-baseline for a cache-off run with
 folding on (requests prefilled in one batch share their prefix), and
 --cascade-baseline for a cache-on run without cascade attention (what cascade
 adds). Both runs take the same --max-running; the cache-off one holds fewer
 requests at once where the KV pool runs out (each holds its whole prompt).
 
+The floor (printed under "floor") is the time no engine can beat on this
+workload with cascade attention, every request decoding at once (the fewest
+steps: output_len - 1) and the uncached prompt tokens computed once:
+
+    decode  = sum over steps j = 1 .. O-1 of max(bytes_j / bandwidth, flops_j / peak)
+      bytes_j = W + kv * (G * P + N * (Q + j))
+      flops_j = N * (2 * M + 2 * V * H + 4 * L * Hq * D * (P + Q + j))
+    prefill = (2 * M * (G * P + N * Q) + 2 * V * H * N
+               + 4 * L * Hq * D * (G * P^2 / 2 + N * (Q * P + Q^2 / 2))) / peak
+
+with G groups of P shared tokens, N requests of Q own tokens and O output tokens;
+W the weight bytes a decode step reads (every matrix once, the output head
+included), kv the K/V bytes per token (all layers), M the parameters of the
+decoder layers, V x H the output head, L layers, Hq query heads of D. Each
+step reads each group's prefix K/V once (cascade attention's shared pass) and
+each request's own K/V (question and generated tokens) once; prefill computes
+each group's prefix once and each question once. Bandwidth is a measured
+device-to-device copy (bytes read plus written), peak a measured bf16 matmul.
+Output token 0 comes from the prefill. Sampling and host time count as zero.
+
     python benchmarks/shared_prefix.py
     python benchmarks/shared_prefix.py --groups 16 --prompts-per-group 16 --output-len 128   # shorter
+    python benchmarks/shared_prefix.py --cache-on-only --peer vllm --vllm-path /tmp/vl
 """
 
 from __future__ import annotations
@@ -32,10 +57,13 @@ from typing import Any
 import torch
 
 from _workloads import (
-    Seq, Timer, add_engine_args, add_profile_args, emit, engine_kwargs, environment, free_memory, profile_decode, random_checkpoint,
+    Seq, Timer, add_engine_args, add_peer_args, add_profile_args, emit, engine_kwargs, environment, free_memory,
+    greedy_outputs, kv_bytes_per_token, measure_bandwidth_gbs, measure_matmul_tflops, model_bytes, profile_decode,
+    random_checkpoint,
 )
 from radixserve import Engine, SamplingParams
 from radixserve.replay.gentrace import GenConfig, generate_trace
+from vllm_peer import run_peer, token_agreement
 
 
 def parse_args() -> argparse.Namespace:
@@ -58,7 +86,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cascade-baseline", action="store_true",
                    help="add a run: cache on, cascade attention off")
     p.add_argument("--cache-on-only", action="store_true",
-                   help="only the cache-on run (to profile it from outside, e.g. with py-spy)")
+                   help="only the cache-on run (to profile it from outside, e.g. with py-spy), and the peer's")
+    p.add_argument("--bandwidth-gbs", type=float, help="the floor's bandwidth: skip measuring, use this")
+    add_peer_args(p, ["vllm"], default="none")
     return p.parse_args()
 
 
@@ -221,7 +251,7 @@ def _compiled_kernels() -> dict[str, int]:
 
 def run(
     ckpt: Path, seqs: list[Seq], args: argparse.Namespace, prefix_cache: bool, fold: str | None,
-    cascade: bool | None = None,
+    cascade: bool | None = None, check: list[Seq] | None = None,
 ) -> dict[str, Any]:
     options = dict(engine_kwargs(args), enable_prefix_cache=prefix_cache, schedule_policy=args.schedule_policy)
     if fold is not None:
@@ -252,6 +282,8 @@ def run(
         timeline.detach()
         fold_mode = engine.config.fold_mode
         cascade_min_prefix = engine.core.scheduler.config.cascade_min_prefix
+        greedy = greedy_outputs(engine, [s.prompt for s in check], args.check_tokens) if check else None
+        shape = model_shape(engine)
     finally:
         engine.shutdown()
         del engine
@@ -266,6 +298,7 @@ def run(
         "time_s": t.seconds,
         "prompt_tok_s": prompt_tokens / t.seconds,
         "output_tok_s": output_tokens / t.seconds,
+        "output_tokens": output_tokens,
         "cache_hit_rate": (after["hit_tokens"] - before["hit_tokens"]) / queried if queried else 0.0,
         "computed_tokens": after["computed_tokens"] - before["computed_tokens"],
         "steps": after["steps"] - before["steps"],
@@ -273,6 +306,57 @@ def run(
         "retractions": after["retractions"] - before["retractions"],
         "cascade_batches": after["cascade_batches"] - before["cascade_batches"],
         "step_time": timeline.summary(),
+        "_greedy": greedy,
+        "_shape": shape,
+    }
+
+
+def baseline(*a: Any, **kw: Any) -> dict[str, Any]:
+    """`run` without the parts only the cache-on run reports."""
+    result = run(*a, **kw)
+    del result["_greedy"], result["_shape"]
+    return result
+
+
+def model_shape(engine: Engine) -> dict[str, int]:
+    """The model's numbers that `cascade_floor` needs."""
+    runner = engine.core.runner
+    model, cfg = runner.model, runner.model_config
+    weights, per_step = model_bytes(model)
+    itemsize = next(model.parameters()).element_size()
+    head = cfg.vocab_size * cfg.hidden_size  # the output head, tied to the embedding or not
+    embeddings = head * (1 if cfg.tie_word_embeddings else 2)
+    return {
+        "weight_bytes_per_step": per_step, "kv_bytes_per_token": kv_bytes_per_token(cfg, runner.dtype),
+        "layer_params": weights // itemsize - embeddings, "head_params": head,
+        "num_layers": cfg.num_layers, "num_heads": cfg.num_heads, "head_dim": cfg.head_dim,
+    }
+
+
+def cascade_floor(args: argparse.Namespace, shape: dict[str, int], bandwidth_gbs: float, tflops: float) -> dict[str, Any]:
+    """The workload's bandwidth-and-compute floor with cascade attention (the module docstring
+    gives the formula): seconds for decode and prefill, and the bytes and flops behind them."""
+    g, p, q, o = args.groups, args.system_prompt_len, args.question_len, args.output_len
+    n = g * args.prompts_per_group
+    bandwidth, peak = bandwidth_gbs * 1e9, tflops * 1e12
+    attn = 4 * shape["num_layers"] * shape["num_heads"] * shape["head_dim"]  # flops per (query, key) pair
+    per_token = 2 * shape["layer_params"] + 2 * shape["head_params"]
+    decode_s = kv_read = weight_read = decode_flops = 0.0
+    for j in range(1, o):
+        step_bytes = shape["weight_bytes_per_step"] + shape["kv_bytes_per_token"] * (g * p + n * (q + j))
+        step_flops = n * (per_token + attn * (p + q + j))
+        decode_s += max(step_bytes / bandwidth, step_flops / peak)
+        weight_read += shape["weight_bytes_per_step"]
+        kv_read += step_bytes - shape["weight_bytes_per_step"]
+        decode_flops += step_flops
+    prefill_flops = (2 * shape["layer_params"] * (g * p + n * q) + 2 * shape["head_params"] * n
+                     + attn * (g * p * p / 2 + n * (q * p + q * q / 2)))
+    prefill_s = prefill_flops / peak
+    return {
+        "bandwidth_gbs": bandwidth_gbs, "matmul_tflops": tflops, "decode_steps": o - 1,
+        "weight_read_gb": weight_read / 1e9, "kv_read_gb": kv_read / 1e9, "decode_tflop": decode_flops / 1e12,
+        "decode_floor_s": decode_s, "prefill_tflop": prefill_flops / 1e12, "prefill_floor_s": prefill_s,
+        "floor_s": decode_s + prefill_s,
     }
 
 
@@ -280,6 +364,8 @@ def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("radixserve.model_runner.attention").setLevel(logging.INFO)
+    bandwidth = args.bandwidth_gbs or measure_bandwidth_gbs(args.device)
+    tflops = measure_matmul_tflops(args.device)
     ckpt = Path(args.model) if args.model else random_checkpoint(
         args.shape, args.ckpt_dir or f"/tmp/radixserve-{args.shape}", args.device, seed=args.seed
     )
@@ -290,31 +376,49 @@ def main() -> None:
               "cascade_attention": not args.no_cascade_attention, **profile_decode(ckpt, wave, args)})
         if args.profile_only:
             return
-    on = run(ckpt, seqs, args, prefix_cache=True, fold=args.fold_mode)
-    if args.cache_on_only:
-        emit({"bench": "shared_prefix", "shape": args.model or args.shape, **environment(args.device), "cache_on": on})
-        return
-    off = run(ckpt, seqs, args, prefix_cache=False, fold="off")
-    extra: dict[str, Any] = {}
-    if args.fold_baseline:
-        folded = run(ckpt, seqs, args, prefix_cache=False, fold=args.fold_mode)
-        extra |= {"cache_off_fold_on": folded, "speedup_cache_on_vs_fold_only": folded["time_s"] / on["time_s"]}
-    if args.cascade_baseline:
-        flat = run(ckpt, seqs, args, prefix_cache=True, fold=args.fold_mode, cascade=False)
-        extra |= {"cache_on_cascade_off": flat, "speedup_cascade_on_vs_off": flat["time_s"] / on["time_s"]}
-    emit({
+    record: dict[str, Any] = {
         "bench": "shared_prefix", "shape": args.model or args.shape, **environment(args.device),
         "workload": {
             "groups": args.groups, "prompts_per_group": args.prompts_per_group,
             "system_prompt_len": args.system_prompt_len, "question_len": args.question_len,
             "output_len": args.output_len, "shuffled": not args.no_shuffle,
-            "prompt_tokens": sum(len(s.prompt) for s in seqs),
+            "prompt_tokens": sum(len(s.prompt) for s in seqs), "output_tokens": sum(s.output_len for s in seqs),
         },
-        "cache_on": on, "cache_off": off,  # cache_off: folding off too
-        "speedup_cache_on_vs_off": off["time_s"] / on["time_s"],
-        "prompt_throughput_ratio": on["prompt_tok_s"] / off["prompt_tok_s"],
-        **extra,
-    })
+    }
+    check = seqs[: args.check_seqs] if args.peer == "vllm" else []
+    if args.peer == "vllm":  # first, while this process holds no GPU memory beyond its context
+        record["vllm"] = run_peer(
+            ckpt, [s.prompt for s in seqs], [s.output_len for s in seqs], temperature=0.6, dtype=args.dtype,
+            vllm_path=args.vllm_path, check_prompts=[s.prompt for s in check], check_tokens=args.check_tokens,
+            log_path=Path(args.vllm_log) if args.vllm_log else None, timeout_s=args.vllm_timeout,
+        )
+    on = run(ckpt, seqs, args, prefix_cache=True, fold=args.fold_mode, check=check)
+    greedy, shape = on.pop("_greedy"), on.pop("_shape")
+    record["cache_on"] = on
+    requested = record["workload"]["output_tokens"]
+    record["output_tokens_as_requested"] = {"radixserve": on["output_tokens"] == requested}
+    floor = cascade_floor(args, shape, bandwidth, tflops)
+    floor["radixserve_time_over_floor"] = on["time_s"] / floor["floor_s"]
+    peer = record.get("vllm", {})
+    if "time_s" in peer:
+        record["output_tokens_as_requested"]["vllm"] = peer["output_tokens"] == requested
+        record["speedup_vs_vllm"] = peer["time_s"] / on["time_s"]
+        floor["vllm_time_over_floor"] = peer["time_s"] / floor["floor_s"]
+        if greedy is not None:
+            record["greedy_agreement_vs_vllm"] = token_agreement(greedy, peer.pop("check_greedy_tokens"))
+    record["floor"] = floor
+    if not args.cache_on_only:
+        off = baseline(ckpt, seqs, args, prefix_cache=False, fold="off")
+        record |= {"cache_off": off,  # cache_off: folding off too
+                   "speedup_cache_on_vs_off": off["time_s"] / on["time_s"],
+                   "prompt_throughput_ratio": on["prompt_tok_s"] / off["prompt_tok_s"]}
+        if args.fold_baseline:
+            folded = baseline(ckpt, seqs, args, prefix_cache=False, fold=args.fold_mode)
+            record |= {"cache_off_fold_on": folded, "speedup_cache_on_vs_fold_only": folded["time_s"] / on["time_s"]}
+        if args.cascade_baseline:
+            flat = baseline(ckpt, seqs, args, prefix_cache=True, fold=args.fold_mode, cascade=False)
+            record |= {"cache_on_cascade_off": flat, "speedup_cascade_on_vs_off": flat["time_s"] / on["time_s"]}
+    emit(record)
 
 
 if __name__ == "__main__":

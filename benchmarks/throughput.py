@@ -1,18 +1,30 @@
-"""Offline throughput on nano-vllm's workload, with transformers as the peer in the same run.
+"""Offline throughput on nano-vllm's workload, with vLLM or transformers as the peer in the same run.
 
 Workload (nano-vllm bench.py): 256 sequences, prompts of random token ids with
 lengths uniform in [100, 1024], output lengths uniform in [100, 1024],
 temperature 0.6, ignore_eos. The model is a Qwen3 shape with random weights
 (speed depends on shapes only) unless --model names a checkpoint.
 
-Prints one JSON line: output tokens/s; transformers' `generate` (static
-batching) on a subset, and our engine on that same subset, as a ratio; and the
-memory-bandwidth floor of the decode phase (weights plus every active
+Prints one JSON line: output tokens/s; the peer's, and our engine's over it as
+a ratio; and the memory-bandwidth floor of the decode phase (weights plus every active
 sequence's K/V read once per step, summed over the run, over a device-to-device
 copy's measured bandwidth) with the fraction of it achieved.
+
+Peers (`--peer`):
+- `vllm`: vLLM's offline `LLM` on the whole workload (the same checkpoint, the
+  same token-id prompts, temperature and output lengths; prefix caching on, its
+  defaults otherwise), in a process of its own started with `--vllm-path` as its
+  PYTHONPATH (`vllm_peer.py`), before our engine loads. Both engines must
+  produce every requested token (ignore_eos); greedy outputs of `--check-seqs`
+  prompts are compared for agreement (bf16: late divergence is expected).
+- `transformers` (default): `generate` (static batching) on the first
+  `--hf-seqs` prompts with `--hf-new-tokens` each, in this process; our engine
+  runs that same subset for the ratio.
+
 --profile-steps N adds a decode-step breakdown (torch.profiler, see profile_decode).
 
     python benchmarks/throughput.py                       # Qwen3-0.6B shape on cuda
+    python benchmarks/throughput.py --peer vllm --vllm-path /tmp/vl
     python benchmarks/throughput.py --shape qwen3-8b --hf-seqs 16
     python benchmarks/throughput.py --no-cuda-graphs       # eager decode (graphs are the engine's default)
     python benchmarks/throughput.py --shape tiny --device cpu --dtype float32 --num-seqs 4 \\
@@ -30,13 +42,15 @@ import torch
 
 from _workloads import (
     add_engine_args,
+    add_peer_args,
     add_profile_args,
     engine_kwargs,
     Seq, Timer, decode_floor, emit, environment, free_memory, kv_bytes_per_token,
     measure_bandwidth_gbs, measure_matmul_tflops, model_bytes, nano_vllm_workload, prefill_floor_s,
-    profile_decode, random_checkpoint,
+    greedy_outputs, profile_decode, random_checkpoint,
 )
 from radixserve import Engine, SamplingParams
+from vllm_peer import run_peer, token_agreement
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -50,6 +64,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--hf-seqs", type=int, default=32, help="transformers runs the first N sequences (0: skip)")
     p.add_argument("--hf-new-tokens", type=int, default=256, help="output tokens per sequence in the peer run")
     p.add_argument("--bandwidth-gbs", type=float, help="skip measuring; use this bandwidth")
+    add_peer_args(p, ["transformers", "vllm"], default="transformers")
     add_profile_args(p)
     return p.parse_args()
 
@@ -94,7 +109,18 @@ def warm_up(engine: Engine, seqs: list[Seq]) -> None:
     engine.flush_cache()
 
 
-def run_ours(ckpt: Path, seqs: list[Seq], hf_subset: list[Seq], args: argparse.Namespace) -> dict[str, Any]:
+def run_vllm(ckpt: Path, seqs: list[Seq], check: list[Seq], args: argparse.Namespace) -> dict[str, Any]:
+    """vLLM on the whole workload (vllm_peer.py), at the same temperature and output lengths."""
+    return run_peer(
+        ckpt, [s.prompt for s in seqs], [s.output_len for s in seqs], temperature=0.6, dtype=args.dtype,
+        vllm_path=args.vllm_path, check_prompts=[s.prompt for s in check], check_tokens=args.check_tokens,
+        log_path=Path(args.vllm_log) if args.vllm_log else None, timeout_s=args.vllm_timeout,
+    )
+
+
+def run_ours(
+    ckpt: Path, seqs: list[Seq], hf_subset: list[Seq], args: argparse.Namespace, check: list[Seq] | None = None,
+) -> dict[str, Any]:
     with Timer() as start:  # weights, KV pool, kernel compilation, CUDA-graph capture
         engine = Engine(str(ckpt), **engine_kwargs(args))
         warm_up(engine, seqs)
@@ -122,6 +148,8 @@ def run_ours(ckpt: Path, seqs: list[Seq], hf_subset: list[Seq], args: argparse.N
             engine.flush_cache()
             sub_s, sub_tokens = generate(engine, hf_subset, max_tokens=args.hf_new_tokens)
             result["same_subset_tok_s"] = sub_tokens / sub_s
+        if check:
+            result["check_greedy_tokens"] = greedy_outputs(engine, [s.prompt for s in check], args.check_tokens)
         result["weight_bytes"], result["weight_bytes_per_step"] = model_bytes(core.runner.model)
         result["kv_bytes_per_token"] = kv_bytes_per_token(core.runner.model_config, core.runner.dtype)
         result["_config"] = core.runner.model_config
@@ -147,7 +175,8 @@ def main() -> None:
     if args.profile_only:
         emit({"bench": "decode_profile", "shape": args.model or args.shape, **profile_decode(ckpt, seqs, args)})
         return
-    subset = seqs[: args.hf_seqs]
+    subset = seqs[: args.hf_seqs] if args.peer == "transformers" else []
+    check = seqs[: args.check_seqs] if args.peer == "vllm" else []
     record["workload"] = {
         "num_seqs": len(seqs), "prompt_tokens": sum(len(s.prompt) for s in seqs),
         "output_tokens": sum(s.output_len for s in seqs), "input_len": args.input_len,
@@ -155,9 +184,20 @@ def main() -> None:
     }
     if subset:
         record["transformers"] = run_hf(ckpt, subset, args.hf_new_tokens, args)
-    ours = run_ours(ckpt, seqs, subset, args)
+    if args.peer == "vllm":  # first, while this process holds no GPU memory beyond its context
+        record["vllm"] = run_vllm(ckpt, seqs, check, args)
+    ours = run_ours(ckpt, seqs, subset, args, check)
     config = ours.pop("_config")
     record["radixserve"] = ours
+    requested = record["workload"]["output_tokens"]
+    record["output_tokens_as_requested"] = {"radixserve": ours["output_tokens"] == requested}
+    greedy = ours.pop("check_greedy_tokens", None)
+    peer = record.get("vllm", {})
+    if "time_s" in peer:
+        record["output_tokens_as_requested"]["vllm"] = peer["output_tokens"] == requested
+        record["ratio_vs_vllm"] = ours["output_tok_s"] / peer["output_tok_s"]
+        if greedy is not None:
+            record["greedy_agreement_vs_vllm"] = token_agreement(greedy, peer.pop("check_greedy_tokens"))
     if subset:
         record["ratio_vs_transformers_same_subset"] = ours["same_subset_tok_s"] / record["transformers"]["tok_s"]
         record["ratio_full_run_vs_transformers_subset"] = ours["output_tok_s"] / record["transformers"]["tok_s"]
@@ -173,6 +213,8 @@ def main() -> None:
         "prefill_compute_floor_s": prefill, "floor_s": floor_s,
         "achieved_fraction": floor_s / ours["time_s"],
     }
+    if "time_s" in peer:
+        record["floor"]["vllm_achieved_fraction"] = floor_s / peer["time_s"]
     emit(record)
     if args.profile_steps:
         emit({"bench": "decode_profile", "shape": record["shape"], **profile_decode(ckpt, seqs, args)})
