@@ -39,7 +39,7 @@ def chat(**kw):
     return {"model": M, "messages": MSGS, "max_tokens": 2, **kw}
 
 
-# (id, method, path, body (bytes are sent raw), status, the error's param or None)
+# (id, method, path, body (bytes are sent raw; (bytes, content type) with that type), status, the error's param or None)
 BAD = [
     ("malformed-json", "POST", "/v1/completions", b'{"model": "x", ', 400, None),
     ("empty-body", "POST", "/v1/chat/completions", b"", 400, None),
@@ -117,6 +117,28 @@ BAD = [
     ("generate-bad-sampling-value", "POST", "/generate", {"text": "a", "sampling_params": {"top_p": 7}}, 400,
      "sampling_params.top_p"),
     ("embeddings-bad-input", "POST", "/v1/embeddings", {"model": M, "input": 7}, None, None),
+    # Text no tokenizer can encode: a lone UTF-16 surrogate (JSON spells it "\ud800") in any text field, named.
+    ("surrogate-prompt", "POST", "/v1/completions", comp(prompt="a\ud800b"), 400, "prompt"),
+    ("surrogate-prompt-list", "POST", "/v1/completions", comp(prompt=["ok", "\udc00"]), 400, "prompt[1]"),
+    ("surrogate-chat-content", "POST", "/v1/chat/completions", chat(messages=[{"role": "user", "content": "\ud83d"}]),
+     400, "messages[0].content"),
+    ("surrogate-chat-part", "POST", "/v1/chat/completions", chat(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "ok"}, {"type": "text", "text": "\udfff"}]}]), 400, "messages[0].content[1].text"),
+    ("surrogate-stop", "POST", "/v1/completions", comp(stop="\ud800"), 400, "stop"),
+    ("surrogate-stop-list", "POST", "/v1/chat/completions", chat(stop=["x", "\ud800"]), 400, "stop[1]"),
+    ("surrogate-generate-text", "POST", "/generate", {"text": "\ud800"}, 400, "text"),
+    ("surrogate-generate-stop", "POST", "/generate", {"text": "a", "sampling_params": {"stop": ["\ud800"]}}, 400,
+     "sampling_params.stop[0]"),
+    ("surrogate-embeddings-input", "POST", "/v1/embeddings", {"model": M, "input": ["ok", "\ud800"]}, 400,
+     "input[1]"),
+    ("surrogate-model", "POST", "/v1/completions", comp(model="\ud800"), 400, "model"),
+    ("surrogate-user", "POST", "/v1/chat/completions", chat(user="\ud800"), 400, "user"),
+    ("surrogate-parameter-name", "POST", "/v1/completions", {**comp(), "\ud800": 1}, 400, None),
+    ("invalid-utf8-body", "POST", "/v1/completions", b'{"model": "m", "prompt": "\xff\xfe"}', 400, None),
+    ("utf8-encoded-surrogate-body", "POST", "/generate", b'{"text": "\xed\xa0\x80"}', 400, None),
+    ("text-plain-body", "POST", "/v1/completions", (json.dumps(comp()).encode(), "text/plain"), 415, None),
+    ("form-body", "POST", "/v1/chat/completions", (json.dumps(chat()).encode(), "application/x-www-form-urlencoded"),
+     415, None),
     ("unknown-route", "GET", "/v1/nothing-here", None, 404, None),
     ("wrong-method", "GET", "/v1/completions", None, 405, None),
     ("flush-wrong-method", "GET", "/flush_cache", None, 405, None),
@@ -132,8 +154,12 @@ def _good_request_succeeds(url: str) -> None:
 def test_bad_request_gets_a_4xx_json_error(server, engine, name, method, path, body, status, param):
     if status is None:  # embeddings: 400 once Engine.embed exists, 501 (not a client mistake) until then
         status, param = (400, "input") if hasattr(engine, "embed") else (501, None)
+    content_type = {}
+    if isinstance(body, tuple):
+        body, content_type = body[0], {"Content-Type": body[1]}
     raw = body if isinstance(body, bytes) else None
-    got, headers, err = http(server.url + path, method, None if raw is not None else body, raw=raw)
+    got, headers, err = http(server.url + path, method, None if raw is not None else body, raw=raw,
+                             headers=content_type)
     assert got == status, err
     assert headers["Content-Type"].startswith("application/json")
     assert set(err) == {"error"} and set(err["error"]) == {"message", "type", "param", "code"}, err
@@ -151,6 +177,7 @@ def test_corpus_is_big_enough():
 JUNK = st.one_of(
     st.none(), st.booleans(), st.integers(-3, 3), st.sampled_from([2**70, 1e308, -0.5, 2.5, float("nan")]),
     st.text(max_size=3), st.lists(st.integers(0, 60000), max_size=3), st.lists(st.text(max_size=2), max_size=3),
+    st.text(st.characters(categories=["Cs", "Ll"]), min_size=1, max_size=3),  # lone surrogates among letters
     st.just({}), st.just({"type": "text"}), st.just({"include_usage": True}), st.just([{"role": "user"}]),
     st.just([{"type": "text", "text": "a"}]), st.just([{"role": "user", "content": "hi"}]),
 )

@@ -8,6 +8,8 @@ import os
 import sys
 from typing import Sequence
 
+API_KEY_ENV = "RADIXSERVE_API_KEY"
+
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="Hugging Face model directory (default: built-in SmolLM2-135M-Instruct)")
@@ -105,14 +107,41 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     add_engine_options(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    p.add_argument("--api-key", default=os.environ.get("RADIXSERVE_API_KEY") or None,
-                   help="require 'Authorization: Bearer KEY' (default: $RADIXSERVE_API_KEY)")
+    keys = p.add_mutually_exclusive_group()
+    keys.add_argument("--api-key", default=None,
+                      help="require 'Authorization: Bearer KEY' (default: $%s). Other local users can read "
+                           "a command line (ps): prefer the variable or --api-key-file" % API_KEY_ENV)
+    keys.add_argument("--api-key-file", default=None, metavar="PATH",
+                      help="read the API key from this file (its first line)")
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model's)")
     p.add_argument("--max-pending-requests", type=int, default=None,
                    help="sequences admitted at once before answering 503 (default: 4 x max running requests)")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="request body size limit in MiB")
-    p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds SIGTERM waits for in-flight requests")
+    p.add_argument("--drain-timeout", type=float, default=60.0,
+                   help="seconds SIGTERM waits for in-flight requests before cutting them (default: 60)")
+    p.add_argument("--timeout-keep-alive", type=float, default=5.0,
+                   help="close a connection that sends nothing for this many seconds (default: 5)")
+    p.add_argument("--timeout-header", type=float, default=10.0,
+                   help="close a connection whose request headers take longer than this to arrive (default: 10)")
+    p.add_argument("--timeout-body", type=float, default=60.0,
+                   help="answer 408 and close when a request body takes longer than this to arrive (default: 60)")
     p.set_defaults(func=_run_serve)
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    """The serve command's API key: --api-key, else --api-key-file's first line, else $RADIXSERVE_API_KEY."""
+    if args.api_key is not None:
+        return args.api_key
+    if args.api_key_file is not None:
+        try:
+            with open(args.api_key_file, encoding="utf-8") as f:
+                key = f.readline().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"api_key_file: cannot read {args.api_key_file}: {exc}") from None
+        if not key:
+            raise ValueError(f"api_key_file: {args.api_key_file} holds no key on its first line")
+        return key
+    return os.environ.get(API_KEY_ENV) or None
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -121,11 +150,14 @@ def _run_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(  # validated before torch and the model load
         host=args.host,
         port=args.port,
-        api_key=args.api_key,
+        api_key=api_key(args),
         served_model_name=args.served_model_name,
         max_pending_requests=args.max_pending_requests,
         max_body_bytes=int(args.max_body_mb * 2**20),
         drain_timeout=args.drain_timeout,
+        keep_alive_timeout=args.timeout_keep_alive,
+        header_timeout=args.timeout_header,
+        body_timeout=args.timeout_body,
     )
     from radixserve import Engine
 

@@ -8,6 +8,7 @@ are left to it, and its `ValueError` becomes a 400 naming the field.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -81,6 +82,54 @@ class EmbeddingRequest:
 
 
 # -- shared checks ------------------------------------------------------------------------
+
+# A \uD800-\uDFFF escape in JSON text that is not half of a pair. It is only a fast filter (an escaped
+# backslash before "ud800" matches too): `check_unicode` walks the parsed body for the truth.
+_LONE_SURROGATE_ESCAPE = re.compile(
+    r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+)
+
+
+def _is_unicode(text: str) -> bool:
+    """Whether `text` can be encoded (UTF-8, a tokenizer): no lone UTF-16 surrogate in it."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_unicode(body: Any, json_text: str) -> None:
+    """Refuse a parsed JSON body if any string in it (a value or a key) holds a lone UTF-16 surrogate.
+
+    JSON may spell one (`"\\ud800"`); no tokenizer encodes it. One check for every route and
+    field (prompts, chat content and its parts, stop strings, /generate text, embedding inputs, names),
+    answered with a 400 whose `param` is the field's path, e.g. `messages[0].content[1].text`.
+    `json_text` (the body the value was parsed from) lets the common case skip the walk.
+    """
+    if not _LONE_SURROGATE_ESCAPE.search(json_text):
+        return
+    stack: list[tuple[Any, str]] = [(body, "")]
+    while stack:  # iterative: json.loads accepts nesting deeper than Python's recursion limit
+        value, where = stack.pop()
+        if isinstance(value, str):
+            if not _is_unicode(value):
+                raise bad_request(f"{where or 'the request body'} holds a lone UTF-16 surrogate, which is not "
+                                  "valid Unicode text", param=where or None, code="invalid_unicode")
+        elif isinstance(value, dict):
+            items = []
+            for key, item in value.items():
+                if not _is_unicode(key):
+                    raise bad_request(f"a parameter name in {where or 'the request body'} ({ascii(key)}) holds a "
+                                      "lone UTF-16 surrogate", param=where or None, code="invalid_unicode")
+                items.append((item, f"{where}.{key}" if where else key))
+            stack.extend(reversed(items))  # fields in document order: the first bad one is named
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{j}]") for j, item in reversed(list(enumerate(value)))
+                         if isinstance(item, (str, dict, list)))
 
 
 def check_object(body: Any) -> dict[str, Any]:

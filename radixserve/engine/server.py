@@ -11,7 +11,9 @@ flush) or may be slow (tokenizing a long prompt) runs in a worker thread.
 Errors are OpenAI-style, `{"error": {"message", "type", "param", "code"}}`,
 and a client's mistake is always a 4xx: unknown routes, wrong methods and
 oversized bodies included. An unexpected exception is a logged 500 and the
-server keeps serving.
+server keeps serving. A connection that is idle, or sends its request too
+slowly, is closed (server_transport.py); at shutdown, requests still running
+after the drain timeout are cut with a 503 or a last error event.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import web
 
@@ -32,6 +34,7 @@ from radixserve.engine.metrics import ServerMetrics
 from radixserve.engine.openai_api import ApiError
 from radixserve.engine.openai_responses import TokenText
 from radixserve.engine.server_routes import ROUTES, STATE, json_response
+from radixserve.engine.server_transport import AccessLogger, TimedAppRunner, arm_body_deadline, escape_log
 
 if TYPE_CHECKING:
     from radixserve.engine.engine import Engine
@@ -39,6 +42,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _OPEN_PATHS = ("/health",)  # answered without the API key (load balancers' probes)
+# After the drain timeout, how long cut requests get to send their last bytes, and then how long
+# aiohttp waits for any other handler before cancelling it.
+_CUT_GRACE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -50,8 +56,14 @@ class ServerConfig:
     # Sequences (prompts x n) admitted at once, running or queued in the engine; beyond it, 503 + Retry-After.
     max_pending_requests: int | None = None  # None: 4 x the engine's max_running_requests
     max_body_bytes: int = 16 * 2**20
-    drain_timeout: float = 60.0  # seconds SIGTERM waits for in-flight requests
+    drain_timeout: float = 60.0  # seconds SIGTERM waits for in-flight requests before cutting them
     retry_after_s: int = 1
+    # A connection is closed when it sends nothing for keep_alive_timeout seconds (before its first
+    # request or between requests), takes longer than header_timeout from a request's first byte to the
+    # end of its headers, or longer than body_timeout from there to the end of the body (then 408).
+    keep_alive_timeout: float = 5.0
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or isinstance(self.port, bool) or not 0 <= self.port <= 65535:
@@ -66,6 +78,10 @@ class ServerConfig:
             raise ValueError(f"max_body_bytes must be an integer >= 1024, got {self.max_body_bytes!r}")
         if not self.drain_timeout >= 0:
             raise ValueError(f"drain_timeout must be >= 0 seconds, got {self.drain_timeout!r}")
+        for name in ("keep_alive_timeout", "header_timeout", "body_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
 
 
 class ServerState:
@@ -86,6 +102,7 @@ class ServerState:
         self.pending = 0  # sequences admitted and not finished (server_routes.admit counts them in)
         self.inflight = 0  # HTTP requests inside a handler
         self.draining = False
+        self.generations: set[Any] = set()  # server_routes.Generation's running now (cut at the drain timeout)
 
     def engine_alive(self) -> bool:
         return self.engine.is_alive()
@@ -105,7 +122,8 @@ def default_model_name(engine: "Engine") -> str:
 def build_app(engine: "Engine", config: ServerConfig | None = None) -> web.Application:
     """The aiohttp application over a running `Engine` (which it does not own)."""
     config = config or ServerConfig()
-    app = web.Application(middlewares=[_errors, _draining, _auth], client_max_size=config.max_body_bytes)
+    app = web.Application(middlewares=[_errors, _body_deadline, _draining, _auth],
+                          client_max_size=config.max_body_bytes)
     app[STATE] = ServerState(engine, config)
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
@@ -135,7 +153,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         state.metrics.count_http(request.method, route, 499)
         raise
     except Exception:
-        logger.exception("unhandled error in %s %s", request.method, request.path)
+        logger.exception("unhandled error in %s %s", request.method, escape_log(request.path))
         resp = json_response(ApiError(500, "internal server error").body(), status=500)
     finally:
         state.inflight -= 1
@@ -149,6 +167,17 @@ def _http_error(exc: web.HTTPException) -> web.Response:
     err = ApiError(exc.status, message, code=codes.get(exc.status))
     headers = {k: v for k, v in exc.headers.items() if k in ("Allow",)}
     return json_response(err.body(), status=exc.status, headers=headers)
+
+
+@web.middleware
+async def _body_deadline(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A body that has not all arrived within `body_timeout` fails its reader (read_json answers 408)."""
+    timer = arm_body_deadline(request, request.app[STATE].config.body_timeout)
+    try:
+        return await handler(request)
+    finally:
+        if timer is not None and request.content.is_eof():
+            timer.cancel()  # else it stays armed for aiohttp's read of the unread rest of the body
 
 
 @web.middleware
@@ -176,9 +205,17 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
 async def run_app(
     app: web.Application, config: ServerConfig, stop: asyncio.Event, on_ready: Callable[[str], None] | None = None
 ) -> None:
-    """Listen until `stop` is set, then drain: refuse new requests, finish in-flight ones, close."""
+    """Listen until `stop` is set, then drain: refuse new requests, finish in-flight ones, close.
+
+    In-flight requests get `drain_timeout` seconds; then each generation still running is cut
+    (a 503, or a last error event and `[DONE]` on a stream it has started) and the server closes
+    within about a second more.
+    """
     state = app[STATE]
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=config.drain_timeout)
+    runner = TimedAppRunner(
+        app, header_timeout=config.header_timeout, keepalive_timeout=config.keep_alive_timeout,
+        handler_cancellation=True, shutdown_timeout=_CUT_GRACE_S, access_log_class=AccessLogger,
+    )
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.host, config.port)
@@ -192,15 +229,24 @@ async def run_app(
         state.draining = True
         for s in list(runner.sites):
             await s.stop()  # no new connections
-        deadline = time.monotonic() + config.drain_timeout
-        while state.inflight and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        if state.inflight:
-            logger.warning("drain timeout: %d requests still in flight are cancelled", state.inflight)
+        if not await _requests_done(state, config.drain_timeout):
+            logger.warning("drain timeout (%g s): cutting %d requests still in flight", config.drain_timeout,
+                           state.inflight)
+            for gen in list(state.generations):
+                gen.cut(config.drain_timeout)
+            await _requests_done(state, _CUT_GRACE_S)
     finally:
         await runner.cleanup()
         # Aborted requests' last deltas are posted to this loop: let them land before it closes.
         await asyncio.to_thread(state.engine.wait_idle, 30.0)
+
+
+async def _requests_done(state: ServerState, timeout: float) -> bool:
+    """Wait up to `timeout` seconds for every HTTP request in flight to finish; whether they did."""
+    deadline = time.monotonic() + timeout
+    while state.inflight and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return not state.inflight
 
 
 def serve(engine: "Engine", config: ServerConfig | None = None, on_ready: Callable[[str], None] | None = None) -> None:

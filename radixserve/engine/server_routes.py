@@ -26,6 +26,7 @@ from radixserve.engine.openai_api import (
     GenerateRequest,
     bad_request,
     build_sampling_params,
+    check_unicode,
     parse_chat,
     parse_completion,
     parse_embedding,
@@ -33,6 +34,7 @@ from radixserve.engine.openai_api import (
 from radixserve.engine.native_api import native_delta, native_response, parse_generate
 from radixserve.engine.openai_responses import ResponseBuilder
 from radixserve.engine.outputs import StreamDelta
+from radixserve.engine.server_transport import BodyTimeout
 from radixserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _END = object()  # a prompt's stream ended
+_CUT = object()  # the server cut the request at its drain timeout
 _DEFAULT_MAX_TOKENS = {"completions": 16, "chat": None, "generate": SamplingParams().max_tokens}
 
 
@@ -52,17 +55,37 @@ def state_of(request: web.Request) -> "ServerState":
 
 
 async def read_json(request: web.Request) -> Any:
-    limit = state_of(request).config.max_body_bytes  # aiohttp enforces it while reading; checked early here
+    """The body of a JSON route: `application/json` (else 415), UTF-8 text (else 400), JSON whose
+    strings are all valid Unicode (else 400 naming the field), arrived in time (else 408)."""
+    config = state_of(request).config
+    # Only JSON: a web page can make a browser post text/plain, form data or an untyped body to any
+    # address without asking it first (a CORS "simple request"); application/json it cannot.
+    if request.content_type != "application/json" or (request.charset or "utf-8").lower() not in ("utf-8", "utf8"):
+        sent = request.headers.get("Content-Type")
+        raise ApiError(415, f"the request body must be JSON sent with 'Content-Type: application/json', got "
+                            f"{'no Content-Type' if sent is None else repr(sent)}", code="unsupported_media_type")
+    limit = config.max_body_bytes  # aiohttp enforces it while reading; checked early here
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, f"the request body is {request.content_length} bytes; the limit is {limit}",
                        code="request_too_large")
-    raw = await request.read()
+    try:
+        raw = await request.read()
+    except BodyTimeout:
+        raise ApiError(408, f"the request body did not arrive within {config.body_timeout:g} s",
+                       code="request_timeout", headers={"Connection": "close"}) from None
     if not raw:
         raise bad_request("the request body is empty; send a JSON object", code="invalid_json")
     try:
-        return json.loads(raw)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise bad_request(f"the request body is not valid UTF-8 (byte {exc.start}: {exc.reason})",
+                          code="invalid_encoding") from None
+    try:
+        body = json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    check_unicode(body, text)
+    return body
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -96,11 +119,13 @@ class Generation:
 
     async def __aenter__(self) -> "Generation":
         admit(self.state, self.n_seqs, "n")
+        self.state.generations.add(self)
         self._tasks = [asyncio.create_task(self._pump(i, ids)) for i, ids in enumerate(self.prompts)]
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         self.state.pending -= self.n_seqs
+        self.state.generations.discard(self)
         unfinished = [t for t in self._tasks if not t.done()]
         for t in unfinished:
             t.cancel()
@@ -121,11 +146,18 @@ class Generation:
         finally:
             await agen.aclose()  # a no-op after a normal end; aborts the request otherwise
 
+    def cut(self, drain_timeout: float) -> None:
+        """End `events()` with a 503 `ApiError` (the server is shutting down and waited `drain_timeout` s)."""
+        self._queue.put_nowait((-1, (_CUT, drain_timeout)))
+
     async def events(self) -> AsyncIterator[tuple[int, StreamDelta]]:
-        """(prompt index, delta) in arrival order until every prompt has finished."""
+        """(prompt index, delta) in arrival order until every prompt has finished (or `cut`)."""
         open_prompts = len(self.prompts)
         while open_prompts:
             i, item = await self._queue.get()
+            if isinstance(item, tuple) and item[0] is _CUT:
+                raise ApiError(503, f"the server is shutting down and cut this request after waiting "
+                                    f"{item[1]:g} s for it (drain timeout)", code="shutting_down")
             if item is _END:
                 open_prompts -= 1
                 self.state.metrics.e2e.observe(time.monotonic() - self.arrival)
@@ -266,6 +298,7 @@ async def _stream(
     except ApiError as exc:  # headers are out: the error travels as an event (the openai client raises it)
         with contextlib.suppress(ConnectionResetError):
             await _sse(resp, exc.body())
+            await resp.write(b"data: [DONE]\n\n")  # the stream ends as a stream, not as a cut body
     except ConnectionResetError:  # the client went away mid-stream; leaving Generation aborts the rest
         logger.debug("client disconnected from %s", builder.id)
         gen.client_gone = True

@@ -1,0 +1,156 @@
+"""Below the routes: deadlines on reading a request, and an access log line a client cannot forge.
+
+A connection may take at most
+
+    keep_alive_timeout  from its opening, or the end of its last response, to the first byte of a request
+    header_timeout      from that first byte to the end of the request's head (request line and headers)
+    body_timeout        from the end of the head to the end of the body
+
+and is closed otherwise (a late body is answered 408 first if a handler is reading it). aiohttp
+gives the first (`keepalive_timeout`; bytes that arrive do not reset it) and has no knob for the
+other two: `_Connection` adds the head deadline inside aiohttp's connection protocol, and
+`arm_body_deadline` fails a late body's stream with `BodyTimeout`, which ends both a handler's
+read and aiohttp's lingering read of a body nobody read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_protocol import RequestHandler
+
+logger = logging.getLogger(__name__)
+
+
+class BodyTimeout(asyncio.TimeoutError):
+    """Set on a request's body stream when the body did not arrive within the body timeout.
+
+    A TimeoutError, so that aiohttp's lingering read of an unread body ends quietly on it.
+    """
+
+
+def arm_body_deadline(request: web.BaseRequest, timeout: float) -> asyncio.TimerHandle | None:
+    """Fail `request`'s body stream with `BodyTimeout` unless the whole body has arrived within `timeout`.
+
+    None when there is nothing left to wait for (no body, or all of it already here). The timer
+    is harmless once the body is complete; cancel it then to drop its reference to the request.
+    """
+    payload = request.content
+    if payload.is_eof():
+        return None
+
+    def expire() -> None:
+        if not payload.is_eof():
+            logger.debug("closing %s: its request body did not arrive within %g s", escape_log(request.remote), timeout)
+            payload.set_exception(BodyTimeout(f"the request body did not arrive within {timeout:g} s"))
+
+    return asyncio.get_running_loop().call_later(timeout, expire)
+
+
+class _Connection(RequestHandler):
+    """aiohttp's connection protocol with a deadline on a request's head.
+
+    Uses four attributes of aiohttp's `RequestHandler` (the server transport tests check them):
+    `_request_count` (heads parsed so far), `_request_in_progress` (a handler or its response
+    is running), `_messages` (parsed requests waiting for their handler) and `_keepalive`.
+    """
+
+    __slots__ = ("_header_timeout", "_head_timer", "_heads")
+
+    def __init__(self, manager: web.Server, *, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._header_timeout = header_timeout
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._heads = 0  # `_request_count` when the head timer last started or stopped
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._request_count != self._heads:  # a head is complete: its deadline is met
+            self._heads = self._request_count
+            self._stop_head_timer()
+        elif data and self._head_timer is None and not self._request_in_progress and not self._messages:
+            # The first bytes of a head (a client sending a whole head at once never gets here).
+            self.keep_alive(self._keepalive)  # stops aiohttp's idle timer (it starts again after the response)
+            self._head_timer = self._loop.call_later(self._header_timeout, self._head_expired)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if self._request_count == self._heads and not self._request_in_progress:
+            peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+            logger.debug("closing %s: its request head did not arrive within %g s", escape_log(str(peer)),
+                         self._header_timeout)
+            self.force_close()
+
+
+class _Server(web.Server):
+    """aiohttp's low-level server, making `_Connection`s."""
+
+    def __init__(self, *args: Any, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_timeout = header_timeout
+
+    def __call__(self) -> RequestHandler:
+        return _Connection(self, loop=self._loop, header_timeout=self.header_timeout, **self._kwargs)
+
+
+class TimedAppRunner(web.AppRunner):
+    """`web.AppRunner` whose connections have a head deadline (aiohttp takes no protocol class to use)."""
+
+    def __init__(self, app: web.Application, *, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._header_timeout = header_timeout
+
+    async def _make_server(self) -> web.Server:
+        base = await super()._make_server()  # the application's startup; its server serves as the template
+        return _Server(base.request_handler, request_factory=base.request_factory,
+                       handler_cancellation=base.handler_cancellation, loop=base._loop,
+                       header_timeout=self._header_timeout, **base._kwargs)
+
+
+# -- access log ----------------------------------------------------------------------------
+
+
+def escape_log(value: str | None) -> str:
+    """`value` safe inside a double-quoted log field: quotes, backslashes, control and non-ASCII characters escaped.
+
+    As nginx's `escape=default`: a client cannot end a field, start a line or hide bytes.
+    """
+    if value is None:
+        return "-"
+    return value.encode("unicode_escape").decode("ascii").replace('"', '\\"')
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request on the `aiohttp.access` logger, everything the client sent escaped:
+
+        127.0.0.1 "POST /v1/completions HTTP/1.1" 200 1234 0.052s "-" "OpenAI/Python 1.40.0"
+
+    (remote, request line, status, body bytes, duration, Referer, User-Agent).
+    """
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        headers = request.headers
+        version = f"{request.version.major}.{request.version.minor}"
+        self.logger.info(
+            '%s "%s %s HTTP/%s" %d %d %.3fs "%s" "%s"',
+            escape_log(request.remote), escape_log(request.method), escape_log(request.raw_path), version,
+            response.status, response.body_length, time, escape_log(headers.get("Referer")),
+            escape_log(headers.get("User-Agent")),
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
