@@ -203,6 +203,20 @@ def test_access_log_escapes_what_the_client_sent(server, caplog):
     assert fields.group(7) == 'curl\\" 200 0 \\"-\\" \\"x\\t\\udcff\\xe9\\\\'
 
 
+def test_a_malformed_request_is_a_400_and_no_error_log(server, caplog):
+    with caplog.at_level(logging.DEBUG):
+        sock = _connect(server)
+        sock.settimeout(10)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\nX-Bad: a\x01b\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.0 400")
+        sock.close()
+        deadline = time.monotonic() + 10
+        while not any("malformed request" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert any("malformed request" in r.getMessage() for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 # -- shutdown --------------------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,15 @@ class _Connection(RequestHandler):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+
+    def log_exception(self, *args: Any, **kwargs: Any) -> None:
+        # A malformed request is the client's mistake (aiohttp answers 400): a debug line, not an
+        # error with a traceback that any client could write to the log as often as it likes.
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, HttpProcessingError):
+            logger.debug("malformed request refused: %s", escape_log(str(exc)))
+            return
+        super().log_exception(*args, **kwargs)
 
     def _head_expired(self) -> None:
         self._head_timer = None
