@@ -174,6 +174,12 @@ def test_json_with_a_charset_is_accepted(server):
 
 def test_415_comes_after_the_api_key(engine):
     with BackgroundServer(engine, ServerConfig(port=0, api_key="k")) as srv:
+        for token in (b"\xff\xfe", "é".encode(), b"k\x80"):  # header bytes that are not UTF-8, or not ASCII
+            sock = _connect(srv)
+            sock.settimeout(10)
+            sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer " + token + b"\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 401"), token
+            sock.close()
         plain = {"Content-Type": "text/plain"}
         assert http(srv.url + "/v1/completions", "POST", {}, headers=plain)[0] == 401
         status, _, err = http(srv.url + "/v1/completions", "POST", {}, headers={**plain, "Authorization": "Bearer k"})

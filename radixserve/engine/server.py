@@ -193,7 +193,9 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     if key is not None and request.path not in _OPEN_PATHS:
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        # aiohttp decodes header bytes that are not UTF-8 as lone surrogates: encode them back, never fail.
+        given = token.strip().encode("utf-8", "surrogateescape")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given, key.encode("utf-8", "surrogateescape")):
             message = "Incorrect API key provided" if header else "Missing API key: send 'Authorization: Bearer <key>'"
             raise ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
     return await handler(request)
