@@ -19,6 +19,8 @@ import threading
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_server_support import engine, http, leak_check, server, sse_events  # noqa: F401 (fixtures)
 
 from radixserve.engine.server import BackgroundServer, ServerConfig
@@ -32,6 +34,12 @@ SLACK = 1.0  # scheduling on a shared 2-core machine
 def fast(engine):
     config = ServerConfig(port=0, keep_alive_timeout=KEEP_ALIVE, header_timeout=HEADER, body_timeout=BODY)
     with BackgroundServer(engine, config) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def keyed(engine):
+    with BackgroundServer(engine, ServerConfig(port=0, api_key="k")) as srv:
         yield srv
 
 
@@ -221,6 +229,32 @@ def test_a_malformed_request_is_a_400_and_no_error_log(server, caplog):
             time.sleep(0.02)
     assert any("malformed request" in r.getMessage() for r in caplog.records)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+HEADER_BYTES = st.binary(max_size=24).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    path=st.sampled_from([b"/v1/completions", b"/v1/chat/completions", b"/v1/embeddings", b"/generate"]),
+    content_type=st.one_of(st.just(b"application/json"), HEADER_BYTES.map(lambda b: b"application/json;" + b),
+                           HEADER_BYTES),
+    header=st.sampled_from([b"Authorization", b"User-Agent", b"Referer", b"Accept", b"X-Anything"]),
+    value=HEADER_BYTES,
+    body=st.one_of(st.binary(max_size=48), st.sampled_from([b'{"model": "\\ud800"}', b'"\xed\xa0\x80"',
+                                                              b'{"prompt": "\\udc00", "model": 1}'])),
+)
+def test_no_bytes_make_a_5xx(server, keyed, path, content_type, header, value, body):
+    """Whatever bytes a client puts in its headers or body, the answer is a 4xx, never a 5xx."""
+    req = (b"POST " + path + b" HTTP/1.1\r\nHost: t\r\nContent-Type: " + content_type + b"\r\n" + header + b": "
+           + value + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    sock = _connect(keyed if header == b"Authorization" else server)
+    sock.settimeout(30)
+    sock.sendall(req)
+    status_line = sock.recv(65536).split(b"\r\n", 1)[0]
+    sock.close()
+    status = int(status_line.split()[1])
+    assert 400 <= status < 500, (status_line, req)
 
 
 # -- shutdown --------------------------------------------------------------------------------
