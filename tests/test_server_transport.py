@@ -348,6 +348,7 @@ def test_api_key_sources(tmp_path, monkeypatch):
 
 
 def test_serve_reads_the_api_key_from_a_file(smollm_path, tmp_path):
+    import queue
     import subprocess
     import sys
 
@@ -357,11 +358,13 @@ def test_serve_reads_the_api_key_from_a_file(smollm_path, tmp_path):
     cmd = [sys.executable, "-m", "radixserve", "serve", "--model", str(smollm_path), "--device", "cpu",
            "--port", "0", "--api-key-file", str(key_file), "--max-running-requests", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put("")], daemon=True).start()
     try:
         url, seen = None, []
         deadline = time.monotonic() + 180
-        while url is None and time.monotonic() < deadline:
-            line = proc.stdout.readline()
+        while url is None:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))  # queue.Empty past the deadline
             assert line, "".join(seen)
             seen.append(line)
             match = re.search(r"at (http://127\.0\.0\.1:\d+)", line)
