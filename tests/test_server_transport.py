@@ -80,7 +80,10 @@ def _trickle(
     return time.monotonic() - start, got
 
 
-def _request(path: str, body: bytes = b"", content_type: str | None = "application/json", method: str = "POST") -> bytes:
+def _request(
+    path: str, body: bytes = b"", content_type: str | None = "application/json", method: str = "POST"
+) -> bytes:
+    """A raw HTTP/1.1 request."""
     head = f"{method} {path} HTTP/1.1\r\nHost: test\r\n"
     if content_type is not None:
         head += f"Content-Type: {content_type}\r\n"

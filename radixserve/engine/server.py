@@ -26,14 +26,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from aiohttp import web
 
 from radixserve.engine.metrics import ServerMetrics
 from radixserve.engine.openai_api import ApiError
 from radixserve.engine.openai_responses import TokenText
-from radixserve.engine.server_routes import ROUTES, STATE, json_response
+from radixserve.engine.server_routes import ROUTES, STATE, Generation, json_response
 from radixserve.engine.server_transport import AccessLogger, TimedAppRunner, arm_body_deadline, escape_log
 
 if TYPE_CHECKING:
@@ -102,7 +102,7 @@ class ServerState:
         self.pending = 0  # sequences admitted and not finished (server_routes.admit counts them in)
         self.inflight = 0  # HTTP requests inside a handler
         self.draining = False
-        self.generations: set[Any] = set()  # server_routes.Generation's running now (cut at the drain timeout)
+        self.generations: set[Generation] = set()  # running now (cut at the drain timeout)
 
     def engine_alive(self) -> bool:
         return self.engine.is_alive()
