@@ -1,11 +1,36 @@
-"""Throughput of RadixTree insert/match/evict, and eviction cost vs tree size.
+"""Throughput of RadixTree insert/match/evict, eviction cost vs tree size, and a
+trace replay against SGLang's RadixCache.
 
-Prints one JSON line per measurement. The workload is a serving-like one:
-requests share one of a few system prompts and end in a unique suffix, so the
-tree is a few long shared nodes with many short leaves.
+Prints one JSON line per measurement. The synthetic workload is a serving-like
+one: requests share one of a few system prompts and end in a unique suffix, so
+the tree is a few long shared nodes with many short leaves.
 
     python benchmarks/tree_bench.py                      # everything
     python benchmarks/tree_bench.py --sizes 10000 1000000 --evict-ops 1000 --rounds 15
+    python benchmarks/tree_bench.py --only trace --peer sglang --capacities 1000000 4000000
+
+Trace replay (``--only trace``): every request of a Mooncake-format trace
+(default ../shared/traces/conversation_trace.jsonl, relative to the repository)
+becomes token ids as live replay makes them (replay.content), and each cache
+serves it as the engine does: match, lock the match, evict until the new
+tokens fit the capacity, insert the whole prompt, unlock. Keys reach both
+trees as the ``array('q')`` their schedulers pass (``--trace-keys numpy``:
+numpy int64 for radixserve); values are slot ids (``array('q')`` or numpy for
+radixserve, a torch int64 tensor for SGLang), sliced outside the timed part.
+Rounds alternate between the caches and capacities, so that load from other
+processes falls on all alike; each reports its best round.
+
+``--peer sglang`` adds SGLang's ``RadixCache`` to the replay and to the
+eviction-scaling measurement. SGLang is never a dependency of radixserve:
+install it into a venv of its own and point ``--sglang-site`` at that venv's
+site-packages; the venv needs no torch (this interpreter's is used)::
+
+    python -m venv /tmp/sglang-venv
+    /tmp/sglang-venv/bin/pip install --no-deps sglang==0.5.23 orjson pybase64 triton \
+        starlette msgspec pyzmq ipython dill apache-tvm-ffi sentencepiece \
+        compressed-tensors loguru pillow ...   # what its imports ask for, --no-deps
+
+Without an importable SGLang the script reports radixserve alone.
 
 Eviction cost per leaf must not grow with the tree: ``evict_scaling`` reports
 the ratio of the per-leaf cost at the largest size to the smallest (each the
@@ -20,14 +45,25 @@ from __future__ import annotations
 import argparse
 import bisect
 import gc
+import glob
+import importlib.machinery
 import json
+import pathlib
 import platform
 import statistics
+import sys
 import time
+import types
+from array import array
 
 import numpy as np
 
 from radixserve.radix_tree import RadixTree
+from radixserve.replay.content import prompt_token_array
+from radixserve.replay.formats import TraceReader
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+DEFAULT_TRACE = REPO.parent / "shared" / "traces" / "conversation_trace.jsonl"
 
 
 class Workload:
@@ -164,7 +200,7 @@ def evict_round(tree: RadixTree, work: Workload, ops: int) -> list[int]:
     return samples
 
 
-def bench_evict_scaling(args, rng) -> None:
+def bench_evict_scaling(args, rng, sgl=None) -> None:
     built = {}
     for size in args.sizes:
         work = workload_for_size(args, rng, size)
@@ -206,6 +242,230 @@ def bench_evict_scaling(args, rng) -> None:
          python=platform.python_version(), machine=platform.machine())
 
 
+# ------------------------------------------------------------- SGLang as a peer
+
+
+def load_sglang(site: str | None) -> types.SimpleNamespace | None:
+    """SGLang's radix cache module and parameter types, or None if not importable."""
+    if site:
+        sys.path.append(site)  # after this interpreter's own packages: its torch wins
+    try:
+        # SGLang's package imports torchvision (multimodal preprocessing) on the way to
+        # the radix cache, which never uses it: a stand-in module satisfies the import.
+        # transformers must first record that the real one is absent.
+        from transformers.utils import import_utils
+
+        import_utils.is_torchvision_available()
+        import_utils.is_torchvision_v2_available()
+        _stand_in_modules("torchvision", "torchvision.transforms",
+                          "torchvision.transforms.functional")
+        from sglang.srt.mem_cache import base_prefix_cache, radix_cache
+    except Exception as exc:  # any import failure: report radixserve alone
+        emit(bench="peer", peer="sglang", available=False, error=f"{type(exc).__name__}: {exc}")
+        return None
+    import sglang
+    import torch
+
+    # SGLang's values are torch tensors (here on the CPU): one thread copies a
+    # slice in microseconds, where a parallel copy waits on a busy second core.
+    torch.set_num_threads(1)
+
+    return types.SimpleNamespace(
+        version=getattr(sglang, "__version__", "?"), torch=torch,
+        RadixCache=radix_cache.RadixCache, RadixKey=radix_cache.RadixKey,
+        Match=base_prefix_cache.MatchPrefixParams, Insert=base_prefix_cache.InsertParams,
+        Evict=base_prefix_cache.EvictParams,
+    )
+
+
+def _stand_in_modules(*names: str) -> None:
+    def attr(module: str):
+        def get(name: str):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return types.SimpleNamespace(__name__=f"{module}.{name}")
+        return get
+
+    for name in names:
+        if name in sys.modules:
+            continue
+        module = types.ModuleType(name)
+        module.__getattr__ = attr(name)
+        module.__path__ = []
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        sys.modules[name] = module
+
+
+class _StubAllocator:
+    """What SGLang's RadixCache needs of a KV allocator: it remembers the last
+    freed segment (so an evicted leaf names its request) and counts slots."""
+
+    device = "cpu"
+
+    def __init__(self) -> None:
+        self.freed = 0
+        self.last = None
+
+    def free_segment(self, indices, start_pos: int = 0) -> None:
+        self.freed += len(indices)
+        self.last = indices
+
+
+class RadixservePeer:
+    name = "radixserve"
+
+    def __init__(self) -> None:
+        self.tree = RadixTree()
+
+    def match(self, key):
+        m = self.tree.match_prefix(key)
+        return m.length, m.node
+
+    def lock(self, node) -> None:
+        self.tree.lock(node)
+
+    def unlock(self, node) -> None:
+        self.tree.unlock(node)
+
+    def size(self) -> int:
+        return self.tree.total_size
+
+    def evict(self, n: int) -> None:
+        self.tree.evict(n)  # the values go back to a stub allocator: nothing to do
+
+    def insert(self, key, value) -> None:
+        self.tree.insert(key, value)
+
+
+class SGLangPeer:
+    name = "sglang"
+
+    def __init__(self, sgl: types.SimpleNamespace) -> None:
+        self.sgl = sgl
+        self.allocator = _StubAllocator()
+        self.cache = sgl.RadixCache.create_simulated(mock_allocator=self.allocator)
+
+    def match(self, key):
+        r = self.cache.match_prefix(self.sgl.Match(key=self.sgl.RadixKey(key)))
+        return r.device_prefix_len, r.last_device_node
+
+    def lock(self, node) -> None:
+        self.cache.inc_lock_ref(node)
+
+    def unlock(self, node) -> None:
+        self.cache.dec_lock_ref(node)
+
+    def size(self) -> int:
+        return self.cache.evictable_size_ + self.cache.protected_size_
+
+    def evict(self, n: int) -> None:
+        self.cache.evict(self.sgl.Evict(num_tokens=n))
+
+    def insert(self, key, value) -> None:
+        self.cache.insert(self.sgl.Insert(key=self.sgl.RadixKey(key), value=value))
+
+
+# ------------------------------------------------------------------ trace replay
+
+
+def load_trace_keys(path: str, limit: int | None) -> list[array]:
+    """Each request's prompt as an ``array('q')`` of token ids (replay.content)."""
+    keys = []
+    for req in TraceReader(path):
+        if limit is not None and len(keys) >= limit:
+            break
+        key = array("q")
+        key.frombytes(prompt_token_array(req).astype(np.int64, copy=False).tobytes())
+        keys.append(key)
+    return keys
+
+
+def replay(peer, keys: list, values, capacity: int) -> dict:
+    """One pass of the trace through ``peer`` at ``capacity`` tokens; the slices
+    of ``values`` are made outside the timed part."""
+    clock = time.perf_counter_ns
+    match_ns = evict_ns = insert_ns = 0
+    hits = array("q")
+    uncacheable = evict_calls = 0
+    for key in keys:
+        n = len(key)
+        value = values[:n]
+        t0 = clock()
+        hit, node = peer.match(key)
+        t1 = clock()
+        cache = n <= capacity  # a prompt larger than the cache is not cached
+        if cache:
+            peer.lock(node)
+            over = peer.size() + n - hit - capacity
+            if over > 0:
+                peer.evict(over)
+                evict_calls += 1
+        t2 = clock()
+        if cache:
+            peer.insert(key, value)
+            peer.unlock(node)
+        t3 = clock()
+        match_ns += t1 - t0
+        evict_ns += t2 - t1
+        insert_ns += t3 - t2
+        hits.append(hit)
+        uncacheable += not cache
+    return dict(match_ns=match_ns, evict_ns=evict_ns, insert_ns=insert_ns, hits=hits,
+                uncacheable=uncacheable, evict_calls=evict_calls, cached=peer.size())
+
+
+def bench_trace(args, sgl) -> None:
+    start = time.perf_counter()
+    keys = load_trace_keys(args.trace, args.trace_requests)
+    longest = max(map(len, keys))
+    load_s = time.perf_counter() - start
+    if args.trace_keys == "numpy":
+        rs_keys = [np.frombuffer(k, dtype=np.int64) for k in keys]  # views, no copy
+        rs_values = np.arange(longest, dtype=np.int64)
+    else:
+        rs_keys, rs_values = keys, array("q", range(longest))
+    runs = [("radixserve", lambda: RadixservePeer(), rs_keys, rs_values)]
+    if sgl is not None:
+        sgl_values = sgl.torch.arange(longest, dtype=sgl.torch.int64)
+        runs.append(("sglang", lambda: SGLangPeer(sgl), keys, sgl_values))
+    best: dict[tuple[str, int], dict] = {}
+    hits: dict[tuple[str, int], array] = {}
+    for _ in range(args.trace_rounds):
+        for capacity in args.capacities:
+            for name, make, peer_keys, values in runs:
+                peer = make()
+                gc.collect()
+                r = replay(peer, peer_keys, values, capacity)
+                r["total_ns"] = r["match_ns"] + r["evict_ns"] + r["insert_ns"]
+                del peer
+                k = (name, capacity)
+                if k in hits and hits[k] != r["hits"]:
+                    raise RuntimeError(f"{name} at {capacity}: hits differ between rounds")
+                hits[k] = r["hits"]
+                if k not in best or r["total_ns"] < best[k]["total_ns"]:
+                    best[k] = r
+    n = len(keys)
+    tokens = sum(map(len, keys))
+    for (name, capacity), r in best.items():
+        emit(bench="trace_replay", peer=name, capacity=capacity, requests=n, tokens=tokens,
+             rounds=args.trace_rounds, keys=args.trace_keys if name == "radixserve" else "array",
+             us_per_request=r["total_ns"] / n / 1000, match_us=r["match_ns"] / n / 1000,
+             lock_evict_us=r["evict_ns"] / n / 1000, insert_unlock_us=r["insert_ns"] / n / 1000,
+             hit_tokens=sum(r["hits"]), evict_calls=r["evict_calls"],
+             uncacheable=r["uncacheable"], cached_tokens_at_end=r["cached"],
+             trace_load_s=load_s, python=platform.python_version(), machine=platform.machine())
+    if sgl is not None:
+        for capacity in args.capacities:
+            ours, theirs = best[("radixserve", capacity)], best[("sglang", capacity)]
+            same = ours["hits"] == theirs["hits"]
+            differing = sum(a != b for a, b in zip(ours["hits"], theirs["hits"]))
+            emit(bench="trace_vs_sglang", capacity=capacity, sglang_version=sgl.version,
+                 sglang_over_radixserve=theirs["total_ns"] / ours["total_ns"],
+                 match_ratio=theirs["match_ns"] / ours["match_ns"],
+                 insert_ratio=theirs["insert_ns"] / ours["insert_ns"],
+                 hit_tokens_identical=same, requests_with_other_hits=differing)
+
+
 def _as_key_type(key: tuple, kind: str):
     if kind == "list":
         return list(key)
@@ -236,15 +496,34 @@ def main() -> None:
                         help="cached tokens for the eviction-scaling measurement")
     parser.add_argument("--evict-ops", type=int, default=1000, help="timed evictions per round")
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--only", choices=["throughput", "scaling"], default=None)
+    parser.add_argument("--only", choices=["throughput", "scaling", "trace"], default=None)
+    parser.add_argument("--peer", choices=["none", "sglang"], default="none",
+                        help="also drive SGLang's RadixCache (trace replay and eviction scaling)")
+    parser.add_argument("--sglang-site", default=_default_sglang_site(),
+                        help="site-packages of a venv holding sglang (appended to sys.path)")
+    parser.add_argument("--trace", default=str(DEFAULT_TRACE), help="Mooncake-format trace")
+    parser.add_argument("--trace-requests", type=int, default=None, help="first N requests only")
+    parser.add_argument("--capacities", type=int, nargs="+", default=[1_000_000, 4_000_000],
+                        help="cache capacities in tokens for the trace replay")
+    parser.add_argument("--trace-rounds", type=int, default=3)
+    parser.add_argument("--trace-keys", choices=["array", "numpy"], default="array",
+                        help="key and value type radixserve gets in the trace replay")
     args = parser.parse_args()
     if args.suffix_len % args.page_size or args.prompt_len % args.page_size:
         parser.error("--prompt-len and --suffix-len must be multiples of --page-size")
     rng = np.random.default_rng(args.seed)
-    if args.only != "scaling":
+    sgl = load_sglang(args.sglang_site) if args.peer == "sglang" else None
+    if args.only in (None, "throughput"):
         bench_throughput(args, rng)
-    if args.only != "throughput":
-        bench_evict_scaling(args, rng)
+    if args.only in (None, "scaling"):
+        bench_evict_scaling(args, rng, sgl)
+    if args.only in (None, "trace"):
+        bench_trace(args, sgl)
+
+
+def _default_sglang_site() -> str | None:
+    found = sorted(glob.glob("/tmp/sglang-venv/lib/python3*/site-packages"))
+    return found[-1] if found else None
 
 
 if __name__ == "__main__":

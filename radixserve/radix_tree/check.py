@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, NoReturn
 
+from radixserve.radix_tree.keys import TOKEN_BYTES, first_page
+
 if TYPE_CHECKING:
     from radixserve.radix_tree.tree import RadixTree
     from radixserve.radix_tree.node import TreeNode
@@ -15,7 +17,7 @@ def _fail(invariant: str, detail: str) -> NoReturn:
 
 
 def _check_root(namespace: object, root: TreeNode) -> None:
-    if root.key or root.parent is not None or root.depth != 0:
+    if root.key_bytes or root.parent is not None or root.depth != 0:
         _fail("root shape", f"root of namespace {namespace!r} has a key, parent or depth")
     if root.namespace != namespace:
         _fail("namespace", f"root filed under {namespace!r} has namespace {root.namespace!r}")
@@ -29,16 +31,20 @@ def _check_node(tree: RadixTree, parent: TreeNode, first: object, node: TreeNode
     p = tree.page_size
     if node.parent is not parent:
         _fail("parent/child links", f"{node!r} is a child of {parent!r} but names another parent")
-    if not node.key:
+    key_bytes = node.key_bytes
+    if type(key_bytes) is not bytes or len(key_bytes) % TOKEN_BYTES:
+        _fail("keys are int64 bytes", f"{node!r} holds a {type(key_bytes).__name__} key")
+    n = len(key_bytes) // TOKEN_BYTES
+    if not n:
         _fail("non-empty keys", f"{node!r} below the root has an empty key")
-    if first != (node.key[0] if p == 1 else node.key[:p]):
+    if first != first_page(key_bytes, p):
         _fail("child key == first token/page", f"{node!r} filed under {first!r}")
-    if len(node.value) != len(node.key):
+    if len(node.value) != n:
         _fail("len(value) == len(key)", f"{node!r} holds {len(node.value)} values")
-    if len(node.key) % p:
-        _fail("page alignment", f"{node!r} has {len(node.key)} tokens, page_size {p}")
-    if node.depth != parent.depth + len(node.key):
-        _fail("depth", f"{node!r} depth != parent depth {parent.depth} + {len(node.key)}")
+    if n % p:
+        _fail("page alignment", f"{node!r} has {n} tokens, page_size {p}")
+    if node.depth != parent.depth + n:
+        _fail("depth", f"{node!r} depth != parent depth {parent.depth} + {n}")
     if node.namespace != parent.namespace:
         _fail("namespace", f"{node!r} under a node of namespace {parent.namespace!r}")
     if node.lock_ref < 0:
@@ -71,9 +77,9 @@ def check_tree(tree: RadixTree) -> None:
                 stack.append(node)
                 nodes += 1
                 if node.lock_ref:
-                    protected += len(node.key)
+                    protected += node.num_tokens
                 else:
-                    evictable += len(node.key)
+                    evictable += node.num_tokens
                     leaves += not node.children
     if len(tree._evictable) != leaves:
         _fail("evictable set == unlocked leaves",

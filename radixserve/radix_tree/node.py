@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Hashable
+from typing import Any, Hashable, Sequence
+
+from radixserve.radix_tree.keys import TOKEN_BYTES, to_bytes, to_tuple
 
 
 class TreeNode:
     """A run of tokens (``key``) and the value pieces (``value``) that hold them.
+
+    The run is stored as ``key_bytes``: int64 tokens in native byte order, one
+    ``bytes`` object however long the run (see keys.py). ``key`` gives it as a
+    tuple of ints, built on each access.
 
     A root has an empty key and no parent; every other node has a non-empty key
     whose length is a multiple of the tree's page size. ``depth`` is the number
@@ -21,7 +27,7 @@ class TreeNode:
 
     __slots__ = (
         "id",
-        "key",
+        "key_bytes",
         "value",
         "children",
         "parent",
@@ -38,7 +44,7 @@ class TreeNode:
     def __init__(
         self,
         node_id: int,
-        key: tuple,
+        key_bytes: bytes,
         value: Any,
         parent: TreeNode | None,
         namespace: Hashable,
@@ -47,7 +53,7 @@ class TreeNode:
         priority: float,
     ) -> None:
         self.id = node_id
-        self.key = key
+        self.key_bytes = key_bytes
         self.value = value
         # Keyed by the child's first token (page_size 1) or first page tuple.
         self.children: dict[Any, TreeNode] = {}
@@ -64,8 +70,21 @@ class TreeNode:
         self.evict_entry: tuple | None = None
 
     @property
+    def key(self) -> tuple[int, ...]:
+        """The node's tokens as a tuple (a copy; the tree reads ``key_bytes``)."""
+        return to_tuple(self.key_bytes)
+
+    @key.setter
+    def key(self, tokens: Sequence[int]) -> None:
+        self.key_bytes = to_bytes(tokens)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.key_bytes) // TOKEN_BYTES
+
+    @property
     def is_root(self) -> bool:
-        return self.parent is None and not self.key
+        return self.parent is None and not self.key_bytes
 
     @property
     def is_leaf(self) -> bool:
@@ -74,11 +93,11 @@ class TreeNode:
     @property
     def attached(self) -> bool:
         """False once the node was evicted or dropped by ``reset``."""
-        return self.parent is not None or not self.key
+        return self.parent is not None or not self.key_bytes
 
     def __repr__(self) -> str:
         return (
-            f"TreeNode(id={self.id}, len={len(self.key)}, depth={self.depth}, "
+            f"TreeNode(id={self.id}, len={self.num_tokens}, depth={self.depth}, "
             f"lock_ref={self.lock_ref}, children={len(self.children)}, "
             f"namespace={self.namespace!r})"
         )

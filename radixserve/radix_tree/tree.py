@@ -11,6 +11,10 @@ It never copies or concatenates values: a node keeps a slice of what
      |
    [4 5]   <- leaf, unlocked: in the evictable set
 
+Keys are stored as int64 ``bytes`` (keys.py): a caller's numpy int64 array or
+``array('q')`` is read in place, a run of tokens is compared with one memcmp,
+and a node's key is one object to allocate and free, however long.
+
 Size accounting, kept by every operation and verified by ``check()``:
 
     evictable_size = tokens in attached non-root nodes with lock_ref == 0
@@ -27,6 +31,7 @@ from typing import Any, Callable, Hashable, Sequence
 
 from sortedcontainers import SortedList
 
+from radixserve.radix_tree.keys import TOKEN_BYTES, common_tokens, first_page, key_views
 from radixserve.radix_tree.node import TreeNode
 from radixserve.radix_tree.policies import EvictionPolicy, resolve_policy
 from radixserve.radix_tree.results import EvictResult, MatchResult
@@ -45,13 +50,6 @@ class _LogicalClock:
     def __call__(self) -> float:
         self.now += 1.0
         return self.now
-
-
-def _as_tokens(key: Sequence[int]) -> tuple:
-    if isinstance(key, tuple):
-        return key
-    tolist = getattr(key, "tolist", None)  # numpy arrays, torch tensors
-    return tuple(tolist() if tolist is not None else key)
 
 
 class RadixTree:
@@ -109,15 +107,16 @@ class RadixTree:
         ``length``; locking ``node`` then protects every returned value piece.
         Touches (access time, hit count) every node on the matched path.
         """
-        tokens = _as_tokens(key)
-        self._queried_tokens += len(tokens)
-        tokens = self._whole_pages(tokens)
+        tokens, raw = key_views(key)
+        n = len(tokens)
+        self._queried_tokens += n
+        end = n - n % self.page_size
         root = self._root(namespace, create=False)
-        if root is None or not tokens:
+        if root is None or not end:
             if root is None:  # a stand-in, so that m.node.depth == 0 and lock is a no-op
-                root = TreeNode(-1, (), None, None, namespace, 0, 0.0, 0.0)
+                root = TreeNode(-1, b"", None, None, namespace, 0, 0.0, 0.0)
             return MatchResult(0, [], root)
-        node, length, values = self._descend(root, tokens, self._clock(), True, None)
+        node, length, values = self._descend(root, tokens, raw, end, self._clock(), True, None)
         self._relist(node)
         self._hit_tokens += length
         return MatchResult(length, values, node)
@@ -137,26 +136,26 @@ class RadixTree:
         get ``priority``; nodes already on the path keep the larger of theirs
         and ``priority``.
         """
-        tokens = _as_tokens(key)
-        if len(value) != len(tokens):
-            raise ValueError(
-                f"insert: len(value) must equal len(key), got {len(value)} != {len(tokens)}"
-            )
-        tokens = self._whole_pages(tokens)
-        end = len(tokens)
+        tokens, raw = key_views(key)
+        n = len(tokens)
+        if len(value) != n:
+            raise ValueError(f"insert: len(value) must equal len(key), got {len(value)} != {n}")
+        end = n - n % self.page_size
         root = self._root(namespace, create=end > 0)
         if end == 0:
             return 0
         now = self._clock()
-        node, present, _ = self._descend(root, tokens, now, False, priority)
+        node, present, _ = self._descend(root, tokens, raw, end, now, False, priority)
         if present < end:
             # The new leaf's first page differs from every child of ``node``,
             # else _descend would have gone on; ``node`` stops being a leaf.
+            # Its key is the one copy of the caller's tokens the tree makes.
             leaf = TreeNode(
-                self._new_id(), tokens[present:], value[present:end], node,
-                namespace, node.depth + end - present, now, priority,
+                self._new_id(), raw[TOKEN_BYTES * present : TOKEN_BYTES * end].tobytes(),
+                value[present:end], node, namespace, node.depth + end - present, now, priority,
             )
-            node.children[self._first_page(leaf.key)] = leaf
+            p = self.page_size
+            node.children[tokens[present] if p == 1 else tuple(tokens[present : present + p])] = leaf
             self._num_nodes += 1
             self._evictable_size += end - present
             self._inserted_tokens += end - present
@@ -173,9 +172,10 @@ class RadixTree:
             if node.lock_ref == 0:
                 if node.evict_entry is not None:
                     self._unlist(node)
-                moved += len(node.key)
+                moved += len(node.key_bytes)
             node.lock_ref += 1
             node = node.parent
+        moved //= TOKEN_BYTES
         self._evictable_size -= moved
         self._protected_size += moved
 
@@ -191,9 +191,10 @@ class RadixTree:
         while node.parent is not None:
             node.lock_ref -= 1
             if node.lock_ref == 0:
-                moved += len(node.key)
+                moved += len(node.key_bytes)
                 self._relist(node)
             node = node.parent
+        moved //= TOKEN_BYTES
         self._evictable_size += moved
         self._protected_size -= moved
 
@@ -207,15 +208,16 @@ class RadixTree:
         if n_tokens < 0:
             raise ValueError(f"evict: n_tokens must be >= 0, got {n_tokens}")
         evictable = self._evictable
+        page = self.page_size
         values: list[Any] = []
         freed = 0
         while freed < n_tokens and evictable:
             node = evictable.pop(0)[2]
             node.evict_entry = None
             values.append(node.value)
-            freed += len(node.key)
+            freed += len(node.key_bytes) // TOKEN_BYTES
             parent = node.parent
-            del parent.children[self._first_page(node.key)]
+            del parent.children[first_page(node.key_bytes, page)]
             node.parent = None
             self._num_nodes -= 1
             if parent.parent is None:
@@ -249,9 +251,9 @@ class RadixTree:
         while stack:
             node = stack.pop()
             stack.extend(node.children.values())
-            if node.key:
+            if node.key_bytes:
                 values.append(node.value)
-                dropped += len(node.key)
+                dropped += len(node.key_bytes) // TOKEN_BYTES
             # Detached nodes make a late lock()/unlock() fail loudly.
             node.children = {}
             node.parent = None
@@ -294,28 +296,39 @@ class RadixTree:
     def _descend(
         self,
         root: TreeNode,
-        tokens: tuple,
+        tokens: memoryview,
+        raw: memoryview,
+        end: int,
         now: float,
         hit: bool,
         priority: float | None,
     ) -> tuple[TreeNode, int, list[Any]]:
-        """Walks ``tokens`` from ``root`` as far as cached, splitting the last
-        node on a partial match, and touches every node passed. Returns the
-        last node, the matched length and the value pieces. The last node is
-        left out of the evictable set: the caller re-files it."""
+        """Walks the first ``end`` tokens (whole pages) from ``root`` as far as
+        cached, splitting the last node on a partial match, and touches every
+        node passed. Returns the last node, the matched length and the value
+        pieces. The last node is left out of the evictable set: the caller
+        re-files it."""
         p = self.page_size
-        end = len(tokens)
         node = root
         pos = 0
         values: list[Any] = []
         while pos < end:
-            child = node.children.get(tokens[pos] if p == 1 else tokens[pos : pos + p])
+            child = node.children.get(tokens[pos] if p == 1 else tuple(tokens[pos : pos + p]))
             if child is None:
                 break
-            n = len(child.key)
-            if tokens[pos : pos + n] != child.key:
-                child = self._split(child, self._common_length(child.key, tokens, pos))
-                n = len(child.key)
+            key_bytes = child.key_bytes
+            n = len(key_bytes) // TOKEN_BYTES
+            stop = min(pos + n, end)
+            # One memcmp: the child's run against the key's next tokens (all of
+            # the run, or what is left of the key when that is shorter).
+            if key_bytes.startswith(raw[TOKEN_BYTES * pos : TOKEN_BYTES * stop]):
+                common = stop - pos  # whole pages: pos, end and n are page multiples
+            else:
+                common = common_tokens(key_bytes, raw, TOKEN_BYTES * pos, stop - pos)
+                common -= common % p  # >= p: the first pages agree
+            if common < n:
+                child = self._split(child, common)
+                n = common
             # Only the last node of a path can be a leaf, so this runs at most once.
             if child.evict_entry is not None:
                 self._unlist(child)
@@ -329,16 +342,6 @@ class RadixTree:
             node = child
         return node, pos, values
 
-    def _common_length(self, node_key: tuple, tokens: tuple, pos: int) -> int:
-        """Shared leading tokens of ``node_key`` and ``tokens[pos:]``, rounded
-        down to whole pages. At least one page, since the first pages agree."""
-        p = self.page_size
-        limit = min(len(node_key), len(tokens) - pos)
-        i = p
-        while i < limit and node_key[i] == tokens[pos + i]:
-            i += 1
-        return i - i % p
-
     def _split(self, child: TreeNode, n: int) -> TreeNode:
         """Splits ``child`` after ``n`` tokens; returns the new upper node.
 
@@ -350,18 +353,22 @@ class RadixTree:
         if listed:  # a policy may rank by key length
             self._unlist(child)
         parent = child.parent
+        key_bytes = child.key_bytes
+        cut = TOKEN_BYTES * n
         upper = TreeNode(
-            self._new_id(), child.key[:n], child.value[:n], parent, child.namespace,
-            child.depth - len(child.key) + n, child.created, child.priority,
+            self._new_id(), key_bytes[:cut], child.value[:n], parent, child.namespace,
+            child.depth - len(key_bytes) // TOKEN_BYTES + n, child.created, child.priority,
         )
         upper.lock_ref = child.lock_ref
         upper.last_access = child.last_access
         upper.hit_count = child.hit_count
-        child.key = child.key[n:]
+        # Both halves are copies (bytes slices), so no buffer outlives its tokens.
+        child.key_bytes = key_bytes[cut:]
         child.value = child.value[n:]
         child.parent = upper
-        upper.children[self._first_page(child.key)] = child
-        parent.children[self._first_page(upper.key)] = upper
+        upper.children[first_page(child.key_bytes, self.page_size)] = child
+        # The upper half starts where the child did: same dict key in the parent.
+        parent.children[first_page(key_bytes, self.page_size)] = upper
         self._num_nodes += 1
         if listed:
             self._relist(child)
@@ -380,20 +387,13 @@ class RadixTree:
         self._evictable.remove(node.evict_entry)
         node.evict_entry = None
 
-    def _first_page(self, key: tuple) -> Any:
-        return key[0] if self.page_size == 1 else key[: self.page_size]
-
-    def _whole_pages(self, tokens: tuple) -> tuple:
-        extra = len(tokens) % self.page_size
-        return tokens[: len(tokens) - extra] if extra else tokens
-
     def _root(self, namespace: Hashable, create: bool) -> TreeNode | None:
         try:
             root = self._roots.get(namespace)
         except TypeError:
             raise ValueError(f"namespace must be hashable, got {namespace!r}") from None
         if root is None and create:
-            root = TreeNode(self._new_id(), (), None, None, namespace, 0, 0.0, 0.0)
+            root = TreeNode(self._new_id(), b"", None, None, namespace, 0, 0.0, 0.0)
             self._roots[namespace] = root
         return root
 
@@ -408,7 +408,7 @@ class RadixTree:
 
     @staticmethod
     def _require_attached(node: TreeNode, op: str) -> None:
-        if node.parent is None and node.key:
+        if node.parent is None and node.key_bytes:
             raise RuntimeError(
                 f"{op}: {node!r} is no longer in the tree (evicted or reset); match again"
             )

@@ -39,11 +39,18 @@ def prompt_token_ids(req: TraceRequest, token_range: tuple[int, int] = DEFAULT_T
     """The prompt of ``req``: its own token ids, or its blocks' deterministic tokens."""
     if req.input_ids is not None:
         return list(req.input_ids)
+    return prompt_token_array(req, token_range, seed).tolist()
+
+
+def prompt_token_array(req: TraceRequest, token_range: tuple[int, int] = DEFAULT_TOKEN_RANGE, seed: int = 0) -> np.ndarray:
+    """``prompt_token_ids`` as one int64 array (no Python int per token)."""
+    if req.input_ids is not None:
+        return np.array(req.input_ids, dtype=np.int64)
     B = req.block_size
     ids = req.hash_ids
     parts = [block_tokens(b, B, token_range, seed) for b in ids[:-1]]
     parts.append(block_tokens(ids[-1], req.last_block_tokens, token_range, seed))
-    return np.concatenate(parts).tolist()
+    return np.concatenate(parts)
 
 
 def truncate(req: TraceRequest, max_tokens: int) -> TraceRequest:

@@ -1,0 +1,106 @@
+"""Token keys as int64 buffers: what the tree stores and compares instead of Python ints.
+
+A node keeps its run of tokens as one ``bytes`` object, 8 bytes per token in
+native byte order. However long the run, that is one allocation to make and one
+to free, and comparing two runs is one ``memcmp``. Tuples of Python ints cost
+a conversion per token on the way in and a deallocation per token on eviction.
+
+A caller's key is read through two memoryviews of its own buffer, with no copy
+when it is a numpy int64 array or an ``array('q')`` (what the scheduler
+passes): ``tokens`` (format ``'q'``: ``tokens[i]`` is token i as an int, used
+to find a child) and ``raw`` (format ``'B'``: sliced without copying, and
+compared with ``bytes.startswith``). Any other sequence of ints (list, tuple,
+range, a torch tensor) is converted once per call into an ``array('q')``.
+
+The views must not outlive the call that made them: while a memoryview of an
+``array`` exists, the array cannot grow, and the scheduler appends to its
+token arrays. The tree stores ``bytes`` copies only.
+"""
+
+from __future__ import annotations
+
+import sys
+from array import array
+from typing import Any, Sequence
+
+TOKEN_BYTES = 8
+BYTEORDER = sys.byteorder
+# Formats of one-dimensional signed 64-bit buffers (numpy int64 reports 'l' on LP64).
+_INT64_FORMATS = frozenset({"q", "l", "<q", "<l", "=q", "=l", "@q", "@l"})
+
+
+def key_views(key: Sequence[int]) -> tuple[memoryview, memoryview]:
+    """``(tokens, raw)`` views of ``key`` as int64: without a copy for numpy int64
+    arrays and ``array('q')``, else through one conversion."""
+    if type(key) is array and key.typecode == "q":
+        tokens = memoryview(key)
+        return tokens, tokens.cast("B")
+    try:
+        view = memoryview(key)  # type: ignore[arg-type]
+    except TypeError:
+        view = None
+    if (
+        view is not None
+        and view.ndim == 1
+        and view.itemsize == TOKEN_BYTES
+        and view.format in _INT64_FORMATS
+        and view.c_contiguous
+    ):
+        raw = view.cast("B")
+        return raw.cast("q"), raw
+    tolist = getattr(key, "tolist", None)  # other numpy dtypes, torch tensors
+    try:
+        converted = array("q", tolist() if tolist is not None else key)
+    except (TypeError, OverflowError):
+        raise ValueError(
+            f"a key must be a sequence of ints that fit in int64, got {type(key).__name__}"
+        ) from None
+    tokens = memoryview(converted)
+    return tokens, tokens.cast("B")
+
+
+def to_bytes(key: Sequence[int]) -> bytes:
+    """``key`` as the tree stores it (8 bytes per token)."""
+    return key_views(key)[1].tobytes()
+
+
+def to_tuple(key_bytes: bytes) -> tuple[int, ...]:
+    """The tokens of a stored run, as a tuple of ints (for reading, not for the hot path)."""
+    return tuple(memoryview(key_bytes).cast("q").tolist())
+
+
+def first_page(key_bytes: bytes, page_size: int) -> Any:
+    """The children-dict key of a run: its first token (page size 1) or first page tuple."""
+    if page_size == 1:
+        return int.from_bytes(key_bytes[:TOKEN_BYTES], BYTEORDER, signed=True)
+    return tuple(memoryview(key_bytes)[: TOKEN_BYTES * page_size].cast("q").tolist())
+
+
+def common_tokens(key_bytes: bytes, raw: memoryview, offset: int, limit: int) -> int:
+    """How many leading tokens ``key_bytes`` shares with ``raw[offset:]``, at most ``limit``.
+
+    Galloping then bisecting, each probe one ``startswith`` (a memcmp of the
+    probed window), so a long shared run costs O(log n) calls and no copy.
+    """
+    lo = 0
+    step = 64
+    while True:
+        if lo >= limit:
+            return limit
+        hi = min(lo + step, limit)
+        if not key_bytes.startswith(
+            raw[offset + TOKEN_BYTES * lo : offset + TOKEN_BYTES * hi], TOKEN_BYTES * lo
+        ):
+            break
+        lo = hi
+        step *= 2
+    # Tokens [0, lo) agree; some token in [lo, hi) differs.
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if key_bytes.startswith(
+            raw[offset + TOKEN_BYTES * lo : offset + TOKEN_BYTES * mid], TOKEN_BYTES * lo
+        ):
+            lo = mid
+        else:
+            hi = mid
+    return lo
