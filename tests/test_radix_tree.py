@@ -490,6 +490,8 @@ def _corrupted_tree() -> tuple[RadixTree, list]:
         (lambda t, n: setattr(n[2], "value", [1, 2]), "len(value) == len(key)"),
         (lambda t, n: setattr(n[0], "parent", n[2]), "parent/child links"),
         (lambda t, n: setattr(n[2], "key", (5,)), "child key == first token/page"),
+        (lambda t, n: setattr(n[2], "key_bytes", b"\0" * 7), "keys are int64 bytes"),
+        (lambda t, n: setattr(n[2], "key_bytes", (4,)), "keys are int64 bytes"),
         (lambda t, n: setattr(n[2], "depth", 7), "depth"),
         (lambda t, n: t._roots["ns"].children.clear(), "no empty roots"),
     ],

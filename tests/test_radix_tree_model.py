@@ -8,6 +8,8 @@ it held.
 
 from __future__ import annotations
 
+from array import array
+
 import numpy as np
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -24,6 +26,14 @@ from radixserve.radix_tree import POLICIES, RadixTree
 NAMESPACES = st.sampled_from([None, "lora-a"])
 TOKENS = st.integers(0, 3)
 KEYS = st.lists(TOKENS, max_size=10)
+# The scheduler passes array('q'); numpy int64 is read in place too; lists are converted.
+KEY_AS = st.sampled_from(["list", "numpy", "array"])
+
+
+def as_key(key: list[int], kind: str):
+    if kind == "numpy":
+        return np.array(key, dtype=np.int64)
+    return array("q", key) if kind == "array" else key
 
 
 class RadixTreeVsModel(RuleBasedStateMachine):
@@ -65,15 +75,15 @@ class RadixTreeVsModel(RuleBasedStateMachine):
 
     # --------------------------------------------------------------- rules
 
-    @rule(namespace=NAMESPACES, as_numpy=st.booleans(), data=st.data())
-    def insert(self, namespace, as_numpy, data) -> None:
+    @rule(namespace=NAMESPACES, as_numpy=st.booleans(), key_as=KEY_AS, data=st.data())
+    def insert(self, namespace, as_numpy, key_as, data) -> None:
         key = self.draw_key(data)
         self.known = (self.known + [key])[-16:]
         slots = list(range(self.next_slot, self.next_slot + len(key)))
         self.next_slot += len(key)
         value = np.array(slots, dtype=np.int64) if as_numpy else slots
         expected = self.model_match(namespace, key)
-        assert self.tree.insert(key, value, namespace=namespace) == expected
+        assert self.tree.insert(as_key(key, key_as), value, namespace=namespace) == expected
         usable = len(key) - len(key) % self.page
         for end in range(expected + self.page, usable + 1, self.page):
             ident = (namespace, tuple(key[:end]))
@@ -82,12 +92,12 @@ class RadixTreeVsModel(RuleBasedStateMachine):
                 self.prefix_of[slot] = ident
         self.inserted += max(usable - expected, 0)
 
-    @rule(namespace=NAMESPACES, data=st.data())
-    def match(self, namespace, data) -> None:
-        self.matched(namespace, self.draw_key(data))
+    @rule(namespace=NAMESPACES, key_as=KEY_AS, data=st.data())
+    def match(self, namespace, key_as, data) -> None:
+        self.matched(namespace, self.draw_key(data), key_as)
 
-    def matched(self, namespace, key):
-        m = self.tree.match_prefix(key, namespace=namespace)
+    def matched(self, namespace, key, key_as="list"):
+        m = self.tree.match_prefix(as_key(key, key_as), namespace=namespace)
         length = self.model_match(namespace, key)
         assert m.length == length == m.node.depth
         assert sum(len(piece) for piece in m.values) == length
