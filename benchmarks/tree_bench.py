@@ -205,6 +205,7 @@ def bench_evict_scaling(args, rng, sgl=None) -> None:
     for size in args.sizes:
         work = workload_for_size(args, rng, size)
         built[size] = (*build(args, work), work)
+    peers = {size: build_sglang(sgl, work) for size, (_, _, work) in built.items()} if sgl else {}
     gc.collect()
     gc.freeze()  # long-lived trees should not make every gc pass walk them
     # Rounds alternate between the sizes, so that load from other processes
@@ -213,6 +214,7 @@ def bench_evict_scaling(args, rng, sgl=None) -> None:
     samples = {size: [] for size in args.sizes}
     round_means = {size: [] for size in args.sizes}
     rescan_times = {size: [] for size in args.sizes}
+    peer_means = {size: [] for size in peers}
     for _ in range(args.rounds):
         for size, (tree, _, work) in built.items():
             batch = evict_round(tree, work, args.evict_ops)
@@ -221,6 +223,9 @@ def bench_evict_scaling(args, rng, sgl=None) -> None:
             start = time.perf_counter()
             rescan_find(tree)
             rescan_times[size].append((time.perf_counter() - start) * 1e6)
+            if size in peers:
+                batch = evict_round_sglang(peers[size], sgl, work, args.peer_evict_ops)
+                peer_means[size].append(statistics.mean(batch) / 1000)
     per_leaf_us = {size: min(means) for size, means in round_means.items()}
     rescan_us = {size: min(times) for size, times in rescan_times.items()}
     median_us = {size: statistics.median(s) / 1000 for size, s in samples.items()}
@@ -232,6 +237,11 @@ def bench_evict_scaling(args, rng, sgl=None) -> None:
              page_size=args.page_size, policy=args.policy, values=args.values)
         emit(bench="rescan_find", target_tokens=size, nodes=tree.num_nodes,
              ops=len(rescan_times[size]), best_us=rescan_us[size])
+        if size in peers:
+            emit(bench="evict_one_leaf_sglang", target_tokens=size, sglang_version=sgl.version,
+                 tree_tokens=peers[size].size(), ops_per_round=args.peer_evict_ops,
+                 best_round_mean_us=min(peer_means[size]),
+                 sglang_over_radixserve=min(peer_means[size]) / per_leaf_us[size])
     gc.unfreeze()
     small, large = min(args.sizes), max(args.sizes)
     emit(bench="evict_scaling", small_tokens=small, large_tokens=large,
@@ -365,6 +375,29 @@ class SGLangPeer:
         self.cache.insert(self.sgl.Insert(key=self.sgl.RadixKey(key), value=value))
 
 
+def build_sglang(sgl, work: Workload) -> SGLangPeer:
+    peer = SGLangPeer(sgl)
+    for i in range(len(work)):
+        peer.insert(array("q", work.key(i)), _torch_value(sgl, work, i))
+    return peer
+
+
+def evict_round_sglang(peer: SGLangPeer, sgl, work: Workload, ops: int) -> list[int]:
+    """``evict_round`` for SGLang's cache: its allocator stub names the evicted leaf."""
+    samples = []
+    for _ in range(ops):
+        start = time.perf_counter_ns()
+        peer.evict(1)
+        samples.append(time.perf_counter_ns() - start)
+        owner = work.owner(int(peer.allocator.last[0]))
+        peer.insert(array("q", work.key(owner)), _torch_value(sgl, work, owner))
+    return samples
+
+
+def _torch_value(sgl, work: Workload, i: int):
+    return sgl.torch.arange(work.bases[i], work.bases[i] + work.key_len, dtype=sgl.torch.int64)
+
+
 # ------------------------------------------------------------------ trace replay
 
 
@@ -471,6 +504,8 @@ def _as_key_type(key: tuple, kind: str):
         return list(key)
     if kind == "numpy":
         return np.array(key, dtype=np.int64)
+    if kind == "array":
+        return array("q", key)
     return key
 
 
@@ -486,7 +521,7 @@ def main() -> None:
     parser.add_argument("--policy", default="lru", choices=["lru", "lfu", "fifo", "priority"])
     parser.add_argument("--values", default="numpy", choices=["numpy", "list"],
                         help="type of the slot-id values inserted")
-    parser.add_argument("--keys", default="list", choices=["list", "tuple", "numpy"],
+    parser.add_argument("--keys", default="list", choices=["list", "tuple", "numpy", "array"],
                         help="type of the token keys passed to insert/match (throughput part)")
     parser.add_argument("--prompts", type=int, default=16, help="distinct system prompts")
     parser.add_argument("--prompt-len", type=int, default=512)
@@ -496,6 +531,8 @@ def main() -> None:
                         help="cached tokens for the eviction-scaling measurement")
     parser.add_argument("--evict-ops", type=int, default=1000, help="timed evictions per round")
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--peer-evict-ops", type=int, default=20,
+                        help="timed SGLang evictions per round (each rebuilds its heap)")
     parser.add_argument("--only", choices=["throughput", "scaling", "trace"], default=None)
     parser.add_argument("--peer", choices=["none", "sglang"], default="none",
                         help="also drive SGLang's RadixCache (trace replay and eviction scaling)")

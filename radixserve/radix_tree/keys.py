@@ -10,7 +10,8 @@ when it is a numpy int64 array or an ``array('q')`` (what the scheduler
 passes): ``tokens`` (format ``'q'``: ``tokens[i]`` is token i as an int, used
 to find a child) and ``raw`` (format ``'B'``: sliced without copying, and
 compared with ``bytes.startswith``). Any other sequence of ints (list, tuple,
-range, a torch tensor) is converted once per call into an ``array('q')``.
+range, a torch tensor) is packed once per call into ``bytes`` (``struct``,
+about twice as fast as building an ``array('q')`` from a list).
 
 The views must not outlive the call that made them: while a memoryview of an
 ``array`` exists, the array cannot grow, and the scheduler appends to its
@@ -19,6 +20,7 @@ token arrays. The tree stores ``bytes`` copies only.
 
 from __future__ import annotations
 
+import struct
 import sys
 from array import array
 from typing import Any, Sequence
@@ -50,13 +52,13 @@ def key_views(key: Sequence[int]) -> tuple[memoryview, memoryview]:
         return raw.cast("q"), raw
     tolist = getattr(key, "tolist", None)  # other numpy dtypes, torch tensors
     try:
-        converted = array("q", tolist() if tolist is not None else key)
-    except (TypeError, OverflowError):
+        items = tolist() if tolist is not None else key
+        raw = memoryview(struct.pack(f"{len(items)}q", *items))
+    except (TypeError, struct.error):
         raise ValueError(
             f"a key must be a sequence of ints that fit in int64, got {type(key).__name__}"
         ) from None
-    tokens = memoryview(converted)
-    return tokens, tokens.cast("B")
+    return raw.cast("q"), raw
 
 
 def to_bytes(key: Sequence[int]) -> bytes:
