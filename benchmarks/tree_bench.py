@@ -324,8 +324,8 @@ class _StubAllocator:
 class RadixservePeer:
     name = "radixserve"
 
-    def __init__(self) -> None:
-        self.tree = RadixTree()
+    def __init__(self, tree_class: type = RadixTree) -> None:
+        self.tree = tree_class()
 
     def match(self, key):
         m = self.tree.match_prefix(key)
@@ -345,6 +345,23 @@ class RadixservePeer:
 
     def insert(self, key, value) -> None:
         self.tree.insert(key, value)
+
+
+class SGLangTouchTree(RadixTree):
+    """RadixTree with SGLang's touch rule, to check that the two caches differ
+    by that rule alone: SGLang stamps a node's access time before it splits
+    it, so a match or insert that ends inside a node also refreshes the lower
+    half, which the request does not use. RadixTree refreshes only the path."""
+
+    def _split(self, child, n):
+        upper = super()._split(child, n)
+        listed = child.evict_entry is not None
+        if listed:
+            self._unlist(child)
+        child.last_access = self._clock.now  # the tick of the ongoing match or insert
+        if listed:
+            self._relist(child)
+        return upper
 
 
 class SGLangPeer:
@@ -492,11 +509,16 @@ def bench_trace(args, sgl) -> None:
             ours, theirs = best[("radixserve", capacity)], best[("sglang", capacity)]
             same = ours["hits"] == theirs["hits"]
             differing = sum(a != b for a, b in zip(ours["hits"], theirs["hits"]))
+            # Untimed: the same replay with SGLang's touch rule must give its hits exactly.
+            rule = replay(RadixservePeer(SGLangTouchTree), rs_keys, rs_values, capacity)
             emit(bench="trace_vs_sglang", capacity=capacity, sglang_version=sgl.version,
                  sglang_over_radixserve=theirs["total_ns"] / ours["total_ns"],
                  match_ratio=theirs["match_ns"] / ours["match_ns"],
+                 evict_ratio=theirs["evict_ns"] / ours["evict_ns"],
                  insert_ratio=theirs["insert_ns"] / ours["insert_ns"],
-                 hit_tokens_identical=same, requests_with_other_hits=differing)
+                 hit_tokens=sum(ours["hits"]), sglang_hit_tokens=sum(theirs["hits"]),
+                 hit_tokens_identical=same, requests_with_other_hits=differing,
+                 identical_with_sglang_touch_rule=rule["hits"] == theirs["hits"])
 
 
 def _as_key_type(key: tuple, kind: str):
