@@ -148,6 +148,34 @@ def test_prompt_clients_are_unaffected(fast):
     sock.close()
 
 
+def test_a_client_that_stops_reading_is_cut_off(engine, caplog):
+    """A client that takes nothing of its answers while they fill every buffer is dropped after send_timeout."""
+    with BackgroundServer(engine, ServerConfig(port=0, send_timeout=1.0)) as srv, \
+            caplog.at_level(logging.DEBUG, logger="radixserve.engine.server_transport"):
+        body = json.dumps({"model": M, "input": [f"text {i}" for i in range(100)]}).encode()  # ~1.3 MB of floats back
+        host, port = srv.url.removeprefix("http://").rsplit(":", 1)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, int(port)))
+        sock.sendall(_request("/v1/embeddings", body) * 10)  # more than the kernel's buffers take
+        deadline = time.monotonic() + 120
+        while not any("read nothing" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any("read nothing of its answer for 1 s" in r.getMessage() for r in caplog.records)
+        got = b""
+        sock.settimeout(10)  # still open after that: a socket.timeout fails the test
+        try:
+            while chunk := sock.recv(1 << 20):
+                got += chunk
+        except ConnectionResetError:
+            pass
+        sock.close()
+        assert got.count(b"HTTP/1.1 200") < 10
+        while srv.state.inflight and time.monotonic() < deadline:  # the handler was cancelled, not left waiting
+            time.sleep(0.05)
+        assert srv.state.inflight == 0 and srv.state.pending == 0
+
+
 def test_connection_deadlines_use_aiohttp_internals_that_exist():
     """`_Connection` relies on four attributes of aiohttp's RequestHandler; fail loudly if one goes away."""
     import inspect

@@ -125,6 +125,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="close a connection whose request headers take longer than this to arrive (default: 10)")
     p.add_argument("--timeout-body", type=float, default=60.0,
                    help="answer 408 and close when a request body takes longer than this to arrive (default: 60)")
+    p.add_argument("--timeout-send", type=float, default=60.0,
+                   help="close a connection that reads nothing of its answer for this long (default: 60)")
     p.set_defaults(func=_run_serve)
 
 
@@ -158,6 +160,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         keep_alive_timeout=args.timeout_keep_alive,
         header_timeout=args.timeout_header,
         body_timeout=args.timeout_body,
+        send_timeout=args.timeout_send,
     )
     from radixserve import Engine
 

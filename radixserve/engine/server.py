@@ -60,10 +60,12 @@ class ServerConfig:
     retry_after_s: int = 1
     # A connection is closed when it sends nothing for keep_alive_timeout seconds (before its first
     # request or between requests), takes longer than header_timeout from a request's first byte to the
-    # end of its headers, or longer than body_timeout from there to the end of the body (then 408).
+    # end of its headers, or longer than body_timeout from there to the end of the body (then 408), or
+    # reads nothing of an answer for send_timeout seconds while the server's send buffer is full.
     keep_alive_timeout: float = 5.0
     header_timeout: float = 10.0
     body_timeout: float = 60.0
+    send_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or isinstance(self.port, bool) or not 0 <= self.port <= 65535:
@@ -78,7 +80,7 @@ class ServerConfig:
             raise ValueError(f"max_body_bytes must be an integer >= 1024, got {self.max_body_bytes!r}")
         if not self.drain_timeout >= 0:
             raise ValueError(f"drain_timeout must be >= 0 seconds, got {self.drain_timeout!r}")
-        for name in ("keep_alive_timeout", "header_timeout", "body_timeout"):
+        for name in ("keep_alive_timeout", "header_timeout", "body_timeout", "send_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
@@ -215,7 +217,8 @@ async def run_app(
     """
     state = app[STATE]
     runner = TimedAppRunner(
-        app, header_timeout=config.header_timeout, keepalive_timeout=config.keep_alive_timeout,
+        app, header_timeout=config.header_timeout, send_timeout=config.send_timeout,
+        keepalive_timeout=config.keep_alive_timeout,
         handler_cancellation=True, shutdown_timeout=_CUT_GRACE_S, access_log_class=AccessLogger,
     )
     await runner.setup()

@@ -6,11 +6,15 @@ A connection may take at most
     header_timeout      from that first byte to the end of the request's head (request line and headers)
     body_timeout        from the end of the head to the end of the body
 
-and is closed otherwise (a late body is answered 408 first if a handler is reading it). aiohttp
-gives the first (`keepalive_timeout`; bytes that arrive do not reset it) and has no knob for the
-other two: `_Connection` adds the head deadline inside aiohttp's connection protocol, and
-`arm_body_deadline` fails a late body's stream with `BodyTimeout`, which ends both a handler's
-read and aiohttp's lingering read of a body nobody read.
+and is closed otherwise (a late body is answered 408 first if a handler is reading it). Nor may
+a client stop reading its answer: once the server's send buffer is full, `send_timeout` seconds
+without it draining close the connection, which cancels the handler and aborts its sequences
+(a handler stuck on a write would otherwise hold its admission slot forever).
+
+aiohttp gives the first (`keepalive_timeout`; bytes that arrive do not reset it) and no knob
+for the others: `_Connection` adds the head and send deadlines inside aiohttp's connection
+protocol, and `arm_body_deadline` fails a late body's stream with `BodyTimeout`, which ends both
+a handler's read and aiohttp's lingering read of a body nobody read.
 """
 
 from __future__ import annotations
@@ -53,19 +57,21 @@ def arm_body_deadline(request: web.BaseRequest, timeout: float) -> asyncio.Timer
 
 
 class _Connection(RequestHandler):
-    """aiohttp's connection protocol with a deadline on a request's head.
+    """aiohttp's connection protocol with a deadline on a request's head and on a stalled send.
 
     Uses four attributes of aiohttp's `RequestHandler` (the server transport tests check them):
     `_request_count` (heads parsed so far), `_request_in_progress` (a handler or its response
     is running), `_messages` (parsed requests waiting for their handler) and `_keepalive`.
     """
 
-    __slots__ = ("_header_timeout", "_head_timer", "_heads")
+    __slots__ = ("_header_timeout", "_send_timeout", "_head_timer", "_send_timer", "_heads")
 
-    def __init__(self, manager: web.Server, *, header_timeout: float, **kwargs: Any) -> None:
+    def __init__(self, manager: web.Server, *, header_timeout: float, send_timeout: float, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._header_timeout = header_timeout
+        self._send_timeout = send_timeout
         self._head_timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
         self._heads = 0  # `_request_count` when the head timer last started or stopped
 
     def data_received(self, data: bytes) -> None:
@@ -78,8 +84,22 @@ class _Connection(RequestHandler):
             self.keep_alive(self._keepalive)  # stops aiohttp's idle timer (it starts again after the response)
             self._head_timer = self._loop.call_later(self._header_timeout, self._head_expired)
 
+    def pause_writing(self) -> None:  # asyncio: the send buffer is over its high-water mark
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self._loop.call_later(self._send_timeout, self._send_expired)
+
+    def resume_writing(self) -> None:  # asyncio: the client took enough of it
+        super().resume_writing()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
     def connection_lost(self, exc: BaseException | None) -> None:
         self._stop_head_timer()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         super().connection_lost(exc)
 
     def _stop_head_timer(self) -> None:
@@ -96,38 +116,49 @@ class _Connection(RequestHandler):
             return
         super().log_exception(*args, **kwargs)
 
+    def _send_expired(self) -> None:
+        self._send_timer = None
+        if self.transport is not None:
+            logger.debug("closing %s: it read nothing of its answer for %g s", self._peer(), self._send_timeout)
+            self.transport.abort()  # close() would wait, forever, for the unsent bytes to go out
+
+    def _peer(self) -> str:
+        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+        return escape_log(str(peer))
+
     def _head_expired(self) -> None:
         self._head_timer = None
         if self._request_count == self._heads and not self._request_in_progress:
-            peer = self.transport.get_extra_info("peername") if self.transport is not None else None
-            logger.debug("closing %s: its request head did not arrive within %g s", escape_log(str(peer)),
-                         self._header_timeout)
+            logger.debug("closing %s: its request head did not arrive within %g s", self._peer(), self._header_timeout)
             self.force_close()
 
 
 class _Server(web.Server):
     """aiohttp's low-level server, making `_Connection`s."""
 
-    def __init__(self, *args: Any, header_timeout: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, header_timeout: float, send_timeout: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.header_timeout = header_timeout
+        self.send_timeout = send_timeout
 
     def __call__(self) -> RequestHandler:
-        return _Connection(self, loop=self._loop, header_timeout=self.header_timeout, **self._kwargs)
+        return _Connection(self, loop=self._loop, header_timeout=self.header_timeout,
+                           send_timeout=self.send_timeout, **self._kwargs)
 
 
 class TimedAppRunner(web.AppRunner):
-    """`web.AppRunner` whose connections have a head deadline (aiohttp takes no protocol class to use)."""
+    """`web.AppRunner` whose connections have head and send deadlines (aiohttp takes no protocol class to use)."""
 
-    def __init__(self, app: web.Application, *, header_timeout: float, **kwargs: Any) -> None:
+    def __init__(self, app: web.Application, *, header_timeout: float, send_timeout: float, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self._header_timeout = header_timeout
+        self._send_timeout = send_timeout
 
     async def _make_server(self) -> web.Server:
         base = await super()._make_server()  # the application's startup; its server serves as the template
         return _Server(base.request_handler, request_factory=base.request_factory,
                        handler_cancellation=base.handler_cancellation, loop=base._loop,
-                       header_timeout=self._header_timeout, **base._kwargs)
+                       header_timeout=self._header_timeout, send_timeout=self._send_timeout, **base._kwargs)
 
 
 # -- access log ----------------------------------------------------------------------------
