@@ -23,6 +23,15 @@ from radixserve.scheduler.scheduler import Scheduler, SchedulerConfig, StepUpdat
 
 logger = logging.getLogger(__name__)
 
+# Steps failing one after another without one that runs: past this the engine gives up
+# (fatal) rather than failing request after request. Finding the cause among n requests
+# takes about log2(n) failed steps; 2,048 running requests take 11.
+MAX_FAILED_STEPS_IN_A_ROW = 32
+
+
+class EngineFatalError(RuntimeError):
+    """The engine cannot serve any more: the process should exit and be restarted."""
+
 
 class _Launched(NamedTuple):
     """A step queued on the device, not yet processed on the host."""
@@ -105,6 +114,8 @@ class EngineCore:
         # Overlapped scheduling (see step): None means on for CUDA devices.
         self.overlap = config.overlap_schedule if config.overlap_schedule is not None else self.device.type == "cuda"
         self._inflight: _Launched | None = None
+        self._processing: list[Req] | None = None  # the requests of the step being processed
+        self.failed_in_a_row = 0
         self._last_sampling: _Sampling | None = None
         self.prompt_tokens = 0
         self.generated_tokens = 0
@@ -149,12 +160,31 @@ class EngineCore:
         processes this one, so the host's scheduling work runs while the GPU computes.
         Where the next step needs this one's results on the host (Scheduler.can_schedule_ahead),
         it is processed first.
+
+        A step that raises fails only the requests that caused it (Scheduler.recover); the
+        others keep their outputs and carry on. Raises EngineFatalError where serving cannot
+        go on (the device is lost, the KV bookkeeping cannot be restored, or steps keep failing).
         """
         updates: list[StepUpdate] = []
+        try:
+            self._step(updates)
+        except Exception as exc:
+            self._recover(exc)
+            updates += self.scheduler.take_updates()
+        else:
+            self.failed_in_a_row = 0
+        if self.config.check_invariants:
+            self.scheduler.check_invariants()
+        return updates
+
+    def _step(self, updates: list[StepUpdate]) -> None:
+        """`step`'s work; `updates` gains each result as soon as it is processed, so that a
+        failure later in the step loses none of them."""
         prev = self._inflight
         if prev is not None and not self.scheduler.can_schedule_ahead(prev.batch):
+            self._inflight = None
             updates += self._complete(prev)
-            prev = self._inflight = None
+            prev = None
         if prev is not None:
             batch = self.scheduler.schedule_ahead(prev.batch)
         else:
@@ -173,9 +203,34 @@ class EngineCore:
                 updates += self._complete(launched)
         elif prev is None:
             updates += self.scheduler.take_updates()
-        if self.config.check_invariants:
-            self.scheduler.check_invariants()
-        return updates
+
+    def _recover(self, exc: Exception) -> None:
+        """Put the engine back in a state to serve after a step raised, or raise EngineFatalError."""
+        processed, self._processing = self._processing, None
+        self._inflight = None  # its results are recomputed: its requests are reset
+        self._last_sampling = None
+        self.failed_in_a_row += 1
+        if self._device_lost():
+            raise EngineFatalError(f"the {self.device.type} device failed: {exc}") from exc
+        if self.failed_in_a_row > MAX_FAILED_STEPS_IN_A_ROW:
+            raise EngineFatalError(f"{self.failed_in_a_row} steps in a row failed; the last: {exc!r}") from exc
+        logger.warning("a step failed (%s: %s); isolating the requests that caused it", type(exc).__name__, exc,
+                       exc_info=exc)
+        try:
+            self.scheduler.recover(exc, processed)
+        except Exception as fatal:
+            raise EngineFatalError(f"recovery from a failed step failed: {fatal}") from exc
+
+    def _device_lost(self) -> bool:
+        """Whether the device still runs work: a CUDA error (an illegal access, a device-side
+        assert) poisons the context, and every later call fails."""
+        if self.device.type != "cuda":
+            return False
+        try:
+            torch.cuda.synchronize(self.device)
+        except Exception:
+            return True
+        return False
 
     def _launch(self, batch: ScheduledBatch, prev: "_Launched | None") -> "_Launched":
         """Queue the batch's forward and sampling; start copying the tokens to the host."""
@@ -217,7 +272,10 @@ class EngineCore:
 
     def _complete(self, launched: "_Launched") -> list[StepUpdate]:
         sampled = None if launched.sampled is None else launched.sampled.wait()
+        # If processing raises, these requests' results are half applied: they fail (recover).
+        self._processing = [r for r in launched.batch.reqs if not r.finished]
         updates = self.scheduler.process(launched.batch, launched.out, sampled)
+        self._processing = None
         self.generated_tokens += sum(len(u.token_ids) for u in updates)
         return updates
 
@@ -254,6 +312,7 @@ class EngineCore:
             # Rows computed over tokens planned (prefill chunks and decodes); 1.0: nothing folded.
             "fold_ratio": 1.0 - self.scheduler.folded_tokens / max(1, self.scheduler.planned_tokens),
             "steps": self.steps,
+            "failed_steps": self.scheduler.failed_steps,  # steps that raised (their causes failed)
             # Attention kernel variants compiled after start (each stalls a step; fa4 only).
             "attention_compiles": getattr(self.runner.backend, "compiles", 0),
             "graph_steps": self.runner.graph_batches,  # decode steps that replayed a CUDA graph

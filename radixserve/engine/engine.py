@@ -38,6 +38,14 @@ POOLINGS = ("last", "mean", "cls")
 _PREFILL_PARAMS = SamplingParams(max_tokens=1)  # embed/score requests sample nothing
 
 
+def _check_text(field: str, text: str) -> None:
+    """Text a tokenizer can encode: no lone UTF-16 surrogate (ValueError naming the field)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{field} is not valid Unicode text (a lone surrogate at index {exc.start})") from None
+
+
 class Engine:
     """An LLM engine with a persistent prefix cache.
 
@@ -112,10 +120,13 @@ class Engine:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
+            _check_text("prompt", prompt)
             tok = self._require_tokenizer("text prompts")
             ids = tok.encode(prompt, add_special_tokens=True)
             text: str | None = prompt
         else:
+            if not isinstance(prompt, Sequence) or isinstance(prompt, bytes):
+                raise ValueError(f"prompt must be a string or a sequence of token ids, got {type(prompt).__name__}")
             ids = list(prompt)
             text = None
             # Checked with C-level passes (map, min, max): a Python loop over a long
@@ -134,9 +145,18 @@ class Engine:
                 f"prompt has {len(ids)} tokens; the limit is {limit - 1} "
                 f"(context {self.core.max_context}, KV cache {self.core.kv_capacity} tokens)"
             )
+        self.check_params(params)
+        return text, ids, params
+
+    def check_params(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot check alone, against this model: token ids inside its
+        vocabulary, stop strings only with a tokenizer. Raises ValueError naming the field."""
+        vocab = self.core.runner.vocab_size
+        bad_stops = [t for t in params.stop_token_ids if t >= vocab]
+        if bad_stops:
+            raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {bad_stops[:5]}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
-        return text, ids, params
 
     def _make_reqs(self, rid: str, ids: Sequence[int], params: SamplingParams) -> list[Req]:
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
@@ -206,8 +226,8 @@ class Engine:
         try:
             while self._iterate():
                 pass
-        except BaseException as exc:  # a failed step must not leave callers waiting forever
-            logger.exception("engine loop failed")
+        except BaseException as exc:  # fatal: callers must not be left waiting forever
+            logger.critical("the engine loop stopped: %s", exc, exc_info=exc)
             self._fail_all(exc)
 
     def _iterate(self) -> bool:
@@ -318,6 +338,8 @@ class Engine:
         for req in made:
             if req.finish_reason == "abort":
                 raise RuntimeError(f"request {req.rid} was aborted")
+            if req.finish_reason == "error":
+                raise RuntimeError(f"request {req.rid} failed inside the engine: {req.error}")
         return made
 
     def embed(
@@ -360,9 +382,12 @@ class Engine:
             if isinstance(c, str):
                 if not c:
                     raise ValueError(f"completions[{i}] is empty")
+                _check_text(f"completions[{i}]", c)
                 c_ids = self._require_tokenizer("text completions").encode(c, add_special_tokens=False)
-            else:
+            elif isinstance(c, Sequence) and not isinstance(c, bytes):
                 c_ids = list(c)
+            else:
+                raise ValueError(f"completions[{i}] must be a string or a list of token ids")
             if not c_ids:
                 raise ValueError(f"completions[{i}] is empty")
             items.append(self._prepare(prompt_ids + c_ids, None))
@@ -430,6 +455,7 @@ class Engine:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise ValueError(f"messages[{i}] must be a dict with string 'role' and 'content'")
+            _check_text(f"messages[{i}].content", m["content"])
         if getattr(tok, "chat_template", None) is None:
             raise ValueError("this model's tokenizer has no chat template")
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -456,8 +482,14 @@ class Engine:
         return dict(self._stats)
 
     def is_alive(self) -> bool:
-        """The loop thread runs and no step has failed (what a health check asks)."""
+        """The loop thread runs and has met no fatal error (what a health check asks). A step
+        that fails ends only the requests that caused it; the engine serves on."""
         return self._error is None and self._thread.is_alive()
+
+    @property
+    def fatal_error(self) -> BaseException | None:
+        """Why the loop stopped serving (EngineFatalError or a bug), or None while it serves."""
+        return self._error
 
     def flush_cache(self) -> bool:
         """Drop every cached prefix. Refused (False) while requests are running."""

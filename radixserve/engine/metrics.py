@@ -33,6 +33,8 @@ _ENGINE_METRICS = (
     ("attention_compiles", "attention_kernel_compiles", "counter",
      "Attention kernel variants compiled after start (each stalls a step for seconds)."),
     ("steps", "engine_steps", "counter", "Model steps launched (forward passes)."),
+    ("failed_steps", "engine_failed_steps", "counter",
+     "Steps that raised; the requests that caused them ended with finish_reason error."),
     ("graph_steps", "decode_graph_steps", "counter", "Decode steps that replayed a captured CUDA graph."),
     ("piecewise_steps", "piecewise_graph_steps", "counter",
      "Prefill and mixed steps that replayed captured graph pieces (attention eager)."),

@@ -417,11 +417,16 @@ def build_sampling_params(
     try:
         return SamplingParams(**kw)
     except (ValueError, TypeError) as exc:
-        field_name = str(exc).split(" ", 1)[0]
-        param = req.names.get(field_name, field_name if field_name in SAMPLING_FIELDS else None)
-        if field_name == "max_tokens":
-            param = req.max_tokens_param
-        raise bad_request(str(exc), param=param) from None
+        raise sampling_error(req, exc) from None
+
+
+def sampling_error(req: GenerateRequest, exc: Exception) -> ApiError:
+    """A 400 for a sampling parameter the engine refused; its message starts with the field's name."""
+    field_name = str(exc).split(" ", 1)[0]
+    param = req.names.get(field_name, field_name if field_name in SAMPLING_FIELDS else None)
+    if field_name == "max_tokens":
+        param = req.max_tokens_param
+    return bad_request(str(exc), param=param)
 
 
 # -- embeddings ------------------------------------------------------------------------------

@@ -21,9 +21,10 @@ class CompletionOutput:
     index: int
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     logprobs: list[TokenLogprob] | None = None
     stop_reason: int | str | None = None  # the stop string or token id that ended it, if any
+    error: str | None = None  # with finish_reason "error": what failed inside the engine
 
 
 @dataclass
@@ -73,3 +74,4 @@ class StreamDelta:
     completion_tokens: int  # tokens of this completion so far
     folded_tokens: int = 0  # this completion's prompt tokens computed by another sequence
     stop_reason: int | str | None = None
+    error: str | None = None  # with finish_reason "error": what failed inside the engine

@@ -30,6 +30,7 @@ from radixserve.engine.openai_api import (
     parse_chat,
     parse_completion,
     parse_embedding,
+    sampling_error,
 )
 from radixserve.engine.native_api import native_delta, native_response, parse_generate
 from radixserve.engine.openai_responses import ResponseBuilder
@@ -164,6 +165,8 @@ class Generation:
                 continue
             if isinstance(item, BaseException):
                 raise _engine_error(item, self.prompt_param, i)
+            if item.finish_reason == "error":  # a step failed and this request caused it
+                raise ApiError(500, f"the request failed inside the engine: {item.error}", code="engine_error")
             self._observe(i, item)
             yield i, item
 
@@ -261,6 +264,10 @@ async def _generate(request: web.Request, req: GenerateRequest) -> web.StreamRes
     prompts, texts = await _tokenize(state, req)
     params = build_sampling_params(req, [len(p) for p in prompts], state.context_limit,
                                    _DEFAULT_MAX_TOKENS[req.route])
+    try:
+        state.engine.check_params(params)  # what only the model can tell (token ids past its vocabulary)
+    except ValueError as exc:
+        raise sampling_error(req, exc) from None
     builder = ResponseBuilder(
         "chat" if req.route == "chat" else "completions", state.model_name, params.n, [len(p) for p in prompts],
         state.token_text, echo_texts=texts if req.echo else None, include_usage=req.include_usage,

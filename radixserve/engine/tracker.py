@@ -52,6 +52,7 @@ class Tracker:
         if u.finished:
             out.finish_reason = req.finish_reason
             out.stop_reason = req.stop_reason
+            out.error = req.error
             self.remaining -= 1
         if not self.stream:
             return
@@ -68,6 +69,7 @@ class Tracker:
                 completion_tokens=len(out.token_ids),
                 folded_tokens=req.folded_tokens,
                 stop_reason=out.stop_reason if u.finished else None,
+                error=out.error if u.finished else None,
             )
         )
 

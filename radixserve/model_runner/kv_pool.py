@@ -87,6 +87,10 @@ class SlotAllocator:
         taken.reverse()
         return taken
 
+    def free_ids(self) -> array:
+        """The free slot ids (the allocator's own array: read, never modify)."""
+        return self._free
+
     def free(self, slots: Sequence[int] | torch.Tensor) -> None:
         if isinstance(slots, torch.Tensor):
             slots = slots.tolist()

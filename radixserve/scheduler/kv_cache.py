@@ -163,6 +163,43 @@ class KVCacheManager:
         if not self.enable_prefix_cache:
             self._evict(self.tree.evictable_size)
 
+    def discard(self, reqs: Sequence[Req]) -> None:
+        """Drop the KV state of `reqs` and insert nothing (recovery from a failed step).
+
+        The newest K/V of a failed step's requests may never have been written, so none of
+        their private tails may reach the tree: each tail slot goes back to the free list
+        once (a borrowed slot sits in its donor's tail too; a slot already free stays so).
+        Their rows and locks are given back. What the tree holds was committed by steps
+        that ran, and stays. `reqs` must be every request holding KV state: afterwards the
+        pool must add up with no holder, or RuntimeError (bookkeeping beyond repair).
+        """
+        tails: set[int] = set()
+        for req in reqs:
+            tails.update(req.slots[req.cache_len :])
+            self._unlock(req)
+            self._drop_row(req)
+            req.slots = token_array()
+            req.kv_len = req.cache_len = req.borrowed_len = 0
+            req.shared_memo = None
+        self._table_writes = []
+        free = self.allocator.free_ids()
+        tails.difference_update(free)
+        self.allocator.free(sorted(tails, reverse=True))
+        if not self.enable_prefix_cache:
+            self._evict(self.tree.evictable_size)
+        if self.tree.protected_size or len(set(free)) != len(free):
+            raise RuntimeError(
+                f"KV bookkeeping is inconsistent after a failed step: {self.tree.protected_size} "
+                "tokens still locked, or a slot freed twice"
+            )
+        if self.allocator.num_free + self.tree.total_size != self.capacity:
+            raise RuntimeError(
+                f"KV bookkeeping is inconsistent after a failed step: free {self.allocator.num_free} "
+                f"+ tree {self.tree.total_size} != capacity {self.capacity}"
+            )
+        if self.req_to_token.num_free != self.req_to_token.max_requests:
+            raise RuntimeError("KV bookkeeping is inconsistent after a failed step: table rows still held")
+
     def _insert(self, req: Req) -> tuple:
         """Insert `fill_ids[:kv_len]`; return the tree's copy of the path and its slots.
 
@@ -232,7 +269,7 @@ class KVCacheManager:
             raise RuntimeError(
                 f"slot leak: free {free} + tree {tree} + private {private} != capacity {self.capacity}"
             )
-        owned = list(self.allocator._free)
+        owned = list(self.allocator.free_ids())
         for r in holders:
             owned += r.slots[r.cache_len :]
         if len(owned) != len(set(owned)):

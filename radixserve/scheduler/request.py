@@ -99,7 +99,8 @@ class Req:
         self.fill_ids = token_array(prompt_ids)
         self.output_logprobs: list[tuple[int, float, tuple[tuple[int, float], ...]]] = []
         self.status = ReqStatus.WAITING
-        self.finish_reason: str | None = None
+        self.finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+        self.error: str | None = None  # why it failed (finish_reason "error")
         self.stop_reason: int | str | None = None
         self.aborted = False
 

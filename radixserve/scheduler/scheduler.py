@@ -21,6 +21,7 @@ from radixserve.model_runner.sampler import SampleOutput, SamplingRow
 from radixserve.scheduler.batch_builder import ScheduledBatch, build_batch, build_decode_ahead
 from radixserve.scheduler.kv_cache import KVCacheManager
 from radixserve.scheduler.policy import order_waiting
+from radixserve.scheduler.recovery import Quarantine
 from radixserve.scheduler.request import Req, ReqStatus
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,12 @@ def _prefix_order(req: Req) -> tuple[int, ...]:
     sort is stable, so admission order holds within a group."""
     slots = req.slots
     return tuple(slots[p] for p in _ORDER_POSITIONS if p < len(slots))
+
+
+def _describe(exc: BaseException) -> str:
+    """A failure as a request's error message: its type and first 300 characters."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
 
 
 def _ends_by_length(req: Req, fill_limit: int, pending: int = 0) -> bool:
@@ -85,7 +92,9 @@ class Scheduler:
         self.folded_tokens = 0
         self.planned_tokens = 0  # tokens of prefill chunks and decodes, before folding
         self.cascade_batches = 0  # batches whose attention ran as a cascade
-        self._updates: list[StepUpdate] = []  # produced outside process() (aborts)
+        self._updates: list[StepUpdate] = []  # produced outside process() (aborts, failures)
+        self.quarantine = Quarantine()  # suspects of a failed step (scheduler/recovery.py)
+        self.failed_steps = 0
         self._reorder = False  # running changed in a way that may break batch_order
 
     # -- queue management ------------------------------------------------------------
@@ -113,6 +122,10 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch | None:
         self.step_count += 1
         self._reap_aborted()
+        cleared = self.quarantine.passed()
+        if self.quarantine.active:  # the next probe runs alone
+            for req in cleared:
+                self._retract(req)
         self._make_room_for_running()
         return self._schedule({})
 
@@ -175,7 +188,7 @@ class Scheduler:
         that `prev` ends by length while others wait (its row and slots free up only
         once processed: admit in order); and a pool that cannot give every running
         request a slot without retracting."""
-        if self._updates:
+        if self._updates or self.quarantine.active:
             return False
         if any(r.aborted for r in self.waiting):
             return False
@@ -235,15 +248,23 @@ class Scheduler:
         """Retract running requests until each can compute at least one token this step."""
         while self.running and len(self.running) > self.cache.available():
             victim = min(self.running, key=lambda r: (len(r.output_ids), -len(r.prompt_ids)))
-            self.running.remove(victim)
-            self.cache.release(victim)
-            victim.status = ReqStatus.WAITING
-            victim.embedding, victim.scores = None, []  # prefill results restart with it
+            self._retract(victim)
             victim.retractions += 1
             self.retractions += 1
-            self.waiting.insert(0, victim)
-            self.new_token_ratio = self.config.new_token_ratio_init
             logger.info("retracted %r: the KV pool is full", victim)
+
+    def _retract(self, req: Req) -> None:
+        """Back to the front of the queue; what it computed goes to the tree (its retry is cheap)."""
+        self.running.remove(req)
+        self.cache.release(req)
+        self._requeue([req])
+
+    def _requeue(self, reqs: list[Req]) -> None:
+        for req in reqs:
+            req.status = ReqStatus.WAITING
+            req.embedding, req.scores = None, []  # prefill results restart with it
+        self.waiting[:0] = reqs
+        self.new_token_ratio = self.config.new_token_ratio_init
 
     def _reserved(self, sampled_ahead: int = 0) -> float:
         """Slots held back for running requests' output; `sampled_ahead` of those tokens
@@ -262,7 +283,9 @@ class Scheduler:
         for req in order:
             if budget <= 0 or len(self.running) + len(admitted) >= cfg.max_running_requests:
                 break
-            if not req.ready():
+            if not self.quarantine.admits(req):
+                continue
+            if not req.ready() and not self.quarantine.in_probe(req):  # a probe must not wait on others
                 continue
             if not self.cache.admit(req):
                 break
@@ -328,7 +351,7 @@ class Scheduler:
         come before any release: a request ending now must not take slots to
         the free list that a borrower still points at.
         """
-        updates: list[StepUpdate] = self.take_updates()
+        updates: list[StepUpdate] = []
         finishing: list[tuple[Req, str]] = []
         if sampled is not None and batch.sample_reqs:
             updates += self._append_tokens(batch, sampled, finishing)
@@ -336,7 +359,8 @@ class Scheduler:
         self.commit_chunks(batch)  # requests ending now too: their release must not free a borrower's slots
         for req, reason in finishing:
             self._finish(req, reason)
-        return updates
+        # Taken last: if anything above raises, these (aborts) are still here for `recover`.
+        return self.take_updates() + updates
 
     def commit_chunks(self, batch: ScheduledBatch) -> None:
         """Insert the batch's prefill chunks into the tree (once: the list is emptied).
@@ -362,26 +386,38 @@ class Scheduler:
         for i, req in enumerate(batch.sample_reqs):
             if req.finished:  # stopped a step earlier, after this overlapped step was launched
                 continue
-            tok = token_ids[i]
-            req.append_output(tok)
-            lp: list = []
-            if req.params.logprobs is not None and logprobs is not None:
-                k = req.params.logprobs
-                top = tuple(zip(top_ids[i][:k], top_lps[i][:k])) if k and top_ids is not None else ()
-                entry = (tok, logprobs[i], top)
-                req.output_logprobs.append(entry)
-                lp = [entry]
-            text = ""
-            stopped_by_string = False
-            if req.detokenizer is not None:
-                text, stopped_by_string = req.detokenizer.append([tok])
-            reason = self._finish_reason(req, tok, stopped_by_string, fill_limit)
-            if reason is not None:
-                if req.detokenizer is not None and not stopped_by_string:
-                    text += req.detokenizer.flush().delta_text
-                finishing.append((req, reason))
-            updates.append(StepUpdate(req, [tok], lp, text, reason is not None))
+            try:
+                updates.append(self._append_token(req, token_ids[i], i, logprobs, top_ids, top_lps, fill_limit,
+                                                  finishing))
+            except Exception as exc:  # this request's own bookkeeping (e.g. its detokenizer): it alone fails
+                logger.exception("processing the token of %r failed", req)
+                req.error = _describe(exc)
+                finishing.append((req, "error"))  # released with the others, after the commits
+                updates.append(StepUpdate(req, [], [], "", True))
         return updates
+
+    def _append_token(
+        self, req: Req, tok: int, i: int, logprobs: list | None, top_ids: list | None, top_lps: list | None,
+        fill_limit: int, finishing: list[tuple[Req, str]],
+    ) -> StepUpdate:
+        req.append_output(tok)
+        lp: list = []
+        if req.params.logprobs is not None and logprobs is not None:
+            k = req.params.logprobs
+            top = tuple(zip(top_ids[i][:k], top_lps[i][:k])) if k and top_ids is not None else ()
+            entry = (tok, logprobs[i], top)
+            req.output_logprobs.append(entry)
+            lp = [entry]
+        text = ""
+        stopped_by_string = False
+        if req.detokenizer is not None:
+            text, stopped_by_string = req.detokenizer.append([tok])
+        reason = self._finish_reason(req, tok, stopped_by_string, fill_limit)
+        if reason is not None:
+            if req.detokenizer is not None and not stopped_by_string:
+                text += req.detokenizer.flush().delta_text
+            finishing.append((req, reason))
+        return StepUpdate(req, [tok], lp, text, reason is not None)
 
     def _collect_prefill_results(
         self, batch: ScheduledBatch, out: ForwardOutput, finishing: list, updates: list[StepUpdate]
@@ -436,6 +472,41 @@ class Scheduler:
             text = req.detokenizer.flush().delta_text if req.detokenizer is not None else ""
             self._finish(req, "abort")
             self._updates.append(StepUpdate(req, [], [], text, True))
+
+    # -- failed steps ----------------------------------------------------------------
+
+    def recover(self, exc: BaseException, processed: list[Req] | None = None) -> None:
+        """A step raised: reset every request holding KV state, and end the cause with an error.
+
+        `processed`: the requests whose results were being processed when it raised (their
+        tokens may be half appended, so they end with an error); None when it raised before
+        (scheduling, the forward, sampling): then the quarantine narrows the suspects down
+        and ends a request only once a step it ran alone failed (scheduler/recovery.py).
+        Raises RuntimeError where the KV bookkeeping cannot be restored (fatal)."""
+        self.failed_steps += 1
+        message = _describe(exc)
+        seen: set[int] = set()
+        holders: list[Req] = []
+        for req in self.running + self.waiting + (processed or []):
+            if id(req) not in seen and (req.row is not None or req.last_node is not None or len(req.slots)):
+                seen.add(id(req))
+                holders.append(req)
+        self.running = []
+        self.waiting = [r for r in self.waiting if id(r) not in seen]
+        self.cache.discard(holders)
+        self._reorder = True
+        if processed is not None:
+            causes = processed
+        else:
+            cause = self.quarantine.on_failure(holders)
+            causes = [] if cause is None else [cause]
+        for req in causes:
+            logger.error("request %s failed: %s", req.rid, message)
+            req.error = message
+            req.finish_reason = "error"
+            req.status = ReqStatus.FINISHED
+            self._updates.append(StepUpdate(req, [], [], "", True))
+        self._requeue([r for r in holders if not r.finished])
 
     # -- checks ----------------------------------------------------------------------
 

@@ -1,0 +1,163 @@
+"""Whole requests drawn from every field the server accepts, valid and invalid values mixed.
+
+Each draw goes to a real server on loopback (every JSON route) or to `Engine` directly,
+and afterwards: the answer is a 2xx, or a 4xx with an OpenAI-style JSON error body (never
+a 5xx, never an error event in a 200 stream); a normal request still succeeds; /health
+is 200; the engine is idle with no KV slot leaked. Id-valued fields draw from the edges
+of the vocabulary (V - 1, V, V + 1, 2**63, 2**70), where the engine once died.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import assert_no_leak
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_server_support import engine, http, leak_check, server, sse_events  # noqa: F401 (fixtures)
+
+from radixserve import SamplingParams
+
+M = "smollm2-135m-instruct"
+V = 49152  # the built-in model's vocabulary
+
+IDS = st.sampled_from([0, 1, 2, 100, V - 1, V, V + 1, 2**31, 2**63, 2**70, -1])
+ID_LISTS = st.one_of(st.lists(IDS, max_size=3), st.just([]), st.sampled_from([None, 5, "1", [[1]], [1.5], [True]]))
+TEXT = st.one_of(
+    st.sampled_from(["Hello", "The capital of France is", "", " ", "\ud800", "a\udfffb", "\x00", "é" * 3]),
+    st.text(max_size=4),
+)
+TEXTS = st.one_of(TEXT, st.lists(TEXT, max_size=2), ID_LISTS, st.lists(st.lists(IDS, min_size=1, max_size=2), max_size=2))
+NUMBER = st.sampled_from([0, 0.5, 1, 2, -1, -0.5, 1e308, math.inf, math.nan, "1", None, True, [1]])
+INT = st.sampled_from([0, 1, 2, 3, -1, 2**63, 2**70, 1.5, "2", None, True])
+BOOL = st.sampled_from([True, False, None, 0, 1, "true"])
+STOP = st.one_of(TEXT, st.lists(TEXT, max_size=3), st.none(), st.just(5))
+MESSAGE = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "system", "assistant", "tool", "robot", 5]), "content": st.one_of(
+        TEXT, st.just([{"type": "text", "text": "hi"}]), st.just([{"type": "image_url"}]), st.none())},
+)
+MESSAGES = st.one_of(st.lists(MESSAGE, max_size=3), st.just([{"role": "user", "content": "Hi"}]), st.sampled_from(
+    [None, "hi", [{}], [{"role": "user"}]]))
+
+SAMPLING = {
+    "max_tokens": st.sampled_from([1, 2, 0, -1, "1", 1.5, None, 10**9]),
+    "temperature": NUMBER, "top_p": NUMBER, "top_k": INT, "min_p": NUMBER,
+    "repetition_penalty": NUMBER, "presence_penalty": NUMBER, "frequency_penalty": NUMBER,
+    "seed": INT, "n": st.sampled_from([1, 2, 0, -1, 10**6, 2**70, "2", None]),
+    "stop": STOP, "stop_token_ids": ID_LISTS, "min_tokens": INT, "ignore_eos": BOOL,
+    "logprobs": st.sampled_from([None, True, False, 0, 1, 5, 20, 21, -1]),
+    "include_stop_str_in_output": BOOL, "skip_special_tokens": BOOL,
+}
+OPENAI_EXTRA = {
+    "stream": BOOL, "stream_options": st.sampled_from([None, {}, {"include_usage": True}, {"bogus": 1}, 5]),
+    "user": st.sampled_from(["u", 5, None, "\ud800"]), "logit_bias": st.sampled_from([{}, {"1": 5}, None]),
+    "echo": BOOL, "best_of": INT, "suffix": st.sampled_from(["", "x", None]),
+    "top_logprobs": INT, "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}, None]),
+    "bogus_field": st.just(1),
+}
+
+
+def _bounded(body: dict) -> dict:
+    """Keep generation short on the CPU: valid lengths and counts above 2 become 2, and a missing
+    max_tokens (chat's default is the rest of the context) is 2."""
+    if body.get("max_tokens") is None:
+        body["max_tokens"] = 2
+    for key in ("max_tokens", "n", "min_tokens"):
+        if isinstance(body.get(key), int) and not isinstance(body[key], bool) and 2 < body[key] <= 10**6 - 1:
+            body[key] = 2
+    return body
+
+
+def _fields(pool: dict, *required: str) -> st.SearchStrategy[dict]:
+    optional = {k: v for k, v in pool.items() if k not in required}
+    return st.fixed_dictionaries({k: pool[k] for k in required}, optional=optional)
+
+
+def _request(route: str) -> st.SearchStrategy[tuple[str, dict]]:
+    if route == "/generate":
+        body = st.fixed_dictionaries({"sampling_params": _fields(SAMPLING).map(_bounded)}, optional={
+            "text": TEXT, "input_ids": ID_LISTS, "stream": BOOL})
+    elif route == "/v1/embeddings":
+        body = st.fixed_dictionaries({"model": st.sampled_from([M, "other"]), "input": TEXTS}, optional={
+            "pooling": st.sampled_from(["last", "mean", "cls", "max", 1]), "normalize": BOOL,
+            "encoding_format": st.sampled_from(["float", "base64", "bits"]), "dimensions": INT,
+            "user": st.just("u")})
+    else:
+        first = "messages" if "chat" in route else "prompt"
+        pool = {**SAMPLING, **OPENAI_EXTRA, "model": st.sampled_from([M, M, "gpt-17"]),
+                "messages": MESSAGES, "prompt": TEXTS}
+        body = _fields(pool, "model", first).map(_bounded)
+    return body.map(lambda b: (route, b))
+
+
+ROUTES = ["/v1/completions", "/v1/chat/completions", "/generate", "/v1/embeddings"]
+
+
+def _check_answer(status: int, headers: dict, answer, streamed: bool) -> None:
+    if 400 <= status < 500:
+        assert headers["Content-Type"].startswith("application/json"), (status, answer)
+        assert set(answer) == {"error"} and set(answer["error"]) == {"message", "type", "param", "code"}, answer
+        return
+    assert 200 <= status < 300, (status, answer)
+    if streamed and isinstance(answer, str):
+        events = sse_events(answer)
+        assert not [e for e in events if isinstance(e, dict) and "error" in e], events
+        assert events and events[-1] == "[DONE]", answer
+
+
+def _healthy(server, engine) -> None:
+    status, _, body = http(server.url + "/v1/completions", "POST",
+                           {"model": M, "prompt": "Hello", "max_tokens": 1, "temperature": 0})
+    assert status == 200 and body["usage"]["completion_tokens"] == 1, body
+    assert http(server.url + "/health")[0] == 200
+    assert engine.is_alive()
+    assert_no_leak(engine)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(st.sampled_from(ROUTES).flatmap(_request))
+def test_no_request_makes_a_5xx_or_stops_the_server(server, engine, drawn):
+    route, body = drawn
+    raw = json.dumps(body).encode()  # NaN and Infinity go as the JS literals some clients send
+    status, headers, answer = http(server.url + route, "POST", raw=raw)
+    _check_answer(status, headers, answer, streamed=body.get("stream") is True)
+    _healthy(server, engine)
+
+
+ENGINE_FIELDS = {k: v for k, v in SAMPLING.items()}
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompt=TEXTS, kw=_fields(ENGINE_FIELDS).map(_bounded))
+def test_engine_refuses_or_serves_every_drawn_request(engine, prompt, kw):
+    """Through Engine: a ValueError at submission, or a result that ended normally."""
+    try:
+        params = SamplingParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
+        outs = engine.generate(prompt, params, progress=False)
+    except ValueError:
+        pass
+    else:
+        assert all(c.finish_reason in ("stop", "length") for o in outs for c in o.outputs), outs
+    assert engine.is_alive()
+    assert_no_leak(engine)
+    ok = engine.generate("Hello", SamplingParams(max_tokens=1, temperature=0), progress=False)[0]
+    assert ok.finish_reason == "length" and len(ok.token_ids) == 1
+
+
+@pytest.mark.parametrize("route, body", [
+    ("/v1/completions", {"model": M, "prompt": "hi", "max_tokens": 4, "min_tokens": 1, "stop_token_ids": [V]}),
+    ("/v1/completions", {"model": M, "prompt": "hi", "max_tokens": 4, "min_tokens": 1, "stop_token_ids": [999999]}),
+    ("/v1/completions", {"model": M, "prompt": "hi", "max_tokens": 4, "min_tokens": 1, "stop_token_ids": [2**70]}),
+    ("/v1/chat/completions", {"model": M, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                              "min_tokens": 1, "stop_token_ids": [V]}),
+    ("/generate", {"text": "hi", "sampling_params": {"max_tokens": 4, "min_tokens": 1, "stop_token_ids": [V]}}),
+])
+def test_out_of_vocabulary_stop_ids_are_a_400(server, engine, route, body):
+    """The request that once stopped the engine until restart."""
+    status, _, err = http(server.url + route, "POST", body)
+    assert status == 400, err
+    assert err["error"]["param"] in ("stop_token_ids", "sampling_params.stop_token_ids"), err
+    _healthy(server, engine)
