@@ -26,9 +26,12 @@ install it into a venv of its own and point ``--sglang-site`` at that venv's
 site-packages; the venv needs no torch (this interpreter's is used)::
 
     python -m venv /tmp/sglang-venv
-    /tmp/sglang-venv/bin/pip install --no-deps sglang==0.5.23 orjson pybase64 triton \
-        starlette msgspec pyzmq ipython dill apache-tvm-ffi sentencepiece \
-        compressed-tensors loguru pillow ...   # what its imports ask for, --no-deps
+    /tmp/sglang-venv/bin/pip install --no-deps sglang==0.5.23 orjson pybase64 \\
+        triton starlette msgspec pyzmq dill apache-tvm-ffi sentencepiece \\
+        compressed-tensors loguru ipython traitlets
+
+These are the modules that importing its radix cache reaches; numpy,
+transformers and torch come from this interpreter's environment.
 
 Without an importable SGLang the script reports radixserve alone.
 
