@@ -188,4 +188,6 @@ def test_forcing_cascade_on_a_backend_without_it_is_a_value_error(tiny_qwen3_pat
 
     monkeypatch.setattr(TorchAttention, "supports_cascade", False)  # as torch_varlen declares
     with pytest.raises(ValueError, match="cascade_attention needs an attention backend that supports it"):
-        Engine(str(tiny_qwen3_path), device="cpu", cascade_attention=True, show_progress=False)
+        Engine(
+            str(tiny_qwen3_path), device="cpu", attention_backend="torch", cascade_attention=True, show_progress=False
+        )

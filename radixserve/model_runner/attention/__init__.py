@@ -2,6 +2,8 @@
 
     fa4           FlashAttention-4 over the pool in place (page size 1); Hopper/Blackwell
     torch_varlen  PyTorch's varlen FlashAttention-2 on K/V gathered per layer; SM 8.0+
+    cpu           every sequence in one padded batched call per layer, shared prefixes read
+                  once per group; CPU devices
     torch         the reference: SDPA per sequence; anywhere
 
 "auto" takes the first available on the device that runs the model's dtype and
@@ -18,6 +20,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from radixserve.model_runner.attention.base import AttentionBackend
+from radixserve.model_runner.attention.cpu_backend import CPUAttention
 from radixserve.model_runner.attention.fa4_backend import FA4Attention, fa4_supports, load_fa4
 from radixserve.model_runner.attention.torch_backend import TorchAttention
 from radixserve.model_runner.attention.varlen_backend import TorchVarlenAttention, load_varlen, varlen_supports
@@ -48,6 +51,7 @@ def _varlen_usable(device: torch.device) -> bool:
 _BACKENDS: dict[str, _Entry] = {
     "fa4": _Entry(FA4Attention, _fa4_usable, fa4_supports),
     "torch_varlen": _Entry(TorchVarlenAttention, _varlen_usable, varlen_supports),
+    "cpu": _Entry(CPUAttention, lambda device: device.type == "cpu", lambda dtype, head_dim: True),
     "torch": _Entry(TorchAttention, lambda device: True, lambda dtype, head_dim: True),
 }
 

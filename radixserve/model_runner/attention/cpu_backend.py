@@ -1,0 +1,296 @@
+"""The CPU backend: every sequence of a batch in one padded attention call per layer.
+
+The reference (`torch`) runs one SDPA per sequence and layer; a decode step of
+32 sequences on a 30-layer model is ~1,000 small calls plus as many K/V
+gathers, and their overheads, not the arithmetic, made the step. Here a
+batch's sequences are laid out once per batch as a padded pass:
+
+    q_index  [B, N]  the q row of query t of sequence i (padding repeats a real row)
+    slots    [Hkv?]  [B * L] the slot of key j of sequence i (padding: the dummy slot 0)
+    bias     [B, N, L] 0 where query t sees key j, -inf elsewhere (padding, causality)
+
+and each layer gathers K/V `[B * L, Hkv, D]` in one index_select and, per K/V
+head, runs two batched matmuls around a softmax. Grouped-query heads need no
+copies of K/V: the query heads of one K/V head become extra query rows of it.
+
+Padding costs work, so sequences are split into passes of like shapes: the
+decodes (one query row each) form one pass; sequences with several new tokens
+(prefill chunks) form another when padding them together wastes at most half
+the work, or one pass each.
+
+A shared prefix is read once per group (attention/cascade.py): with a cascade
+plan, and on CPU without one as well, since this backend finds the sequences of
+a batch whose slot lists start alike itself (`auto_cascade_plan`). The prefix
+pass is a padded pass over groups, the suffix pass one over sequences, merged by
+log-sum-exp as the GPU kernels do. All math runs in float32.
+"""
+
+from __future__ import annotations
+
+from itertools import accumulate
+from typing import NamedTuple, Sequence
+
+import torch
+
+from radixserve.model_runner.attention.cascade import merge_states
+from radixserve.model_runner.forward_batch import CascadePlan, ForwardBatch
+
+# Sequences of several new tokens share one padded pass when it computes at most this many
+# times the scores they need; otherwise each runs alone.
+MAX_PADDING_WASTE = 2.0
+# A prefix read once per group must be at least this long to pay for the second pass and merge.
+AUTO_CASCADE_MIN_PREFIX = 64
+
+
+class PaddedPass(NamedTuple):
+    """One batched attention call over sequences laid out as `[B, N]` queries x `[B, L]` keys."""
+
+    q_index: torch.Tensor | None  # [B * N] int64 q rows; None: the q rows are 0..B-1 in order (N == 1)
+    out_rows: torch.Tensor | None  # [V] int64 rows of q that this pass computes; None: all of q in order
+    valid: torch.Tensor | None  # [B * N] bool: padded query rows that are real; None: all
+    slots: torch.Tensor  # [B * L] int64
+    bias: torch.Tensor | None  # [B, N, L] float32 additive mask; None: every key visible
+    b: int
+    n: int
+    l: int
+
+
+def build_pass(
+    req_to_token: torch.Tensor,
+    rows: Sequence[int],
+    key_starts: Sequence[int],
+    key_lens: Sequence[int],
+    q_starts: Sequence[int],
+    q_lens: Sequence[int],
+    causal: bool,
+    total_q: int,
+) -> PaddedPass:
+    """Sequence i: q rows `q_starts[i] .. + q_lens[i]` against the slots
+    `req_to_token[rows[i], key_starts[i] : key_starts[i] + key_lens[i]]`. Causal masking is
+    aligned to the end: query t of n sees keys j <= key_len - n + t."""
+    b, n, l = len(rows), max(q_lens), max(key_lens)
+    device = req_to_token.device
+    key_len = torch.tensor(key_lens, dtype=torch.int64)
+    q_len = torch.tensor(q_lens, dtype=torch.int64)
+    j = torch.arange(l)
+    cols = (torch.tensor(key_starts, dtype=torch.int64).unsqueeze(1) + j).clamp_(max=req_to_token.shape[1] - 1)
+    slots = req_to_token[torch.tensor(rows, dtype=torch.int64).unsqueeze(1), cols.to(device)]
+    key_ok = j < key_len.unsqueeze(1)  # [B, L]
+    slots = slots.masked_fill(~key_ok.to(device), 0).reshape(-1)
+    if n == 1:
+        visible = key_ok.unsqueeze(1)  # [B, 1, L]
+    else:
+        t = torch.arange(n)
+        visible = key_ok.unsqueeze(1).expand(b, n, l)
+        if causal:
+            last = (key_len - q_len).view(b, 1, 1) + t.view(1, n, 1)  # the last key query t sees
+            visible = visible & (j.view(1, 1, l) <= last)
+    bias = None
+    if not bool(visible.all()):
+        bias = torch.zeros(visible.shape, dtype=torch.float32).masked_fill_(~visible, float("-inf")).to(device)
+    starts = torch.tensor(q_starts, dtype=torch.int64)
+    in_order = n == 1 and b == total_q and q_starts == list(range(b))
+    if in_order:
+        return PaddedPass(None, None, None, slots, bias, b, n, l)
+    t = torch.arange(n)
+    q_ok = t.unsqueeze(0) < q_len.unsqueeze(1)  # [B, N]
+    q_index = (starts.unsqueeze(1) + torch.minimum(t.unsqueeze(0), (q_len - 1).unsqueeze(1))).reshape(-1)
+    valid = None if bool(q_ok.all()) else q_ok.reshape(-1).to(device)
+    out_rows = q_index if valid is None else q_index[q_ok.reshape(-1)]
+    return PaddedPass(q_index.to(device), out_rows.to(device), valid, slots, bias, b, n, l)
+
+
+def padded_attend(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    scale: float,
+    p: PaddedPass,
+    with_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of one pass in float32: out `[V, Hq, D]` for its real query rows, in the
+    order of `p.out_rows`, and with `with_lse` their log-sum-exp `[Hq, V]` (-inf, with
+    output 0, for a row that sees no key)."""
+    _, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    g = hq // hkv
+    b, n, l = p.b, p.n, p.l
+    # Whole slots in key order (reads the pool row by row); a head's keys are then a
+    # strided [B, L, D] view that the matmuls take as is.
+    k = k_cache.index_select(0, p.slots).float().view(b, l, hkv, d)
+    v = v_cache.index_select(0, p.slots).float().view(b, l, hkv, d)
+    qs = q if p.q_index is None else q.index_select(0, p.q_index)  # [B * N, Hq, D]
+    qs = (qs.float() * scale).view(b, n, hkv, g, d)
+    out = torch.empty((b, n, hkv, g, d), dtype=torch.float32, device=q.device)
+    lse = torch.empty((b, n, hkv, g), dtype=torch.float32, device=q.device) if with_lse else None
+    for h in range(hkv):
+        # The K/V head's query heads are extra query rows of it: [B, G * N, D], rows (g, t).
+        qh = qs[:, 0, h] if n == 1 else qs[:, :, h].transpose(1, 2).reshape(b, g * n, d)
+        s = torch.bmm(qh, k[:, :, h].transpose(1, 2))  # [B, G * N, L]
+        if p.bias is not None:
+            s.view(b, g, n, l).add_(p.bias.view(b, 1, n, l))
+        if with_lse:
+            lse_h = torch.logsumexp(s, dim=-1, keepdim=True)
+            probs = s.sub_(torch.where(torch.isinf(lse_h), 0.0, lse_h)).exp_()  # a row seeing nothing: all 0
+            lse[:, :, h] = lse_h.view(b, g, n).transpose(1, 2)
+        else:
+            probs = torch.softmax(s, dim=-1)
+        out[:, :, h] = torch.bmm(probs, v[:, :, h]).view(b, g, n, d).transpose(1, 2)
+    out = out.view(b * n, hq, d)
+    if lse is not None:
+        lse = lse.view(b * n, hq).t()
+    if p.valid is not None:
+        out = out[p.valid]
+        lse = None if lse is None else lse[:, p.valid]
+    return out.to(q.dtype), lse
+
+
+def split_passes(
+    req_to_token: torch.Tensor,
+    rows: Sequence[int],
+    key_starts: Sequence[int],
+    key_lens: Sequence[int],
+    q_starts: Sequence[int],
+    q_lens: Sequence[int],
+    causal: bool,
+    total_q: int,
+) -> list[PaddedPass]:
+    """Passes covering every sequence once (arguments as `build_pass`): the one-row
+    sequences together, the others together where padding wastes little, else one pass
+    each. Sequences with no query rows or no keys are left out."""
+    ones = [i for i, (n, k) in enumerate(zip(q_lens, key_lens)) if n == 1 and k > 0]
+    many = [i for i, (n, k) in enumerate(zip(q_lens, key_lens)) if n > 1 and k > 0]
+    groups = [ones] if ones else []
+    if many:
+        need = sum(q_lens[i] * key_lens[i] for i in many)
+        padded = len(many) * max(q_lens[i] for i in many) * max(key_lens[i] for i in many)
+        groups += [many] if padded <= MAX_PADDING_WASTE * need else [[i] for i in many]
+
+    def pick(values: Sequence[int], idx: list[int]) -> list[int]:
+        return [values[i] for i in idx]
+
+    return [
+        build_pass(
+            req_to_token, pick(rows, idx), pick(key_starts, idx), pick(key_lens, idx),
+            pick(q_starts, idx), pick(q_lens, idx), causal, total_q,
+        )
+        for idx in groups
+    ]
+
+
+def run_passes(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
+    passes: list[PaddedPass], with_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Every pass's rows written into one `[T, Hq, D]` output (and `[Hq, T]` lse); rows no
+    pass covers are 0 (lse -inf)."""
+    if len(passes) == 1 and passes[0].out_rows is None:
+        return padded_attend(q, k_cache, v_cache, scale, passes[0], with_lse)
+    out = torch.zeros_like(q)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), device=q.device) if with_lse else None
+    for p in passes:
+        o, s = padded_attend(q, k_cache, v_cache, scale, p, with_lse)
+        out.index_copy_(0, p.out_rows, o)
+        if lse is not None:
+            lse.index_copy_(1, p.out_rows, s)
+    return out, lse
+
+
+def auto_cascade_plan(batch: ForwardBatch, req_to_token: torch.Tensor, min_prefix: int) -> CascadePlan | None:
+    """Groups of consecutive sequences whose slot lists start with the same `min_prefix` or
+    more slots, all computed before this batch (within each one's `prefix_lens`); None when
+    no group of two forms. A group's prefix is its shortest shared run between neighbours."""
+    b = batch.batch_size
+    if b < 2:
+        return None
+    lens = torch.tensor(batch.prefix_lens, dtype=torch.int64)
+    width = int(lens.max())
+    if width < min_prefix:
+        return None
+    table = req_to_token[torch.tensor(batch.req_rows, dtype=torch.int64), :width]
+    same = table[1:] == table[:-1]  # [B - 1, width]
+    # Leading run of equal slots between neighbours i and i + 1 (cummin keeps 1 until the first 0).
+    run = same.to(torch.int8).cummin(dim=1).values.sum(dim=1)
+    run = torch.minimum(run, torch.minimum(lens[1:], lens[:-1])).tolist()
+    sizes: list[int] = [1]
+    prefixes: list[int] = [0]
+    for shared in run:
+        if shared >= min_prefix:
+            prefixes[-1] = shared if sizes[-1] == 1 else min(prefixes[-1], shared)
+            sizes[-1] += 1
+        else:
+            sizes.append(1)
+            prefixes.append(0)
+    if max(sizes) == 1:
+        return None
+    return CascadePlan(sizes, prefixes)
+
+
+class CascadePasses(NamedTuple):
+    prefix: list[PaddedPass]  # one sequence per group with a shared prefix: its members' q rows
+    suffix: list[PaddedPass]  # one per sequence: its keys after the shared prefix
+    shared: torch.Tensor  # [T] bool: q rows whose group shares a prefix
+
+
+def build_cascade_passes(batch: ForwardBatch, plan: CascadePlan, req_to_token: torch.Tensor) -> CascadePasses:
+    """The prefix pass over groups sharing a prefix (lone sequences have none) and the suffix
+    pass over every sequence's keys after its group's prefix."""
+    extend_lens = batch.extend_lens
+    cu_q = list(accumulate(extend_lens, initial=0))
+    total = cu_q[-1]
+    first = list(accumulate(plan.group_sizes, initial=0))  # group g's members: first[g] .. first[g + 1]
+    groups = [g for g, p in enumerate(plan.prefix_lens) if p > 0]
+    prefix = split_passes(
+        req_to_token,
+        [batch.req_rows[first[g]] for g in groups],
+        [0] * len(groups),
+        [plan.prefix_lens[g] for g in groups],
+        [cu_q[first[g]] for g in groups],
+        [cu_q[first[g + 1]] - cu_q[first[g]] for g in groups],
+        causal=False,  # every shared key precedes every member's new tokens
+        total_q=total,
+    )
+    shared_lens = plan.shared_lens
+    suffix = split_passes(
+        req_to_token, batch.req_rows, shared_lens, [s - p for s, p in zip(batch.seq_lens, shared_lens)],
+        cu_q[:-1], extend_lens, causal=True, total_q=total,
+    )
+    shared = torch.repeat_interleave(
+        torch.tensor([p > 0 for p in shared_lens]), torch.tensor(extend_lens), output_size=total
+    ).to(req_to_token.device)
+    return CascadePasses(prefix, suffix, shared)
+
+
+class CPUAttention:
+    name = "cpu"
+    supports_cascade = True
+
+    def __init__(self, auto_cascade_min_prefix: int = AUTO_CASCADE_MIN_PREFIX) -> None:
+        self.auto_cascade_min_prefix = auto_cascade_min_prefix
+        self._passes: list[PaddedPass] = []
+        self._cascade: CascadePasses | None = None
+
+    def prepare(self, batch: ForwardBatch, req_to_token: torch.Tensor) -> None:
+        """The batch's passes; a shared prefix (planned, or found here) becomes a cascade."""
+        self._passes, self._cascade = [], None
+        plan = batch.cascade
+        if plan is None and self.auto_cascade_min_prefix > 0:
+            plan = auto_cascade_plan(batch, req_to_token, self.auto_cascade_min_prefix)
+        if plan is not None:
+            self._cascade = build_cascade_passes(batch, plan, req_to_token)
+            return
+        cu_q = list(accumulate(batch.extend_lens, initial=0))
+        self._passes = split_passes(
+            req_to_token, batch.req_rows, [0] * batch.batch_size, batch.seq_lens, cu_q[:-1], batch.extend_lens,
+            causal=True, total_q=cu_q[-1],
+        )
+
+    def attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        c = self._cascade
+        if c is None:
+            return run_passes(q, k_cache, v_cache, scale, self._passes, with_lse=False)[0]
+        o_prefix, lse_prefix = run_passes(q, k_cache, v_cache, scale, c.prefix, with_lse=True)
+        o_suffix, lse_suffix = run_passes(q, k_cache, v_cache, scale, c.suffix, with_lse=True)
+        return merge_states(o_prefix, lse_prefix, o_suffix, lse_suffix, c.shared)
