@@ -168,3 +168,34 @@ def test_steps_that_keep_failing_are_fatal(make_engine, tiny_qwen3_path, monkeyp
     import conftest
 
     conftest._LIVE_ENGINES.remove(engine)  # a dead engine's pool is not checked for leaks
+
+
+def test_server_exits_non_zero_once_the_engine_failed(make_engine, tiny_qwen3_path, monkeypatch) -> None:
+    """A fatal engine error: the request in flight gets an error, /health a 503 with the cause, and the
+    server stops with exit status 1 (so that a supervisor restarts it) instead of serving 503s forever."""
+    import time
+
+    from test_server_support import http
+
+    import conftest
+    from radixserve.engine.server import BackgroundServer, ServerConfig
+
+    monkeypatch.setattr(core_module, "MAX_FAILED_STEPS_IN_A_ROW", 2)
+    engine = make_engine(tiny_qwen3_path)
+    conftest._LIVE_ENGINES.remove(engine)  # it dies here: its pool is not checked for leaks
+    srv = BackgroundServer(engine, ServerConfig(port=0, drain_timeout=5)).start()
+    try:
+        monkeypatch.setattr(ModelRunner, "forward", lambda self, batch: 1 / 0)
+        for _ in range(3):  # each fails alone; the third failed step in a row is fatal
+            status, _, body = http(srv.url + "/generate", "POST", {"input_ids": [1, 2, 3], "sampling_params": {
+                "max_tokens": 2}})
+            assert status == 500 and body["error"]["code"] == "engine_error", body
+        health = http(srv.url + "/health")
+        assert health[0] == 503 and health[2]["status"] in ("engine failed", "draining"), health
+        deadline = time.monotonic() + 10
+        while srv.exit_status is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.exit_status == 1
+        assert isinstance(engine.fatal_error, core_module.EngineFatalError)
+    finally:
+        srv.stop()

@@ -171,8 +171,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             print(f"radixserve: serving {name} at {url} (OpenAI-compatible API; Ctrl-C or SIGTERM stops)")
             print(f"try:\n{curl_example(url, name, api_key=config.api_key is not None)}", flush=True)
 
-        serve(engine, config, on_ready=ready)
-    return 0
+        return serve(engine, config, on_ready=ready)
 
 
 def build_parser() -> argparse.ArgumentParser:

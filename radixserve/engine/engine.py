@@ -503,11 +503,12 @@ class Engine:
             self.core.check_invariants()
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
-        """Block until no request is queued or running (tests, graceful drains)."""
+        """Block until no request is queued or running (tests, graceful drains); False at the
+        timeout, or at once when the loop has stopped (nothing would ever finish)."""
         import time
 
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self._thread.is_alive():
             with self._cv:
                 pending = bool(self._inbox or self._aborts)
             with self._lock:

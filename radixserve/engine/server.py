@@ -45,6 +45,7 @@ _OPEN_PATHS = ("/health",)  # answered without the API key (load balancers' prob
 # After the drain timeout, how long cut requests get to send their last bytes, and then how long
 # aiohttp waits for any other handler before cancelling it.
 _CUT_GRACE_S = 1.0
+_ENGINE_CHECK_S = 0.5  # how often the server checks that the engine's loop still runs
 
 
 @dataclass(frozen=True)
@@ -208,13 +209,37 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 async def run_app(
     app: web.Application, config: ServerConfig, stop: asyncio.Event, on_ready: Callable[[str], None] | None = None
-) -> None:
-    """Listen until `stop` is set, then drain: refuse new requests, finish in-flight ones, close.
+) -> int:
+    """Listen until `stop` is set or the engine fails, then drain: refuse new requests, finish
+    in-flight ones, close. Returns the exit status: 0, or 1 when the engine failed (fatal), so
+    that a supervisor restarts the process instead of it answering 503s forever.
 
     In-flight requests get `drain_timeout` seconds; then each generation still running is cut
     (a 503, or a last error event and `[DONE]` on a stream it has started) and the server closes
     within about a second more.
     """
+    state = app[STATE]
+    watchdog = asyncio.create_task(_watch_engine(state, stop))
+    try:
+        await _listen(app, config, stop, on_ready)
+    finally:
+        watchdog.cancel()
+    if not state.engine_alive():
+        logger.critical("exiting: the engine failed: %r", state.engine.fatal_error)
+        return 1
+    return 0
+
+
+async def _watch_engine(state: ServerState, stop: asyncio.Event) -> None:
+    """Set `stop` once the engine's loop has stopped (a fatal error: logged by the engine)."""
+    while state.engine_alive():
+        await asyncio.sleep(_ENGINE_CHECK_S)
+    stop.set()
+
+
+async def _listen(
+    app: web.Application, config: ServerConfig, stop: asyncio.Event, on_ready: Callable[[str], None] | None
+) -> None:
     state = app[STATE]
     runner = TimedAppRunner(
         app, header_timeout=config.header_timeout, send_timeout=config.send_timeout,
@@ -254,18 +279,19 @@ async def _requests_done(state: ServerState, timeout: float) -> bool:
     return not state.inflight
 
 
-def serve(engine: "Engine", config: ServerConfig | None = None, on_ready: Callable[[str], None] | None = None) -> None:
-    """Serve until SIGTERM or SIGINT, then drain in-flight requests and return (the engine stays up)."""
+def serve(engine: "Engine", config: ServerConfig | None = None, on_ready: Callable[[str], None] | None = None) -> int:
+    """Serve until SIGTERM or SIGINT, then drain in-flight requests and return 0 (the engine stays
+    up); or, once the engine has failed (fatal), drain and return 1."""
     config = config or ServerConfig()
 
-    async def main() -> None:
+    async def main() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await run_app(build_app(engine, config), config, stop, on_ready)
+        return await run_app(build_app(engine, config), config, stop, on_ready)
 
-    asyncio.run(main())
+    return asyncio.run(main())
 
 
 class BackgroundServer:
@@ -284,6 +310,7 @@ class BackgroundServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._run, name="radixserve-http", daemon=True)
+        self.exit_status: int | None = None  # run_app's, once the server has stopped
 
     @property
     def state(self) -> ServerState:
@@ -313,7 +340,7 @@ class BackgroundServer:
         async def main() -> None:
             self._loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
-            await run_app(self.app, self.config, self._stop, self._on_ready)
+            self.exit_status = await run_app(self.app, self.config, self._stop, self._on_ready)
 
         try:
             asyncio.run(main())

@@ -419,7 +419,8 @@ async def health(request: web.Request) -> web.Response:
     if state.draining:
         return json_response({"status": "draining"}, status=503)
     if not state.engine_alive():
-        return json_response({"status": "engine failed"}, status=503)
+        error = state.engine.fatal_error
+        return json_response({"status": "engine failed", "error": None if error is None else repr(error)}, status=503)
     return json_response({"status": "ok"})
 
 
