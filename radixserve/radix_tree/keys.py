@@ -9,9 +9,11 @@ A caller's key is read through two memoryviews of its own buffer, with no copy
 when it is a numpy int64 array or an ``array('q')`` (what the scheduler
 passes): ``tokens`` (format ``'q'``: ``tokens[i]`` is token i as an int, used
 to find a child) and ``raw`` (format ``'B'``: sliced without copying, and
-compared with ``bytes.startswith``). Any other sequence of ints (list, tuple,
-range, a torch tensor) is packed once per call into ``bytes`` (``struct``,
-about twice as fast as building an ``array('q')`` from a list).
+compared with ``bytes.startswith``). A list or tuple is its own ``tokens``
+and is packed once per call into ``bytes`` for ``raw`` (``struct``, about
+twice as fast as building an ``array('q')`` from a list). Anything else (a
+range, numpy arrays of other dtypes or strides, a torch tensor) goes through
+``tolist()`` or iteration and the same packing.
 
 The views must not outlive the call that made them: while a memoryview of an
 ``array`` exists, the array cannot grow, and the scheduler appends to its
@@ -31,12 +33,15 @@ BYTEORDER = sys.byteorder
 _INT64_FORMATS = frozenset({"q", "l", "<q", "<l", "=q", "=l", "@q", "@l"})
 
 
-def key_views(key: Sequence[int]) -> tuple[memoryview, memoryview]:
-    """``(tokens, raw)`` views of ``key`` as int64: without a copy for numpy int64
-    arrays and ``array('q')``, else through one conversion."""
-    if type(key) is array and key.typecode == "q":
+def key_views(key: Sequence[int]) -> tuple[Sequence[int], bytes | memoryview]:
+    """``(tokens, raw)``: ``key``'s tokens as ints by index, and its int64 bytes.
+    Without a copy for numpy int64 arrays and ``array('q')``."""
+    kind = type(key)
+    if kind is array and key.typecode == "q":
         tokens = memoryview(key)
         return tokens, tokens.cast("B")
+    if kind is tuple or kind is list:  # before memoryview(): its TypeError is slow to raise
+        return key, _pack(key)
     try:
         view = memoryview(key)  # type: ignore[arg-type]
     except TypeError:
@@ -51,19 +56,22 @@ def key_views(key: Sequence[int]) -> tuple[memoryview, memoryview]:
         raw = view.cast("B")
         return raw.cast("q"), raw
     tolist = getattr(key, "tolist", None)  # other numpy dtypes, torch tensors
+    raw = memoryview(_pack(tolist() if tolist is not None else key))
+    return raw.cast("q"), raw
+
+
+def _pack(items: Any) -> bytes:
     try:
-        items = tolist() if tolist is not None else key
-        raw = memoryview(struct.pack(f"{len(items)}q", *items))
+        return struct.pack(f"{len(items)}q", *items)
     except (TypeError, struct.error):
         raise ValueError(
-            f"a key must be a sequence of ints that fit in int64, got {type(key).__name__}"
+            f"a key must be a sequence of ints that fit in int64, got {type(items).__name__}"
         ) from None
-    return raw.cast("q"), raw
 
 
 def to_bytes(key: Sequence[int]) -> bytes:
     """``key`` as the tree stores it (8 bytes per token)."""
-    return key_views(key)[1].tobytes()
+    return bytes(key_views(key)[1])
 
 
 def to_tuple(key_bytes: bytes) -> tuple[int, ...]:
@@ -78,7 +86,7 @@ def first_page(key_bytes: bytes, page_size: int) -> Any:
     return tuple(memoryview(key_bytes)[: TOKEN_BYTES * page_size].cast("q").tolist())
 
 
-def common_tokens(key_bytes: bytes, raw: memoryview, offset: int, limit: int) -> int:
+def common_tokens(key_bytes: bytes, raw: bytes | memoryview, offset: int, limit: int) -> int:
     """How many leading tokens ``key_bytes`` shares with ``raw[offset:]``, at most ``limit``.
 
     Galloping then bisecting, each probe one ``startswith`` (a memcmp of the

@@ -151,7 +151,7 @@ class RadixTree:
             # else _descend would have gone on; ``node`` stops being a leaf.
             # Its key is the one copy of the caller's tokens the tree makes.
             leaf = TreeNode(
-                self._new_id(), raw[TOKEN_BYTES * present : TOKEN_BYTES * end].tobytes(),
+                self._new_id(), bytes(raw[TOKEN_BYTES * present : TOKEN_BYTES * end]),
                 value[present:end], node, namespace, node.depth + end - present, now, priority,
             )
             p = self.page_size
@@ -296,8 +296,8 @@ class RadixTree:
     def _descend(
         self,
         root: TreeNode,
-        tokens: memoryview,
-        raw: memoryview,
+        tokens: Sequence[int],
+        raw: bytes | memoryview,
         end: int,
         now: float,
         hit: bool,
@@ -318,7 +318,7 @@ class RadixTree:
                 break
             key_bytes = child.key_bytes
             n = len(key_bytes) // TOKEN_BYTES
-            stop = min(pos + n, end)
+            stop = pos + n if pos + n < end else end
             # One memcmp: the child's run against the key's next tokens (all of
             # the run, or what is left of the key when that is shorter).
             if key_bytes.startswith(raw[TOKEN_BYTES * pos : TOKEN_BYTES * stop]):
