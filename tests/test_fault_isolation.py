@@ -199,3 +199,25 @@ def test_server_exits_non_zero_once_the_engine_failed(make_engine, tiny_qwen3_pa
         assert isinstance(engine.fatal_error, core_module.EngineFatalError)
     finally:
         srv.stop()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, graphs", [("float32", False), ("bfloat16", True)])
+def test_forward_failure_on_the_gpu_with_overlap_and_graphs(make_engine, qwen3_d64, monkeypatch, dtype, graphs) -> None:
+    """The CUDA path: overlapped steps, decode and piece graphs (bf16, fa4 where installed), cascade
+    attention; the failed step's queued work is dropped (the device checked with a synchronize) and
+    the rest carry on. fp32 (the torch backend) keeps exact greedy tokens; bf16 batches of other
+    shapes may round differently, so there the others must finish as asked."""
+    opts = dict(device="cuda", dtype=dtype, kv_cache_tokens=4096, cuda_graphs=graphs, piecewise_graphs=graphs,
+                **({"attention_backend": "torch"} if dtype == "float32" else {}))
+    expected = _reference(make_engine, qwen3_d64, opts)
+    _patch_forward(monkeypatch)
+    engine = make_engine(qwen3_d64, **opts)
+    assert engine.core.overlap
+    outs = engine.generate(PROMPTS[:2] + [[3, POISON, 2, 8]] + PROMPTS[2:], GREEDY, progress=False)
+    assert outs[2].finish_reason == "error"
+    good = outs[:2] + outs[3:]
+    assert [(o.finish_reason, len(o.token_ids)) for o in good] == [("length", 12)] * 4
+    if dtype == "float32":
+        assert [o.token_ids for o in good] == expected
+    assert engine.is_alive()

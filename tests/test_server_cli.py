@@ -43,13 +43,19 @@ def test_serve_prints_a_curl_example_and_sigterm_drains(smollm_path):
     try:
         seen, url = [], None
         deadline = time.monotonic() + 180
-        while url is None or not any(line.startswith("curl ") for line in seen):
+        while url is None or not any(line.lstrip().startswith("-d '") for line in seen):
             line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
             assert line is not None, "".join(seen)
             seen.append(line)
             match = re.search(r"serving demo at (http://127\.0\.0\.1:\d+)", line)
             url = url or (match.group(1) if match else None)
         assert f"curl {url}/v1/chat/completions" in "".join(seen)
+        printed = re.search(r"-d '(\{.*\})'", "".join(seen)).group(1)
+        req = urllib.request.Request(url + "/v1/chat/completions", data=printed.encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as resp:  # the first thing a new user sees
+            answer = json.loads(resp.read())["choices"][0]["message"]["content"]
+        assert "Paris" in answer, answer
 
         body = json.dumps({"model": "demo", "prompt": "Tell me a story.", "max_tokens": 12, "temperature": 0,
                            "ignore_eos": True, "stream": True}).encode()

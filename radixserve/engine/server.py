@@ -359,5 +359,5 @@ def curl_example(url: str, model: str, api_key: bool = False) -> str:
     """What the CLI prints on start: a chat request to try."""
     auth = " -H 'Authorization: Bearer <api-key>'" if api_key else ""
     body = (f'{{"model": "{model}", "messages": [{{"role": "user", "content": '
-            f'"What is the capital of France?"}}], "max_tokens": 32}}')
+            f'"What is the capital of France?"}}], "max_tokens": 32, "temperature": 0}}')
     return f"curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n  -d '{body}'"
