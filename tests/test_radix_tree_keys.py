@@ -84,6 +84,16 @@ def test_the_tree_keeps_no_view_of_a_callers_key(make_tree):
     assert tree.match_prefix([0, 0, 0]).length == 0
 
 
+def test_a_failed_insert_keeps_no_view_of_the_key(make_tree):
+    tree = make_tree()
+    key = array("q", [1, 2, 3])
+    with pytest.raises(ValueError, match="len\\(value\\)") as failure:
+        tree.insert(key, [1, 2])
+    assert failure.value.__traceback__ is not None  # the frames are still alive here
+    key.append(4)
+    assert tree.total_size == 0
+
+
 def test_int64_extremes_round_trip(make_tree):
     tree = make_tree(page_size=2)
     tokens = [-(2**63), 2**63 - 1, -1, 0]

@@ -139,6 +139,9 @@ class RadixTree:
         tokens, raw = key_views(key)
         n = len(tokens)
         if len(value) != n:
+            # The traceback keeps this frame: drop the views of the caller's
+            # buffer first, else its array('q') could not grow while it lives.
+            tokens = raw = None
             raise ValueError(f"insert: len(value) must equal len(key), got {len(value)} != {n}")
         end = n - n % self.page_size
         root = self._root(namespace, create=end > 0)
