@@ -107,11 +107,11 @@ class RadixTree:
         ``length``; locking ``node`` then protects every returned value piece.
         Touches (access time, hit count) every node on the matched path.
         """
+        root = self._root(namespace, create=False)  # may raise: before views of the key exist
         tokens, raw = key_views(key)
         n = len(tokens)
         self._queried_tokens += n
         end = n - n % self.page_size
-        root = self._root(namespace, create=False)
         if root is None or not end:
             if root is None:  # a stand-in, so that m.node.depth == 0 and lock is a no-op
                 root = TreeNode(-1, b"", None, None, namespace, 0, 0.0, 0.0)
@@ -136,6 +136,7 @@ class RadixTree:
         get ``priority``; nodes already on the path keep the larger of theirs
         and ``priority``.
         """
+        root = self._root(namespace, create=False)  # may raise: before views of the key exist
         tokens, raw = key_views(key)
         n = len(tokens)
         if len(value) != n:
@@ -144,9 +145,10 @@ class RadixTree:
             tokens = raw = None
             raise ValueError(f"insert: len(value) must equal len(key), got {len(value)} != {n}")
         end = n - n % self.page_size
-        root = self._root(namespace, create=end > 0)
         if end == 0:
             return 0
+        if root is None:
+            root = self._root(namespace, create=True)
         now = self._clock()
         node, present, _ = self._descend(root, tokens, raw, end, now, False, priority)
         if present < end:
