@@ -580,7 +580,12 @@ def main() -> None:
     if args.only in (None, "scaling"):
         bench_evict_scaling(args, rng, sgl)
     if args.only in (None, "trace"):
-        bench_trace(args, sgl)
+        if pathlib.Path(args.trace).is_file():
+            bench_trace(args, sgl)
+        elif args.only == "trace":
+            parser.error(f"--trace: no file at {args.trace}")
+        else:
+            emit(bench="trace_replay", skipped=f"no trace at {args.trace} (--trace)")
 
 
 def _default_sglang_site() -> str | None:
