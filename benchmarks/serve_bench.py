@@ -41,7 +41,7 @@ from typing import Any
 
 import aiohttp
 
-from radixserve.engine.metrics import parse_metrics
+from radixserve.server.metrics import parse_metrics
 from radixserve.replay.gentrace import GenConfig, generate_trace
 
 

@@ -1,5 +1,5 @@
 import sys
 
-from radixserve.engine.cli import main
+from radixserve.cli import main
 
 sys.exit(main())

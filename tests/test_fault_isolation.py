@@ -178,7 +178,7 @@ def test_server_exits_non_zero_once_the_engine_failed(make_engine, tiny_qwen3_pa
     from test_server_support import http
 
     import conftest
-    from radixserve.engine.server import BackgroundServer, ServerConfig
+    from radixserve.server import BackgroundServer, ServerConfig
 
     monkeypatch.setattr(core_module, "MAX_FAILED_STEPS_IN_A_ROW", 2)
     engine = make_engine(tiny_qwen3_path)

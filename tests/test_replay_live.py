@@ -112,7 +112,7 @@ def test_live_engine_matches_simulation(tmp_path: Path) -> None:
 
 def test_live_replay_against_the_real_server(tmp_path: Path, smollm_engine) -> None:
     """`replay --live --url` against `radixserve serve`'s app: the same cached tokens as in-process."""
-    from radixserve.engine.server import BackgroundServer, ServerConfig
+    from radixserve.server import BackgroundServer, ServerConfig
     from radixserve.replay.cli import main
 
     rows = [([1, 2, 3], 40, 2), ([1, 2, 4], 48, 2), ([1, 2, 3], 40, 2)]

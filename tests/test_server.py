@@ -17,8 +17,8 @@ openai = pytest.importorskip("openai")  # the test extra has it; the GPU machine
 from test_server_support import engine, http, leak_check, server, sse_events  # noqa: F401 (fixtures)
 
 from radixserve import SamplingParams
-from radixserve.engine.metrics import parse_metrics
-from radixserve.engine.openai_api import build_sampling_params, parse_chat, parse_completion
+from radixserve.server.metrics import parse_metrics
+from radixserve.server.openai_api import build_sampling_params, parse_chat, parse_completion
 from radixserve.engine.outputs import StreamDelta
 
 MSGS = [{"role": "user", "content": "Name a color."}]

@@ -82,7 +82,7 @@ def test_engine_options_reach_the_engine_config():
     """The command line's engine flags become EngineConfig fields (none parsed and dropped)."""
     import argparse
 
-    from radixserve.engine.cli import add_engine_options, engine_kwargs
+    from radixserve.engine.options import add_engine_options, engine_kwargs
     from radixserve.engine.config import EngineConfig
 
     p = argparse.ArgumentParser()
@@ -94,3 +94,38 @@ def test_engine_options_reach_the_engine_config():
     assert (config.piecewise_max_rows, config.piecewise_graphs, config.cascade_attention, config.kv_cache_tokens) == (
         512, False, False, 4096)
     assert EngineConfig(**engine_kwargs(p.parse_args([]))).piecewise_max_rows is None
+
+
+def test_every_engine_config_field_has_a_flag_that_reaches_it():
+    """One flag per EngineConfig field, made from the field: a value given on the command line arrives
+    in the config, and a flag left out leaves the dataclass's default (the only default)."""
+    import argparse
+    import dataclasses
+
+    from radixserve.engine.config import EngineConfig
+    from radixserve.engine.options import add_engine_options, engine_kwargs
+
+    values = {  # a valid value other than the default, for every field
+        "model": "/models/x", "device": "cpu", "dtype": "bfloat16", "enable_prefix_cache": False,
+        "max_running_requests": 7, "max_prefill_tokens": 99, "kv_cache_tokens": 1234, "gpu_memory_utilization": 0.5,
+        "max_context": 300, "eviction_policy": "lfu", "schedule_policy": "lpm", "lpm_aging_tokens_per_step": 3,
+        "page_size": 4, "fold_mode": "mlp", "fold_threshold": 0.5, "batch_order": "arrival",
+        "attention_backend": "torch", "cuda_graphs": False, "piecewise_graphs": False, "piecewise_max_rows": 64,
+        "overlap_schedule": True, "fused_kernels": False, "cascade_attention": True, "cascade_min_prefix": 32,
+        "triton_decode": False, "moe_backend": "loop", "seed": 11, "check_invariants": True, "show_progress": False,
+    }
+    assert set(values) == {f.name for f in dataclasses.fields(EngineConfig)}
+    p = argparse.ArgumentParser()
+    add_engine_options(p)
+    argv = []
+    flags = {a.dest: a.option_strings for a in p._actions}
+    for name, value in values.items():
+        if isinstance(value, bool):
+            argv.append(next(s for s in flags[name] if s.startswith("--no-") != value))
+        else:
+            argv += [flags[name][0], str(value)]
+    config = EngineConfig(**engine_kwargs(p.parse_args(argv)))
+    assert {name: getattr(config, name) for name in values} == values
+    assert EngineConfig(**engine_kwargs(p.parse_args([]))) == EngineConfig()
+    with pytest.raises(SystemExit):
+        p.parse_args(["--fold-mode", "sideways"])  # choices come from the enumeration

@@ -22,8 +22,8 @@ from conftest import assert_no_leak
 from test_server_support import engine, http, leak_check, server  # noqa: F401 (fixtures)
 
 from radixserve import SamplingParams
-from radixserve.engine.metrics import parse_metrics
-from radixserve.engine.server import BackgroundServer, ServerConfig
+from radixserve.server.metrics import parse_metrics
+from radixserve.server import BackgroundServer, ServerConfig
 
 M = "smollm2-135m-instruct"
 MSGS = [{"role": "user", "content": "Hi"}]

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import pytest
 from conftest import assert_no_leak
 
-from radixserve.engine.server import BackgroundServer, ServerConfig
+from radixserve.server import BackgroundServer, ServerConfig
 
 
 @pytest.fixture(scope="module")

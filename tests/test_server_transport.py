@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_server_support import engine, http, leak_check, server, sse_events  # noqa: F401 (fixtures)
 
-from radixserve.engine.server import BackgroundServer, ServerConfig
+from radixserve.server import BackgroundServer, ServerConfig
 
 M = "smollm2-135m-instruct"
 KEEP_ALIVE, HEADER, BODY = 1.0, 2.0, 1.5  # header > keep-alive: a head's first byte stops the idle timer
@@ -151,7 +151,7 @@ def test_prompt_clients_are_unaffected(fast):
 def test_a_client_that_stops_reading_is_cut_off(engine, caplog):
     """A client that takes nothing of its answers while they fill every buffer is dropped after send_timeout."""
     with BackgroundServer(engine, ServerConfig(port=0, send_timeout=1.0)) as srv, \
-            caplog.at_level(logging.DEBUG, logger="radixserve.engine.server_transport"):
+            caplog.at_level(logging.DEBUG, logger="radixserve.server.transport"):
         body = json.dumps({"model": M, "input": [f"text {i}" for i in range(100)]}).encode()  # ~1.3 MB of floats back
         host, port = srv.url.removeprefix("http://").rsplit(":", 1)
         sock = socket.socket()
@@ -356,7 +356,7 @@ def test_drain_timeout_cuts_a_plain_request_with_503(engine):
 
 
 def test_api_key_sources(tmp_path, monkeypatch):
-    from radixserve.engine.cli import api_key, build_parser
+    from radixserve.cli import api_key, build_parser
 
     def key(*argv: str) -> str | None:
         return api_key(build_parser().parse_args(["serve", *argv]))

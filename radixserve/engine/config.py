@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 EVICTION_POLICIES = ("lru", "lfu", "fifo", "priority")
@@ -15,62 +15,65 @@ BATCH_ORDERS = ("prefix", "arrival")
 MOE_BACKENDS = ("auto", "grouped_mm", "loop")
 
 
+def _opt(default: Any, help_text: str, choices: tuple[str, ...] | None = None, *, flag: str | None = None) -> Any:
+    """A field with what the command line shows for it (engine/options.py makes one flag per field)."""
+    return field(default=default, metadata={"help": help_text, "choices": choices, "flag": flag})
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything that shapes an engine; `Engine(**config)` takes these names."""
 
-    model: str | None = None  # a Hugging Face directory; None: the built-in SmolLM2-135M-Instruct
-    device: str | None = None  # "cpu" | "cuda" | "cuda:N"; None: cuda when available
-    dtype: str | None = None  # None: float32 on CPU, bfloat16 on GPU
-    enable_prefix_cache: bool = True
-    max_running_requests: int = 64
-    max_prefill_tokens: int = 2048  # prefill tokens per step; longer prompts are chunked
-    kv_cache_tokens: int | None = None  # KV pool size; None: 16384 on CPU, from free memory on GPU
-    gpu_memory_utilization: float = 0.85
-    max_context: int | None = None  # None: the model's max_position_embeddings
-    eviction_policy: str = "lru"
-    schedule_policy: str = "fcfs"
-    # LPM: a waiting request gains this many "matched tokens" per step waited,
-    # so a cache miss always overtakes eventually.
-    lpm_aging_tokens_per_step: int = 16
-    page_size: int = 1
-    # Within-batch folding of shared uncached prefixes (see scheduler/batch_builder.py).
-    fold_mode: str | None = None  # None: "tree" when page_size is 1, else "mlp"
-    fold_threshold: float = 0.95  # fold a batch only when computed rows / tokens is below this
-    # Order of running requests in a batch. "prefix": requests sharing KV slots (a cached or
-    # folded prefix) sit side by side, so the GPU reads the shared K/V once into L2 for all of
-    # them instead of once each from memory. "arrival": admission order.
-    batch_order: str = "prefix"
-    attention_backend: str = "auto"
-    # Replay captured CUDA graphs for decode steps (batch-size buckets up to max_running_requests):
-    # needs device cuda, the fa4 backend and a bf16/fp16 dense model; capture costs seconds at start.
-    cuda_graphs: bool | None = None  # decode under CUDA graphs; None: wherever supported (fa4, bf16/fp16, dense)
-    # Prefill and mixed steps replay the model between attention calls as captured pieces
-    # (row buckets up to piecewise_max_rows; attention runs eagerly): same needs as
-    # cuda_graphs. None: on wherever decode graphs are; False: eager.
-    piecewise_graphs: bool | None = None
-    # The most rows (prefill chunk tokens + decodes) a step replays pieces for; bigger steps
-    # run eagerly. None: max_prefill_tokens + max_running_requests, at most 8,192.
-    piecewise_max_rows: int | None = None
-    # Build the next decode step while the GPU runs this one (runs of plain decode steps
-    # only; a request ending on a stop token decodes once more, discarded). None: on for CUDA.
-    overlap_schedule: bool | None = None
-    # Fuse the position-wise math (norms, RoPE, SiLU) with torch.compile: compiles for
-    # ~20-60 s at start; None: on for CUDA devices (where launches dominate small batches).
-    fused_kernels: bool | None = None
-    # Cascade attention: running requests that share a prefix's KV slots attend to it once per
-    # group, then each to its own suffix, merged by log-sum-exp (attention/cascade.py). Needs a
-    # backend that supports it (fa4, torch). None: on for CUDA. Groups need a shared prefix of
-    # at least cascade_min_prefix tokens.
-    cascade_attention: bool | None = None
-    cascade_min_prefix: int = 256
-    # Decode passes (one query row per sequence) of the fa4 backend run our Triton split-KV
-    # kernel (attention/triton_decode.py). None: where Triton is installed; True: required.
-    triton_decode: bool | None = None
-    moe_backend: str = "auto"  # Qwen3-MoE expert computation: "auto" | "grouped_mm" | "loop"
-    seed: int | None = None  # seeds the draws of per-request seeds for unseeded requests
-    check_invariants: bool = False  # verify slot ownership and the tree after every step
-    show_progress: bool = True  # progress bars while converting and loading weights
+    model: str | None = _opt(None, "a Hugging Face model directory (config.json, safetensors, tokenizer); "
+                             "default: the built-in SmolLM2-135M-Instruct")
+    device: str | None = _opt(None, "cpu | cuda | cuda:N; default: cuda when available")
+    dtype: str | None = _opt(None, "weights and activations; default: float32 on CPU, bfloat16 on GPU", DTYPES)
+    enable_prefix_cache: bool = _opt(True, "keep every computed prefix's KV in the radix tree for later requests",
+                                     flag="prefix-cache")
+    max_running_requests: int = _opt(64, "sequences running at once (decode batch size)")
+    max_prefill_tokens: int = _opt(2048, "prefill tokens per step; longer prompts are computed in chunks")
+    kv_cache_tokens: int | None = _opt(None, "KV pool size in tokens; default: 16384 on CPU, from free memory on GPU")
+    gpu_memory_utilization: float = _opt(0.85, "share of GPU memory the engine may hold (weights, KV pool, graphs)")
+    max_context: int | None = _opt(None, "the longest prompt + output; default: the model's max_position_embeddings")
+    eviction_policy: str = _opt("lru", "which cached prefixes go first when the KV pool is full", EVICTION_POLICIES)
+    schedule_policy: str = _opt("fcfs", "admission order: arrival, or longest cached prefix first (with aging)",
+                                SCHEDULE_POLICIES)
+    lpm_aging_tokens_per_step: int = _opt(
+        16, "lpm: a waiting request gains this many 'matched tokens' per step waited (a miss overtakes eventually)")
+    page_size: int = _opt(1, "tokens per radix tree page (cached prefixes match whole pages)")
+    fold_mode: str | None = _opt(
+        None, "within-batch folding of shared uncached prefixes: off, mlp (computed once), tree (computed once "
+              "and KV slots shared); default: tree with page_size 1, else mlp", FOLD_MODES)
+    fold_threshold: float = _opt(0.95, "fold a batch only when its computed rows / tokens is below this")
+    # "prefix": requests sharing KV slots (a cached or folded prefix) sit side by side, so the GPU
+    # reads the shared K/V once into L2 for all of them instead of once each from memory.
+    batch_order: str = _opt("prefix", "order of a batch's requests: those sharing KV side by side, or admission "
+                                      "order", BATCH_ORDERS)
+    attention_backend: str = _opt("auto", "fa4 | triton | torch_varlen | torch | ... (auto: the fastest installed)")
+    cuda_graphs: bool | None = _opt(
+        None, "replay decode steps as captured CUDA graphs (needs cuda, fa4, bf16/fp16, a dense model; capture "
+              "costs seconds at start); default: wherever supported")
+    piecewise_graphs: bool | None = _opt(
+        None, "replay prefill and mixed steps as captured graph pieces between attention calls (attention "
+              "eager); default: wherever decode graphs run")
+    piecewise_max_rows: int | None = _opt(
+        None, "the most rows (prefill tokens + decodes) a step replays pieces for; bigger steps run eagerly; "
+              "default: max_prefill_tokens + max_running_requests, at most 8,192")
+    overlap_schedule: bool | None = _opt(
+        None, "build the next step while the GPU runs this one; default: on for CUDA")
+    fused_kernels: bool | None = _opt(
+        None, "fuse norms, RoPE and SiLU with torch.compile (compiles ~20-60 s at start); default: on for CUDA")
+    cascade_attention: bool | None = _opt(
+        None, "requests sharing a prefix's KV attend to it once per group, then each to its own suffix (needs "
+              "fa4 or torch); default: on for CUDA")
+    cascade_min_prefix: int = _opt(256, "the shortest shared prefix (tokens) that forms a cascade group")
+    triton_decode: bool | None = _opt(
+        None, "decode attention (and a decode step's cascade prefix pass) through the Triton split-KV kernels; "
+              "default: where Triton is installed")
+    moe_backend: str = _opt("auto", "Qwen3-MoE expert computation", MOE_BACKENDS)
+    seed: int | None = _opt(None, "seeds the per-request seeds drawn for unseeded requests", flag="engine-seed")
+    check_invariants: bool = _opt(False, "verify slot ownership and the radix tree after every step (slow)")
+    show_progress: bool = _opt(True, "progress bars while converting and loading weights")
 
     def __post_init__(self) -> None:
         _check_int(self, "max_running_requests", 1)

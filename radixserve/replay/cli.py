@@ -73,7 +73,7 @@ def _add_replay(sub: Any) -> None:
     live.add_argument("--token-range", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
                       help="token ids made from hash ids lie in [LOW, HIGH) (default 1000 32000)")
     live.add_argument("--content-seed", type=int, default=0, help="seed of the tokens made from hash ids")
-    from radixserve.engine.cli import add_engine_options
+    from radixserve.engine.options import add_engine_options
 
     add_engine_options(live)
     p.set_defaults(func=run_replay)
@@ -183,8 +183,8 @@ def _run_live(requests: list[TraceRequest], args: argparse.Namespace) -> dict[st
         else:
             logger.warning("pass --kv-cache-tokens (the server's KV capacity) to compare with the simulation")
         return live
-    from radixserve import Engine
-    from radixserve.engine.cli import engine_kwargs
+    from radixserve.engine.engine import Engine
+    from radixserve.engine.options import engine_kwargs
 
     with Engine(**engine_kwargs(args)) as engine:
         live = asyncio.run(replay_live(requests, EngineTarget(engine), options))

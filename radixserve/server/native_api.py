@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from radixserve.engine.openai_api import (
+from radixserve.server.openai_api import (
     SAMPLING_FIELDS,
     GenerateRequest,
     bad_request,
@@ -22,7 +22,7 @@ from radixserve.engine.openai_api import (
     get_bool,
     get_int,
 )
-from radixserve.engine.openai_responses import ResponseBuilder
+from radixserve.server.responses import ResponseBuilder
 from radixserve.engine.outputs import StreamDelta, TokenLogprob
 
 

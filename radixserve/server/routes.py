@@ -16,12 +16,12 @@ import contextlib
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import Any, AsyncIterator
 
 import numpy as np
 from aiohttp import web
 
-from radixserve.engine.openai_api import (
+from radixserve.server.openai_api import (
     ApiError,
     GenerateRequest,
     bad_request,
@@ -32,27 +32,18 @@ from radixserve.engine.openai_api import (
     parse_embedding,
     sampling_error,
 )
-from radixserve.engine.native_api import native_delta, native_response, parse_generate
-from radixserve.engine.openai_responses import ResponseBuilder
 from radixserve.engine.outputs import StreamDelta
-from radixserve.engine.server_transport import BodyTimeout
 from radixserve.sampling_params import SamplingParams
-
-if TYPE_CHECKING:
-    from radixserve.engine.server import ServerState
+from radixserve.server.native_api import native_delta, native_response, parse_generate
+from radixserve.server.responses import ResponseBuilder
+from radixserve.server.state import STATE, ServerState, state_of
+from radixserve.server.transport import BodyTimeout
 
 logger = logging.getLogger(__name__)
 
 _END = object()  # a prompt's stream ended
 _CUT = object()  # the server cut the request at its drain timeout
 _DEFAULT_MAX_TOKENS = {"completions": 16, "chat": None, "generate": SamplingParams().max_tokens}
-
-
-STATE: "web.AppKey[ServerState]" = web.AppKey("radixserve_state")  # the app's ServerState (server.py)
-
-
-def state_of(request: web.Request) -> "ServerState":
-    return request.app[STATE]
 
 
 async def read_json(request: web.Request) -> Any:
@@ -104,7 +95,7 @@ class Generation:
     """
 
     def __init__(
-        self, state: "ServerState", prompts: list[list[int]], params: SamplingParams, prompt_param: str
+        self, state: ServerState, prompts: list[list[int]], params: SamplingParams, prompt_param: str
     ) -> None:
         self.state = state
         self.prompts = prompts
@@ -186,7 +177,7 @@ class Generation:
         self._last_time[(i, delta.index)] = now
 
 
-def admit(state: "ServerState", n_seqs: int, param: str) -> None:
+def admit(state: ServerState, n_seqs: int, param: str) -> None:
     """Count `n_seqs` more sequences as pending, or refuse: 400 if they can never fit, else 503 while full.
 
     The caller gives them back (`state.pending -= n_seqs`) when they finish.
@@ -210,7 +201,7 @@ def _engine_error(exc: BaseException, prompt_param: str, prompt_index: int) -> A
     return ApiError(500, f"the engine failed: {exc}", code="engine_error")
 
 
-async def _tokenize(state: "ServerState", req: GenerateRequest) -> tuple[list[list[int]], list[str]]:
+async def _tokenize(state: ServerState, req: GenerateRequest) -> tuple[list[list[int]], list[str]]:
     """Token ids of every prompt, checked against the context, and their texts (for echo)."""
     if req.messages is not None:
         try:
@@ -234,7 +225,7 @@ def _prompt_param(req: GenerateRequest) -> str:
     return "messages" if req.route == "chat" else "prompt"
 
 
-async def encode_prompts(state: "ServerState", prompts: list[str | list[int]], param: str) -> list[list[int]]:
+async def encode_prompts(state: ServerState, prompts: list[str | list[int]], param: str) -> list[list[int]]:
     """Token ids of text prompts (in a worker thread: long prompts take a while), checked."""
     tok = state.engine.tokenizer
     if tok is None and any(isinstance(p, str) for p in prompts):
@@ -245,7 +236,7 @@ async def encode_prompts(state: "ServerState", prompts: list[str | list[int]], p
     return ids
 
 
-def check_prompts(state: "ServerState", prompts: list[list[int]], param: str) -> None:
+def check_prompts(state: ServerState, prompts: list[list[int]], param: str) -> None:
     limit = state.context_limit
     for ids in prompts:
         if not ids:
@@ -348,7 +339,7 @@ async def _sse(resp: web.StreamResponse, body: dict[str, Any]) -> None:
     await resp.write(b"data: " + json.dumps(body).encode() + b"\n\n")
 
 
-def _count_usage(state: "ServerState", builder: ResponseBuilder) -> None:
+def _count_usage(state: ServerState, builder: ResponseBuilder) -> None:
     m = state.metrics
     m.usage_prompt_tokens += builder.usage.prompt_tokens
     m.usage_cached_tokens += builder.usage.cached_tokens
@@ -397,7 +388,7 @@ async def embeddings(request: web.Request) -> web.Response:
                           "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
 
-def _model_card(state: "ServerState") -> dict[str, Any]:
+def _model_card(state: ServerState) -> dict[str, Any]:
     return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "radixserve",
             "max_model_len": state.context_limit}
 

@@ -1,4 +1,12 @@
-"""The `radixserve` command line: generate, serve (more subcommands register themselves)."""
+"""radixserve: an LLM serving engine that never computes the same prefix twice.
+
+  radixserve serve                      serve an OpenAI-compatible HTTP API (the built-in model by default)
+  radixserve generate "a prompt"        answer one prompt in the terminal
+  radixserve replay TRACE.jsonl         simulate (or replay live) a request trace and report cache hits
+  radixserve gen-trace OUT.jsonl        write a synthetic prefix-sharing trace
+
+Run `radixserve COMMAND --help` for a command's options.
+"""
 
 from __future__ import annotations
 
@@ -8,79 +16,30 @@ import os
 import sys
 from typing import Sequence
 
+from radixserve.engine.options import add_engine_options, engine_kwargs
+
 API_KEY_ENV = "RADIXSERVE_API_KEY"
-
-
-def add_engine_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="Hugging Face model directory (default: built-in SmolLM2-135M-Instruct)")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV pool size in tokens")
-    p.add_argument("--max-running-requests", type=int, default=None)
-    p.add_argument("--attention-backend", default=None)
-    p.add_argument("--no-prefix-cache", action="store_true", help="disable the radix prefix cache")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly (default: CUDA graphs where supported)")
-    p.add_argument("--no-piecewise-graphs", action="store_true",
-                   help="run prefill and mixed steps eagerly (default: graph pieces between attention calls where "
-                        "decode graphs run)")
-    p.add_argument("--piecewise-max-rows", type=int, default=None,
-                   help="the most rows a step replays graph pieces for; bigger steps run eagerly "
-                        "(default: the engine's)")
-    p.add_argument(
-        "--no-overlap-schedule", action="store_true", help="process each step before building the next (default: overlap on CUDA)"
-    )
-    p.add_argument(
-        "--no-fused-kernels", action="store_true", help="skip torch.compile of norms/RoPE/SiLU (default: fused on CUDA)"
-    )
-    p.add_argument(
-        "--no-cascade-attention", action="store_true",
-        help="attend to shared prefixes once per sequence, not once per group (default: cascade on CUDA)",
-    )
-    p.add_argument(
-        "--no-triton-decode", action="store_true",
-        help="decode attention with FA4 instead of the Triton split-KV kernel (default: Triton where installed)",
-    )
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    kw = {"model": args.model, "device": args.device, "dtype": args.dtype, "enable_prefix_cache": not args.no_prefix_cache}
-    if args.no_cuda_graphs:
-        kw["cuda_graphs"] = False
-    if args.no_piecewise_graphs:
-        kw["piecewise_graphs"] = False
-    if args.no_overlap_schedule:
-        kw["overlap_schedule"] = False
-    if args.no_fused_kernels:
-        kw["fused_kernels"] = False
-    if args.no_cascade_attention:
-        kw["cascade_attention"] = False
-    if args.no_triton_decode:
-        kw["triton_decode"] = False
-    for name in ("kv_cache_tokens", "max_running_requests", "attention_backend", "piecewise_max_rows"):
-        value = getattr(args, name)
-        if value is not None:
-            kw[name] = value
-    return kw
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text for a prompt, streaming to the terminal")
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="the user's message (sent through the chat template unless --raw)")
     add_engine_options(p)
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=-1)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=128, help="output tokens at most (default: 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1 disables (default: 1)")
+    p.add_argument("--top-k", type=int, default=-1, help="keep the k most likely tokens; -1 disables (default: -1)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top one's (default: 0)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 disables (default: 1)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed: same seed, same output")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--raw", action="store_true", help="complete the prompt as is, without the chat template")
     p.set_defaults(func=_run_generate)
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from radixserve import Engine, SamplingParams
+    from radixserve.engine.engine import Engine
+    from radixserve.sampling_params import SamplingParams
 
     params = SamplingParams(
         max_tokens=args.max_tokens,
@@ -105,8 +64,9 @@ def _run_generate(args: argparse.Namespace) -> int:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API (SIGTERM drains, then exits)")
     add_engine_options(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (default: 8000)")
     keys = p.add_mutually_exclusive_group()
     keys.add_argument("--api-key", default=None,
                       help="require 'Authorization: Bearer KEY' (default: $%s). Other local users can read "
@@ -116,7 +76,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model's)")
     p.add_argument("--max-pending-requests", type=int, default=None,
                    help="sequences admitted at once before answering 503 (default: 4 x max running requests)")
-    p.add_argument("--max-body-mb", type=float, default=16.0, help="request body size limit in MiB")
+    p.add_argument("--max-body-mb", type=float, default=16.0, help="request body size limit in MiB (default: 16)")
     p.add_argument("--drain-timeout", type=float, default=60.0,
                    help="seconds SIGTERM waits for in-flight requests before cutting them (default: 60)")
     p.add_argument("--timeout-keep-alive", type=float, default=5.0,
@@ -147,7 +107,7 @@ def api_key(args: argparse.Namespace) -> str | None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from radixserve.engine.server import ServerConfig, curl_example, default_model_name, serve
+    from radixserve.server import ServerConfig, curl_example, default_model_name, serve
 
     config = ServerConfig(  # validated before torch and the model load
         host=args.host,
@@ -162,7 +122,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         body_timeout=args.timeout_body,
         send_timeout=args.timeout_send,
     )
-    from radixserve import Engine
+    from radixserve.engine.engine import Engine
 
     with Engine(**engine_kwargs(args)) as engine:
 
@@ -175,7 +135,8 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="radixserve", description=__doc__)
+    parser = argparse.ArgumentParser(prog="radixserve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: info, -vv: debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
