@@ -142,6 +142,11 @@ class EngineCore:
     def max_context(self) -> int:
         return self.runner.max_context
 
+    @property
+    def context_limit(self) -> int:
+        """The most tokens (prompt + output) a request may hold (Scheduler.context_limit)."""
+        return self.scheduler.context_limit
+
     def add(self, reqs: list[Req]) -> None:
         self.prompt_tokens += sum(len(r.prompt_ids) for r in reqs)
         self.scheduler.add(reqs)

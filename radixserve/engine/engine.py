@@ -38,6 +38,15 @@ POOLINGS = ("last", "mean", "cls")
 _PREFILL_PARAMS = SamplingParams(max_tokens=1)  # embed/score requests sample nothing
 
 
+class ContextLengthError(ValueError):
+    """A prompt that leaves no room for an output token (`length` >= `limit`)."""
+
+    def __init__(self, message: str, *, length: int, limit: int) -> None:
+        super().__init__(message)
+        self.length = length
+        self.limit = limit
+
+
 def _check_text(field: str, text: str) -> None:
     """Text a tokenizer can encode: no lone UTF-16 surrogate (ValueError naming the field)."""
     try:
@@ -133,20 +142,32 @@ class Engine:
             # prompt's ids cost ~1 ms per 2,000 tokens at submission. bool is not int here.
             if not set(map(type, ids)) <= {int}:
                 raise ValueError("prompt token ids must be integers")
+        self.check_prompt_ids(ids)
+        self.check_params(params)
+        return text, ids, params
+
+    @property
+    def context_limit(self) -> int:
+        """The most tokens (prompt + output) a request may hold: the model's context or the KV
+        pool, whichever is smaller. A prompt must leave room for one output token."""
+        return self.core.context_limit
+
+    def check_prompt_ids(self, ids: Sequence[int]) -> None:
+        """A prompt the engine can run: non-empty, ids inside the vocabulary, shorter than
+        `context_limit`. Raises ValueError; the one check, for `Engine` and the server alike."""
         if not ids:
             raise ValueError("prompt is empty")
         vocab = self.core.runner.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             bad = [t for t in ids if not 0 <= t < vocab]
             raise ValueError(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
-        limit = min(self.core.max_context, self.core.kv_capacity)
+        limit = self.context_limit
         if len(ids) >= limit:
-            raise ValueError(
+            raise ContextLengthError(
                 f"prompt has {len(ids)} tokens; the limit is {limit - 1} "
-                f"(context {self.core.max_context}, KV cache {self.core.kv_capacity} tokens)"
+                f"(context {self.core.max_context}, KV cache {self.core.kv_capacity} tokens)",
+                length=len(ids), limit=limit,
             )
-        self.check_params(params)
-        return text, ids, params
 
     def check_params(self, params: SamplingParams) -> None:
         """What SamplingParams cannot check alone, against this model: token ids inside its

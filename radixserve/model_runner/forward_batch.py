@@ -1,4 +1,7 @@
-"""What the scheduler hands the model runner for one forward pass.
+"""The contract between the scheduler and the model runner: what one step hands the
+runner (`ForwardBatch`, with its `CascadePlan`; a `SamplingRow` per sampled request) and
+what comes back (`ForwardOutput`, `SampleOutput`). The scheduler imports this module and
+the KV pool's bookkeeping, never a model, a backend or a graph runner.
 
 A decode is an extend of one token, so one batch mixes prefill chunks and
 decodes. For sequence i the batch computes tokens
@@ -9,11 +12,13 @@ is `req_to_token[req_rows[i], :seq_lens[i]]` once this batch's K/V are written.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 
 from radixserve.model_runner.transfer import to_device
+from radixserve.sampling_params import SamplingParams
 
 
 class CascadePlan(NamedTuple):
@@ -105,3 +110,29 @@ def resolve_inputs(ids: torch.Tensor, sourced: torch.Tensor, source: torch.Tenso
     elif sourced.numel():
         sourced = to_device(sourced, ids.device)
         ids[sourced] = source.index_select(0, ids[sourced])
+
+
+class ForwardOutput(NamedTuple):
+    logits: torch.Tensor  # [len(logits_rows), vocab] float32
+    hidden: torch.Tensor | None  # [len(hidden_rows), H] float32
+    scores: torch.Tensor | None  # [len(score_rows)] float32 raw logprob of each score target
+
+
+class SamplingRow(NamedTuple):
+    """What the sampler needs to know about one row for one step."""
+
+    params: SamplingParams
+    # Read only for rows that use the penalty. Int64 arrays (`array`, numpy) are copied in
+    # one go and CPU tensors taken as they are; a list is converted id by id.
+    token_history: Sequence[int]  # prompt + output ids so far (repetition penalty)
+    output_ids: Sequence[int]  # output ids so far (presence/frequency penalties)
+    seed: int  # always set: the scheduler draws one for unseeded requests
+    step: int  # tokens generated so far
+    suppress_ids: Sequence[int] = ()  # ids forbidden this step (EOS/stop ids below min_tokens)
+
+
+class SampleOutput(NamedTuple):
+    token_ids: torch.Tensor  # [B] int64
+    logprobs: torch.Tensor | None  # [B] float32, raw logprob of each sampled token; None if no row asked
+    top_ids: torch.Tensor | None  # [B, k] int64, most likely first; k = the most any row asked for
+    top_logprobs: torch.Tensor | None  # [B, k] float32, raw, descending; rows that asked fewer slice

@@ -19,16 +19,11 @@ from radixserve.model_runner.kv_pool import KVPool, ReqToTokenPool, SlotAllocato
 from radixserve.model_runner.loader import load_model
 from radixserve.model_runner.models.kernels import compile_unsupported_reason, compiled_kernels
 from radixserve.model_runner.piecewise_graph import MAX_ROWS as PIECEWISE_MAX_ROWS, PiecewiseGraphRunner
-from radixserve.model_runner.sampler import SampleOutput, SamplingBatch, SamplingRow, sample
+from radixserve.model_runner.forward_batch import ForwardOutput, SampleOutput, SamplingRow
+from radixserve.model_runner.sampler import SamplingBatch, sample
 from radixserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-class ForwardOutput(NamedTuple):
-    logits: torch.Tensor  # [len(logits_rows), vocab] float32
-    hidden: torch.Tensor | None  # [len(hidden_rows), H] float32
-    scores: torch.Tensor | None  # [len(score_rows)] float32 raw logprob of each score target
-
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_DEFAULT_KV_TOKENS = 16384

@@ -47,6 +47,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from radixserve.model_runner.forward_batch import SampleOutput, SamplingRow
 from radixserve.model_runner.transfer import to_device
 from radixserve.sampling_params import SamplingParams
 
@@ -58,26 +59,6 @@ except ImportError:  # CPU-only installs: the torch path below computes the same
     triton = None
 
 _U32 = 0xFFFFFFFF
-
-
-class SamplingRow(NamedTuple):
-    """What the sampler needs to know about one row for one step."""
-
-    params: SamplingParams
-    # Read only for rows that use the penalty. Int64 arrays (`array`, numpy) are copied in
-    # one go and CPU tensors taken as they are; a list is converted id by id.
-    token_history: Sequence[int]  # prompt + output ids so far (repetition penalty)
-    output_ids: Sequence[int]  # output ids so far (presence/frequency penalties)
-    seed: int  # always set: the scheduler draws one for unseeded requests
-    step: int  # tokens generated so far
-    suppress_ids: Sequence[int] = ()  # ids forbidden this step (EOS/stop ids below min_tokens)
-
-
-class SampleOutput(NamedTuple):
-    token_ids: torch.Tensor  # [B] int64
-    logprobs: torch.Tensor | None  # [B] float32, raw logprob of each sampled token; None if no row asked
-    top_ids: torch.Tensor | None  # [B, k] int64, most likely first; k = the most any row asked for
-    top_logprobs: torch.Tensor | None  # [B, k] float32, raw, descending; rows that asked fewer slice
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,7 @@ from __future__ import annotations
 import logging
 from typing import NamedTuple
 
-from radixserve.model_runner.model_runner import ForwardOutput
-from radixserve.model_runner.sampler import SampleOutput, SamplingRow
+from radixserve.model_runner.forward_batch import ForwardOutput, SampleOutput, SamplingRow
 from radixserve.scheduler.batch_builder import ScheduledBatch, build_batch, build_decode_ahead
 from radixserve.scheduler.kv_cache import KVCacheManager
 from radixserve.scheduler.policy import order_waiting
@@ -94,6 +93,9 @@ class Scheduler:
         self.cascade_batches = 0  # batches whose attention ran as a cascade
         self._updates: list[StepUpdate] = []  # produced outside process() (aborts, failures)
         self.quarantine = Quarantine()  # suspects of a failed step (scheduler/recovery.py)
+        # Tokens a request may hold (prompt + output): past it there is no room for the next
+        # token's K/V, in the context or in the whole pool. The one place this is computed.
+        self.context_limit = min(config.max_context, cache.capacity)
         self.failed_steps = 0
         self._reorder = False  # running changed in a way that may break batch_order
 
@@ -453,9 +455,7 @@ class Scheduler:
         return None
 
     def _fill_limit(self) -> int:
-        """Tokens a request may hold: past it there is no room for the next token's K/V,
-        in the context or in the whole pool."""
-        return min(self.config.max_context, self.cache.capacity)
+        return self.context_limit
 
     def _finish(self, req: Req, reason: str) -> None:
         req.finish_reason = reason

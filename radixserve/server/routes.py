@@ -32,6 +32,7 @@ from radixserve.server.openai_api import (
     parse_embedding,
     sampling_error,
 )
+from radixserve.engine.engine import ContextLengthError
 from radixserve.engine.outputs import StreamDelta
 from radixserve.sampling_params import SamplingParams
 from radixserve.server.native_api import native_delta, native_response, parse_generate
@@ -237,17 +238,17 @@ async def encode_prompts(state: ServerState, prompts: list[str | list[int]], par
 
 
 def check_prompts(state: ServerState, prompts: list[list[int]], param: str) -> None:
-    limit = state.context_limit
+    """Engine.check_prompt_ids for each prompt, its refusal as a 400 (OpenAI's wording for length)."""
     for ids in prompts:
-        if not ids:
-            raise bad_request("the prompt is empty after tokenization", param=param)
-        if len(ids) >= limit:
+        try:
+            state.engine.check_prompt_ids(ids)
+        except ContextLengthError as exc:
             raise bad_request(
-                f"This model's maximum context length is {limit} tokens, and the prompt has {len(ids)}; "
-                "it must leave room for at least one output token.", param=param, code="context_length_exceeded")
-        vocab = state.vocab_size
-        if vocab is not None and not all(0 <= t < vocab for t in ids):
-            raise bad_request(f"token ids must be in [0, {vocab})", param=param)
+                f"This model's maximum context length is {exc.limit} tokens, and the prompt has {exc.length}; "
+                "it must leave room for at least one output token.", param=param, code="context_length_exceeded",
+            ) from None
+        except ValueError as exc:
+            raise bad_request(str(exc), param=param) from None
 
 
 async def _generate(request: web.Request, req: GenerateRequest) -> web.StreamResponse:

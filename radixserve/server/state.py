@@ -67,10 +67,8 @@ class ServerState:
         self.config = config
         self.model_name = config.served_model_name or default_model_name(engine)
         self.max_pending = config.max_pending_requests or 4 * engine.config.max_running_requests
-        core = engine.core
         # The engine refuses a prompt of this many tokens or more (context or KV pool, whichever is smaller).
-        self.context_limit: int = min(core.max_context, core.kv_capacity)
-        self.vocab_size: int | None = getattr(getattr(core, "runner", None), "vocab_size", None)
+        self.context_limit: int = engine.context_limit
         self.token_text = TokenText(engine.tokenizer)
         self.metrics = ServerMetrics()
         self.created = int(time.time())
