@@ -96,9 +96,7 @@ class ServerMetrics:
         """The whole exposition: engine stats first, then the server's own series."""
         lines: list[str] = []
         for key, name, kind, help_text in _ENGINE_METRICS:
-            value = engine_stats.get(key)
-            if value is None:  # e.g. folded_tokens before folding exists: not reported, never invented
-                continue
+            value = engine_stats[key]
             _family(lines, PREFIX + name, kind, help_text, [("", value)])
         _family(lines, PREFIX + "pending_requests", "gauge", "Sequences admitted by the server and not finished.",
                 [("", pending)])

@@ -4,7 +4,7 @@
 
 The answer carries what the engine reports and OpenAI's shapes have no room
 for: token ids, stop reasons, cached tokens, raw logprobs by token id, and
-`folded_tokens` once the engine reports within-batch folding. Streamed, each
+`folded_tokens` (prompt tokens computed by another sequence of the batch). Streamed, each
 event is one engine delta (the shape `radixserve replay`'s HTTP target reads).
 """
 
@@ -98,17 +98,12 @@ def native_response(builder: ResponseBuilder, request_id: str) -> dict[str, Any]
         "cached_tokens": builder.usage.cached_tokens,
         "completion_tokens": builder.usage.completion_tokens,
     }
-    folded = [c.folded_tokens for c in builder.choices if c.folded_tokens is not None]
-    if folded:  # as RequestOutput.folded_tokens: summed over the completions
-        body["folded_tokens"] = sum(folded)
+    body["folded_tokens"] = sum(c.folded_tokens for c in builder.choices)  # as RequestOutput's: summed
     return body
 
 
 def _add_folded(body: dict[str, Any], delta: StreamDelta) -> None:
-    # Reported only once the engine's outputs carry it (within-batch folding); never made up here.
-    folded = getattr(delta, "folded_tokens", None)
-    if folded is not None:
-        body["folded_tokens"] = folded
+    body["folded_tokens"] = delta.folded_tokens
 
 
 def _native_logprob(lp: TokenLogprob) -> dict[str, Any]:

@@ -44,7 +44,7 @@ class Choice:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     offset: int = 0  # characters before the next token (completions' text_offset)
-    folded_tokens: int | None = None  # None until the engine reports folding
+    folded_tokens: int = 0  # prompt tokens computed by another sequence of the batch
 
 
 @dataclass
@@ -105,9 +105,7 @@ class ResponseBuilder:
         if delta.finish_reason is not None:
             choice.finish_reason = delta.finish_reason
             choice.stop_reason = delta.stop_reason
-        folded = getattr(delta, "folded_tokens", None)
-        if folded is not None:
-            choice.folded_tokens = folded
+        choice.folded_tokens = delta.folded_tokens
         if delta.index == 0:  # a prompt's cached tokens are those of its first completion
             self.usage.cached_tokens += delta.cached_tokens - self._cached[prompt_index]
             self._cached[prompt_index] = delta.cached_tokens

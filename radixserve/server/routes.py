@@ -364,10 +364,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 async def embeddings(request: web.Request) -> web.Response:
     state = state_of(request)
-    embed = getattr(state.engine, "embed", None)
-    if embed is None:
-        raise ApiError(501, "embeddings are not available: this engine has no Engine.embed yet",
-                       type="not_implemented_error", code="embeddings_unavailable")
+    embed = state.engine.embed
     req = parse_embedding(await read_json(request), state.model_name)
     prompts = await encode_prompts(state, req.inputs, "input")
     admit(state, len(prompts), "input")
