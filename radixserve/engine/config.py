@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 EVICTION_POLICIES = ("lru", "lfu", "fifo", "priority")
 SCHEDULE_POLICIES = ("fcfs", "lpm")
@@ -139,3 +141,11 @@ def _check_choice(cfg: EngineConfig, name: str, allowed: tuple[str, ...]) -> Non
     value = getattr(cfg, name)
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def section(config: EngineConfig, cls: type[T], **resolved: Any) -> T:
+    """The part of `config` that a component takes whole: the dataclass `cls` filled from the
+    options of the same names, with `resolved` (what the engine works out at start, such as the
+    model's context length) given directly. Every field of `cls` must be one or the other."""
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    return cls(**{n: getattr(config, n) for n in names if n not in resolved}, **resolved)

@@ -12,7 +12,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from radixserve.engine.config import EngineConfig
+from radixserve.engine.config import EngineConfig, section
+from radixserve.model_runner.config import RunnerConfig
 from radixserve.model_runner.model_runner import DTYPES, ForwardOutput, HostSample, ModelRunner
 from radixserve.model_runner.sampler import SamplingBatch
 from radixserve.radix_tree import RadixTree
@@ -68,24 +69,8 @@ class EngineCore:
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.runner = ModelRunner(
-            model_path,
-            device=self.device,
-            dtype=self.dtype,
-            max_running_requests=config.max_running_requests,
-            max_context=config.max_context,
-            kv_cache_tokens=config.kv_cache_tokens,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            attention_backend=config.attention_backend,
-            moe_backend=config.moe_backend,
-            progress=config.show_progress,
-            cuda_graphs=config.cuda_graphs,
-            piecewise_graphs=config.piecewise_graphs,
-            piecewise_max_rows=config.piecewise_max_rows,
-            max_prefill_tokens=config.max_prefill_tokens,
-            fused_kernels=config.fused_kernels,
-            triton_decode=config.triton_decode,
-        )
+        self.runner = ModelRunner(model_path, device=self.device, dtype=self.dtype,
+                                  config=section(config, RunnerConfig))
         self.tree = RadixTree(page_size=config.page_size, policy=config.eviction_policy)
         self.cache = KVCacheManager(
             self.tree,
@@ -94,17 +79,8 @@ class EngineCore:
             enable_prefix_cache=config.enable_prefix_cache,
         )
         self.scheduler = Scheduler(
-            SchedulerConfig(
-                max_running_requests=config.max_running_requests,
-                max_prefill_tokens=config.max_prefill_tokens,
-                max_context=self.runner.max_context,
-                schedule_policy=config.schedule_policy,
-                lpm_aging_tokens_per_step=config.lpm_aging_tokens_per_step,
-                fold_mode=config.fold_mode,
-                fold_threshold=config.fold_threshold,
-                batch_order=config.batch_order,
-                cascade_min_prefix=config.cascade_min_prefix if self._cascade_on(config) else 0,
-            ),
+            section(config, SchedulerConfig, max_context=self.runner.max_context,
+                    cascade_min_prefix=config.cascade_min_prefix if self._cascade_on(config) else 0),
             self.cache,
             eos_ids=frozenset(self.runner.model_config.eos_token_ids),
         )

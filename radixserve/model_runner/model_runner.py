@@ -19,6 +19,7 @@ from radixserve.model_runner.kv_pool import KVPool, ReqToTokenPool, SlotAllocato
 from radixserve.model_runner.loader import load_model
 from radixserve.model_runner.models.kernels import compile_unsupported_reason, compiled_kernels
 from radixserve.model_runner.piecewise_graph import MAX_ROWS as PIECEWISE_MAX_ROWS, PiecewiseGraphRunner
+from radixserve.model_runner.config import RunnerConfig
 from radixserve.model_runner.forward_batch import ForwardOutput, SampleOutput, SamplingRow
 from radixserve.model_runner.sampler import SamplingBatch, sample
 from radixserve.sampling_params import SamplingParams
@@ -30,44 +31,28 @@ CPU_DEFAULT_KV_TOKENS = 16384
 
 
 class ModelRunner:
-    def __init__(
-        self,
-        model_path: str | Path,
-        *,
-        device: torch.device,
-        dtype: torch.dtype,
-        max_running_requests: int,
-        max_context: int | None,
-        kv_cache_tokens: int | None,
-        gpu_memory_utilization: float,
-        attention_backend: str,
-        moe_backend: str = "auto",
-        progress: bool = True,
-        cuda_graphs: bool | None = None,
-        piecewise_graphs: bool | None = None,
-        piecewise_max_rows: int | None = None,
-        max_prefill_tokens: int | None = None,
-        fused_kernels: bool | None = None,
-        triton_decode: bool | None = None,
-    ) -> None:
+    def __init__(self, model_path: str | Path, *, device: torch.device, dtype: torch.dtype, config: RunnerConfig) -> None:
+        self.config = config
+        cuda_graphs, piecewise_graphs = config.cuda_graphs, config.piecewise_graphs
+        max_running_requests, max_context = config.max_running_requests, config.max_context
         if cuda_graphs and device.type != "cuda":
             raise ValueError(f"cuda_graphs needs a CUDA device, got device {str(device)!r}")
         self.device = device
         self.dtype = dtype
         self.model, self.model_config = load_model(
-            model_path, device, dtype, progress=progress, moe_backend=moe_backend
+            model_path, device, dtype, progress=config.show_progress, moe_backend=config.moe_backend
         )
         cfg = self.model_config
-        self._set_kernels(fused_kernels)
+        self._set_kernels(config.fused_kernels)
         model_max = cfg.max_position_embeddings
         if max_context is not None and max_context > model_max:
             raise ValueError(f"max_context {max_context} exceeds the model's max_position_embeddings {model_max}")
         self.max_context = max_context or model_max
-        num_slots = kv_cache_tokens or self._default_kv_tokens(gpu_memory_utilization)
+        num_slots = config.kv_cache_tokens or self._default_kv_tokens(config.gpu_memory_utilization)
         self.pool = KVPool(cfg.num_layers, num_slots, cfg.num_kv_heads, cfg.head_dim, dtype, device)
         self.allocator = SlotAllocator(num_slots)
         self.req_to_token = ReqToTokenPool(max_running_requests, self.max_context, device)
-        self.backend = create_backend(attention_backend, device, dtype, cfg.head_dim, triton_decode)
+        self.backend = create_backend(config.attention_backend, device, dtype, cfg.head_dim, config.triton_decode)
         self.scale = cfg.softmax_scale
         logger.info(
             "model %s on %s (%s): %d KV slots, attention %s",
@@ -87,8 +72,8 @@ class ModelRunner:
         if piecewise_graphs and reason is not None:
             raise ValueError(f"piecewise_graphs=True: {reason}")
         use_pieces = piecewise_graphs if piecewise_graphs is not None else use_graphs
-        cap = PIECEWISE_MAX_ROWS if piecewise_max_rows is None else piecewise_max_rows
-        max_rows = min((max_prefill_tokens or 0) + max_running_requests, cap)
+        cap = PIECEWISE_MAX_ROWS if config.piecewise_max_rows is None else config.piecewise_max_rows
+        max_rows = min(config.max_prefill_tokens + max_running_requests, cap)
         self.pieces = PiecewiseGraphRunner(self, max_rows) if use_pieces else None
         self.piecewise_batches = 0  # forwards that replayed graph pieces
 

@@ -14,6 +14,7 @@ the device, and the rest is planned as above.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from radixserve.model_runner.forward_batch import ForwardOutput, SampleOutput, SamplingRow
@@ -60,22 +61,28 @@ def _ends_by_length(req: Req, fill_limit: int, pending: int = 0) -> bool:
     return len(req.output_ids) + pending >= req.params.max_tokens or len(req.fill_ids) + pending >= fill_limit
 
 
-class SchedulerConfig(NamedTuple):
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The scheduler's section of EngineConfig (engine/config.py: defaults and help), with
+    `max_context` resolved from the model and `cascade_min_prefix` 0 where cascade attention
+    is off."""
+
     max_running_requests: int
     max_prefill_tokens: int
     max_context: int
-    schedule_policy: str = "fcfs"
-    lpm_aging_tokens_per_step: int = 16
-    fold_mode: str = "off"
-    fold_threshold: float = 0.95
-    batch_order: str = "prefix"  # or "arrival" (see EngineConfig.batch_order)
-    cascade_min_prefix: int = 0  # plan cascade attention over prefixes this long; 0: never
-    # SGLang's new-token ratio: the share of a running request's remaining
-    # max_tokens reserved when admitting others. It decays while memory holds
-    # and jumps back after a retraction.
-    new_token_ratio_init: float = 0.7
-    new_token_ratio_min: float = 0.1
-    new_token_ratio_decay: float = 0.001
+    schedule_policy: str
+    lpm_aging_tokens_per_step: int
+    fold_mode: str
+    fold_threshold: float
+    batch_order: str
+    cascade_min_prefix: int  # plan cascade attention over prefixes this long; 0: never
+
+
+# SGLang's new-token ratio: the share of a running request's remaining max_tokens reserved
+# when admitting others. It decays while memory holds and jumps back after a retraction.
+NEW_TOKEN_RATIO_INIT = 0.7
+NEW_TOKEN_RATIO_MIN = 0.1
+NEW_TOKEN_RATIO_DECAY = 0.001
 
 
 class Scheduler:
@@ -86,7 +93,7 @@ class Scheduler:
         self.waiting: list[Req] = []
         self.running: list[Req] = []
         self.step_count = 0
-        self.new_token_ratio = config.new_token_ratio_init
+        self.new_token_ratio = NEW_TOKEN_RATIO_INIT
         self.retractions = 0
         self.folded_tokens = 0
         self.planned_tokens = 0  # tokens of prefill chunks and decodes, before folding
@@ -266,7 +273,7 @@ class Scheduler:
             req.status = ReqStatus.WAITING
             req.embedding, req.scores = None, []  # prefill results restart with it
         self.waiting[:0] = reqs
-        self.new_token_ratio = self.config.new_token_ratio_init
+        self.new_token_ratio = NEW_TOKEN_RATIO_INIT
 
     def _reserved(self, sampled_ahead: int = 0) -> float:
         """Slots held back for running requests' output; `sampled_ahead` of those tokens
@@ -314,8 +321,7 @@ class Scheduler:
 
     def _decay_new_token_ratio(self) -> None:
         """A step that admitted nothing while requests run: reserve a little less for them."""
-        cfg = self.config
-        self.new_token_ratio = max(cfg.new_token_ratio_min, self.new_token_ratio - cfg.new_token_ratio_decay)
+        self.new_token_ratio = max(NEW_TOKEN_RATIO_MIN, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
 
     def sampling_rows(self, batch: ScheduledBatch) -> list[SamplingRow]:
         """Each sampled request's row; one of `batch.ahead` has a sampled token not yet

@@ -1,0 +1,27 @@
+"""The model runner's section of the engine's configuration.
+
+`EngineConfig` (engine/config.py) holds every option with its default and help text;
+the engine hands the runner this section whole (`engine.config.section`), so no option
+has a second default here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    max_running_requests: int  # table rows, and the largest decode graph
+    max_prefill_tokens: int  # bounds the largest step that graph pieces are captured for
+    max_context: int | None  # None: the model's max_position_embeddings
+    kv_cache_tokens: int | None  # None: a CPU default, or from free GPU memory
+    gpu_memory_utilization: float
+    attention_backend: str
+    moe_backend: str
+    cuda_graphs: bool | None
+    piecewise_graphs: bool | None
+    piecewise_max_rows: int | None
+    fused_kernels: bool | None
+    triton_decode: bool | None
+    show_progress: bool
