@@ -6,15 +6,15 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from radixserve.model_runner.config import DTYPES, MOE_BACKENDS
+from radixserve.radix_tree.policies import POLICIES
+from radixserve.scheduler.fold_plan import FOLD_MODES
+from radixserve.scheduler.policy import BATCH_ORDERS, SCHEDULE_POLICIES
+
 T = TypeVar("T")
 
-EVICTION_POLICIES = ("lru", "lfu", "fifo", "priority")
-SCHEDULE_POLICIES = ("fcfs", "lpm")
-DTYPES = ("float32", "bfloat16", "float16")
+EVICTION_POLICIES = tuple(POLICIES)
 DEVICES = ("cpu", "cuda")
-FOLD_MODES = ("off", "mlp", "tree")
-BATCH_ORDERS = ("prefix", "arrival")
-MOE_BACKENDS = ("auto", "grouped_mm", "loop")
 
 
 def _opt(default: Any, help_text: str, choices: tuple[str, ...] | None = None, *, flag: str | None = None) -> Any:

@@ -14,7 +14,7 @@ import torch
 
 from radixserve.engine.config import EngineConfig, section
 from radixserve.model_runner.config import RunnerConfig
-from radixserve.model_runner.model_runner import DTYPES, ForwardOutput, HostSample, ModelRunner
+from radixserve.model_runner.model_runner import TORCH_DTYPES, ForwardOutput, HostSample, ModelRunner
 from radixserve.model_runner.sampler import SamplingBatch
 from radixserve.radix_tree import RadixTree
 from radixserve.scheduler.batch_builder import ScheduledBatch
@@ -61,7 +61,7 @@ def resolve_device(name: str | None) -> torch.device:
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
+    return TORCH_DTYPES[name]
 
 
 class EngineCore:

@@ -28,13 +28,12 @@ from radixserve.engine.model_files import load_tokenizer, resolve_model_path
 from radixserve.engine.outputs import RequestOutput, StreamDelta
 from radixserve.engine.tracker import DONE, Tracker, drain, next_delta
 from radixserve.sampling_params import SamplingParams
-from radixserve.scheduler.request import Req
+from radixserve.scheduler.request import POOLINGS, Req
 from radixserve.scheduler.scheduler import StepUpdate
 
 logger = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
-POOLINGS = ("last", "mean", "cls")
 _PREFILL_PARAMS = SamplingParams(max_tokens=1)  # embed/score requests sample nothing
 
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+DTYPES = ("float32", "bfloat16", "float16")  # weights and activations (model_runner.TORCH_DTYPES)
+MOE_BACKENDS = ("auto", "grouped_mm", "loop")  # Qwen3-MoE expert computation (models/moe.py)
+
 
 @dataclass(frozen=True)
 class RunnerConfig:

@@ -19,14 +19,14 @@ from radixserve.model_runner.kv_pool import KVPool, ReqToTokenPool, SlotAllocato
 from radixserve.model_runner.loader import load_model
 from radixserve.model_runner.models.kernels import compile_unsupported_reason, compiled_kernels
 from radixserve.model_runner.piecewise_graph import MAX_ROWS as PIECEWISE_MAX_ROWS, PiecewiseGraphRunner
-from radixserve.model_runner.config import RunnerConfig
+from radixserve.model_runner.config import DTYPES, RunnerConfig
 from radixserve.model_runner.forward_batch import ForwardOutput, SampleOutput, SamplingRow
 from radixserve.model_runner.sampler import SamplingBatch, sample
 from radixserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 CPU_DEFAULT_KV_TOKENS = 16384
 
 

@@ -21,10 +21,11 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from radixserve.radix_tree import RadixTree, TreeNode
+from radixserve.radix_tree.policies import POLICIES
 from radixserve.replay.formats import TraceRequest
 from radixserve.replay.keys import POS_BITS, POS_MASK, KeyWeights, handles
 
-ONLINE_POLICIES = ("lru", "lfu", "fifo", "priority")
+ONLINE_POLICIES = tuple(POLICIES)  # the radix tree's own
 
 
 class StepResult(NamedTuple):

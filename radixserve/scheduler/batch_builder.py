@@ -38,7 +38,6 @@ from radixserve.scheduler.fold_plan import FoldPlan, build_fold_plan
 from radixserve.scheduler.kv_cache import KVCacheManager
 from radixserve.scheduler.request import Req
 
-FOLD_MODES = ("off", "mlp", "tree")
 # A cascade costs a second attention pass and a merge per layer; a batch uses one only
 # when the K/V reads it saves are at least this share of what the batch reads without it.
 CASCADE_MIN_SAVED_SHARE = 0.125

@@ -28,6 +28,8 @@ from radixserve.scheduler.folding import (
     pad_rows,
 )
 
+FOLD_MODES = ("off", "mlp", "tree")  # what the batch builder does with a fold plan (batch_builder.py)
+
 __all__ = ["FoldPlan", "build_fold_plan"]
 
 

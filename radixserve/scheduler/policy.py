@@ -5,6 +5,10 @@ from __future__ import annotations
 from radixserve.radix_tree import RadixTree
 from radixserve.scheduler.request import Req
 
+SCHEDULE_POLICIES = ("fcfs", "lpm")  # admission order: arrival, or longest cached prefix first (aged)
+# Order of a batch's requests: those sharing KV slots side by side (scheduler._prefix_order), or admission.
+BATCH_ORDERS = ("prefix", "arrival")
+
 # LPM matches every waiting request against the tree each step; past this many
 # waiting, that costs more than it saves, and the order groups requests by their
 # first PREFIX_KEY_TOKENS tokens instead (SGLang falls back to FCFS there).

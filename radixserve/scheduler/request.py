@@ -26,11 +26,16 @@ from __future__ import annotations
 
 import enum
 from array import array
-from typing import Any, Hashable, Iterable, Protocol, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Hashable, Iterable, Protocol, Sequence
 
 from radixserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+
+# How an embed request pools the final hidden states: its last token's (a cached prefix is
+# reused), the mean over its tokens, or its first token's (both recompute every token).
+POOLINGS = ("last", "mean", "cls")
 
 
 def token_array(ids: Iterable[int] = ()) -> array:
@@ -91,7 +96,7 @@ class Req:
         self.task = task
         self.pooling = pooling
         self.score_start = score_start
-        self.embedding: torch.Tensor | None = None  # running sum (mean) or the pooled row
+        self.embedding: "torch.Tensor | None" = None  # running sum (mean) or the pooled row
         self.scores: list[float] = []
 
         self.output_ids = token_array()

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from radixserve.scheduler.request import POOLINGS
 from radixserve.sampling_params import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 128  # OpenAI's limit on `n`
@@ -432,7 +433,6 @@ def sampling_error(req: GenerateRequest, exc: Exception) -> ApiError:
 # -- embeddings ------------------------------------------------------------------------------
 
 EMBEDDING_FIELDS = {"model", "input", "encoding_format", "dimensions", "user", "pooling", "normalize"}
-POOLINGS = ("last", "mean", "cls")
 
 
 def parse_embedding(body: Any, served: str) -> EmbeddingRequest:

@@ -37,7 +37,7 @@ from radixserve.engine.outputs import StreamDelta
 from radixserve.sampling_params import SamplingParams
 from radixserve.server.native_api import native_delta, native_response, parse_generate
 from radixserve.server.responses import ResponseBuilder
-from radixserve.server.state import STATE, ServerState, state_of
+from radixserve.server.state import ServerState, state_of
 from radixserve.server.transport import BodyTimeout
 
 logger = logging.getLogger(__name__)

@@ -27,13 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radixserve.model_runner.config import MOE_BACKENDS
 from radixserve.model_runner.model_config import ModelConfig
 from radixserve.model_runner.models.decoder import DecoderForCausalLM, WeightTarget
 
 logger = logging.getLogger(__name__)
 
-# "auto": grouped_mm on CUDA where it works for the model's dtype and shapes, else loop.
-MOE_BACKENDS: tuple[str, ...] = ("auto", "grouped_mm", "loop")
+# MOE_BACKENDS (model_runner/config.py): "auto" is grouped_mm on CUDA where it works for the
+# model's dtype and shapes, else loop.
 
 
 class Routing(NamedTuple):
