@@ -295,7 +295,7 @@ class EngineCore:
             "steps": self.steps,
             "failed_steps": self.scheduler.failed_steps,  # steps that raised (their causes failed)
             # Attention kernel variants compiled after start (each stalls a step; fa4 only).
-            "attention_compiles": getattr(self.runner.backend, "compiles", 0),
+            "attention_compiles": self.runner.backend.compiles,
             "graph_steps": self.runner.graph_batches,  # decode steps that replayed a CUDA graph
             "piecewise_steps": self.runner.piecewise_batches,  # other steps that replayed graph pieces
         }

@@ -13,14 +13,14 @@ from typing import Callable, NamedTuple
 import torch
 
 from radixserve.model_runner.attention import create_backend
-from radixserve.model_runner.cuda_graph import DecodeGraphRunner, unsupported_reason
 from radixserve.model_runner.forward_batch import CascadePlan, ForwardBatch, resolve_inputs
 from radixserve.model_runner.kv_pool import KVPool, ReqToTokenPool, SlotAllocator
 from radixserve.model_runner.loader import load_model
 from radixserve.model_runner.models.kernels import compile_unsupported_reason, compiled_kernels
-from radixserve.model_runner.piecewise_graph import MAX_ROWS as PIECEWISE_MAX_ROWS, PiecewiseGraphRunner
 from radixserve.model_runner.config import DTYPES, RunnerConfig
 from radixserve.model_runner.forward_batch import ForwardOutput, SampleOutput, SamplingRow
+from radixserve.model_runner.graphs import MAX_ROWS as PIECEWISE_MAX_ROWS
+from radixserve.model_runner.graphs import DecodeGraphRunner, GraphParts, PiecewiseGraphRunner, unsupported_reason
 from radixserve.model_runner.sampler import SamplingBatch, sample
 from radixserve.sampling_params import SamplingParams
 
@@ -58,23 +58,25 @@ class ModelRunner:
             "model %s on %s (%s): %d KV slots, attention %s",
             cfg.architecture, device, dtype, num_slots, self.backend.name,
         )
-        # Decode batches of up to max_running_requests replay captured graphs (cuda_graph.py).
+        # Decode batches of up to max_running_requests replay captured graphs (graphs/decode.py).
         # None: on wherever they are supported; True: required (a ValueError says why not).
-        reason = unsupported_reason(self)
+        parts = GraphParts(self.model, cfg, self.backend, self.req_to_token.table, self.attention, device, dtype,
+                           self.vocab_size)
+        reason = unsupported_reason(parts)
         if cuda_graphs is None and reason is not None:
             logger.info("CUDA graphs off: %s", reason)
         use_graphs = cuda_graphs if cuda_graphs is not None else reason is None
-        self.graphs = DecodeGraphRunner(self, max_running_requests) if use_graphs else None
+        self.graphs = DecodeGraphRunner(parts, max_running_requests) if use_graphs else None
         self.graph_batches = 0  # forwards that replayed a captured graph (the rest ran eagerly)
         # Other steps (prefill, mixed) replay the model's pieces between attention calls
-        # (piecewise_graph.py), up to a step's most rows (a full prefill budget plus a decode
+        # (graphs/piecewise.py), up to a step's most rows (a full prefill budget plus a decode
         # each), or `piecewise_max_rows` (default MAX_ROWS) where that is fewer.
         if piecewise_graphs and reason is not None:
             raise ValueError(f"piecewise_graphs=True: {reason}")
         use_pieces = piecewise_graphs if piecewise_graphs is not None else use_graphs
         cap = PIECEWISE_MAX_ROWS if config.piecewise_max_rows is None else config.piecewise_max_rows
         max_rows = min(config.max_prefill_tokens + max_running_requests, cap)
-        self.pieces = PiecewiseGraphRunner(self, max_rows) if use_pieces else None
+        self.pieces = PiecewiseGraphRunner(parts, max_rows) if use_pieces else None
         self.piecewise_batches = 0  # forwards that replayed graph pieces
 
     def _set_kernels(self, fused: bool | None) -> None:
@@ -114,8 +116,7 @@ class ModelRunner:
         self._warm_up_attention(cascade_min_prefix)
         self._warm_up_step()
         torch.cuda.synchronize(self.device)
-        if hasattr(self.backend, "warmed"):
-            self.backend.warmed = True
+        self.backend.finish_warm_up()
 
     @torch.inference_mode()
     def _warm_up_attention(self, cascade_min_prefix: int) -> None:
@@ -214,7 +215,7 @@ class ModelRunner:
         if batch.sourced is not None:
             resolve_inputs(batch.input_ids, batch.sourced, batch.input_source)
         self.backend.prepare(batch, self.req_to_token.table)
-        attn = self._attention(batch.out_slots, batch.unfold, batch.fold)
+        attn = self.attention(batch.out_slots, batch.unfold, batch.fold)
         if self.pieces is not None and self.pieces.can_run(batch):
             self.piecewise_batches += 1
             hidden = self.pieces.run(batch, attn)
@@ -228,7 +229,7 @@ class ModelRunner:
             scores = logp.gather(1, batch.score_targets.unsqueeze(1)).squeeze(1)
         return ForwardOutput(logits, pooled, scores)
 
-    def _attention(
+    def attention(
         self, slots: torch.Tensor, unfold: torch.Tensor | None = None, fold: torch.Tensor | None = None
     ) -> Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
         """The per-layer attention of one batch (its backend is prepared): write the layer's

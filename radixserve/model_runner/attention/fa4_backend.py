@@ -32,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from radixserve.model_runner.attention.base import AttentionBackend
 from radixserve.model_runner.attention.cascade import (
     CascadeMetadata,
     build_cascade_metadata,
@@ -93,7 +94,7 @@ DECODE_CONFIG = KernelConfig(block_n=128, num_warps=4, num_stages=2)
 GROUP_CONFIG = GroupKernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=3)
 
 
-class FA4Attention:
+class FA4Attention(AttentionBackend):
     name = "fa4"
     supports_cascade = True
 
@@ -122,11 +123,16 @@ class FA4Attention:
             self._meta, self._cascade = build_varlen_metadata(batch, req_to_token), None
         self._fallback.prepare(batch, req_to_token)
 
+    def runs_in_graphs(self, dtype: torch.dtype, head_dim: int) -> bool:
+        return fa4_supports(dtype, head_dim)  # the kernel path; the reference fallback is not capturable
+
     def prepare_graph(self, meta: VarlenMetadata | None, cascade: CascadeMetadata | None = None) -> None:
         """Use metadata built on the device (`decode_graph_metadata`, or with a cascade plan
-        `graph_cascade_metadata`) for a captured decode step. Only the kernel path is
-        capturable: the caller checks `fa4_supports` first."""
+        `graph_cascade_metadata`) for a captured decode step."""
         self._meta, self._cascade = meta, cascade
+
+    def finish_warm_up(self) -> None:
+        self.warmed = True
 
     def attend(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float

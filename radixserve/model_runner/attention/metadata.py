@@ -18,7 +18,7 @@ a `[B, max_context]` table every step (at 1,024 rows and a 40,960-token context,
 Nothing here syncs with the host: the lengths come from the batch's host lists,
 and the one host->device copy carries every per-sequence integer.
 `decode_graph_metadata` builds the same layout for a captured decode step from
-device tensors alone, with fixed host bounds (see cuda_graph.py).
+device tensors alone, with fixed host bounds (see graphs/decode.py).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from radixserve.model_runner.attention.base import AttentionBackend
 from radixserve.model_runner.attention.cascade import (
     CascadeMetadata,
     build_cascade_metadata,
@@ -22,7 +23,7 @@ from radixserve.model_runner.attention.cascade import (
 from radixserve.model_runner.forward_batch import ForwardBatch
 
 
-class TorchAttention:
+class TorchAttention(AttentionBackend):
     name = "torch"
     supports_cascade = True
 

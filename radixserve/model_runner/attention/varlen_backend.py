@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from radixserve.model_runner.attention.base import AttentionBackend
 from radixserve.model_runner.attention.fallback import ReferenceFallback
 from radixserve.model_runner.attention.metadata import VarlenMetadata, build_varlen_metadata, flat_kv_slots
 from radixserve.model_runner.forward_batch import ForwardBatch
@@ -49,7 +50,7 @@ def varlen_supports(dtype: torch.dtype, head_dim: int) -> bool:
     return dtype in VARLEN_DTYPES and head_dim <= 256 and head_dim % 8 == 0
 
 
-class TorchVarlenAttention:
+class TorchVarlenAttention(AttentionBackend):
     name = "torch_varlen"
     supports_cascade = False  # not wired: the per-layer gather copies each whole context anyway
 

@@ -105,7 +105,7 @@ class DecoderLayer(nn.Module):
 
     # The layer in two halves around attention: all the position-wise work (matmuls,
     # norms, RoPE, MLP) is in them, so a runner can capture each stretch between two
-    # attention calls as a CUDA graph (piecewise_graph.py) and run attention eagerly.
+    # attention calls as a CUDA graph (graphs/piecewise.py) and run attention eagerly.
 
     def before_attention(
         self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor, rotary: RotaryEmbedding
@@ -190,6 +190,10 @@ class DecoderForCausalLM(nn.Module):
         for module in self.modules():
             if hasattr(type(module), "kernels"):
                 module.kernels = kernels
+
+    def moe_blocks(self) -> list[nn.Module]:
+        """The mixture-of-experts blocks (none in a dense model; models/moe.py)."""
+        return []
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [N, H] -> float32 logits [N, vocab], written to `out` if given (the cast is the copy)."""

@@ -205,7 +205,7 @@ class Qwen3MoeForCausalLM(DecoderForCausalLM):
             c.hidden_size, c.moe_intermediate_size, c.num_experts, c.num_experts_per_tok, c.norm_topk_prob, dtype
         )
 
-    def moe_blocks(self) -> list[SparseMoeBlock]:
+    def moe_blocks(self) -> list[SparseMoeBlock]:  # type: ignore[override]
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoeBlock)]
 
     def set_moe_backend(self, name: str = "auto") -> str:

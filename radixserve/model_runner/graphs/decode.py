@@ -37,19 +37,16 @@ from __future__ import annotations
 
 import bisect
 import logging
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from radixserve.model_runner.attention.cascade import graph_cascade_metadata
-from radixserve.model_runner.attention.fa4_backend import FA4Attention, fa4_supports
 from radixserve.model_runner.attention.metadata import decode_graph_metadata
 from radixserve.model_runner.forward_batch import ForwardBatch, resolve_inputs
+from radixserve.model_runner.graphs.parts import GraphParts, unsupported_reason
 from radixserve.model_runner.transfer import to_device
 
-if TYPE_CHECKING:
-    from radixserve.model_runner.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -80,21 +77,6 @@ def stage_inputs(host: np.ndarray, batch: ForwardBatch) -> None:
     host[_ROWS, :n] = batch.req_rows
     np.add(host[_POS, :n], 1, out=host[_LENS, :n])
     host[:, n:] = _PADDING_COLUMN
-
-
-def unsupported_reason(runner: ModelRunner) -> str | None:
-    """Why decode graphs cannot run for this runner, or None when they can."""
-    if runner.device.type != "cuda":
-        return f"cuda_graphs needs a CUDA device, got device {str(runner.device)!r}"
-    backend = runner.backend
-    if not isinstance(backend, FA4Attention) or not fa4_supports(runner.dtype, runner.model_config.head_dim):
-        return (
-            "cuda_graphs needs the fa4 attention backend with a bfloat16/float16 model, "
-            f"got backend {backend.name!r} with {runner.dtype}"
-        )
-    if getattr(runner.model, "moe_blocks", None) is not None and runner.model.moe_blocks():
-        return "cuda_graphs does not support mixture-of-experts models (their routing syncs)"
-    return None
 
 
 class _GraphSet:
@@ -163,21 +145,21 @@ def _group_views(groups, bs: int):
 
 
 class DecodeGraphRunner:
-    """Captures and replays a runner's decode forward. Built after the runner's model, pool,
-    request table and backend exist; `runner._attention(slots)` gives the per-layer attention."""
+    """Captures and replays a runner's decode forward over its parts (model, request table,
+    backend, and the per-layer attention that writes K/V into the pool)."""
 
-    def __init__(self, runner: ModelRunner, max_batch: int) -> None:
-        reason = unsupported_reason(runner)
+    def __init__(self, parts: GraphParts, max_batch: int) -> None:
+        reason = unsupported_reason(parts)
         if reason is not None:
             raise ValueError(reason)
-        self.runner = runner
-        self.device = runner.device
+        self.parts = parts
+        self.device = parts.device
         self.buckets = graph_buckets(max_batch)
         top = self.buckets[-1]
         self._cu_seqlens_q = torch.arange(top + 1, dtype=torch.int32, device=self.device)
         # Every graph writes its logits here: one [top, vocab] buffer, not one per bucket and kind
         # (at 1,024 rows and a 152k vocabulary that is 0.6 GB against 8 GB).
-        self._logits = torch.empty(top, runner.vocab_size, dtype=torch.float32, device=self.device)
+        self._logits = torch.empty(top, parts.vocab_size, dtype=torch.float32, device=self.device)
         # One capture stream for every graph: the caching allocator reuses a block only on the
         # stream that freed it, so a stream per capture kept each bucket's memory to itself.
         self._stream = torch.cuda.Stream(self.device)
@@ -216,24 +198,24 @@ class DecodeGraphRunner:
 
     def _body(self, graphs: _GraphSet, bs: int) -> torch.Tensor:
         """The captured work: metadata on the device, the model, logits for every row."""
-        runner = self.runner
+        parts = self.parts
         block = graphs.inputs[: graphs.width(bs)]
         seqs = block[: graphs.per_seq * bs].view(graphs.per_seq, bs)
         ids, pos, slots, rows, lens = seqs[:5]
         cu_q = self._cu_seqlens_q[: bs + 1]
-        table = runner.req_to_token.table
+        table = parts.table
         # The Triton kernels read the request table through row indices: no per-step gathers.
-        indirect = runner.backend.triton_decode
+        indirect = parts.backend.triton_decode
         if graphs.cascade:
             group_cu_q, group_rows, group_prefix = _group_views(block[graphs.per_seq * bs :], bs)
-            runner.backend.prepare_graph(None, graph_cascade_metadata(
+            parts.backend.prepare_graph(None, graph_cascade_metadata(
                 rows, lens, seqs[_SHARED], group_cu_q.to(torch.int32), group_rows, group_prefix, cu_q, table,
                 indirect=indirect,
             ))
         else:
-            runner.backend.prepare_graph(decode_graph_metadata(rows, lens, cu_q, table, indirect=indirect))
-        hidden = runner.model(ids, pos, runner._attention(slots))
-        return runner.model.compute_logits(hidden, out=self._logits[:bs])
+            parts.backend.prepare_graph(decode_graph_metadata(rows, lens, cu_q, table, indirect=indirect))
+        hidden = parts.model(ids, pos, parts.attention(slots, None, None))
+        return parts.model.compute_logits(hidden, out=self._logits[:bs])
 
     @torch.inference_mode()
     def _capture(self, graphs: _GraphSet, bs: int) -> None:

@@ -2,7 +2,7 @@
 
 A step that prefills (a prompt chunk, alone or with decodes) runs eagerly: its
 attention metadata depends on every sequence's lengths, so the whole forward
-cannot be one graph the way a decode step is (cuda_graph.py). Eagerly, though,
+cannot be one graph the way a decode step is (decode.py). Eagerly, though,
 the host launches the model slower than the GPU runs it: a step of 4 new
 requests (128 tokens each over a cached prefix) with 128 decodes took 54 ms to
 launch on the H100 for 7.5 ms of kernels (`benchmarks/mixed_step.py`), ~1,700
@@ -36,16 +36,13 @@ from __future__ import annotations
 
 import bisect
 import logging
-from typing import TYPE_CHECKING
 
 import torch
 
-from radixserve.model_runner.cuda_graph import unsupported_reason
 from radixserve.model_runner.forward_batch import ForwardBatch
+from radixserve.model_runner.graphs.parts import GraphParts, unsupported_reason
 from radixserve.model_runner.models.decoder import AttentionFn
 
-if TYPE_CHECKING:
-    from radixserve.model_runner.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -75,13 +72,14 @@ def piecewise_buckets(max_rows: int) -> list[int]:
 class PiecewiseGraphRunner:
     """Captures and replays the pieces of a runner's dense model for eager (non-decode) steps."""
 
-    def __init__(self, runner: ModelRunner, max_rows: int) -> None:
-        reason = unsupported_reason(runner)
+    def __init__(self, parts: GraphParts, max_rows: int) -> None:
+        reason = unsupported_reason(parts)
         if reason is not None:
             raise ValueError(reason)
-        self.runner = runner
+        self.model = parts.model
+        self.device = parts.device
         self.buckets = piecewise_buckets(max_rows)
-        cfg, dev, dtype = runner.model_config, runner.device, runner.dtype
+        cfg, dev, dtype = parts.model_config, parts.device, parts.dtype
         top = self.buckets[-1]
         self._ids = torch.zeros(top, dtype=torch.int64, device=dev)
         self._positions = torch.zeros(top, dtype=torch.int64, device=dev)
@@ -98,7 +96,7 @@ class PiecewiseGraphRunner:
             self._capture(bs)
         torch.cuda.synchronize(dev)
         logger.info("captured piecewise CUDA graphs (%d pieces) for row counts %s",
-                    len(runner.model.layers) + 1, self.buckets)
+                    len(self.model.layers) + 1, self.buckets)
 
     @property
     def max_rows(self) -> int:
@@ -109,7 +107,7 @@ class PiecewiseGraphRunner:
 
     def _piece(self, i: int, bs: int) -> None:
         """Piece i on the first bs rows of the static buffers (see the module docstring)."""
-        model = self.runner.model
+        model = self.model
         layers = model.layers
         if i == 0:
             x, residual = model.embed(self._ids[:bs]), None
@@ -126,8 +124,8 @@ class PiecewiseGraphRunner:
 
     @torch.inference_mode()
     def _capture(self, bs: int) -> None:
-        pieces = len(self.runner.model.layers) + 1
-        stream, current = self._stream, torch.cuda.current_stream(self.runner.device)
+        pieces = len(self.model.layers) + 1
+        stream, current = self._stream, torch.cuda.current_stream(self.device)
         # Warm up outside the capture, on the capture stream: torch.compile and cuBLAS
         # pick their kernels for a new size on first use, and nothing may do that in a capture.
         stream.wait_stream(current)
