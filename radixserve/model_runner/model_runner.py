@@ -123,13 +123,13 @@ class ModelRunner:
         """Run one layer's eager attention once per shape class an eager step can meet, so a
         backend that compiles a kernel variant per class (FA4 keys on causal or not, LSE or
         not, one query tile per sequence or more, batches past 256) compiles it now, not in
-        the middle of serving (measured: a 4.5 s step). Decode shapes under CUDA graphs are
+        the middle of serving (a compile stalls a step for seconds). Decode shapes under CUDA graphs are
         warmed by their capture; this covers prefill and mixed steps, and cascades with
         `cascade_min_prefix` > 0. Reads whatever the pool and the table hold; writes nothing.
 
         A short chunk (2 rows) is a class of its own: with the Triton decode kernel serving
-        one-row steps, nothing else reaches FA4 with a single query tile per sequence, and
-        one request of 16 tokens alone on a fresh server was measured compiling for 5 s."""
+        one-row steps, nothing else reaches FA4 with a single query tile per sequence (a
+        lone short request on a fresh server would compile it)."""
         cfg = self.model_config
         prefix = max(cascade_min_prefix, 256)
         longest = 512  # a prefill chunk's query rows: more than one query tile
@@ -160,10 +160,9 @@ class ModelRunner:
     @torch.inference_mode()
     def _warm_up_step(self) -> None:
         """One eager step of a lone 16-token sequence, then a sampling pass (a greedy row and a
-        sampled one): first-use compiles land here, not in a server's first request (measured
-        on the H100: ~6 s for that request, a torch.compile recompile of the fused kernels for
-        eager shapes and the sampler's Triton kernel). Its K/V go to the dummy slot 0 and it
-        reads table row 0, which no request holds yet."""
+        sampled one): first-use compiles (the fused kernels for eager shapes, the sampler's
+        Triton kernel) land here, not in a server's first request. Its K/V go to the dummy
+        slot 0 and it reads table row 0, which no request holds yet."""
         n = 16
         batch = ForwardBatch(
             input_ids=torch.zeros(n, dtype=torch.int64),
@@ -175,8 +174,7 @@ class ModelRunner:
             logits_rows=torch.tensor([n - 1, n - 1], dtype=torch.int64),
         )
         # Both paths of a step that prefills: the model's eager forward (steps past the graph
-        # pieces' largest bucket; it compiles apart from the captured pieces, measured as a
-        # ~0.7 s stall in the first such step of a run), then the pieces where there are some.
+        # pieces' largest bucket; it compiles apart from the captured pieces), then the pieces.
         pieces, self.pieces = self.pieces, None
         try:
             logits = self.forward(batch).logits

@@ -3,11 +3,10 @@
 A step that prefills (a prompt chunk, alone or with decodes) runs eagerly: its
 attention metadata depends on every sequence's lengths, so the whole forward
 cannot be one graph the way a decode step is (decode.py). Eagerly, though,
-the host launches the model slower than the GPU runs it: a step of 4 new
-requests (128 tokens each over a cached prefix) with 128 decodes took 54 ms to
-launch on the H100 for 7.5 ms of kernels (`benchmarks/mixed_step.py`), ~1,700
-Python calls a layer (module dispatch, torch.compile guards, FA4's interface).
-Under a server's steady arrivals most steps are like that one.
+the host launches the model several times slower than the GPU runs it (~1,700
+Python calls a layer: module dispatch, torch.compile guards, FA4's interface;
+`benchmarks/mixed_step.py` times it), and under a server's steady arrivals
+most steps prefill something.
 
 Everything but attention is position-wise (each row computed on its own), so
 it does not care how rows group into sequences. A dense decoder of L layers is
@@ -53,14 +52,8 @@ BUCKETS = (
     6144, 7168, 8192, 10240, 12288, 14336, 16384,
 )
 
-# The default cap of `EngineConfig.piecewise_max_rows`: steps of more rows run eagerly.
-# Chosen by measurement on the H100 (Qwen3-0.6B shape), not by a model of the costs: pieces
-# launch 640 rows in 15 ms where the eager forward takes 54 ms (~8 ms of kernels), and
-# 4,731 rows in 22 ms against 56 ms (~38 ms of kernels); but in the nano-vllm run, whose
-# prefill steps are 16k-row chunks, capturing up to 16,640 rows made it 1.5-1.9% slower,
-# and in the shared-prefix run (16k-row chunks with ~1,000 decodes) a cap of 17,408 took
-# those steps from 84 to 114 ms (median) and the run from 7.89 to 8.29 s. Why pieces lose
-# on steps that big was not profiled.
+# The default cap of `EngineConfig.piecewise_max_rows`: steps of more rows run eagerly, since
+# past it replaying pieces measured slower than the eager forward on the H100 (docs/gpu.md).
 MAX_ROWS = 8192
 
 
