@@ -24,11 +24,16 @@ run: install
 generate: install
 	$(VENV)/bin/radixserve generate "$(PROMPT)"
 
+# The Triton kernel tests run on the CPU under Triton's interpreter, in a pytest run of
+# their own so that TRITON_INTERPRET=1 reaches no other test.
+KERNEL_TESTS := tests/test_triton_decode.py tests/test_triton_group.py
+
 test: install
-	$(PY) -m pytest -q -m "not gpu" --timeout=900
+	$(PY) -m pytest -q -m "not gpu" --timeout=900 $(addprefix --ignore=,$(KERNEL_TESTS))
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not gpu" --timeout=900 $(KERNEL_TESTS)
 
 gpu-test: install
-	$(PY) -m pytest -q -m gpu
+	$(PY) -m pytest -q -m gpu tests/
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
+from helpers.leaks import LIVE_ENGINES, assert_no_leak
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-_LIVE_ENGINES: list = []
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -19,27 +18,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (run with -m gpu on the device machine)")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run with -m gpu where there is one)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
 
 
-def assert_no_leak(engine) -> None:
-    """Nothing running, invariants hold, and a flush returns every slot to the free list."""
-    assert engine.wait_idle(120), "engine still busy after the test"
-    engine.check_invariants()
-    assert engine.flush_cache(), "flush refused: something is still locked"
-    stats = engine.stats()
-    assert stats["cache_tokens"] == 0
-    assert stats["free_slots"] == stats["kv_capacity_tokens"], f"KV slots leaked: {stats}"
-    engine.check_invariants()
-
-
 @pytest.fixture(autouse=True)
 def _no_leaks() -> Iterator[None]:
     yield
-    for engine in list(_LIVE_ENGINES):
+    for engine in list(LIVE_ENGINES):
         assert_no_leak(engine)
 
 
@@ -52,7 +40,7 @@ def smollm_path() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_qwen3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tiny_models import make_tiny_qwen3
+    from helpers.tiny_models import make_tiny_qwen3
 
     return make_tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3"))
 
@@ -69,7 +57,7 @@ def needs_fa4() -> None:
 @pytest.fixture(scope="session")
 def qwen3_d64(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Qwen3 with a production-like head_dim 64 and GQA 8/2 (the GPU runner tests)."""
-    from tiny_models import make_tiny_qwen3
+    from helpers.tiny_models import make_tiny_qwen3
 
     return make_tiny_qwen3(
         tmp_path_factory.mktemp("qwen3-d64"), hidden_size=128, head_dim=64,
@@ -102,14 +90,14 @@ def _engine(model: Path | str, **kw):
     kw.setdefault("check_invariants", True)
     kw.setdefault("show_progress", False)
     engine = Engine(str(model), **kw)
-    _LIVE_ENGINES.append(engine)
+    LIVE_ENGINES.append(engine)
     return engine
 
 
 def _close(engine) -> None:
-    if engine in _LIVE_ENGINES:
+    if engine in LIVE_ENGINES:
         assert_no_leak(engine)
-        _LIVE_ENGINES.remove(engine)
+        LIVE_ENGINES.remove(engine)
     engine.shutdown()
 
 

@@ -12,15 +12,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers.cascade_cases import CASES, make_cascade_case
+from test_engine_cache import run_core
 
-from cascade_cases import CASES, make_cascade_case
 from radixserve import SamplingParams
 from radixserve.model_runner.attention.cascade import merge_states, reference_attend_lse
 from radixserve.model_runner.attention.metadata import build_varlen_metadata
 from radixserve.model_runner.attention.torch_backend import TorchAttention
 from radixserve.scheduler.batch_builder import plan_cascade, shared_slots
 from radixserve.scheduler.request import token_array
-from test_engine_cache import run_core
 
 
 def _attend(q, k, v, table, batch):

@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from cascade_cases import CASES, make_cascade_case
+from helpers.cascade_cases import CASES, make_cascade_case
 from radixserve.model_runner.attention import create_backend
 from radixserve.model_runner.attention.cpu_backend import (
     CPUAttention,

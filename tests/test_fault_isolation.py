@@ -11,6 +11,8 @@ from __future__ import annotations
 import queue
 
 import pytest
+from helpers.leaks import LIVE_ENGINES
+from helpers.server import http
 
 from radixserve import SamplingParams
 from radixserve.engine import core as core_module
@@ -165,9 +167,7 @@ def test_steps_that_keep_failing_are_fatal(make_engine, tiny_qwen3_path, monkeyp
     assert isinstance(engine.fatal_error, core_module.EngineFatalError)
     with pytest.raises(RuntimeError, match="failed earlier"):
         engine.generate(PROMPTS[0], GREEDY, progress=False)
-    import conftest
-
-    conftest._LIVE_ENGINES.remove(engine)  # a dead engine's pool is not checked for leaks
+    LIVE_ENGINES.remove(engine)  # a dead engine's pool is not checked for leaks
 
 
 def test_server_exits_non_zero_once_the_engine_failed(make_engine, tiny_qwen3_path, monkeypatch) -> None:
@@ -175,14 +175,11 @@ def test_server_exits_non_zero_once_the_engine_failed(make_engine, tiny_qwen3_pa
     server stops with exit status 1 (so that a supervisor restarts it) instead of serving 503s forever."""
     import time
 
-    from test_server_support import http
-
-    import conftest
     from radixserve.server import BackgroundServer, ServerConfig
 
     monkeypatch.setattr(core_module, "MAX_FAILED_STEPS_IN_A_ROW", 2)
     engine = make_engine(tiny_qwen3_path)
-    conftest._LIVE_ENGINES.remove(engine)  # it dies here: its pool is not checked for leaks
+    LIVE_ENGINES.remove(engine)  # it dies here: its pool is not checked for leaks
     srv = BackgroundServer(engine, ServerConfig(port=0, drain_timeout=5)).start()
     try:
         monkeypatch.setattr(ModelRunner, "forward", lambda self, batch: 1 / 0)

@@ -13,10 +13,10 @@ import json
 import math
 
 import pytest
-from conftest import assert_no_leak
+from helpers.leaks import assert_no_leak
+from helpers.server import engine, http, leak_check, server, sse_events  # noqa: F401 (fixtures)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_server_support import engine, http, leak_check, server, sse_events  # noqa: F401 (fixtures)
 
 from radixserve import SamplingParams
 

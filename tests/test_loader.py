@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.tiny_models import EOS_TOKEN_ID, make_tiny_llama, make_tiny_qwen2, make_tiny_qwen3
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from radixserve.model_runner import builtin_model
 from radixserve.model_runner.loader import load_model
 from radixserve.model_runner.model_config import ModelConfig
-from tiny_models import EOS_TOKEN_ID, make_tiny_llama, make_tiny_qwen2, make_tiny_qwen3
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.tiny_models import TINY_VOCAB, make_tiny_llama, make_tiny_qwen2, make_tiny_qwen3
 from transformers import AutoModelForCausalLM
 
 from radixserve.model_runner.loader import load_model
 from radixserve.model_runner.model_config import ModelConfig
-from tiny_models import TINY_VOCAB, make_tiny_llama, make_tiny_qwen2, make_tiny_qwen3
 
 ATOL = 1e-4
 MAKERS = {"qwen3": make_tiny_qwen3, "llama": make_tiny_llama, "qwen2": make_tiny_qwen2}

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.tiny_models import TINY_VOCAB, make_tiny_qwen3, make_tiny_qwen3_moe
 from safetensors.torch import load_file, save_file
+from test_models import causal_attention, hf_logits, make_positions, our_logits, packed_attention, random_ids
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
 from radixserve import SamplingParams
@@ -18,13 +20,11 @@ from radixserve.model_runner.model_config import ModelConfig
 from radixserve.model_runner.models import build_model
 from radixserve.model_runner.models.moe import (
     SparseMoeBlock,
-    grouped_mm_unavailable,
     group_by_expert,
+    grouped_mm_unavailable,
     resolve_moe_backend,
     route,
 )
-from test_models import causal_attention, hf_logits, make_positions, our_logits, packed_attention, random_ids
-from tiny_models import TINY_VOCAB, make_tiny_qwen3, make_tiny_qwen3_moe
 
 ATOL = 1e-4
 CPU = torch.device("cpu")

@@ -14,12 +14,12 @@ import time
 import pytest
 
 openai = pytest.importorskip("openai")  # the test extra has it; the GPU machine may not
-from test_server_support import engine, http, leak_check, server, sse_events  # noqa: F401 (fixtures)
+from helpers.server import engine, http, leak_check, server, sse_events  # noqa: F401 (fixtures)
 
 from radixserve import SamplingParams
+from radixserve.engine.outputs import StreamDelta
 from radixserve.server.metrics import parse_metrics
 from radixserve.server.openai_api import build_sampling_params, parse_chat, parse_completion
-from radixserve.engine.outputs import StreamDelta
 
 MSGS = [{"role": "user", "content": "Name a color."}]
 

@@ -16,14 +16,14 @@ import time
 
 import aiohttp
 import pytest
+from helpers.leaks import assert_no_leak
+from helpers.server import engine, http, leak_check, server  # noqa: F401 (fixtures)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from conftest import assert_no_leak
-from test_server_support import engine, http, leak_check, server  # noqa: F401 (fixtures)
 
 from radixserve import SamplingParams
-from radixserve.server.metrics import parse_metrics
 from radixserve.server import BackgroundServer, ServerConfig
+from radixserve.server.metrics import parse_metrics
 
 M = "smollm2-135m-instruct"
 MSGS = [{"role": "user", "content": "Hi"}]
@@ -116,7 +116,7 @@ BAD = [
      "sampling_params.temp"),
     ("generate-bad-sampling-value", "POST", "/generate", {"text": "a", "sampling_params": {"top_p": 7}}, 400,
      "sampling_params.top_p"),
-    ("embeddings-bad-input", "POST", "/v1/embeddings", {"model": M, "input": 7}, None, None),
+    ("embeddings-bad-input", "POST", "/v1/embeddings", {"model": M, "input": 7}, 400, "input"),
     # Text no tokenizer can encode: a lone UTF-16 surrogate (JSON spells it "\ud800") in any text field, named.
     ("surrogate-prompt", "POST", "/v1/completions", comp(prompt="a\ud800b"), 400, "prompt"),
     ("surrogate-prompt-list", "POST", "/v1/completions", comp(prompt=["ok", "\udc00"]), 400, "prompt[1]"),
@@ -152,8 +152,6 @@ def _good_request_succeeds(url: str) -> None:
 
 @pytest.mark.parametrize("name, method, path, body, status, param", BAD, ids=[b[0] for b in BAD])
 def test_bad_request_gets_a_4xx_json_error(server, engine, name, method, path, body, status, param):
-    if status is None:  # embeddings: 400 once Engine.embed exists, 501 (not a client mistake) until then
-        status, param = (400, "input") if hasattr(engine, "embed") else (501, None)
     content_type = {}
     if isinstance(body, tuple):
         body, content_type = body[0], {"Content-Type": body[1]}

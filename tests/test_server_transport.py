@@ -19,9 +19,9 @@ import threading
 import time
 
 import pytest
+from helpers.server import engine, http, leak_check, server, sse_events  # noqa: F401 (fixtures)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_server_support import engine, http, leak_check, server, sse_events  # noqa: F401 (fixtures)
 
 from radixserve.server import BackgroundServer, ServerConfig
 

@@ -1,12 +1,12 @@
 """Split-KV paged decode in Triton (attention/triton_decode.py) against the torch reference.
 
 The kernel tests run where triton imports: on the CPU under its interpreter
-(TRITON_INTERPRET=1, small shapes, fp32 and bf16), on a GPU in the `gpu` tests
-(bf16 at realistic sizes, and inside a CUDA graph). Every case scatters slots at
-random through a pool whose unused slots hold NaN, and points table entries past
-each sequence's length at those NaN slots (or out of the pool): a kernel that
-reads one row it should not gives NaN. Split counts are chosen so that short
-sequences leave some splits empty.
+(TRITON_INTERPRET=1, small shapes, fp32 and fp16; `make test` runs this file so), or
+on a GPU; tests/gpu/test_gpu_triton_decode.py adds bf16 at realistic sizes and a
+CUDA graph. Every case scatters slots at random through a pool whose unused slots
+hold NaN, and points table entries past each sequence's length at those NaN slots
+(or out of the pool): a kernel that reads one row it should not gives NaN. Split
+counts are chosen so that short sequences leave some splits empty.
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ import sys
 
 import pytest
 import torch
-from triton_cases import (
-    compile_check_outside_interpreter, compile_for_hopper, gpu_case, make_decode_case, random_lens, rel_err,
+from helpers.triton_cases import (
+    compile_check_outside_interpreter,
+    compile_for_hopper,
+    make_decode_case,
+    rel_err,
 )
 
 from radixserve.model_runner.attention.cascade import merge_states, reference_attend_lse
@@ -249,87 +252,6 @@ def test_num_splits_fill_the_gpu():
             assert s == 1 or batch * kv_heads * (s - 1) < 8 * 132  # and no more than needed
     with pytest.raises(ValueError, match="batch"):
         choose_num_splits(0, 8, 132)
-
-
-# -- on the GPU: bf16 at model sizes, and inside a CUDA graph ----------------------------------------
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("heads", [(16, 8), (32, 8)], ids=["qwen3-0.6b", "qwen3-8b"])
-@pytest.mark.parametrize("batch", [1, 64, 256])
-def test_gpu_bf16_matches_reference(device, heads, batch):
-    """Model shapes, lengths 1..2048, the split count the helper picks and a few others."""
-    if device != "cuda":
-        pytest.skip("needs the GPU without the interpreter")
-    q, k, v, table, seqused = gpu_case(random_lens(batch, 1, 2048, batch), *heads, seed=batch)
-    scale = 1 / math.sqrt(128)
-    ref_out, ref_lse = reference(q, k, v, table, seqused, scale)
-    auto = choose_num_splits(batch, heads[1], torch.cuda.get_device_properties(0).multi_processor_count)
-    for num_splits in sorted({auto, 1, 5}):
-        for config in (KernelConfig(), KernelConfig(32, 4, 4), KernelConfig(128, 8, 2)):
-            out, lse = paged_decode(q, k, v, table, seqused, scale, num_splits, return_lse=True, config=config)
-            assert torch.isfinite(out).all(), (num_splits, config)
-            assert rel_err(out, ref_out) < 1e-2, (num_splits, config)
-            torch.testing.assert_close(lse, ref_lse, rtol=1e-2, atol=2e-2)
-
-
-@pytest.mark.gpu
-def test_gpu_pool_past_int32_offsets(device):
-    """Slots whose element offset slot * Hkv * D passes 2^31 (a 2.2M-slot pool: 4.5 GB per
-    K and V): the kernel's offset arithmetic is int64."""
-    if device != "cuda":
-        pytest.skip("needs the GPU without the interpreter")
-    num_slots = 2_200_000
-    first = 2_000_000  # 2**31 / (8 * 128) = 2_097_152: about half the slots lie past it
-    q, k, v, table, seqused = gpu_case(random_lens(16, 500, 3000, 7), 16, 8, seed=7,
-                                        num_slots=num_slots, first_slot=first)
-    assert int(table.max()) * 8 * 128 >= 2**31
-    out = paged_decode(q, k, v, table, seqused, 0.09, num_splits=4)
-    assert torch.isfinite(out).all()
-    assert rel_err(out, reference(q, k, v, table, seqused, 0.09)[0]) < 1e-2
-
-
-@pytest.mark.gpu
-def test_gpu_cuda_graph_replay(device):
-    """Captured once, replayed with new lengths and slot lists in the same static buffers."""
-    if device != "cuda":
-        pytest.skip("needs the GPU without the interpreter")
-    batch, hq, hkv = 32, 32, 8
-    q, k, v, _, _ = gpu_case(random_lens(batch, 1, 4096, 0), hq, hkv, seed=0)
-    width = 8192  # a fixed table width covers every replay, as under the engine's graphs
-    s_table = torch.zeros(batch, width, dtype=torch.int32, device="cuda")
-    s_used = torch.zeros(batch, dtype=torch.int32, device="cuda")
-    s_q = torch.empty_like(q)
-    num_splits = 8
-    ws = make_workspace(batch, hq, 128, num_splits, "cuda")
-    out = torch.empty_like(q)
-    lse = None
-
-    valid = torch.isfinite(k[:, 0, 0]).nonzero().flatten().to(torch.int32)
-
-    def fill(seed):
-        """New queries, lengths up to the width, slots drawn from the pool's valid ones;
-        entries past each length are slot 0 (NaN)."""
-        g = torch.Generator(device="cuda").manual_seed(seed)
-        s_q.normal_(generator=g)
-        s_used.copy_(torch.randint(1, width + 1, (batch,), generator=g, device="cuda"))
-        picks = valid[torch.randint(0, len(valid), (batch, width), generator=g, device="cuda")]
-        past = torch.arange(width, device="cuda") >= s_used[:, None]
-        s_table.copy_(picks.masked_fill(past, 0))
-
-    fill(1)
-    paged_decode(s_q, k, v, s_table, s_used, 0.1, num_splits, out=out, workspace=ws, return_lse=True)  # compile
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        _, lse = paged_decode(s_q, k, v, s_table, s_used, 0.1, num_splits, out=out, workspace=ws, return_lse=True)
-    for seed in (2, 3):
-        fill(seed)
-        graph.replay()
-        torch.cuda.synchronize()
-        ref_out, ref_lse = reference(s_q, k, v, s_table, s_used, 0.1)
-        assert rel_err(out, ref_out) < 1e-2
-        torch.testing.assert_close(lse, ref_lse, rtol=1e-2, atol=2e-2)
 
 
 if __name__ == "__main__":  # the child of test_kernels_compile_for_hopper

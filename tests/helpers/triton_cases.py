@@ -1,7 +1,8 @@
 """Cases and helpers shared by the Triton kernel tests (test_triton_decode.py, test_triton_group.py).
 
 The kernels run where triton imports (conftest's `device` fixture): on the CPU under
-its interpreter (TRITON_INTERPRET=1, small shapes), on a GPU in the `gpu` tests. Every case
+its interpreter (TRITON_INTERPRET=1, small shapes), on a GPU in the `gpu` tests
+(tests/gpu/test_gpu_triton_*.py). Every case
 scatters slots at random through a pool whose unused slots hold NaN, and points
 table entries past each sequence's length at those NaN slots (or out of the
 pool): a kernel that reads one row it should not gives NaN.

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.tiny_models import runner_batch
 
 from radixserve import SamplingParams
 from radixserve.model_runner.forward_batch import CascadePlan
 from radixserve.model_runner.model_runner import ModelRunner
-from tiny_models import runner_batch
 
 gpu = pytest.mark.gpu
 GPU = dict(device="cuda", dtype="bfloat16", kv_cache_tokens=4096)
@@ -31,9 +31,9 @@ def test_staged_graph_inputs_are_the_batch_then_padding(tiny_qwen3_path, monkeyp
     import random
 
     import numpy as np
+    from test_engine_cache import run_core, shared_prefix_prompts
 
     from radixserve.model_runner.cuda_graph import _stage_groups, stage_inputs
-    from test_engine_cache import run_core, shared_prefix_prompts
 
     staged = {"plain": 0, "cascade": 0}
     forward = ModelRunner.forward

@@ -14,8 +14,8 @@ import urllib.request
 from typing import Any, Iterator
 
 import pytest
-from conftest import assert_no_leak
 
+from helpers.leaks import assert_no_leak
 from radixserve.server import BackgroundServer, ServerConfig
 
 

@@ -15,9 +15,9 @@ import math
 
 import pytest
 import torch
+from helpers.cascade_cases import CASES as CASCADE_CASES
+from helpers.cascade_cases import make_cascade_case
 
-from cascade_cases import CASES as CASCADE_CASES
-from cascade_cases import make_cascade_case
 from radixserve.model_runner.attention import available_backends, create_backend
 from radixserve.model_runner.attention.torch_backend import TorchAttention
 from radixserve.model_runner.forward_batch import ForwardBatch

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.tiny_models import runner_batch
 
 from radixserve import Engine, SamplingParams
 from radixserve.model_runner.forward_batch import CascadePlan, ForwardBatch
 from radixserve.model_runner.model_runner import ModelRunner
 from radixserve.model_runner.piecewise_graph import piecewise_buckets
-from tiny_models import runner_batch
 
 gpu = pytest.mark.gpu
 GPU = dict(device="cuda", dtype="bfloat16", kv_cache_tokens=8192)
