@@ -1,4 +1,4 @@
-"""SGLang's generated-shared-prefix workload: the prefix cache on against off, in one run.
+"""SGLang's generated-shared-prefix workload: the prefix cache on against off, and against vLLM, in one run.
 
 Workload (SGLang bench_serving `generated-shared-prefix`): 64 groups x 16
 prompts; each group shares a 2048-token system prompt, each prompt adds its
@@ -8,7 +8,7 @@ random weights unless --model is given (as in throughput.py).
 
 Prints one JSON line: prompt and output tokens/s and the cache hit rate, for
 our engine with the prefix cache and within-batch folding on (the defaults)
-and with both off (the issue's baseline: no request shares K/V or work with
+and with both off (the baseline: no request shares K/V or work with
 another), and their speed ratio; with --peer vllm, vLLM's offline `LLM` on the
 same checkpoint, prompts and sampling settings (prefix caching on, its defaults
 otherwise; vllm_peer.py, in a process of its own with --vllm-path as its
@@ -55,15 +55,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from _workloads import (
-    Seq, Timer, add_engine_args, add_peer_args, add_profile_args, emit, engine_kwargs, environment, free_memory,
-    greedy_outputs, kv_bytes_per_token, measure_bandwidth_gbs, measure_matmul_tflops, model_bytes, profile_decode,
+    Seq,
+    Timer,
+    add_engine_args,
+    add_peer_args,
+    add_profile_args,
+    emit,
+    engine_kwargs,
+    environment,
+    free_memory,
+    greedy_outputs,
+    kv_bytes_per_token,
+    measure_bandwidth_gbs,
+    measure_matmul_tflops,
+    model_bytes,
+    profile_decode,
     random_checkpoint,
 )
+from vllm_peer import run_peer, token_agreement
+
 from radixserve import Engine, SamplingParams
 from radixserve.replay.gentrace import GenConfig, generate_trace
-from vllm_peer import run_peer, token_agreement
 
 
 def parse_args() -> argparse.Namespace:
@@ -333,7 +346,9 @@ def model_shape(engine: Engine) -> dict[str, int]:
     }
 
 
-def cascade_floor(args: argparse.Namespace, shape: dict[str, int], bandwidth_gbs: float, tflops: float) -> dict[str, Any]:
+def cascade_floor(
+    args: argparse.Namespace, shape: dict[str, int], bandwidth_gbs: float, tflops: float
+) -> dict[str, Any]:
     """The workload's bandwidth-and-compute floor with cascade attention (the module docstring
     gives the formula): seconds for decode and prefill, and the bytes and flops behind them."""
     g, p, q, o = args.groups, args.system_prompt_len, args.question_len, args.output_len

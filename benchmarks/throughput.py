@@ -39,18 +39,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from _workloads import (
+    Seq,
+    Timer,
     add_engine_args,
     add_peer_args,
     add_profile_args,
+    decode_floor,
+    emit,
     engine_kwargs,
-    Seq, Timer, decode_floor, emit, environment, free_memory, kv_bytes_per_token,
-    measure_bandwidth_gbs, measure_matmul_tflops, model_bytes, nano_vllm_workload, prefill_floor_s,
-    greedy_outputs, profile_decode, random_checkpoint,
+    environment,
+    free_memory,
+    greedy_outputs,
+    kv_bytes_per_token,
+    measure_bandwidth_gbs,
+    measure_matmul_tflops,
+    model_bytes,
+    nano_vllm_workload,
+    prefill_floor_s,
+    profile_decode,
+    random_checkpoint,
 )
-from radixserve import Engine, SamplingParams
 from vllm_peer import run_peer, token_agreement
+
+from radixserve import Engine, SamplingParams
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

@@ -31,8 +31,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 # Lines vLLM logs when it attends with FlashAttention 3 (the fast path on SM 9.0); a fall-back
 # (Triton attention, say) would understate vLLM, so the callers report whether both were seen.
