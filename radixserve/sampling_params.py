@@ -10,7 +10,7 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 MAX_LOGPROBS = 20  # the most top alternatives a request may ask for per step (OpenAI's limit)
 
@@ -58,8 +58,8 @@ class SamplingParams:
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS,
                        allowed=f"None or an int in [0, {MAX_LOGPROBS}]")
-        for name, low, high, low_open, allowed in _FLOAT_FIELDS:
-            _check_float(name, getattr(self, name), low=low, high=high, low_open=low_open, allowed=allowed)
+        for name, f_low, f_high, low_open, allowed in _FLOAT_FIELDS:
+            _check_float(name, getattr(self, name), low=f_low, high=f_high, low_open=low_open, allowed=allowed)
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             _check_bool(name, getattr(self, name))
         # Frozen: normalized values go in through object.__setattr__ (the dataclass way).
@@ -95,7 +95,7 @@ _FLOAT_FIELDS = (
 )
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[numbers.Integral]:  # int, numpy ints; not bool
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -104,7 +104,7 @@ def _check_int(
 ) -> None:
     if allowed is None:
         allowed = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
-    ok = _is_int(value) and (low is None or value >= low) and (high is None or value <= high)
+    ok = _is_int(value) and (low is None or int(value) >= low) and (high is None or int(value) <= high)
     if not ok:
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
@@ -118,9 +118,10 @@ def _check_float(
     low_open: bool = False,
     allowed: str,
 ) -> None:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (high is None or value <= high)
+    ok = False
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
+        x = float(value)
+        ok = (x > low if low_open else x >= low) and (high is None or x <= high)
     if not ok:
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
@@ -144,7 +145,9 @@ def _normalize_stop(stop: object) -> tuple[str, ...]:
 def _normalize_stop_token_ids(ids: object) -> tuple[int, ...]:
     if ids is None:
         return ()
-    valid = isinstance(ids, Sequence) and not isinstance(ids, (str, bytes))
-    if not valid or not all(_is_int(i) and i >= 0 for i in ids):
+    if (
+        not isinstance(ids, Sequence) or isinstance(ids, (str, bytes))
+        or not all(_is_int(i) and int(i) >= 0 for i in ids)
+    ):
         raise ValueError(f"stop_token_ids must be None or a sequence of ints >= 0, got {ids!r}")
     return tuple(int(i) for i in ids)

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, NoReturn
 from radixserve.radix_tree.keys import TOKEN_BYTES, first_page
 
 if TYPE_CHECKING:
-    from radixserve.radix_tree.tree import RadixTree
     from radixserve.radix_tree.node import TreeNode
+    from radixserve.radix_tree.tree import RadixTree
 
 
 def _fail(invariant: str, detail: str) -> NoReturn:

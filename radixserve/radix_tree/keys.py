@@ -25,7 +25,8 @@ from __future__ import annotations
 import struct
 import sys
 from array import array
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 TOKEN_BYTES = 8
 BYTEORDER = sys.byteorder
@@ -36,10 +37,10 @@ _INT64_FORMATS = frozenset({"q", "l", "<q", "<l", "=q", "=l", "@q", "@l"})
 def key_views(key: Sequence[int]) -> tuple[Sequence[int], bytes | memoryview]:
     """``(tokens, raw)``: ``key``'s tokens as ints by index, and its int64 bytes.
     Without a copy for numpy int64 arrays and ``array('q')``."""
-    kind = type(key)
-    if kind is array and key.typecode == "q":
+    if type(key) is array and key.typecode == "q":  # exactly array, as below: subclasses take the slow path
         tokens = memoryview(key)
         return tokens, tokens.cast("B")
+    kind = type(key)
     if kind is tuple or kind is list:  # before memoryview(): its TypeError is slow to raise
         return key, _pack(key)
     try:

@@ -11,9 +11,9 @@ any of them.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Callable, Mapping
 
 from radixserve.radix_tree.node import TreeNode
 

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import logging
 import operator
-from typing import Any, Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 from sortedcontainers import SortedList
 
@@ -107,7 +108,7 @@ class RadixTree:
         ``length``; locking ``node`` then protects every returned value piece.
         Touches (access time, hit count) every node on the matched path.
         """
-        root = self._root(namespace, create=False)  # may raise: before views of the key exist
+        root = self._root(namespace)  # may raise: before views of the key exist
         tokens, raw = key_views(key)
         n = len(tokens)
         self._queried_tokens += n
@@ -136,19 +137,19 @@ class RadixTree:
         get ``priority``; nodes already on the path keep the larger of theirs
         and ``priority``.
         """
-        root = self._root(namespace, create=False)  # may raise: before views of the key exist
+        root = self._root(namespace)  # may raise: before views of the key exist
         tokens, raw = key_views(key)
         n = len(tokens)
         if len(value) != n:
             # The traceback keeps this frame: drop the views of the caller's
             # buffer first, else its array('q') could not grow while it lives.
-            tokens = raw = None
+            del tokens, raw
             raise ValueError(f"insert: len(value) must equal len(key), got {len(value)} != {n}")
         end = n - n % self.page_size
         if end == 0:
             return 0
         if root is None:
-            root = self._root(namespace, create=True)
+            root = self._new_root(namespace)
         now = self._clock()
         node, present, _ = self._descend(root, tokens, raw, end, now, False, priority)
         if present < end:
@@ -294,7 +295,7 @@ class RadixTree:
 
     def root(self, namespace: Hashable = None) -> TreeNode | None:
         """The root of ``namespace``, or None while the namespace holds nothing."""
-        return self._root(namespace, create=False)
+        return self._root(namespace)
 
     # ---------------------------------------------------------------- helpers
 
@@ -358,6 +359,7 @@ class RadixTree:
         if listed:  # a policy may rank by key length
             self._unlist(child)
         parent = child.parent
+        assert parent is not None, "a root is never split"
         key_bytes = child.key_bytes
         cut = TOKEN_BYTES * n
         upper = TreeNode(
@@ -392,14 +394,15 @@ class RadixTree:
         self._evictable.remove(node.evict_entry)
         node.evict_entry = None
 
-    def _root(self, namespace: Hashable, create: bool) -> TreeNode | None:
+    def _root(self, namespace: Hashable) -> TreeNode | None:
         try:
-            root = self._roots.get(namespace)
+            return self._roots.get(namespace)
         except TypeError:
             raise ValueError(f"namespace must be hashable, got {namespace!r}") from None
-        if root is None and create:
-            root = TreeNode(self._new_id(), b"", None, None, namespace, 0, 0.0, 0.0)
-            self._roots[namespace] = root
+
+    def _new_root(self, namespace: Hashable) -> TreeNode:
+        root = TreeNode(self._new_id(), b"", None, None, namespace, 0, 0.0, 0.0)
+        self._roots[namespace] = root
         return root
 
     def _drop_root(self, root: TreeNode) -> None:
