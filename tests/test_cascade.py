@@ -19,7 +19,7 @@ from radixserve import SamplingParams
 from radixserve.model_runner.attention.cascade import merge_states, reference_attend_lse
 from radixserve.model_runner.attention.metadata import build_varlen_metadata
 from radixserve.model_runner.attention.torch_backend import TorchAttention
-from radixserve.scheduler.batch_builder import plan_cascade, shared_slots
+from radixserve.scheduler.batch_builder import SharedSlots, plan_cascade, shared_slots
 from radixserve.scheduler.request import token_array
 
 
@@ -74,32 +74,38 @@ def test_merge_weights_two_halves_by_their_mass():
 
 
 def _req(slots):
-    return SimpleNamespace(slots=token_array(slots), shared_memo=None)
+    return SimpleNamespace(slots=token_array(slots))
 
 
 def test_shared_slots_finds_the_first_difference():
     base = list(range(100, 400))
     a = _req(base + [1, 2, 3])
     b = _req(base[:250] + [7, 8])
-    assert shared_slots(a, b) == 250
-    assert shared_slots(a, _req([5] + base)) == 0
-    assert shared_slots(a, _req(base[:1] + [9])) == 1
+    memo = SharedSlots()
+    assert shared_slots(a, b, memo) == 250
+    assert shared_slots(a, _req([5] + base), memo) == 0
+    assert shared_slots(a, _req(base[:1] + [9]), memo) == 1
 
 
 def test_shared_slots_memo_follows_the_lists():
     base = list(range(1000, 1300))
     a, b = _req(base + [1]), _req(base[:200] + [2])
-    assert shared_slots(a, b) == 200
+    memo = SharedSlots()
+    assert shared_slots(a, b, memo) == 200
+    assert memo.get(b, a.slots, b.slots) == 200
     b.slots.append(3)  # appending past a difference changes nothing
-    assert shared_slots(a, b) == 200
+    assert shared_slots(a, b, memo) == 200
     b.slots = token_array(base + [4])  # a commit re-points the request at the tree's slots
-    assert shared_slots(a, b) == 300
+    assert memo.get(b, a.slots, b.slots) is None
+    assert shared_slots(a, b, memo) == 300
+    memo.forget(b)
+    assert memo.get(b, a.slots, b.slots) is None
 
 
 def test_shared_slots_never_trusts_a_list_that_is_not_prefix_closed():
     a = _req([1, 2, 3, 4, 5, 6, 7, 8])
     b = _req([1, 9, 3, 4, 5, 6, 7, 8, 10])  # equal around a difference: the search alone would say 8
-    assert shared_slots(a, b) == 0
+    assert shared_slots(a, b, SharedSlots()) == 0
 
 
 def test_plan_groups_neighbours_and_caps_at_their_prefix():
@@ -113,12 +119,12 @@ def test_plan_groups_neighbours_and_caps_at_their_prefix():
         _req(list(range(900, 1000)) + [7]),
     ]
     prefix_lens = [302, 300, 281, 301, 100, 100]
-    plan = plan_cascade(reqs, prefix_lens, [n + 1 for n in prefix_lens], min_prefix=64)
+    plan = plan_cascade(reqs, prefix_lens, [n + 1 for n in prefix_lens], min_prefix=64, memo=SharedSlots())
     assert plan.group_sizes == [3, 1, 2]
     assert plan.prefix_lens == [280, 0, 100]
     assert plan.shared_lens == [280, 280, 280, 0, 100, 100]
     # A prefix never reaches a member's tokens of this batch.
-    plan = plan_cascade(reqs[:2], [250, 300], [251, 301], min_prefix=64)
+    plan = plan_cascade(reqs[:2], [250, 300], [251, 301], min_prefix=64, memo=SharedSlots())
     assert plan.prefix_lens == [250]
 
 
@@ -126,9 +132,10 @@ def test_plan_is_none_when_too_little_is_shared():
     shared = list(range(100))
     reqs = [_req(shared + [1] + list(range(2000, 3000))), _req(shared + [2] + list(range(4000, 5000)))]
     lens = [len(r.slots) - 1 for r in reqs]
-    assert plan_cascade(reqs, lens, [n + 1 for n in lens], min_prefix=64) is None  # 100 of 2,200 keys
-    assert plan_cascade(reqs, lens, [n + 1 for n in lens], min_prefix=128) is None
-    assert plan_cascade(reqs[:1], lens[:1], [lens[0] + 1], min_prefix=1) is None
+    # 100 of 2,200 keys:
+    assert plan_cascade(reqs, lens, [n + 1 for n in lens], min_prefix=64, memo=SharedSlots()) is None
+    assert plan_cascade(reqs, lens, [n + 1 for n in lens], min_prefix=128, memo=SharedSlots()) is None
+    assert plan_cascade(reqs[:1], lens[:1], [lens[0] + 1], min_prefix=1, memo=SharedSlots()) is None
 
 
 # -- engines: cascade on and off ------------------------------------------------------------------

@@ -43,7 +43,7 @@ from radixserve.model_runner.attention.triton_group import (
     max_chunks,
     paged_group_attend,
 )
-from radixserve.model_runner.cuda_graph import _group_views, _stage_groups
+from radixserve.model_runner.graphs.decode import _group_views, _stage_groups
 
 SMALL = GroupKernelConfig(block_m=16, block_n=16, num_warps=4, num_stages=2)  # 16 // G rows per chunk
 # Rows and keys per group. Rows: one; exactly a chunk and one past it at G = 1 (16, 17) and
@@ -215,7 +215,7 @@ def test_cascade_prefix_pass_merges_to_plain_attention(device, case):
 
 def graph_step(batch, table, bs, indirect=False):
     """graph_cascade_metadata for a decode batch padded to `bs` rows as the CUDA graph runner
-    stages it (cuda_graph._stage_groups): padding rows are request row 0 with one key,
+    stages it (graphs/decode.py, _stage_groups): padding rows are request row 0 with one key,
     forming one group without a prefix; groups padded to bs, trailing ones empty.
     `indirect`: both passes read the request table in place (as with the Triton kernels)."""
     n = batch.batch_size

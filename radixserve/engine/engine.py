@@ -28,7 +28,7 @@ from radixserve.engine.model_files import load_tokenizer, resolve_model_path
 from radixserve.engine.outputs import RequestOutput, StreamDelta
 from radixserve.engine.tracker import DONE, Tracker, drain, next_delta
 from radixserve.sampling_params import SamplingParams
-from radixserve.scheduler.request import POOLINGS, Req
+from radixserve.scheduler.request import POOLINGS, PrefillTask, Req
 from radixserve.scheduler.scheduler import StepUpdate
 
 logger = logging.getLogger(__name__)
@@ -376,11 +376,11 @@ class Engine:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         items = self._prepare_many(inputs, None)
         reqs = self._run_prefill(
-            items, lambda rid, ids: Req(rid, ids, _PREFILL_PARAMS, seed=0, task="embed", pooling=pooling)
+            items, lambda rid, ids: Req(rid, ids, _PREFILL_PARAMS, seed=0, prefill=PrefillTask("embed", pooling=pooling))
         )
         out = []
         for req in reqs:
-            vec = req.embedding
+            vec = req.prefill.embedding
             if pooling == "mean":
                 vec = vec / req.fill_len
             if normalize:
@@ -413,9 +413,9 @@ class Engine:
             items.append(self._prepare(prompt_ids + c_ids, None))
         start = len(prompt_ids)
         reqs = self._run_prefill(
-            items, lambda rid, ids: Req(rid, ids, _PREFILL_PARAMS, seed=0, task="score", score_start=start)
+            items, lambda rid, ids: Req(rid, ids, _PREFILL_PARAMS, seed=0, prefill=PrefillTask("score", score_start=start))
         )
-        return [list(r.scores) for r in reqs]
+        return [list(r.prefill.scores) for r in reqs]
 
     def _prepare_many(self, prompts: Any, params: Any) -> list[tuple[str | None, list[int], SamplingParams]]:
         if isinstance(prompts, str) or (

@@ -80,6 +80,24 @@ def fold_key(req: Req, n: int) -> object:
     return ("node", id(req.last_node))
 
 
+class SharedSlots:
+    """`shared_slots` results by request: (neighbour's slot list, own slot list, shared length),
+    valid while both lists are the same objects. The scheduler forgets a request that ends."""
+
+    def __init__(self) -> None:
+        self._memo: dict[int, tuple[array, array, int]] = {}
+
+    def get(self, req: Req, a: array, b: array) -> int | None:
+        memo = self._memo.get(id(req))
+        return memo[2] if memo is not None and memo[0] is a and memo[1] is b else None
+
+    def put(self, req: Req, a: array, b: array, n: int) -> None:
+        self._memo[id(req)] = (a, b, n)
+
+    def forget(self, req: Req) -> None:
+        self._memo.pop(id(req), None)
+
+
 def build_batch(
     plan: list[tuple[Req, int]],
     cache: KVCacheManager,
@@ -87,6 +105,7 @@ def build_batch(
     fold_threshold: float,
     cascade_min_prefix: int = 0,
     sourced: dict[int, int] | None = None,
+    memo: SharedSlots | None = None,
 ) -> ScheduledBatch:
     """Allocate the step's KV slots and lay out the forward pass (folded or not); with
     `cascade_min_prefix` > 0, plan a cascade over prefixes shared by at least that many slots.
@@ -117,7 +136,8 @@ def build_batch(
     if cascade_min_prefix > 0:
         by_row = {r.row: r for r in reqs}  # the forward's sequences (tree folding drops some)
         forward.cascade = plan_cascade(
-            [by_row[row] for row in forward.req_rows], forward.prefix_lens, forward.seq_lens, cascade_min_prefix
+            [by_row[row] for row in forward.req_rows], forward.prefix_lens, forward.seq_lens, cascade_min_prefix,
+            memo or SharedSlots(),
         )
     extend_lens = [n for _, n in plan]
     folded = fold.folded_tokens.tolist() if fold is not None else [0] * len(plan)
@@ -136,7 +156,8 @@ def build_batch(
 
 
 def build_decode_ahead(
-    reqs: list[Req], rows: list[int], cache: KVCacheManager, cascade_min_prefix: int = 0
+    reqs: list[Req], rows: list[int], cache: KVCacheManager, cascade_min_prefix: int = 0,
+    memo: SharedSlots | None = None,
 ) -> ScheduledBatch:
     """One more token for each of `reqs` whose input token is still on the device: row
     `rows[i]` of the previous step's sampled tokens (an overlapped decode step)."""
@@ -160,13 +181,14 @@ def build_decode_ahead(
         sourced=torch.arange(n, dtype=torch.int64),
     )
     if cascade_min_prefix > 0:
-        forward.cascade = plan_cascade(reqs, positions, [p + 1 for p in positions], cascade_min_prefix)
+        forward.cascade = plan_cascade(reqs, positions, [p + 1 for p in positions], cascade_min_prefix,
+                                       memo or SharedSlots())
     ahead = frozenset(map(id, reqs))
     return ScheduledBatch(forward, list(reqs), [1] * n, list(reqs), {}, {}, [0] * n, 1.0, [], ahead)
 
 
 def plan_cascade(
-    reqs: list[Req], prefix_lens: list[int], seq_lens: list[int], min_prefix: int
+    reqs: list[Req], prefix_lens: list[int], seq_lens: list[int], min_prefix: int, memo: SharedSlots
 ) -> CascadePlan | None:
     """Group consecutive sequences sharing at least `min_prefix` computed slots; None when no
     group forms or the K/V reads saved are too small a share to pay for the second pass.
@@ -178,7 +200,7 @@ def plan_cascade(
     prev: Req | None = None
     prev_len = 0
     for req, prefix_len in zip(reqs, prefix_lens):
-        shared = 0 if prev is None else min(shared_slots(prev, req), prefix_len, prev_len)
+        shared = 0 if prev is None else min(shared_slots(prev, req, memo), prefix_len, prev_len)
         if shared >= min_prefix:
             prefixes[-1] = shared if sizes[-1] == 1 else min(prefixes[-1], shared)
             sizes[-1] += 1
@@ -192,7 +214,7 @@ def plan_cascade(
     return CascadePlan(sizes, prefixes)
 
 
-def shared_slots(prev: Req, req: Req) -> int:
+def shared_slots(prev: Req, req: Req, memo: SharedSlots) -> int:
     """How many leading slots `req`'s list shares with `prev`'s.
 
     Sharing is prefix-closed (a slot reaches two lists only from a radix node path or a
@@ -201,9 +223,9 @@ def shared_slots(prev: Req, req: Req) -> int:
     the same objects (a commit that re-points slots at the tree replaces the list) and
     has found a difference (appending never extends a shared prefix then)."""
     a, b = prev.slots, req.slots
-    memo = req.shared_memo
-    if memo is not None and memo[0] is a and memo[1] is b:
-        return memo[2]
+    known = memo.get(req, a, b)
+    if known is not None:
+        return known
     n = min(len(a), len(b))
     if n == 0 or a[0] != b[0]:
         return 0
@@ -217,7 +239,7 @@ def shared_slots(prev: Req, req: Req) -> int:
     if a[:lo] != b[:lo]:  # not prefix-closed after all: share nothing rather than guess
         lo = 0
     if lo < n:
-        req.shared_memo = (a, b, lo)
+        memo.put(req, a, b, lo)
     return lo
 
 
@@ -326,16 +348,17 @@ def _output_rows(batch: ScheduledBatch, row_of: np.ndarray) -> None:
     for req, n in zip(batch.reqs, batch.extend_lens):
         start = req.kv_len
         end = start + n
-        if req.task == "generate":
+        task = req.prefill
+        if task is None:  # generate
             if end == req.fill_len + (id(req) in batch.ahead):  # its input is its newest token
                 logits.append(row_of[offset + n - 1])
                 batch.sample_reqs.append(req)
-        elif req.task == "embed":
-            local = _pooled_rows(req, start, end)
+        elif task.kind == "embed":
+            local = _pooled_rows(task.pooling, start, end, req.fill_len)
             batch.hidden_spans[id(req)] = (len(hidden), len(hidden) + len(local))
             hidden += [row_of[offset + i] for i in local]
         else:  # score: the row at position q predicts token q + 1
-            lo = max(start, req.score_start - 1)
+            lo = max(start, task.score_start - 1)
             hi = min(end, req.fill_len - 1)
             fill = req.fill_ids
             batch.score_spans[id(req)] = (len(score_rows), len(score_rows) + max(0, hi - lo))
@@ -352,10 +375,10 @@ def _output_rows(batch: ScheduledBatch, row_of: np.ndarray) -> None:
         fwd.score_targets = torch.tensor(score_targets, dtype=torch.int64)
 
 
-def _pooled_rows(req: Req, start: int, end: int) -> list[int]:
+def _pooled_rows(pooling: str, start: int, end: int, fill_len: int) -> list[int]:
     """Chunk-local rows an embedding request needs from positions [start, end)."""
-    if req.pooling == "mean":
+    if pooling == "mean":
         return list(range(end - start))
-    if req.pooling == "cls":
+    if pooling == "cls":
         return [0] if start == 0 else []
-    return [end - start - 1] if end == req.fill_len else []  # last
+    return [end - start - 1] if end == fill_len else []  # last

@@ -180,7 +180,6 @@ class KVCacheManager:
             self._drop_row(req)
             req.slots = token_array()
             req.kv_len = req.cache_len = req.borrowed_len = 0
-            req.shared_memo = None
         self._table_writes = []
         free = self.allocator.free_ids()
         tails.difference_update(free)

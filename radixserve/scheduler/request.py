@@ -25,6 +25,7 @@ buffer cannot grow.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass, field
 from array import array
 from typing import TYPE_CHECKING, Any, Hashable, Iterable, Protocol, Sequence
 
@@ -59,6 +60,22 @@ class Detokenizer(Protocol):
     def flush(self) -> Any: ...  # -> (delta_text, stopped)
 
 
+@dataclass
+class PrefillTask:
+    """A request that only prefills: an embedding pooled from the final hidden states
+    (`pooling` in POOLINGS), or the logprob of each token from `score_start` on. The
+    results accumulate over the prompt's chunks and restart if the request is reset."""
+
+    kind: str  # "embed" | "score"
+    pooling: str = "last"
+    score_start: int = 0
+    embedding: "torch.Tensor | None" = None  # running sum (mean) or the pooled row
+    scores: list[float] = field(default_factory=list)
+
+    def restart(self) -> None:
+        self.embedding, self.scores = None, []
+
+
 class Req:
     """One sequence to generate (a prompt with n > 1 becomes n of these)."""
 
@@ -73,9 +90,7 @@ class Req:
         detokenizer: Detokenizer | None = None,
         namespace: Hashable = None,
         wait_for: "Req | None" = None,
-        task: str = "generate",
-        pooling: str = "last",
-        score_start: int = 0,
+        prefill: "PrefillTask | None" = None,
     ) -> None:
         self.rid = rid
         self.index = index  # which of the n completions of its prompt
@@ -90,14 +105,8 @@ class Req:
         # A sibling (n > 1) waits until the first one's prompt is in the tree,
         # so it is served from the cache instead of computing the prompt again.
         self.wait_for = wait_for
-        # "generate" samples tokens; "embed" and "score" are prefill-only:
-        # an embedding pooled from the final hidden states ("last", "mean" or
-        # "cls"), or the logprob of each token from `score_start` on.
-        self.task = task
-        self.pooling = pooling
-        self.score_start = score_start
-        self.embedding: "torch.Tensor | None" = None  # running sum (mean) or the pooled row
-        self.scores: list[float] = []
+        # None: the request samples tokens ("generate"); else it only prefills (embed, score).
+        self.prefill = prefill
 
         self.output_ids = token_array()
         # prompt + output, kept as one growing array: read several times per step.
@@ -118,15 +127,17 @@ class Req:
         # Tree fold mode: slots[cache_len:borrowed_len] point at a same-batch
         # donor's slots; the donor owns them until both are committed.
         self.borrowed_len = 0
-        # Cascade attention: (neighbour's slot array, own slot array, shared length) as last
-        # measured by batch_builder.shared_slots; valid while both are the same objects.
-        self.shared_memo: tuple[array, array, int] | None = None
 
         self.cached_tokens = 0  # prompt tokens matched in the tree at first admission
         self.folded_tokens = 0  # tokens computed by another sequence of the same batch
         self.admitted_once = False
         self.arrival_step = 0
         self.retractions = 0
+
+    @property
+    def task(self) -> str:
+        """"generate", or the prefill task's kind ("embed", "score")."""
+        return "generate" if self.prefill is None else self.prefill.kind
 
     @property
     def fill_len(self) -> int:
@@ -146,9 +157,10 @@ class Req:
     def match_limit(self) -> int:
         """How many leading tokens may come from the cache: the rows whose
         outputs are needed must be computed (the KV cache keeps no hidden states)."""
-        if self.task == "score":
-            return max(0, self.score_start - 1)
-        if self.task == "embed" and self.pooling != "last":
+        task = self.prefill
+        if task is not None and task.kind == "score":
+            return max(0, task.score_start - 1)
+        if task is not None and task.pooling != "last":
             return 0
         return self.fill_len - 1
 

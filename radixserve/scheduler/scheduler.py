@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from radixserve.model_runner.forward_batch import ForwardOutput, SampleOutput, SamplingRow
-from radixserve.scheduler.batch_builder import ScheduledBatch, build_batch, build_decode_ahead
+from radixserve.scheduler.batch_builder import ScheduledBatch, SharedSlots, build_batch, build_decode_ahead
 from radixserve.scheduler.kv_cache import KVCacheManager
 from radixserve.scheduler.policy import order_waiting
 from radixserve.scheduler.recovery import Quarantine
@@ -105,6 +105,7 @@ class Scheduler:
         self.context_limit = min(config.max_context, cache.capacity)
         self.failed_steps = 0
         self._reorder = False  # running changed in a way that may break batch_order
+        self._shared = SharedSlots()  # cascade planning's memo of slots shared with a neighbour
 
     # -- queue management ------------------------------------------------------------
 
@@ -172,7 +173,7 @@ class Scheduler:
             return None
         batch = build_batch(
             plan, self.cache, self.config.fold_mode, self.config.fold_threshold, self.config.cascade_min_prefix,
-            sourced,
+            sourced, self._shared,
         )
         self.cache.sync_table()
         self.cascade_batches += batch.forward.cascade is not None
@@ -247,7 +248,7 @@ class Scheduler:
             self._decay_new_token_ratio()
         if not reqs:
             return None
-        batch = build_decode_ahead(reqs, rows, self.cache, self.config.cascade_min_prefix)
+        batch = build_decode_ahead(reqs, rows, self.cache, self.config.cascade_min_prefix, self._shared)
         self.cache.sync_table()
         self.cascade_batches += batch.forward.cascade is not None
         self.planned_tokens += len(reqs)
@@ -271,7 +272,8 @@ class Scheduler:
     def _requeue(self, reqs: list[Req]) -> None:
         for req in reqs:
             req.status = ReqStatus.WAITING
-            req.embedding, req.scores = None, []  # prefill results restart with it
+            if req.prefill is not None:
+                req.prefill.restart()  # its results restart with it
         self.waiting[:0] = reqs
         self.new_token_ratio = NEW_TOKEN_RATIO_INIT
 
@@ -432,16 +434,17 @@ class Scheduler:
     ) -> None:
         """Embeddings and scores: gather this chunk's rows; finish after the last chunk."""
         for req in batch.reqs:
-            if req.task == "generate":
+            task = req.prefill
+            if task is None:  # generate
                 continue
-            if req.task == "embed" and out.hidden is not None and id(req) in batch.hidden_spans:
+            if task.kind == "embed" and out.hidden is not None and id(req) in batch.hidden_spans:
                 a, b = batch.hidden_spans[id(req)]
                 if b > a:
                     rows = out.hidden[a:b].sum(dim=0).cpu()
-                    req.embedding = rows if req.embedding is None else req.embedding + rows
-            if req.task == "score" and out.scores is not None and id(req) in batch.score_spans:
+                    task.embedding = rows if task.embedding is None else task.embedding + rows
+            if task.kind == "score" and out.scores is not None and id(req) in batch.score_spans:
                 a, b = batch.score_spans[id(req)]
-                req.scores.extend(out.scores[a:b].tolist())
+                task.scores.extend(out.scores[a:b].tolist())
             if req.kv_len == req.fill_len:
                 finishing.append((req, "stop"))
                 updates.append(StepUpdate(req, [], [], "", True))
@@ -466,6 +469,7 @@ class Scheduler:
     def _finish(self, req: Req, reason: str) -> None:
         req.finish_reason = reason
         req.status = ReqStatus.FINISHED
+        self._shared.forget(req)
         if req in self.running:
             self.running.remove(req)
         if req.row is not None:
@@ -511,6 +515,7 @@ class Scheduler:
             req.error = message
             req.finish_reason = "error"
             req.status = ReqStatus.FINISHED
+            self._shared.forget(req)
             self._updates.append(StepUpdate(req, [], [], "", True))
         self._requeue([r for r in holders if not r.finished])
 

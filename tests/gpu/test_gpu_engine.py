@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 
+from helpers.runner import make_runner
 from radixserve import SamplingParams
 from radixserve.model_runner.attention import available_backends
 from radixserve.model_runner.forward_batch import ForwardBatch
@@ -60,11 +61,8 @@ def test_forcing_an_unavailable_backend_is_a_value_error(tiny_qwen3_path):
 
 
 def _runner(path, backend: str, fused: bool | None = None) -> ModelRunner:
-    return ModelRunner(
-        path, device=torch.device("cuda"), dtype=torch.bfloat16, max_running_requests=8,
-        max_context=None, kv_cache_tokens=8192, gpu_memory_utilization=0.9, attention_backend=backend,
-        fused_kernels=fused,
-    )
+    return make_runner(path, max_running_requests=8, kv_cache_tokens=8192, gpu_memory_utilization=0.9,
+                       attention_backend=backend, fused_kernels=fused)
 
 
 def _three_steps(runner: ModelRunner) -> list[torch.Tensor]:

@@ -1,4 +1,4 @@
-"""CUDA-graph decode (model_runner/cuda_graph.py) against the eager forward, on the GPU."""
+"""CUDA-graph decode (model_runner/graphs/decode.py) against the eager forward, on the GPU."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 from helpers.tiny_models import runner_batch
 
+from helpers.runner import make_runner
 from radixserve import SamplingParams
 from radixserve.model_runner.forward_batch import CascadePlan
 from radixserve.model_runner.model_runner import ModelRunner
@@ -33,7 +34,7 @@ def test_staged_graph_inputs_are_the_batch_then_padding(tiny_qwen3_path, monkeyp
     import numpy as np
     from test_engine_cache import run_core, shared_prefix_prompts
 
-    from radixserve.model_runner.cuda_graph import _stage_groups, stage_inputs
+    from radixserve.model_runner.graphs.decode import _stage_groups, stage_inputs
 
     staged = {"plain": 0, "cascade": 0}
     forward = ModelRunner.forward
@@ -72,11 +73,8 @@ def test_staged_graph_inputs_are_the_batch_then_padding(tiny_qwen3_path, monkeyp
 
 
 def _runner(path, graphs: bool) -> ModelRunner:
-    return ModelRunner(
-        path, device=torch.device("cuda"), dtype=torch.bfloat16, max_running_requests=24,
-        max_context=None, kv_cache_tokens=16384, gpu_memory_utilization=0.9, attention_backend="fa4",
-        cuda_graphs=graphs,
-    )
+    return make_runner(path, max_running_requests=24, kv_cache_tokens=16384, gpu_memory_utilization=0.9,
+                       attention_backend="fa4", cuda_graphs=graphs)
 
 
 @gpu

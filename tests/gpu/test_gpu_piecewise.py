@@ -1,4 +1,4 @@
-"""Piecewise CUDA graphs for prefill and mixed steps (model_runner/piecewise_graph.py)."""
+"""Piecewise CUDA graphs for prefill and mixed steps (model_runner/graphs/piecewise.py)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import pytest
 import torch
 from helpers.tiny_models import runner_batch
 
+from helpers.runner import make_runner
 from radixserve import Engine, SamplingParams
 from radixserve.model_runner.forward_batch import CascadePlan, ForwardBatch
 from radixserve.model_runner.model_runner import ModelRunner
-from radixserve.model_runner.piecewise_graph import piecewise_buckets
+from radixserve.model_runner.graphs.piecewise import piecewise_buckets
 
 gpu = pytest.mark.gpu
 GPU = dict(device="cuda", dtype="bfloat16", kv_cache_tokens=8192)
@@ -49,11 +50,9 @@ def test_buckets_cover_every_row_count_up_to_the_largest():
 
 
 def _runner(path, pieces: bool, **options) -> ModelRunner:
-    return ModelRunner(
-        path, device=torch.device("cuda"), dtype=torch.bfloat16, max_running_requests=24,
-        max_context=None, kv_cache_tokens=32768, gpu_memory_utilization=0.9, attention_backend="fa4",
-        cuda_graphs=False, piecewise_graphs=pieces, max_prefill_tokens=1000, **options,
-    )
+    return make_runner(path, max_running_requests=24, kv_cache_tokens=32768, gpu_memory_utilization=0.9,
+                       attention_backend="fa4", cuda_graphs=False, piecewise_graphs=pieces, max_prefill_tokens=1000,
+                       **options)
 
 
 @gpu
