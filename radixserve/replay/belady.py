@@ -40,7 +40,8 @@ partial blocks are a small share of the tokens, it stays the reference bound.
 from __future__ import annotations
 
 from array import array
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -96,7 +97,9 @@ class NextUse:
 class BeladySim(CacheSim):
     """CacheSim whose evictions follow MIN, from a NextUse over the same requests."""
 
-    def __init__(self, capacity: int | None, next_use: NextUse, check: bool = False, compute_last: bool = False) -> None:
+    def __init__(
+        self, capacity: int | None, next_use: NextUse, check: bool = False, compute_last: bool = False
+    ) -> None:
         self._init("belady", capacity, check, compute_last)
         self.next_use = next_use
         # Last request that touched each node, keyed by the handle of the node's
@@ -112,6 +115,7 @@ class BeladySim(CacheSim):
         node = m.node
         if end > m.length:
             parent = node if m.length else self.tree.root()
+            assert parent is not None, "the insert before this call made the root"
             node = parent.children[key[m.length]]
         o = self.next_use.offsets[req.index]
         nu = self.next_use.nu
@@ -147,7 +151,9 @@ class BeladySim(CacheSim):
                 keep = b - a - k
             if keep:
                 base = tail - (tail & POS_MASK)
-                present = tree.insert(creator.key[: a + keep], range(base, base + a + keep), priority=-float(row[keep - 1]))
+                present = tree.insert(
+                    creator.key[: a + keep], range(base, base + a + keep), priority=-float(row[keep - 1])
+                )
                 if present != a:
                     raise RuntimeError(f"re-insert found {present} elements present, expected {a}")
                 self.toucher[base + a + keep - 1] = t

@@ -162,7 +162,9 @@ class CacheSim:
             c = node.value[0] >> POS_BITS
             a = node.value[0] & POS_MASK
             if (node.value[-1] & POS_MASK) + 1 != node.depth:
-                raise RuntimeError(f"node {node.id} ends at depth {node.depth} but its handles at {a + len(node.value)}")
+                raise RuntimeError(
+                    f"node {node.id} ends at depth {node.depth} but its handles at {a + len(node.value)}"
+                )
             total += self.creators[c].span(a, a + len(node.value))
             refs[c] = refs.get(c, 0) + len(node.value)
         if total != self.used:

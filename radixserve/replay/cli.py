@@ -8,7 +8,8 @@ import dataclasses
 import itertools
 import logging
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from radixserve.replay.formats import FORMATS, TraceReader, TraceRequest
 from radixserve.replay.report import build_report, format_report, write_json
@@ -42,11 +43,14 @@ def _fraction(text: str) -> float:
 
 
 def _add_replay(sub: Any) -> None:
-    p = sub.add_parser("replay", help="replay a request trace through the prefix cache (simulated or live)",
-                       description="Replay a request trace: cache-hit analysis by simulation, or live against an engine.")
+    p = sub.add_parser(
+        "replay", help="replay a request trace through the prefix cache (simulated or live)",
+        description="Replay a request trace: cache-hit analysis by simulation, or live against an engine.",
+    )
     p.add_argument("trace", help="JSONL trace (.gz too): mooncake, bailian or tokens format")
     p.add_argument("--format", choices=FORMATS, default=None, help="default: detected from the first line")
-    p.add_argument("--block-size", type=int, default=None, help="tokens per hash id (default: mooncake 512, bailian 16)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="tokens per hash id (default: mooncake 512, bailian 16)")
     p.add_argument("--skip-bad", action="store_true", help="skip and count malformed lines instead of stopping")
     p.add_argument("--tokenizer", default=None, help="Hugging Face tokenizer for 'prompt' text in tokens traces")
     p.add_argument("--capacity", nargs="+", type=parse_tokens, default=[None], metavar="N",
@@ -83,8 +87,10 @@ def _add_gen_trace(sub: Any) -> None:
     from radixserve.replay.gentrace import GenConfig
 
     d = GenConfig()
-    p = sub.add_parser("gen-trace", help="write a synthetic shared-prefix trace (tokens JSONL)",
-                       description="Synthetic shared-prefix workload: groups sharing a system prompt, multi-turn sessions.")
+    p = sub.add_parser(
+        "gen-trace", help="write a synthetic shared-prefix trace (tokens JSONL)",
+        description="Synthetic shared-prefix workload: groups sharing a system prompt, multi-turn sessions.",
+    )
     p.add_argument("output", help="the JSONL file to write")
     p.add_argument("--groups", type=int, default=d.groups, help="distinct system prompts")
     p.add_argument("--prompts-per-group", type=int, default=d.prompts_per_group, help="sessions per group")

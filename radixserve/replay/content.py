@@ -27,7 +27,9 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
-def block_tokens(block_id: int, n: int, token_range: tuple[int, int] = DEFAULT_TOKEN_RANGE, seed: int = 0) -> np.ndarray:
+def block_tokens(
+    block_id: int, n: int, token_range: tuple[int, int] = DEFAULT_TOKEN_RANGE, seed: int = 0
+) -> np.ndarray:
     """The first ``n`` tokens of block ``block_id`` (int64)."""
     low, high = token_range
     base = _splitmix64(np.array([(block_id ^ (seed << 48)) & (2**64 - 1)], dtype=np.uint64))
@@ -42,12 +44,15 @@ def prompt_token_ids(req: TraceRequest, token_range: tuple[int, int] = DEFAULT_T
     return prompt_token_array(req, token_range, seed).tolist()
 
 
-def prompt_token_array(req: TraceRequest, token_range: tuple[int, int] = DEFAULT_TOKEN_RANGE, seed: int = 0) -> np.ndarray:
+def prompt_token_array(
+    req: TraceRequest, token_range: tuple[int, int] = DEFAULT_TOKEN_RANGE, seed: int = 0
+) -> np.ndarray:
     """``prompt_token_ids`` as one int64 array (no Python int per token)."""
     if req.input_ids is not None:
         return np.array(req.input_ids, dtype=np.int64)
     B = req.block_size
     ids = req.hash_ids
+    assert ids is not None, "a TraceRequest sets one of hash_ids and input_ids"
     parts = [block_tokens(b, B, token_range, seed) for b in ids[:-1]]
     parts.append(block_tokens(ids[-1], req.last_block_tokens, token_range, seed))
     return np.concatenate(parts)
@@ -63,4 +68,5 @@ def truncate(req: TraceRequest, max_tokens: int) -> TraceRequest:
     n = max_tokens // req.block_size
     if n == 0:
         raise ValueError(f"max prompt tokens {max_tokens} is below the block size {req.block_size}")
+    assert req.hash_ids is not None, "a TraceRequest sets one of hash_ids and input_ids"
     return dataclasses.replace(req, hash_ids=req.hash_ids[:n], input_length=n * req.block_size)

@@ -21,9 +21,10 @@ import gzip
 import io
 import json
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +167,9 @@ class TraceReader:
     ) -> None:
         if fmt is not None and fmt not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
-        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
+        if block_size is not None and (
+            isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1
+        ):
             raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
         self.path = str(path)
         if not Path(path).is_file():

@@ -46,6 +46,7 @@ def request_key(req: TraceRequest, insert_output: bool = False) -> tuple[int, ..
             # Even negative ints: never equal to an id (ids are >= 0) or an output element.
             key = key[:-1] + (-2 * (key[-1] * (req.block_size + 1) + last) - 2,)
     else:
+        assert req.input_ids is not None, "a TraceRequest sets one of hash_ids and input_ids"
         key = req.input_ids
     if insert_output and req.output_length > 1:
         key = key + (-2 * req.index - 1,)  # odd negative: unique to this request
@@ -68,7 +69,9 @@ class KeyWeights:
 
     def __init__(self, req: TraceRequest, key: tuple[int, ...], insert_output: bool) -> None:
         self.block_size = req.block_size
-        self.n_prompt = len(req.hash_ids) if req.hash_ids is not None else len(req.input_ids)
+        prompt = req.hash_ids if req.hash_ids is not None else req.input_ids
+        assert prompt is not None, "a TraceRequest sets one of hash_ids and input_ids"
+        self.n_prompt = len(prompt)
         self.last = req.last_block_tokens
         self.out = req.output_length - 1 if insert_output and req.output_length > 1 else 0
         self.session = req.session

@@ -20,8 +20,9 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
@@ -129,11 +130,14 @@ class LiveOptions:
     def __post_init__(self) -> None:
         if not self.time_scale >= 0:
             raise ValueError(f"time_scale must be >= 0, got {self.time_scale!r}")
-        if isinstance(self.max_concurrency, bool) or not isinstance(self.max_concurrency, int) or self.max_concurrency < 1:
+        mc = self.max_concurrency
+        if isinstance(mc, bool) or not isinstance(mc, int) or mc < 1:
             raise ValueError(f"max_concurrency must be an integer >= 1, got {self.max_concurrency!r}")
 
 
-async def replay_live(requests: Sequence[TraceRequest], target: Target, options: LiveOptions = LiveOptions()) -> dict[str, Any]:
+async def replay_live(
+    requests: Sequence[TraceRequest], target: Target, options: LiveOptions = LiveOptions()
+) -> dict[str, Any]:
     """Sends ``requests`` to ``target``; returns the live figures and one record per request."""
     sem = asyncio.Semaphore(options.max_concurrency)
     results: list[dict[str, Any] | None] = [None] * len(requests)
@@ -172,7 +176,9 @@ async def replay_live(requests: Sequence[TraceRequest], target: Target, options:
     return summarize_live(requests, [r for r in results if r is not None], target.name, wall)
 
 
-def summarize_live(requests: Sequence[TraceRequest], records: list[dict[str, Any]], name: str, wall: float) -> dict[str, Any]:
+def summarize_live(
+    requests: Sequence[TraceRequest], records: list[dict[str, Any]], name: str, wall: float
+) -> dict[str, Any]:
     ok = [r for r in records if r["error"] is None]
     stats = RunStats(requests[0].timestamp if requests else 0.0)
     by_index = {req.index: req for req in requests}

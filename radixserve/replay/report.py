@@ -32,7 +32,9 @@ def run_label(run: dict[str, Any]) -> str:
     return f"{run['policy']}@{fmt_tokens(run['capacity'])}"
 
 
-def build_report(trace: dict[str, Any], runs: list[dict[str, Any]], live: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_report(
+    trace: dict[str, Any], runs: list[dict[str, Any]], live: dict[str, Any] | None = None
+) -> dict[str, Any]:
     doc: dict[str, Any] = {"trace": trace, "runs": runs}
     if live is not None:
         doc["live"] = live
@@ -48,7 +50,10 @@ def write_json(doc: dict[str, Any], path: str | Path) -> None:
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    def line(r: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
     return [line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
 
 
