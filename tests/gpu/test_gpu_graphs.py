@@ -4,69 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.runner import make_runner
 from helpers.tiny_models import runner_batch
 
-from helpers.runner import make_runner
 from radixserve import SamplingParams
 from radixserve.model_runner.forward_batch import CascadePlan
 from radixserve.model_runner.model_runner import ModelRunner
 
 gpu = pytest.mark.gpu
 GPU = dict(device="cuda", dtype="bfloat16", kv_cache_tokens=4096)
-
-
-def test_cuda_graphs_on_cpu_is_a_value_error(tiny_qwen3_path):
-    from radixserve import Engine
-
-    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
-        Engine(str(tiny_qwen3_path), device="cpu", cuda_graphs=True, show_progress=False)
-
-
-@pytest.mark.parametrize("overlap", [False, True])
-def test_staged_graph_inputs_are_the_batch_then_padding(tiny_qwen3_path, monkeypatch, overlap):
-    """The graph's input block is staged on the host (no GPU needed): for every decode batch
-    the scheduler builds (cache hits, folding, arrivals, cascade plans), the batch's columns,
-    its sequence lengths among them, then padding rows; a cascade block then holds each
-    sequence's shared length and, per group padded to the bucket, its first query row, a
-    member's request row and its prefix length."""
-    import random
-
-    import numpy as np
-    from test_engine_cache import run_core, shared_prefix_prompts
-
-    from radixserve.model_runner.graphs.decode import _stage_groups, stage_inputs
-
-    staged = {"plain": 0, "cascade": 0}
-    forward = ModelRunner.forward
-
-    def stage_then_forward(self, batch):
-        if batch.is_decode:
-            n, bs = batch.batch_size, batch.batch_size + 3
-            host = np.full((5, bs), -1, dtype=np.int64)
-            stage_inputs(host, batch)
-            columns = [batch.input_ids, batch.positions, batch.out_slots, batch.req_rows, batch.seq_lens]
-            assert host[:, :n].tolist() == [list(map(int, c)) for c in columns]
-            assert host[:, n:].tolist() == [[0] * 3] * 4 + [[1] * 3]
-            plan = batch.cascade
-            staged["plain" if plan is None else "cascade"] += 1
-            if plan is not None:
-                block = np.full(4 * bs + 1, -1, dtype=np.int64)
-                _stage_groups(block, batch, bs)
-                shared, cu_q, rows, prefix = np.split(block, [bs, 2 * bs + 1, 3 * bs + 1])
-                g = len(plan.group_sizes)
-                assert shared.tolist() == plan.shared_lens + [0] * 3
-                assert cu_q.tolist() == np.cumsum([0, *plan.group_sizes]).tolist() + [bs] * (bs - g)
-                assert rows[:g].tolist() == [batch.req_rows[i] for i in cu_q[:g]] and not rows[g:].any()
-                assert prefix.tolist() == plan.prefix_lens + [0] * (bs - g)
-        return forward(self, batch)
-
-    monkeypatch.setattr(ModelRunner, "forward", stage_then_forward)
-    rng = random.Random(4)
-    prompts = shared_prefix_prompts(rng, 10)
-    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-    run_core(tiny_qwen3_path, prompts, params, arrivals=[rng.randrange(0, 8) for _ in prompts],
-             overlap_schedule=overlap, cascade_attention=True, cascade_min_prefix=4)
-    assert staged["plain"] > 2 and staged["cascade"] > 2, staged
 
 
 # -- runner level: logits of padded buckets against eager -----------------------------------------

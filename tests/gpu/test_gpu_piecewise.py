@@ -4,46 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.runner import make_runner
 from helpers.tiny_models import runner_batch
 
-from helpers.runner import make_runner
-from radixserve import Engine, SamplingParams
+from radixserve import SamplingParams
 from radixserve.model_runner.forward_batch import CascadePlan, ForwardBatch
 from radixserve.model_runner.model_runner import ModelRunner
-from radixserve.model_runner.graphs.piecewise import piecewise_buckets
 
 gpu = pytest.mark.gpu
 GPU = dict(device="cuda", dtype="bfloat16", kv_cache_tokens=8192)
-
-
-def test_piecewise_graphs_option_is_checked(tiny_qwen3_path):
-    with pytest.raises(ValueError, match="piecewise_graphs must be None"):
-        Engine(str(tiny_qwen3_path), device="cpu", piecewise_graphs="yes", show_progress=False)
-    with pytest.raises(ValueError, match="piecewise_graphs=True: cuda_graphs needs a CUDA device"):
-        Engine(str(tiny_qwen3_path), device="cpu", piecewise_graphs=True, show_progress=False)
-    for bad in (0, -5, 2.5, "8192"):
-        with pytest.raises(ValueError, match="piecewise_max_rows"):
-            Engine(str(tiny_qwen3_path), device="cpu", piecewise_max_rows=bad, show_progress=False)
-
-
-def test_cpu_engine_runs_no_pieces(tiny_qwen3_path):
-    engine = Engine(str(tiny_qwen3_path), device="cpu", show_progress=False)
-    try:
-        assert engine.core.runner.pieces is None
-        engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2), progress=False)
-        assert engine.stats()["piecewise_steps"] == 0
-    finally:
-        engine.shutdown()
-
-
-def test_buckets_cover_every_row_count_up_to_the_largest():
-    assert piecewise_buckets(100) == [16, 32, 64, 100]
-    assert piecewise_buckets(16) == [16]
-    assert piecewise_buckets(5) == [5]
-    buckets = piecewise_buckets(16384 + 256)
-    assert buckets[-1] == 16640 and buckets == sorted(set(buckets))
-    # Padding stays under 25% of a bucket past 1,024 rows.
-    assert all(b / a <= 1.25 for a, b in zip(buckets, buckets[1:]) if a >= 1024)
 
 
 # -- runner level: logits of padded pieces against the eager forward -------------------------------
