@@ -19,7 +19,7 @@ from radixserve.model_runner.sampler import SamplingBatch
 from radixserve.radix_tree import RadixTree
 from radixserve.scheduler.batch_builder import ScheduledBatch
 from radixserve.scheduler.kv_cache import KVCacheManager
-from radixserve.scheduler.request import Req
+from radixserve.scheduler.request import Req, Submission
 from radixserve.scheduler.scheduler import Scheduler, SchedulerConfig, StepUpdate
 
 logger = logging.getLogger(__name__)
@@ -124,8 +124,13 @@ class EngineCore:
         return self.scheduler.context_limit
 
     def add(self, reqs: list[Req]) -> None:
+        """Queue requests built by the caller (tests, benchmarks); the engine submits."""
         self.prompt_tokens += sum(len(r.prompt_ids) for r in reqs)
         self.scheduler.add(reqs)
+
+    def submit(self, sub: Submission) -> None:
+        self.prompt_tokens += len(sub.prompt_ids) * sub.params.n
+        self.scheduler.submit(sub)
 
     def abort(self, rid: str) -> None:
         self.scheduler.abort(rid)

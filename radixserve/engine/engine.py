@@ -10,6 +10,7 @@ per-request sinks (a thread-safe queue, or an asyncio queue fed with
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import itertools
 import logging
@@ -28,7 +29,7 @@ from radixserve.engine.model_files import load_tokenizer, resolve_model_path
 from radixserve.engine.outputs import RequestOutput, StreamDelta
 from radixserve.engine.tracker import DONE, Tracker, drain, next_delta
 from radixserve.sampling_params import SamplingParams
-from radixserve.scheduler.request import POOLINGS, PrefillTask, Req
+from radixserve.scheduler.request import POOLINGS, PrefillTask, Submission
 from radixserve.scheduler.scheduler import StepUpdate
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ class Engine:
         self._ids = itertools.count()
         self._lock = threading.Lock()  # guards the core: held for each step
         self._cv = threading.Condition()  # guards the inbox and wakes the loop
-        self._inbox: list[tuple[Tracker, list[Req]]] = []
+        self._inbox: list[tuple[Tracker, Submission]] = []
         self._aborts: list[str] = []
         self._trackers: dict[str, Tracker] = {}
         self._stopping = False
@@ -178,19 +179,7 @@ class Engine:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
 
-    def _make_reqs(self, rid: str, ids: Sequence[int], params: SamplingParams) -> list[Req]:
-        base_seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
-        reqs: list[Req] = []
-        for i in range(params.n):
-            # Completion 0 keeps the request's seed; the others derive theirs from it.
-            seed = base_seed if i == 0 else (base_seed * 1_000_003 + i) & (2**62 - 1)
-            first = reqs[0] if reqs and self.config.enable_prefix_cache else None
-            reqs.append(
-                Req(rid, ids, params, seed=seed, index=i, detokenizer=self._detokenizer(ids, params), wait_for=first)
-            )
-        return reqs
-
-    def _detokenizer(self, ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | None:
+    def _detokenizer(self, ids: Sequence[int], params: SamplingParams) -> IncrementalDetokenizer | None:
         if self.tokenizer is None:
             return None
         return IncrementalDetokenizer(
@@ -206,29 +195,32 @@ class Engine:
         self,
         items: list[tuple[str | None, list[int], SamplingParams]],
         sink_for: Callable,
-        make_reqs: Callable[[str, tuple[int, ...], SamplingParams], list[Req]] | None = None,
+        prefill: Callable[[], PrefillTask] | None = None,
         *,
         stream: bool = True,
     ) -> list[Tracker]:
+        """Hand each prompt to the loop thread as a Submission (the scheduler makes its
+        requests); `prefill` makes each one's task for embed and score requests."""
         if self._error is not None:
             raise RuntimeError("the engine loop failed earlier") from self._error
-        make_reqs = make_reqs or self._make_reqs
         trackers = []
         batch = []
-        for text, ids, params in items:
+        for text, prompt_ids, params in items:
             rid = f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
             # A tuple of ints is untracked by the collector once a pass has seen it; a list's
             # items are visited by every full collection while the request lives (at 1,024
             # requests of 2,176 tokens, each such list adds ~10 ms to a full pass).
-            ids = tuple(ids)
-            reqs = make_reqs(rid, ids, params)
-            tracker = Tracker(rid, text, ids, len(reqs), sink_for(rid), stream=stream)
+            ids = tuple(prompt_ids)
+            seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
+            sub = Submission(rid, ids, params, seed, functools.partial(self._detokenizer, ids, params),
+                             None if prefill is None else prefill())
+            tracker = Tracker(rid, text, ids, params.n, sink_for(rid), stream=stream, prefill=sub.prefill)
             trackers.append(tracker)
-            batch.append((tracker, reqs))
+            batch.append((tracker, sub))
         with self._cv:
             if self._stopping:
                 raise RuntimeError("the engine is shut down")
-            for tracker, reqs in batch:
+            for tracker, _ in batch:
                 self._trackers[tracker.rid] = tracker
             self._inbox.extend(batch)
             self._cv.notify_all()
@@ -259,8 +251,8 @@ class Engine:
             aborts, self._aborts = self._aborts, []
             stopping = self._stopping
         with self._lock:
-            for _, reqs in inbox:
-                self.core.add(reqs)
+            for _, sub in inbox:
+                self.core.submit(sub)
             for rid in aborts:
                 self.core.abort(rid)
             updates = self.core.step() if self.core.has_work() else []
@@ -339,28 +331,24 @@ class Engine:
             bar.close()
 
     def _run_prefill(
-        self, items: list[tuple[str | None, list[int], SamplingParams]], make: Callable[[str, tuple[int, ...]], Req]
-    ) -> list[Req]:
-        """Submit prefill-only requests (embed, score) and wait for them."""
+        self, items: list[tuple[str | None, list[int], SamplingParams]], prefill: Callable[[], PrefillTask]
+    ) -> list[PrefillTask]:
+        """Submit prefill-only requests (embed, score), wait for them, return their tasks' results."""
         sinks: dict[str, queue.SimpleQueue] = {}
-        made: list[Req] = []
 
         def sink_for(rid: str) -> Callable:
             sinks[rid] = queue.SimpleQueue()
             return sinks[rid].put
 
-        def make_reqs(rid: str, ids: tuple[int, ...], params: SamplingParams) -> list[Req]:
-            made.append(make(rid, ids))
-            return [made[-1]]
-
-        trackers = self._submit(items, sink_for, make_reqs, stream=False)
+        trackers = self._submit(items, sink_for, prefill, stream=False)
         self._wait(trackers, sinks, False, "prefill")
-        for req in made:
-            if req.finish_reason == "abort":
-                raise RuntimeError(f"request {req.rid} was aborted")
-            if req.finish_reason == "error":
-                raise RuntimeError(f"request {req.rid} failed inside the engine: {req.error}")
-        return made
+        for t in trackers:
+            out = t.outputs[0]
+            if out.finish_reason == "abort":
+                raise RuntimeError(f"request {t.rid} was aborted")
+            if out.finish_reason == "error":
+                raise RuntimeError(f"request {t.rid} failed inside the engine: {out.error}")
+        return [t.prefill for t in trackers if t.prefill is not None]
 
     def embed(
         self, inputs: Prompt | Sequence[Prompt], *, pooling: str = "last", normalize: bool = True
@@ -375,14 +363,14 @@ class Engine:
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         items = self._prepare_many(inputs, None)
-        reqs = self._run_prefill(
-            items, lambda rid, ids: Req(rid, ids, _PREFILL_PARAMS, seed=0, prefill=PrefillTask("embed", pooling=pooling))
+        tasks = self._run_prefill(
+            [(text, ids, _PREFILL_PARAMS) for text, ids, _ in items], lambda: PrefillTask("embed", pooling=pooling)
         )
         out = []
-        for req in reqs:
-            vec = req.prefill.embedding
+        for task, (_, ids, _) in zip(tasks, items):
+            vec = task.embedding
             if pooling == "mean":
-                vec = vec / req.fill_len
+                vec = vec / len(ids)
             if normalize:
                 vec = vec / vec.norm().clamp_min(1e-12)
             out.append(vec.tolist())
@@ -412,10 +400,10 @@ class Engine:
                 raise ValueError(f"completions[{i}] is empty")
             items.append(self._prepare(prompt_ids + c_ids, None))
         start = len(prompt_ids)
-        reqs = self._run_prefill(
-            items, lambda rid, ids: Req(rid, ids, _PREFILL_PARAMS, seed=0, prefill=PrefillTask("score", score_start=start))
+        tasks = self._run_prefill(
+            [(text, ids, _PREFILL_PARAMS) for text, ids, _ in items], lambda: PrefillTask("score", score_start=start)
         )
-        return [list(r.prefill.scores) for r in reqs]
+        return [list(task.scores) for task in tasks]
 
     def _prepare_many(self, prompts: Any, params: Any) -> list[tuple[str | None, list[int], SamplingParams]]:
         if isinstance(prompts, str) or (

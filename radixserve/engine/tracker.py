@@ -11,6 +11,7 @@ import queue
 from typing import Callable, Sequence
 
 from radixserve.engine.outputs import CompletionOutput, RequestOutput, StreamDelta, TokenLogprob
+from radixserve.scheduler.request import PrefillTask
 from radixserve.scheduler.scheduler import StepUpdate
 
 DONE = object()  # sentinel closing a sink
@@ -20,9 +21,11 @@ class Tracker:
     """Collects one prompt's n completions and forwards each delta to a sink."""
 
     def __init__(
-        self, rid: str, prompt: str | None, prompt_ids: Sequence[int], n: int, sink: Callable, *, stream: bool = True
+        self, rid: str, prompt: str | None, prompt_ids: Sequence[int], n: int, sink: Callable, *, stream: bool = True,
+        prefill: PrefillTask | None = None,
     ) -> None:
         self.rid = rid
+        self.prefill = prefill  # an embed or score request's results, filled in by the scheduler
         # stream False: the sink hears only the end (DONE, or a failure), never a delta; callers
         # that want the whole result skip a delta object and a consumer wake-up per token.
         self.stream = stream

@@ -27,7 +27,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from array import array
-from typing import TYPE_CHECKING, Any, Hashable, Iterable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, NamedTuple, Protocol, Sequence
 
 from radixserve.sampling_params import SamplingParams
 
@@ -74,6 +74,18 @@ class PrefillTask:
 
     def restart(self) -> None:
         self.embedding, self.scores = None, []
+
+
+class Submission(NamedTuple):
+    """One prompt as the engine hands it over; the scheduler makes its requests
+    (`Scheduler.submit`: one per completion, `params.n` of them)."""
+
+    rid: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    seed: int  # completion 0's; the others derive theirs from it
+    detokenizer: Callable[[], Detokenizer | None]  # a fresh one per completion
+    prefill: PrefillTask | None = None  # an embed or score request (n is 1): where its results go
 
 
 class Req:

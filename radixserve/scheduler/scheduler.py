@@ -22,7 +22,7 @@ from radixserve.scheduler.batch_builder import ScheduledBatch, SharedSlots, buil
 from radixserve.scheduler.kv_cache import KVCacheManager
 from radixserve.scheduler.policy import order_waiting
 from radixserve.scheduler.recovery import Quarantine
-from radixserve.scheduler.request import Req, ReqStatus
+from radixserve.scheduler.request import Req, ReqStatus, Submission
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,19 @@ class Scheduler:
         self._shared = SharedSlots()  # cascade planning's memo of slots shared with a neighbour
 
     # -- queue management ------------------------------------------------------------
+
+    def submit(self, sub: Submission) -> list[Req]:
+        """Queue a prompt's requests, one per completion. Completion 0 keeps the submission's
+        seed and the others derive theirs; with the prefix cache on, a sibling waits until the
+        first has its prompt in the tree (Req.wait_for), to be served from the cache."""
+        reqs: list[Req] = []
+        for i in range(sub.params.n):
+            seed = sub.seed if i == 0 else (sub.seed * 1_000_003 + i) & (2**62 - 1)
+            first = reqs[0] if reqs and self.cache.enable_prefix_cache else None
+            reqs.append(Req(sub.rid, sub.prompt_ids, sub.params, seed=seed, index=i, detokenizer=sub.detokenizer(),
+                            wait_for=first, prefill=sub.prefill))
+        self.add(reqs)
+        return reqs
 
     def add(self, reqs: list[Req]) -> None:
         for r in reqs:
