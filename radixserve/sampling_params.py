@@ -33,10 +33,10 @@ class SamplingParams:
     presence_penalty: float = 0.0  # in [-2, 2]; applies to output tokens (OpenAI)
     frequency_penalty: float = 0.0  # in [-2, 2]; applies to output tokens (OpenAI)
     seed: int | None = None  # None: the scheduler draws one; any int (taken modulo 2**64)
-    # A string or a sequence of strings; stored as a tuple of non-empty strings.
-    stop: str | Sequence[str] | None = ()
-    # Stored as a tuple of ints >= 0; None means ().
-    stop_token_ids: Sequence[int] | None = ()
+    # Typed as stored. The constructor also takes one string, any sequence of them, or None (()).
+    stop: tuple[str, ...] = ()
+    # Typed as stored (ints >= 0). The constructor also takes any sequence of ints, or None (()).
+    stop_token_ids: tuple[int, ...] = ()
     min_tokens: int = 0  # 0 <= min_tokens <= max_tokens: EOS and stop ids forbidden before
     ignore_eos: bool = False
     n: int = 1  # >= 1: completions per prompt

@@ -24,7 +24,8 @@ import logging
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -48,7 +49,7 @@ _ENGINE_CHECK_S = 0.5  # how often the server checks that the engine's loop stil
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def build_app(engine: "Engine", config: ServerConfig | None = None) -> web.Application:
+def build_app(engine: Engine, config: ServerConfig | None = None) -> web.Application:
     """The aiohttp application over a running `Engine` (which it does not own)."""
     config = config or ServerConfig()
     app = web.Application(middlewares=[_errors, _body_deadline, _draining, _auth],
@@ -205,7 +206,7 @@ async def _requests_done(state: ServerState, timeout: float) -> bool:
     return not state.inflight
 
 
-def serve(engine: "Engine", config: ServerConfig | None = None, on_ready: Callable[[str], None] | None = None) -> int:
+def serve(engine: Engine, config: ServerConfig | None = None, on_ready: Callable[[str], None] | None = None) -> int:
     """Serve until SIGTERM or SIGINT, then drain in-flight requests and return 0 (the engine stays
     up); or, once the engine has failed (fatal), drain and return 1."""
     config = config or ServerConfig()
@@ -227,7 +228,7 @@ class BackgroundServer:
     ...     print(srv.url)
     """
 
-    def __init__(self, engine: "Engine", config: ServerConfig | None = None) -> None:
+    def __init__(self, engine: Engine, config: ServerConfig | None = None) -> None:
         self.app = build_app(engine, config or ServerConfig(port=0))
         self.config = self.app[STATE].config
         self.url = ""
@@ -242,7 +243,7 @@ class BackgroundServer:
     def state(self) -> ServerState:
         return self.app[STATE]
 
-    def start(self, timeout: float = 60.0) -> "BackgroundServer":
+    def start(self, timeout: float = 60.0) -> BackgroundServer:
         self._thread.start()
         if not self._ready.wait(timeout):
             raise RuntimeError("the HTTP server did not start in time")
@@ -256,7 +257,7 @@ class BackgroundServer:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(timeout)
 
-    def __enter__(self) -> "BackgroundServer":
+    def __enter__(self) -> BackgroundServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import bisect
 import math
 from collections import Counter
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 # Seconds. TTFT spans queueing and prefill; ITL is one decode step.
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -85,7 +86,9 @@ class ServerMetrics:
         self.usage_prompt_tokens = 0
         self.usage_cached_tokens = 0
         self.usage_completion_tokens = 0
-        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Arrival to first token, per prompt.", TTFT_BUCKETS)
+        self.ttft = Histogram(
+            PREFIX + "time_to_first_token_seconds", "Arrival to first token, per prompt.", TTFT_BUCKETS
+        )
         self.itl = Histogram(PREFIX + "inter_token_latency_seconds", "Time between output tokens.", ITL_BUCKETS)
         self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Arrival to last token, per prompt.", E2E_BUCKETS)
 

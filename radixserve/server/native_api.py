@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from radixserve.engine.outputs import StreamDelta, TokenLogprob
 from radixserve.server.openai_api import (
     SAMPLING_FIELDS,
     GenerateRequest,
@@ -23,7 +24,6 @@ from radixserve.server.openai_api import (
     get_int,
 )
 from radixserve.server.responses import ResponseBuilder
-from radixserve.engine.outputs import StreamDelta, TokenLogprob
 
 
 def parse_generate(body: Any) -> GenerateRequest:
@@ -33,11 +33,15 @@ def parse_generate(body: Any) -> GenerateRequest:
     text, ids = body.get("text"), body.get("input_ids")
     if (text is None) == (ids is None):
         raise bad_request("give exactly one of text and input_ids", param="text")
-    if text is not None and (not isinstance(text, str) or not text):
-        raise bad_request("text must be a non-empty string", param="text")
-    if ids is not None and not isinstance(ids, list):
-        raise bad_request("input_ids must be a list of token ids", param="input_ids")
-    prompt: str | list[int] = text if text is not None else check_token_ids(ids, "input_ids")
+    prompt: str | list[int]
+    if text is not None:
+        if not isinstance(text, str) or not text:
+            raise bad_request("text must be a non-empty string", param="text")
+        prompt = text
+    else:
+        if not isinstance(ids, list):
+            raise bad_request("input_ids must be a list of token ids", param="input_ids")
+        prompt = check_token_ids(ids, "input_ids")
     sp = body.get("sampling_params") or {}
     if not isinstance(sp, dict):
         raise bad_request("sampling_params must be an object", param="sampling_params")

@@ -9,11 +9,12 @@ are left to it, and its `ValueError` becomes a 400 naming the field.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from radixserve.scheduler.request import POOLINGS
 from radixserve.sampling_params import MAX_LOGPROBS, SamplingParams
+from radixserve.scheduler.request import POOLINGS
 
 MAX_N = 128  # OpenAI's limit on `n`
 MAX_STOP = 4  # OpenAI's limit on `stop` sequences
@@ -218,7 +219,9 @@ def parse_prompts(value: Any, param: str) -> list[str | list[int]]:
         elif isinstance(p, list):
             out.append(check_token_ids(p, param))
         else:
-            raise bad_request(f"{param} items must be strings or lists of token ids, got {type(p).__name__}", param=param)
+            raise bad_request(
+                f"{param} items must be strings or lists of token ids, got {type(p).__name__}", param=param
+            )
     return out
 
 

@@ -16,11 +16,16 @@ import contextlib
 import json
 import logging
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
 import numpy as np
 from aiohttp import web
 
+from radixserve.engine.engine import ContextLengthError
+from radixserve.engine.outputs import StreamDelta
+from radixserve.sampling_params import SamplingParams
+from radixserve.server.native_api import native_delta, native_response, parse_generate
 from radixserve.server.openai_api import (
     ApiError,
     GenerateRequest,
@@ -32,10 +37,6 @@ from radixserve.server.openai_api import (
     parse_embedding,
     sampling_error,
 )
-from radixserve.engine.engine import ContextLengthError
-from radixserve.engine.outputs import StreamDelta
-from radixserve.sampling_params import SamplingParams
-from radixserve.server.native_api import native_delta, native_response, parse_generate
 from radixserve.server.responses import ResponseBuilder
 from radixserve.server.state import ServerState, state_of
 from radixserve.server.transport import BodyTimeout
@@ -110,7 +111,7 @@ class Generation:
         self._last_time: dict[tuple[int, int], float] = {}
         self.client_gone = False  # set when a write finds the connection closed
 
-    async def __aenter__(self) -> "Generation":
+    async def __aenter__(self) -> Generation:
         admit(self.state, self.n_seqs, "n")
         self.state.generations.add(self)
         self._tasks = [asyncio.create_task(self._pump(i, ids)) for i, ids in enumerate(self.prompts)]
@@ -143,7 +144,7 @@ class Generation:
         """End `events()` with a 503 `ApiError` (the server is shutting down and waited `drain_timeout` s)."""
         self._queue.put_nowait((-1, (_CUT, drain_timeout)))
 
-    async def events(self) -> AsyncIterator[tuple[int, StreamDelta]]:
+    async def events(self) -> AsyncGenerator[tuple[int, StreamDelta], None]:
         """(prompt index, delta) in arrival order until every prompt has finished (or `cut`)."""
         open_prompts = len(self.prompts)
         while open_prompts:
@@ -267,7 +268,10 @@ async def _generate(request: web.Request, req: GenerateRequest) -> web.StreamRes
     )
     if req.user:
         logger.debug("request %s for user %r", builder.id, req.user)
-    async with Generation(state, prompts, params, _prompt_param(req)) as gen, contextlib.aclosing(gen.events()) as events:
+    async with (
+        Generation(state, prompts, params, _prompt_param(req)) as gen,
+        contextlib.aclosing(gen.events()) as events,
+    ):
         first = await anext(events, None)  # validation errors surface here, before any header is sent
         if req.stream:
             return await _stream(request, req, gen, builder, first, events)
@@ -326,9 +330,9 @@ async def _write_events(
             builder.add(*item)
             await _sse(resp, native_delta(item[1]))
         else:
-            chunk = builder.delta_chunk(*item)
-            if chunk is not None:
-                await _sse(resp, chunk)
+            body = builder.delta_chunk(*item)
+            if body is not None:
+                await _sse(resp, body)
         item = await anext(events, None)
     if builder.include_usage:
         await _sse(resp, builder.usage_chunk())

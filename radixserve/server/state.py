@@ -62,7 +62,7 @@ class ServerConfig:
 class ServerState:
     """What the handlers share; touched only on the event loop thread (no locks)."""
 
-    def __init__(self, engine: "Engine", config: ServerConfig) -> None:
+    def __init__(self, engine: Engine, config: ServerConfig) -> None:
         self.engine = engine
         self.config = config
         self.model_name = config.served_model_name or default_model_name(engine)
@@ -81,7 +81,7 @@ class ServerState:
         return self.engine.is_alive()
 
 
-def default_model_name(engine: "Engine") -> str:
+def default_model_name(engine: Engine) -> str:
     if engine.config.model is None:
         from radixserve.model_runner.builtin_model import BUILTIN_MODEL_NAME
 
@@ -89,8 +89,8 @@ def default_model_name(engine: "Engine") -> str:
     return Path(engine.config.model).expanduser().resolve().name
 
 
-STATE: "web.AppKey[ServerState]" = web.AppKey("radixserve_state")  # the app's ServerState
+STATE: web.AppKey[ServerState] = web.AppKey("radixserve_state")  # the app's ServerState
 
 
-def state_of(request: web.Request) -> "ServerState":
+def state_of(request: web.Request) -> ServerState:
     return request.app[STATE]
