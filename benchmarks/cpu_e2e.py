@@ -64,6 +64,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--vllm-log", default="/tmp/cpu_e2e_vllm.log")
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--attention-backend", default="auto", help="radixserve's attention_backend")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of radixserve and transformers (this process); default: the engine's choice")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--serve-vllm", default=None, help=argparse.SUPPRESS)  # model dir: run as vLLM's server
     return p.parse_args()
@@ -204,6 +206,8 @@ def main() -> None:
         vllm = VLLMPeer(python, model_dir, args)
     engine = Engine(str(model_dir), device="cpu", dtype="float32", show_progress=False,
                     attention_backend=args.attention_backend, max_running_requests=max(args.prompts, 8))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     hf = None
     if not args.skip_transformers:
         from transformers import AutoModelForCausalLM

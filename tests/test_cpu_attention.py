@@ -174,3 +174,15 @@ def test_engine_tokens_match_the_reference_backend(tiny_qwen3_path, fold_mode, m
     assert core.runner.backend.name == "cpu"
     assert any(found) and not all(found)  # some steps attended a shared prefix once per group
     assert got == want
+
+
+def test_the_matmul_path_equals_the_fused_kernel(monkeypatch):
+    """Where torch lacks the fused CPU kernel, plain matmuls per K/V head take its place."""
+    from radixserve.model_runner.attention import cpu_backend
+
+    q, k, v, table, batch = make_cascade_case(CASES["extend_members"], 9, 3, 16, seed=4)
+    want = _attend(CPUAttention(0), q, k, v, table, batch)
+    monkeypatch.setattr(cpu_backend, "FUSED_LSE", None)
+    _close(_attend(CPUAttention(0), q, k, v, table, batch), want)
+    plain = dataclasses.replace(batch, cascade=None)
+    _close(_attend(CPUAttention(0), q, k, v, table, plain), _attend(TorchAttention(), q, k, v, table, plain))

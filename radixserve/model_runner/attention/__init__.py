@@ -24,6 +24,7 @@ from radixserve.model_runner.attention.cpu_backend import CPUAttention
 from radixserve.model_runner.attention.fa4_backend import FA4Attention, fa4_supports, load_fa4
 from radixserve.model_runner.attention.torch_backend import TorchAttention
 from radixserve.model_runner.attention.varlen_backend import TorchVarlenAttention, load_varlen, varlen_supports
+from radixserve.model_runner.cpu_threads import configure_cpu_threads
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +80,13 @@ def create_backend(
     """Build the backend `name`; "auto" picks the fastest available on `device`.
 
     With `dtype` and `head_dim` given, "auto" skips backends whose kernels do
-    not run them (an fp32 model gets `torch`). Forcing a backend that is not
-    available on the device is a ValueError naming the ones that are.
+    not run them (an fp32 model on the GPU gets `torch`). Forcing a backend that
+    is not available on the device is a ValueError naming the ones that are. On
+    the CPU this is also where torch's thread count is set (cpu_threads.py).
     """
     usable = available_backends(device)
+    if torch.device(device).type == "cpu":
+        configure_cpu_threads()
     if name == "auto":
         fits = [
             n for n in usable

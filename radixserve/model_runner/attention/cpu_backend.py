@@ -9,9 +9,10 @@ batch's sequences are laid out once per batch as a padded pass:
     slots    [Hkv?]  [B * L] the slot of key j of sequence i (padding: the dummy slot 0)
     bias     [B, N, L] 0 where query t sees key j, -inf elsewhere (padding, causality)
 
-and each layer gathers K/V `[B * L, Hkv, D]` in one index_select and, per K/V
-head, runs two batched matmuls around a softmax. Grouped-query heads need no
-copies of K/V: the query heads of one K/V head become extra query rows of it.
+and each layer gathers K/V `[B * L, Hkv, D]` in one index_select (slot order:
+the pool is read row by row) and makes one call of PyTorch's fused CPU
+attention kernel on the strided heads; it takes grouped-query heads without
+copies of K/V and returns the log-sum-exp a cascade merges by.
 
 Padding costs work, so sequences are split into passes of like shapes: the
 decodes (one query row each) form one pass; sequences with several new tokens
@@ -32,6 +33,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from radixserve.model_runner.attention.base import AttentionBackend
 from radixserve.model_runner.attention.cascade import merge_states
 from radixserve.model_runner.forward_batch import CascadePlan, ForwardBatch
 
@@ -40,6 +42,8 @@ from radixserve.model_runner.forward_batch import CascadePlan, ForwardBatch
 MAX_PADDING_WASTE = 2.0
 # A prefix read once per group must be at least this long to pay for the second pass and merge.
 AUTO_CASCADE_MIN_PREFIX = 64
+# (q, k, v, dropout, causal, *, attn_mask, scale) -> (out, lse); a private op of PyTorch's.
+FUSED_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 class PaddedPass(NamedTuple):
@@ -106,43 +110,55 @@ def padded_attend(
     v_cache: torch.Tensor,
     scale: float,
     p: PaddedPass,
-    with_lse: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one pass in float32: out `[V, Hq, D]` for its real query rows, in the
-    order of `p.out_rows`, and with `with_lse` their log-sum-exp `[Hq, V]` (-inf, with
-    output 0, for a row that sees no key)."""
+    order of `p.out_rows`, and their log-sum-exp `[Hq, V]`. Every real row sees a key."""
     _, hq, d = q.shape
     hkv = k_cache.shape[1]
-    g = hq // hkv
     b, n, l = p.b, p.n, p.l
-    # Whole slots in key order (reads the pool row by row); a head's keys are then a
-    # strided [B, L, D] view that the matmuls take as is.
-    k = k_cache.index_select(0, p.slots).float().view(b, l, hkv, d)
-    v = v_cache.index_select(0, p.slots).float().view(b, l, hkv, d)
+    # Whole slots in key order (the pool is read row by row); a head's keys are then a
+    # strided view, which the kernel reads as it is.
+    k = k_cache.index_select(0, p.slots).float().view(b, l, hkv, d).transpose(1, 2)  # [B, Hkv, L, D]
+    v = v_cache.index_select(0, p.slots).float().view(b, l, hkv, d).transpose(1, 2)
     qs = q if p.q_index is None else q.index_select(0, p.q_index)  # [B * N, Hq, D]
-    qs = (qs.float() * scale).view(b, n, hkv, g, d)
-    out = torch.empty((b, n, hkv, g, d), dtype=torch.float32, device=q.device)
-    lse = torch.empty((b, n, hkv, g), dtype=torch.float32, device=q.device) if with_lse else None
-    for h in range(hkv):
-        # The K/V head's query heads are extra query rows of it: [B, G * N, D], rows (g, t).
-        qh = qs[:, 0, h] if n == 1 else qs[:, :, h].transpose(1, 2).reshape(b, g * n, d)
-        s = torch.bmm(qh, k[:, :, h].transpose(1, 2))  # [B, G * N, L]
-        if p.bias is not None:
-            s.view(b, g, n, l).add_(p.bias.view(b, 1, n, l))
-        if with_lse:
-            lse_h = torch.logsumexp(s, dim=-1, keepdim=True)
-            probs = s.sub_(torch.where(torch.isinf(lse_h), 0.0, lse_h)).exp_()  # a row seeing nothing: all 0
-            lse[:, :, h] = lse_h.view(b, g, n).transpose(1, 2)
-        else:
-            probs = torch.softmax(s, dim=-1)
-        out[:, :, h] = torch.bmm(probs, v[:, :, h]).view(b, g, n, d).transpose(1, 2)
-    out = out.view(b * n, hq, d)
-    if lse is not None:
-        lse = lse.view(b * n, hq).t()
+    qs = qs.float().view(b, n, hq, d).transpose(1, 2)  # [B, Hq, N, D]
+    mask = None if p.bias is None else p.bias.view(b, 1, n, l)
+    attend = _fused_attend_lse if FUSED_LSE is not None else attend_lse_by_heads
+    out, lse = attend(qs, k, v, mask, scale)  # [B, Hq, N, D], [B, Hq, N]
+    out = out.transpose(1, 2).reshape(b * n, hq, d)
+    lse = lse.transpose(0, 1).reshape(hq, b * n)
     if p.valid is not None:
-        out = out[p.valid]
-        lse = None if lse is None else lse[:, p.valid]
+        out, lse = out[p.valid], lse[:, p.valid]
     return out.to(q.dtype), lse
+
+
+def _fused_attend_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's fused CPU attention (the kernel behind SDPA on CPU), which also returns the
+    log-sum-exp and takes grouped-query K/V heads as they are."""
+    return FUSED_LSE(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+
+
+def attend_lse_by_heads(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same in plain matmuls, one K/V head at a time, where torch lacks the fused op:
+    a K/V head's query heads are extra query rows of it (no copies of K/V)."""
+    b, hq, n, d = q.shape
+    hkv, l = k.shape[1], k.shape[2]
+    g = hq // hkv
+    out = torch.empty_like(q)
+    lse = torch.empty((b, hq, n), dtype=q.dtype, device=q.device)
+    for h in range(hkv):
+        heads = slice(h * g, (h + 1) * g)
+        s = torch.bmm((q[:, heads] * scale).reshape(b, g * n, d), k[:, h].transpose(1, 2))  # [B, G * N, L]
+        if mask is not None:
+            s.view(b, g, n, l).add_(mask)
+        lse_h = torch.logsumexp(s, dim=-1, keepdim=True)
+        out[:, heads] = torch.bmm(s.sub_(lse_h).exp_(), v[:, h]).view(b, g, n, d)
+        lse[:, heads] = lse_h.view(b, g, n)
+    return out, lse
 
 
 def split_passes(
@@ -179,20 +195,18 @@ def split_passes(
 
 
 def run_passes(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
-    passes: list[PaddedPass], with_lse: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Every pass's rows written into one `[T, Hq, D]` output (and `[Hq, T]` lse); rows no
-    pass covers are 0 (lse -inf)."""
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, passes: list[PaddedPass]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every pass's rows written into one `[T, Hq, D]` output and `[Hq, T]` lse; rows no pass
+    covers are 0 (lse -inf)."""
     if len(passes) == 1 and passes[0].out_rows is None:
-        return padded_attend(q, k_cache, v_cache, scale, passes[0], with_lse)
+        return padded_attend(q, k_cache, v_cache, scale, passes[0])
     out = torch.zeros_like(q)
-    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), device=q.device) if with_lse else None
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), device=q.device)
     for p in passes:
-        o, s = padded_attend(q, k_cache, v_cache, scale, p, with_lse)
+        o, s = padded_attend(q, k_cache, v_cache, scale, p)
         out.index_copy_(0, p.out_rows, o)
-        if lse is not None:
-            lse.index_copy_(1, p.out_rows, s)
+        lse.index_copy_(1, p.out_rows, s)
     return out, lse
 
 
@@ -261,7 +275,7 @@ def build_cascade_passes(batch: ForwardBatch, plan: CascadePlan, req_to_token: t
     return CascadePasses(prefix, suffix, shared)
 
 
-class CPUAttention:
+class CPUAttention(AttentionBackend):
     name = "cpu"
     supports_cascade = True
 
@@ -290,7 +304,7 @@ class CPUAttention:
     ) -> torch.Tensor:
         c = self._cascade
         if c is None:
-            return run_passes(q, k_cache, v_cache, scale, self._passes, with_lse=False)[0]
-        o_prefix, lse_prefix = run_passes(q, k_cache, v_cache, scale, c.prefix, with_lse=True)
-        o_suffix, lse_suffix = run_passes(q, k_cache, v_cache, scale, c.suffix, with_lse=True)
+            return run_passes(q, k_cache, v_cache, scale, self._passes)[0]
+        o_prefix, lse_prefix = run_passes(q, k_cache, v_cache, scale, c.prefix)
+        o_suffix, lse_suffix = run_passes(q, k_cache, v_cache, scale, c.suffix)
         return merge_states(o_prefix, lse_prefix, o_suffix, lse_suffix, c.shared)
