@@ -129,3 +129,20 @@ def make_engine() -> Iterator[Callable]:
     yield make
     for engine in made:
         _close(engine)
+
+
+@pytest.fixture
+def make_tree() -> Iterator[Callable]:
+    """Builds radix trees and verifies every invariant of each one after the test."""
+    from radixserve.radix_tree import RadixTree
+
+    trees: list[RadixTree] = []
+
+    def make(**kwargs) -> RadixTree:
+        tree = RadixTree(**kwargs)
+        trees.append(tree)
+        return tree
+
+    yield make
+    for tree in trees:
+        tree.check()

@@ -8,28 +8,10 @@ import re
 
 import numpy as np
 import pytest
+from helpers.trees import flat
 
 import radixserve.radix_tree as radix_tree_pkg
 from radixserve.radix_tree import POLICIES, EvictionPolicy, RadixTree
-
-
-@pytest.fixture
-def make_tree():
-    """Builds trees and verifies every invariant of each one after the test."""
-    trees: list[RadixTree] = []
-
-    def make(**kwargs) -> RadixTree:
-        tree = RadixTree(**kwargs)
-        trees.append(tree)
-        return tree
-
-    yield make
-    for tree in trees:
-        tree.check()
-
-
-def flat(values) -> list[int]:
-    return [int(x) for piece in values for x in piece]
 
 
 def evict_order(tree: RadixTree) -> list[list[int]]:

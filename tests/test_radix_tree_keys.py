@@ -8,30 +8,12 @@ from array import array
 import numpy as np
 import pytest
 import torch
+from helpers.trees import flat
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from radixserve.radix_tree import RadixTree
 from radixserve.radix_tree.keys import common_tokens, first_page, key_views, to_bytes
-
-
-@pytest.fixture
-def make_tree():
-    trees: list[RadixTree] = []
-
-    def make(**kwargs) -> RadixTree:
-        tree = RadixTree(**kwargs)
-        trees.append(tree)
-        return tree
-
-    yield make
-    for tree in trees:
-        tree.check()
-
-
-def flat(values) -> list[int]:
-    return [int(x) for piece in values for x in piece]
-
 
 KEY_TYPES = {
     "list": list,
