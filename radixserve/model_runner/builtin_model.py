@@ -23,8 +23,9 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -53,7 +54,7 @@ def builtin_gguf_path() -> Path:
         raise ImportError(f"the built-in model needs the package {_DISTRIBUTION!r}: {_DEMO_HINT}") from None
     for file in dist.files or []:
         if file.name.endswith(".gguf"):
-            return Path(dist.locate_file(file)).resolve()
+            return Path(str(dist.locate_file(file))).resolve()  # typed as a SimplePath: str() for Path
     raise ImportError(f"no .gguf file in the installed {_DISTRIBUTION!r} package; reinstall it ({_DEMO_HINT})")
 
 
@@ -187,7 +188,7 @@ def _transformers_progress_bars_off() -> Iterator[None]:
     # that module's tqdm is swapped for a disabled one for the duration.
     from transformers.utils import logging as hf_logging
 
-    gguf_utils = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    gguf_utils: Any = importlib.import_module("transformers.modeling_gguf_pytorch_utils")  # patched below
     was_enabled = hf_logging.is_progress_bar_enabled()
     saved_tqdm = getattr(gguf_utils, "tqdm", None)
     hf_logging.disable_progress_bar()

@@ -11,8 +11,8 @@ is `req_to_token[req_rows[i], :seq_lens[i]]` once this batch's K/V are written.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -78,18 +78,18 @@ class ForwardBatch:
         """Every sequence extends by exactly one token."""
         return all(e == 1 for e in self.extend_lens)
 
-    def to(self, device: torch.device) -> "ForwardBatch":
+    def to(self, device: torch.device) -> ForwardBatch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else to_device(t, device)
 
         return ForwardBatch(
-            input_ids=move(self.input_ids),
-            positions=move(self.positions),
-            out_slots=move(self.out_slots),
+            input_ids=to_device(self.input_ids, device),
+            positions=to_device(self.positions, device),
+            out_slots=to_device(self.out_slots, device),
             req_rows=self.req_rows,
             prefix_lens=self.prefix_lens,
             extend_lens=self.extend_lens,
-            logits_rows=move(self.logits_rows),
+            logits_rows=to_device(self.logits_rows, device),
             unfold=move(self.unfold),
             fold=move(self.fold),
             hidden_rows=move(self.hidden_rows),

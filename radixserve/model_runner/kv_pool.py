@@ -14,8 +14,8 @@ Ownership (kept by the scheduler, checked by `Scheduler.check_invariants`):
 from __future__ import annotations
 
 from array import array
+from collections.abc import Sequence
 from itertools import chain
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -132,13 +132,13 @@ class ReqToTokenPool:
         writes = [w for w in writes if len(w[2])]
         if not writes:
             return
-        rows, starts, pieces = zip(*writes)
+        row_ids, start_ids, pieces = zip(*writes)
         lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
-        starts = np.array(starts, dtype=np.int64)
+        starts = np.array(start_ids, dtype=np.int64)
         ends = starts + lengths
         if int(ends.max()) > self.max_context:
             raise ValueError(f"request needs {int(ends.max())} positions, the table holds {self.max_context}")
-        rows = np.repeat(np.array(rows, dtype=np.int64), lengths)
+        rows = np.repeat(np.array(row_ids, dtype=np.int64), lengths)
         # Column of each slot: its write's start plus its index within the write.
         total = int(lengths.sum())
         columns = np.arange(total, dtype=np.int64) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)

@@ -87,9 +87,9 @@ def load_weights(model: DecoderForCausalLM, files: list[Path], progress: bool = 
     params = dict(model.named_parameters())
     with tqdm(total=sum(len(names) for names in plan.values()), desc="Loading weights", unit="tensor",
               disable=not progress) as bar:
-        for file, names in plan.items():
+        for file, file_names in plan.items():
             with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in names:
+                for name in file_names:
                     target = layout[name]
                     _copy_into(params[target.param], target, f.get_tensor(name))
                     bar.update(1)
@@ -171,7 +171,8 @@ def _check_layout_tiles_parameters(model: DecoderForCausalLM, layout: dict[str, 
         if None in groups:
             filled = len(groups) == 1 and _tiles(groups[None], param.shape[0])
         else:
-            filled = sorted(groups) == list(range(param.shape[0])) and all(
+            experts = sorted(e for e in groups if e is not None)  # every key: None is not one here
+            filled = experts == list(range(param.shape[0])) and all(
                 _tiles(spans, param.shape[1]) for spans in groups.values()
             )
         if not filled:

@@ -185,8 +185,12 @@ class SamplingBatch:
         cols = _columns(params, self.vocab_size)
         index = to_device(torch.tensor(keep, dtype=torch.int64), self.greedy.device)
 
+        def subset(rows: torch.Tensor | None) -> torch.Tensor:
+            assert rows is not None, "a subset uses what the batch did, or less"
+            return rows.index_select(0, index)
+
         def pick(rows: torch.Tensor | None, used: bool) -> torch.Tensor | None:
-            return rows.index_select(0, index) if used else None  # a subset uses what the batch did, or less
+            return subset(rows) if used else None
 
         return SamplingBatch(
             size=len(keep),
@@ -203,7 +207,7 @@ class SamplingBatch:
             penalties=None,
             suppress=None,
             seed_keys=pick(self.seed_keys, not cols.all_greedy),
-            steps=None if cols.all_greedy else self.steps.index_select(0, index) + 1,
+            steps=None if cols.all_greedy else subset(self.steps) + 1,
             num_logprobs=cols.num_logprobs,
         )
 
@@ -282,6 +286,7 @@ def _draw(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """argmax(x + Gumbel noise) per row; greedy rows get no noise."""
     if x.is_cuda and triton is not None:
         return _draw_triton(x.contiguous(), batch)
+    assert batch.seed_keys is not None and batch.steps is not None, "set unless the batch is all greedy"
     noise = _gumbel_noise(_noise_keys(batch.seed_keys, batch.steps), batch.vocab_size)
     if batch.any_greedy:
         noise = noise.masked_fill_(batch.greedy[:, None], 0.0)

@@ -6,14 +6,14 @@ those of a backend with no kernel compiles, no CUDA graphs and no Triton decode.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from radixserve.model_runner.forward_batch import ForwardBatch
 
 
-class AttentionBackend(Protocol):
+class AttentionBackend:
     """One backend serves every layer of one forward pass.
 
     `prepare` runs once per batch (build slot lists, masks, kernel metadata);
@@ -33,13 +33,14 @@ class AttentionBackend(Protocol):
     # Kernel variants compiled after `finish_warm_up`: each stalls a step for seconds.
     compiles: int = 0
 
-    def prepare(self, batch: ForwardBatch, req_to_token: torch.Tensor) -> None: ...
+    def prepare(self, batch: ForwardBatch, req_to_token: torch.Tensor) -> None:
+        raise NotImplementedError
 
     def attend(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
     ) -> torch.Tensor:
         """q `[T, Hq, D]` for the batch's new tokens; caches `[slots, Hkv, D]`; returns `[T, Hq, D]`."""
-        ...
+        raise NotImplementedError
 
     def runs_in_graphs(self, dtype: torch.dtype, head_dim: int) -> bool:
         """Whether a model of this dtype and head size can run this backend under CUDA graphs."""

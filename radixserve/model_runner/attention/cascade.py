@@ -27,8 +27,9 @@ interface: outputs `[T, H, D]`, lse `[H, T]` float32 (natural log).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import accumulate
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -51,6 +52,7 @@ class CascadeMetadata(NamedTuple):
 def build_cascade_metadata(batch: ForwardBatch, req_to_token: torch.Tensor) -> CascadeMetadata:
     """Both passes' metadata for `batch` (its `cascade` plan set), with one host->device copy."""
     plan = batch.cascade
+    assert plan is not None, "build_cascade_metadata needs a batch with a cascade plan"
     extend_lens = batch.extend_lens
     shared = plan.shared_lens
     suffix_lens = [s - p for s, p in zip(batch.seq_lens, shared)]

@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -140,10 +140,19 @@ class FA4Attention(AttentionBackend):
         if not fa4_supports(q.dtype, q.shape[-1]) or k_cache.dtype != q.dtype:
             return self._fallback.attend(q, k_cache, v_cache, scale)
         if self._cascade is not None:
-            attend_lse = functools.partial(self._call, return_lse=True)
-            return cascade_attend(attend_lse, _compiled_merge(), q, k_cache, v_cache, scale, self._cascade)
+            return cascade_attend(self._call_lse, _compiled_merge(), q, k_cache, v_cache, scale, self._cascade)
+        assert self._meta is not None, "prepare() comes before attend()"
         out, _ = self._call(q, k_cache, v_cache, scale, self._meta, causal=True, return_lse=False)
         return out
+
+    def _call_lse(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
+        meta: VarlenMetadata, causal: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_call` with the lse (cascade_attend's pass function)."""
+        out, lse = self._call(q, k_cache, v_cache, scale, meta, causal, return_lse=True)
+        assert lse is not None
+        return out, lse
 
     def _call(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
@@ -200,7 +209,7 @@ class FA4Attention(AttentionBackend):
             q, k_cache, v_cache, meta.page_table, meta.seqused_k, scale, splits,
             return_lse=return_lse, config=DECODE_CONFIG, table_rows=meta.table_rows, table_start=meta.table_start,
         )
-        return result if return_lse else (result, None)
+        return result if isinstance(result, tuple) else (result, None)  # a tuple with return_lse
 
     def _group(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
@@ -215,4 +224,4 @@ class FA4Attention(AttentionBackend):
             q, k_cache, v_cache, meta.page_table, meta.seqused_k, meta.cu_seqlens_q, scale, splits,
             return_lse=return_lse, config=GROUP_CONFIG, table_rows=meta.table_rows,
         )
-        return result if return_lse else (result, None)
+        return result if isinstance(result, tuple) else (result, None)  # a tuple with return_lse

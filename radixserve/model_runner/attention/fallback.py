@@ -20,14 +20,13 @@ class ReferenceFallback:
     def __init__(self, owner: str) -> None:
         self._owner = owner
         self._ref = TorchAttention()
-        self._batch: ForwardBatch | None = None
-        self._table: torch.Tensor | None = None
-        self._ready = False
+        # The last prepare()'s batch and request table, until the reference is built for them.
+        self._pending: tuple[ForwardBatch, torch.Tensor] | None = None
         self._logged = False
 
     def prepare(self, batch: ForwardBatch, req_to_token: torch.Tensor) -> None:
         """Remember the batch; the reference builds its per-sequence state only if called."""
-        self._batch, self._table, self._ready = batch, req_to_token, False
+        self._pending = (batch, req_to_token)
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
         if not self._logged:
@@ -36,7 +35,7 @@ class ReferenceFallback:
                 self._owner, q.dtype, q.shape[-1],
             )
             self._logged = True
-        if not self._ready:
-            self._ref.prepare(self._batch, self._table)
-            self._ready = True
+        if self._pending is not None:
+            self._ref.prepare(*self._pending)
+            self._pending = None
         return self._ref.attend(q, k_cache, v_cache, scale)

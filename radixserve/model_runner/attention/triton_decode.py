@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib
 import math
 from types import ModuleType
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -38,6 +38,17 @@ class DecodeWorkspace(NamedTuple):
 
     partial_out: torch.Tensor  # [>= B, Hq, S, D] float32
     partial_lse: torch.Tensor  # [>= B, Hq, S] float32, natural log
+
+
+class TileConfig(Protocol):
+    """What launch_split reads of a kernel's config (KernelConfig, triton_group's GroupKernelConfig)."""
+
+    @property
+    def block_n(self) -> int: ...
+    @property
+    def num_warps(self) -> int: ...
+    @property
+    def num_stages(self) -> int: ...
 
 
 class KernelConfig(NamedTuple):
@@ -120,7 +131,7 @@ def paged_decode(
     if batch > 0:
         _launch(q, k_cache, v_cache, TableRef.of(page_table, seqused_k, table_rows, table_start), seqused_k, scale,
                 num_splits, out, lse, workspace, config)
-    return (out, lse) if return_lse else out
+    return out if lse is None else (out, lse)  # lse is None unless return_lse
 
 
 class TableRef(NamedTuple):
@@ -180,7 +191,7 @@ def launch_split(
     out: torch.Tensor,
     dest: KernelOutputs,
     num_splits: int,
-    config: KernelConfig,
+    config: TileConfig,
     **constexprs: object,
 ) -> None:
     """Launch a split kernel of triton_decode_kernels (decode or group), then (S > 1) the
@@ -235,12 +246,13 @@ class KernelOutputs(NamedTuple):
 
     @classmethod
     def of(cls, out: torch.Tensor, lse: torch.Tensor | None, workspace: DecodeWorkspace | None) -> KernelOutputs:
+        part_strides: tuple[int, ...]
         if workspace is None:
             part_out, part_lse, part_strides = out, out, (0,) * 5
         else:
             part_out, part_lse = workspace
             part_strides = (*part_out.stride()[:3], *part_lse.stride()[:2])
-        lse_ptr, lse_strides = (out, (0, 0)) if lse is None else (lse, lse.stride())
+        lse_ptr, lse_strides = (out, (0, 0)) if lse is None else (lse, (lse.stride(0), lse.stride(1)))
         return cls(part_out, part_lse, part_strides, lse_ptr, lse_strides, lse is not None)
 
 
@@ -271,7 +283,9 @@ def prepare_outputs(
     if out is None:
         out = torch.empty_like(q)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
-        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with unit last stride, got {tuple(out.shape)} {out.dtype}")
+        raise ValueError(
+            f"out must be {tuple(q.shape)} {q.dtype} with unit last stride, got {tuple(out.shape)} {out.dtype}"
+        )
     lse = torch.empty(q_heads, rows, dtype=torch.float32, device=q.device) if return_lse else None
     if num_splits == 1:
         return out, lse, None

@@ -137,7 +137,7 @@ def paged_group_attend(
     if rows > 0 and groups > 0:
         table = TableRef.of(page_table, seqused_k, table_rows, None)
         _launch(q, k_cache, v_cache, table, seqused_k, cu_seqlens_q, scale, num_splits, out, lse, workspace, config)
-    return (out, lse) if return_lse else out
+    return out if lse is None else (out, lse)  # lse is None unless return_lse
 
 
 def _launch(

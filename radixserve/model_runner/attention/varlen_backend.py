@@ -19,7 +19,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -76,9 +76,10 @@ class TorchVarlenAttention(AttentionBackend):
     ) -> torch.Tensor:
         if not varlen_supports(q.dtype, q.shape[-1]) or k_cache.dtype != q.dtype:
             return self._fallback.attend(q, k_cache, v_cache, scale)
-        m = self._meta
-        k = k_cache.index_select(0, self._kv_index)
-        v = v_cache.index_select(0, self._kv_index)
+        m, kv_index = self._meta, self._kv_index
+        assert m is not None and kv_index is not None, "prepare() comes before attend()"
+        k = k_cache.index_select(0, kv_index)
+        v = v_cache.index_select(0, kv_index)
         kwargs = dict(self._causal_kw)
         if self._has_gqa_flag:
             kwargs["enable_gqa"] = q.shape[1] != k.shape[1]

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -46,6 +47,9 @@ from radixserve.model_runner.attention.metadata import decode_graph_metadata
 from radixserve.model_runner.forward_batch import ForwardBatch, resolve_inputs
 from radixserve.model_runner.graphs.parts import GraphParts, unsupported_reason
 from radixserve.model_runner.transfer import to_device
+
+if TYPE_CHECKING:
+    from torch.cuda import _POOL_HANDLE  # a private name: for typing only
 
 
 logger = logging.getLogger(__name__)
@@ -92,7 +96,7 @@ class _GraphSet:
         self.host_free = torch.cuda.Event()  # the last copy out of `host` has finished
         self.host_free.record()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool = None
+        self.pool: _POOL_HANDLE | None = None  # set by the first capture (the largest bucket)
 
     def width(self, bs: int) -> int:
         return self.per_seq * bs + (3 * bs + 1 if self.cascade else 0)
@@ -124,6 +128,7 @@ def _stage_groups(block: np.ndarray, batch: ForwardBatch, bs: int) -> None:
     """A cascade block's rows after the first five: shared_lens [bs], then per group (padded
     to bs groups) group_cu_q [bs + 1], group_rows [bs], group_prefix [bs]."""
     plan, n = batch.cascade, batch.batch_size
+    assert plan is not None, "a cascade block is staged for a batch with a cascade plan"
     shared = block[:bs]
     cu_q, rows, prefix = _group_views(block[bs:], bs)
     shared[:n] = plan.shared_lens
@@ -242,6 +247,7 @@ class DecodeGraphRunner:
         graphs = self._plain if batch.cascade is None else self.cascade_graphs()
         graphs.fill(batch, bs)
         if batch.sourced is not None:  # ids that are rows of the previous step's tokens
+            assert batch.input_source is not None, "sourced ids come with their source"
             resolve_inputs(graphs.inputs[:n], batch.sourced, batch.input_source)
         graph, logits = graphs.graphs[bs]
         graph.replay()

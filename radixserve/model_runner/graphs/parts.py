@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -30,7 +31,7 @@ def unsupported_reason(parts: GraphParts) -> str | None:
     """Why CUDA graphs (decode graphs and graph pieces) cannot run with these parts, or None."""
     if parts.device.type != "cuda":
         return f"cuda_graphs needs a CUDA device, got device {str(parts.device)!r}"
-    if not parts.backend.supports_graphs:
+    if not parts.backend.runs_in_graphs(parts.dtype, parts.model_config.head_dim):
         return (
             "cuda_graphs needs an attention backend that runs under CUDA graphs (fa4 with a bfloat16/float16 "
             f"model), got backend {parts.backend.name!r} with {parts.dtype}"

@@ -35,12 +35,17 @@ from __future__ import annotations
 
 import bisect
 import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from radixserve.model_runner.forward_batch import ForwardBatch
 from radixserve.model_runner.graphs.parts import GraphParts, unsupported_reason
-from radixserve.model_runner.models.decoder import AttentionFn
+from radixserve.model_runner.models.decoder import AttentionFn, DecoderLayer
+
+if TYPE_CHECKING:
+    from torch.cuda import _POOL_HANDLE  # a private name: for typing only
 
 
 logger = logging.getLogger(__name__)
@@ -83,7 +88,7 @@ class PiecewiseGraphRunner:
         self._residual = torch.zeros(top, cfg.hidden_size, dtype=dtype, device=dev)
         self._hidden = torch.zeros_like(self._residual)
         self._stream = torch.cuda.Stream(dev)
-        self._pool = None
+        self._pool: _POOL_HANDLE | None = None  # set by the first capture (the largest bucket)
         self._graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         for bs in reversed(self.buckets):  # largest first: smaller buckets reuse its pool
             self._capture(bs)
@@ -101,7 +106,7 @@ class PiecewiseGraphRunner:
     def _piece(self, i: int, bs: int) -> None:
         """Piece i on the first bs rows of the static buffers (see the module docstring)."""
         model = self.model
-        layers = model.layers
+        layers = cast(Sequence[DecoderLayer], model.layers)  # a ModuleList: its items read as nn.Module
         if i == 0:
             x, residual = model.embed(self._ids[:bs]), None
         else:

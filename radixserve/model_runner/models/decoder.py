@@ -13,14 +13,15 @@ loader stays generic. Subclasses change the MLP of some layers through
 
 from __future__ import annotations
 
-from typing import Any, Callable, Collection, NamedTuple
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from radixserve.model_runner.model_config import ModelConfig
-from radixserve.model_runner.models.kernels import EAGER, Kernels
+from radixserve.model_runner.models.kernels import Kernels, UsesKernels
 from radixserve.model_runner.models.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP
 
 # attn(layer_id, q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]) -> [T, Hq, D], called once per
@@ -39,8 +40,7 @@ class WeightTarget(NamedTuple):
     expert: int | None = None
 
 
-class Attention(nn.Module):
-    kernels: Kernels = EAGER  # set per model by DecoderForCausalLM.use_kernels
+class Attention(UsesKernels, nn.Module):
 
     def __init__(self, config: ModelConfig, layer_id: int, dtype: torch.dtype) -> None:
         super().__init__()
@@ -51,6 +51,8 @@ class Attention(nn.Module):
         self.split_sizes = [config.q_size, config.kv_size, config.kv_size]
         self.qkv_proj = nn.Linear(config.hidden_size, sum(self.split_sizes), bias=config.qkv_bias, dtype=dtype)
         self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=config.o_proj_bias, dtype=dtype)
+        self.q_norm: RMSNorm | None
+        self.k_norm: RMSNorm | None
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype)
@@ -68,9 +70,9 @@ class Attention(nn.Module):
         # v stays a strided view of the qkv output (last dim contiguous).
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         cache = rotary.cos_sin_cache
-        if self.q_norm is not None:  # Qwen3: per-head RMSNorm on q and k, before RoPE
-            eps = self.q_norm.eps
-            q, k = self.kernels.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, eps, cache, positions)
+        q_norm, k_norm = self.q_norm, self.k_norm  # both set, or neither
+        if q_norm is not None and k_norm is not None:  # Qwen3: per-head RMSNorm on q and k, before RoPE
+            q, k = self.kernels.qk_norm_rope(q, k, q_norm.weight, k_norm.weight, q_norm.eps, cache, positions)
         else:
             q, k = self.kernels.rope(q, k, cache, positions)
         return q, k, v
@@ -80,8 +82,7 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(out.shape[0], self.num_heads * self.head_dim))
 
 
-class DecoderLayer(nn.Module):
-    kernels: Kernels = EAGER  # set per model by DecoderForCausalLM.use_kernels
+class DecoderLayer(UsesKernels, nn.Module):
 
     def __init__(self, config: ModelConfig, layer_id: int, dtype: torch.dtype, mlp: nn.Module) -> None:
         super().__init__()
@@ -132,10 +133,8 @@ _FUSED = {
 }
 
 
-class DecoderForCausalLM(nn.Module):
+class DecoderForCausalLM(UsesKernels, nn.Module):
     """Llama / Qwen2 / Qwen3 causal LM; family differences come from ModelConfig flags."""
-
-    kernels: Kernels = EAGER  # see use_kernels
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
@@ -188,10 +187,10 @@ class DecoderForCausalLM(nn.Module):
     def use_kernels(self, kernels: Kernels) -> None:
         """Run the position-wise math with `kernels` (kernels.EAGER, or compiled_kernels())."""
         for module in self.modules():
-            if hasattr(type(module), "kernels"):
+            if isinstance(module, UsesKernels):
                 module.kernels = kernels
 
-    def moe_blocks(self) -> list[nn.Module]:
+    def moe_blocks(self) -> Sequence[nn.Module]:
         """The mixture-of-experts blocks (none in a dense model; models/moe.py)."""
         return []
 

@@ -19,7 +19,8 @@ graph serves every layer: guards see shapes and dtypes, never which layer.
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +89,13 @@ class Kernels(NamedTuple):
 
 
 EAGER = Kernels(rms_norm, add_rms_norm, rope, qk_norm_rope, silu_and_mul, compiled=False)
+
+
+class UsesKernels:
+    """Mixed into the modules whose position-wise math goes through `kernels`:
+    DecoderForCausalLM.use_kernels sets it on every one of them in a model."""
+
+    kernels: Kernels = EAGER
 
 
 @functools.cache

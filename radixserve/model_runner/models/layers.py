@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from radixserve.model_runner.models.kernels import EAGER, Kernels, rms_norm
+from radixserve.model_runner.models.kernels import UsesKernels, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -32,6 +32,8 @@ class RotaryEmbedding(nn.Module):
     [0, max_positions): the caller validates context lengths.
     """
 
+    cos_sin_cache: torch.Tensor  # a buffer (register_buffer)
+
     def __init__(self, head_dim: int, max_positions: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.max_positions = max_positions
@@ -51,10 +53,8 @@ class RotaryEmbedding(nn.Module):
         cache.copy_(torch.cat((cos, sin), dim=-1))
 
 
-class SwiGLUMLP(nn.Module):
+class SwiGLUMLP(UsesKernels, nn.Module):
     """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul (gate rows first)."""
-
-    kernels: Kernels = EAGER  # set per model by DecoderForCausalLM.use_kernels
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, dtype: torch.dtype) -> None:
         super().__init__()

@@ -21,7 +21,8 @@ order, so a token's output does not depend on what else shares its batch.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Collection, NamedTuple
+from collections.abc import Callable, Collection
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +102,7 @@ def experts_grouped_mm(
     the CUDA kernels take without a copy; rows must be 16-byte aligned (resolve_moe_backend checks).
     """
     grouped_mm = _grouped_mm_function()
+    assert grouped_mm is not None, "resolve_moe_backend picks grouped_mm only where it exists"
     gate, up = grouped_mm(xs, w_gate_up.transpose(1, 2), offs=groups.ends).chunk(2, dim=-1)
     return grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=groups.ends)
 
@@ -158,6 +160,8 @@ def resolve_moe_backend(
 class SparseMoeBlock(nn.Module):
     """The mixture-of-experts MLP of one layer: router `gate` [E, H] and stacked SwiGLU experts."""
 
+    expert_tokens: torch.Tensor  # a buffer (register_buffer)
+
     def __init__(
         self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, renormalize: bool,
         dtype: torch.dtype,
@@ -205,7 +209,7 @@ class Qwen3MoeForCausalLM(DecoderForCausalLM):
             c.hidden_size, c.moe_intermediate_size, c.num_experts, c.num_experts_per_tok, c.norm_topk_prob, dtype
         )
 
-    def moe_blocks(self) -> list[SparseMoeBlock]:  # type: ignore[override]
+    def moe_blocks(self) -> list[SparseMoeBlock]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoeBlock)]
 
     def set_moe_backend(self, name: str = "auto") -> str:
