@@ -70,7 +70,7 @@ class ScheduledBatch(NamedTuple):
         )
 
 
-def fold_key(req: Req, n: int) -> object:
+def fold_key(req: Req, n: int) -> tuple[str, object]:
     """Sequences with equal keys may fold: same radix node, nothing private after it."""
     prefill = n > 1 or req.kv_len < len(req.prompt_ids)
     if not prefill or req.kv_len != req.cache_len:
@@ -174,7 +174,7 @@ def build_decode_ahead(
         input_ids=input_ids,
         positions=token_positions,
         out_slots=out_slots,
-        req_rows=[r.row for r in reqs],
+        req_rows=[r.table_row for r in reqs],
         prefix_lens=positions,
         extend_lens=[1] * n,
         logits_rows=torch.arange(n, dtype=torch.int64),
@@ -243,7 +243,7 @@ def shared_slots(prev: Req, req: Req, memo: SharedSlots) -> int:
     return lo
 
 
-def _share_families(plan: list[tuple[Req, int]], keys: list[object], cache: KVCacheManager) -> None:
+def _share_families(plan: list[tuple[Req, int]], keys: list[tuple[str, object]], cache: KVCacheManager) -> None:
     """Fresh sequences of one fold root may borrow each other's slots: one family each
     (cache off). Those at a radix node are in the node's family already."""
     roots: dict[object, list[Req]] = {}
@@ -287,7 +287,7 @@ def _layout_full(
         input_ids=full_ids,
         positions=full_pos,
         out_slots=torch.from_numpy(np.array(slots, dtype=np.int64)),
-        req_rows=[r.row for r, _ in plan],
+        req_rows=[r.table_row for r, _ in plan],
         prefix_lens=[r.kv_len for r, _ in plan],
         extend_lens=[n for _, n in plan],
         logits_rows=torch.empty(0, dtype=torch.int64),
@@ -319,14 +319,14 @@ def _layout_tree(plan: list[tuple[Req, int]], fold: FoldPlan, cache: KVCacheMana
     row_slots = np.array(_alloc(cache, int(own.sum())), dtype=np.int64)
     scatter = fold.scatter
     req_rows, prefix_lens, extend_lens = [], [], []
-    for i, (req, n) in enumerate(plan):
+    for i, (req, _) in enumerate(plan):
         shared = int(fold.folded_tokens[i])
         seq_slots = row_slots[scatter[cu[i] : cu[i + 1]]].tolist()
         if shared:
             req.borrowed_len = req.kv_len + shared
         cache.extend(req, seq_slots)
         if own[i]:
-            req_rows.append(req.row)
+            req_rows.append(req.table_row)
             prefix_lens.append(req.kv_len + shared)
             extend_lens.append(int(own[i]))
     forward = ForwardBatch(
@@ -343,7 +343,10 @@ def _layout_tree(plan: list[tuple[Req, int]], fold: FoldPlan, cache: KVCacheMana
 
 def _output_rows(batch: ScheduledBatch, row_of: np.ndarray) -> None:
     """Which computed rows the runner must return, per request and purpose."""
-    logits, hidden, score_rows, score_targets = [], [], [], []
+    logits: list[int] = []
+    hidden: list[int] = []
+    score_rows: list[int] = []
+    score_targets: list[int] = []
     offset = 0
     for req, n in zip(batch.reqs, batch.extend_lens):
         start = req.kv_len

@@ -24,8 +24,9 @@ skipped, so unshared batches cost one check.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -88,7 +89,7 @@ def fold_rows_trie(
     ids: Sequence[int],
     positions: Sequence[int],
     cu_seqlens: Sequence[int],
-    groups: Sequence[int] | None = None,
+    groups: Sequence[int] | np.ndarray | None = None,
 ) -> tuple[list[int], list[int]]:
     """The obvious per-token dict trie; exact fallback and speed baseline."""
     rows: dict[tuple[object, int, int], int] = {}

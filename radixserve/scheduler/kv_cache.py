@@ -21,8 +21,8 @@ cache-off engine would share K/V across requests after all.
 from __future__ import annotations
 
 from array import array
+from collections.abc import Hashable, Iterable, Sequence
 from itertools import count
-from typing import Hashable, Iterable, Sequence
 
 from radixserve.model_runner.kv_pool import ReqToTokenPool, SlotAllocator
 from radixserve.radix_tree import RadixTree
@@ -132,7 +132,7 @@ class KVCacheManager:
 
     def extend(self, req: Req, slots: Sequence[int]) -> None:
         """The request's next tokens will be written to `slots` (private until committed)."""
-        self._table_writes.append((req.row, len(req.slots), slots))
+        self._table_writes.append((req.table_row, len(req.slots), slots))
         req.slots.extend(slots)
 
     def commit(self, req: Req) -> None:
@@ -141,7 +141,7 @@ class KVCacheManager:
         self.tree.lock(m.node)
         self._unlock(req)
         if m.length > req.cache_len:
-            self._table_writes.append((req.row, req.cache_len, canonical[req.cache_len :]))
+            self._table_writes.append((req.table_row, req.cache_len, canonical[req.cache_len :]))
         req.slots = canonical + req.slots[m.length :]
         req.cache_len = m.length
         req.last_node = m.node

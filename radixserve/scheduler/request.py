@@ -25,9 +25,10 @@ buffer cannot grow.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
 from array import array
-from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, NamedTuple, Protocol, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from radixserve.sampling_params import SamplingParams
 
@@ -69,7 +70,7 @@ class PrefillTask:
     kind: str  # "embed" | "score"
     pooling: str = "last"
     score_start: int = 0
-    embedding: "torch.Tensor | None" = None  # running sum (mean) or the pooled row
+    embedding: torch.Tensor | None = None  # running sum (mean) or the pooled row
     scores: list[float] = field(default_factory=list)
 
     def restart(self) -> None:
@@ -101,8 +102,8 @@ class Req:
         index: int = 0,
         detokenizer: Detokenizer | None = None,
         namespace: Hashable = None,
-        wait_for: "Req | None" = None,
-        prefill: "PrefillTask | None" = None,
+        wait_for: Req | None = None,
+        prefill: PrefillTask | None = None,
     ) -> None:
         self.rid = rid
         self.index = index  # which of the n completions of its prompt
@@ -154,6 +155,13 @@ class Req:
     @property
     def fill_len(self) -> int:
         return len(self.fill_ids)
+
+    @property
+    def table_row(self) -> int:
+        """`row` of a request that holds one (from admission to release)."""
+        if self.row is None:
+            raise RuntimeError(f"request {self.rid}#{self.index} holds no request-table row")
+        return self.row
 
     def append_output(self, token_id: int) -> None:
         self.output_ids.append(token_id)

@@ -427,7 +427,9 @@ class Scheduler:
         lp: list = []
         if req.params.logprobs is not None and logprobs is not None:
             k = req.params.logprobs
-            top = tuple(zip(top_ids[i][:k], top_lps[i][:k])) if k and top_ids is not None else ()
+            top: tuple[tuple[int, float], ...] = ()
+            if k and top_ids is not None and top_lps is not None:
+                top = tuple(zip(top_ids[i][:k], top_lps[i][:k]))
             entry = (tok, logprobs[i], top)
             req.output_logprobs.append(entry)
             lp = [entry]
@@ -470,6 +472,7 @@ class Scheduler:
         if not p.ignore_eos and tok in self.eos_ids:
             return "stop"
         if stopped_by_string:
+            assert req.detokenizer is not None, "stop strings are matched by the detokenizer"
             req.stop_reason = req.detokenizer.matched_stop
             return "stop"
         if _ends_by_length(req, fill_limit):
