@@ -122,7 +122,7 @@ class EngineConfig:
             raise ValueError(f"device must be one of {DEVICES} (optionally 'cuda:N'), got {self.device!r}")
 
     @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
         """Build from keyword options; an unknown option is an error, never dropped."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - known)

@@ -218,9 +218,10 @@ class EngineCore:
             return True
         return False
 
-    def _launch(self, batch: ScheduledBatch, prev: "_Launched | None") -> "_Launched":
+    def _launch(self, batch: ScheduledBatch, prev: _Launched | None) -> _Launched:
         """Queue the batch's forward and sampling; start copying the tokens to the host."""
         if batch.forward.sourced is not None:
+            assert prev is not None and prev.sampled is not None, "sourced ids are the previous step's samples"
             batch.forward.input_source = prev.sampled.device.token_ids
         out = self.runner.forward(batch.forward)
         sampled = None
@@ -247,8 +248,8 @@ class EngineCore:
             sampling = last.batch.next_step()
         elif last is not None:
             row_of = {id(r): i for i, r in enumerate(last.reqs)}
-            keep = [row_of.get(id(r)) for r in reqs]
-            if None not in keep:
+            keep = [row_of[id(r)] for r in reqs if id(r) in row_of]
+            if len(keep) == len(reqs):  # every request was sampled last time
                 sampling = last.batch.next_step(keep)
         if sampling is None:
             rows = self.scheduler.sampling_rows(batch)
@@ -256,7 +257,7 @@ class EngineCore:
         self._last_sampling = _Sampling(reqs, sampling)
         return sampling
 
-    def _complete(self, launched: "_Launched") -> list[StepUpdate]:
+    def _complete(self, launched: _Launched) -> list[StepUpdate]:
         sampled = None if launched.sampled is None else launched.sampled.wait()
         # If processing raises, these requests' results are half applied: they fail (recover).
         self._processing = [r for r in launched.batch.reqs if not r.finished]

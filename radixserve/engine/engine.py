@@ -18,7 +18,8 @@ import queue
 import random
 import threading
 import uuid
-from typing import Any, AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Sequence
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -99,7 +100,7 @@ class Engine:
 
     # -- context management ----------------------------------------------------------
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -369,6 +370,7 @@ class Engine:
         out = []
         for task, (_, ids, _) in zip(tasks, items):
             vec = task.embedding
+            assert vec is not None, "a finished embed task holds its embedding"
             if pooling == "mean":
                 vec = vec / len(ids)
             if normalize:
@@ -420,7 +422,7 @@ class Engine:
                 raise ValueError(f"params has {len(params_list)} entries for {len(prompts)} prompts")
         return [self._prepare(p, sp) for p, sp in zip(prompts, params_list)]
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamDelta]:
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Generator[StreamDelta, None, None]:
         """Yield deltas as they are generated. Closing the iterator early aborts the request."""
         item = self._prepare(prompt, params)
         q: queue.SimpleQueue = queue.SimpleQueue()
@@ -434,7 +436,9 @@ class Engine:
             if not finished:
                 self.abort(tracker.rid)
 
-    async def generate_async(self, prompt: Prompt, params: SamplingParams | None = None) -> AsyncIterator[StreamDelta]:
+    async def generate_async(
+        self, prompt: Prompt, params: SamplingParams | None = None
+    ) -> AsyncGenerator[StreamDelta, None]:
         """`async for delta in engine.generate_async(...)`; leaving the loop early aborts the request.
 
         Validation happens before anything is enqueued: a bad prompt or
@@ -474,7 +478,9 @@ class Engine:
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> RequestOutput:
         return self.generate([self.apply_chat_template(messages)], params, progress=False)[0]
 
-    def chat_stream(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> Iterator[StreamDelta]:
+    def chat_stream(
+        self, messages: list[dict[str, Any]], params: SamplingParams | None = None
+    ) -> Generator[StreamDelta, None, None]:
         return self.stream(self.apply_chat_template(messages), params)
 
     # -- cache and stats -------------------------------------------------------------

@@ -8,7 +8,7 @@ function feeding an asyncio queue through `call_soon_threadsafe`.
 from __future__ import annotations
 
 import queue
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from radixserve.engine.outputs import CompletionOutput, RequestOutput, StreamDelta, TokenLogprob
 from radixserve.scheduler.request import PrefillTask
@@ -43,7 +43,7 @@ class Tracker:
         out.text += u.text
         out.token_ids.extend(u.token_ids)
         wants_logprobs = req.params.logprobs is not None
-        lps = ()
+        lps: tuple[TokenLogprob, ...] = ()
         if wants_logprobs:  # runs for every token of every request: build these only where asked for
             lps = tuple(TokenLogprob(t, lp, top) for t, lp, top in u.logprobs)
             if out.logprobs is None:

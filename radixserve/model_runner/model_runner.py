@@ -7,20 +7,27 @@ It knows nothing of requests' lifecycles: the scheduler hands it a
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from radixserve.model_runner.attention import create_backend
-from radixserve.model_runner.forward_batch import CascadePlan, ForwardBatch, resolve_inputs
+from radixserve.model_runner.config import DTYPES, RunnerConfig
+from radixserve.model_runner.forward_batch import (
+    CascadePlan,
+    ForwardBatch,
+    ForwardOutput,
+    SampleOutput,
+    SamplingRow,
+    resolve_inputs,
+)
+from radixserve.model_runner.graphs import MAX_ROWS as PIECEWISE_MAX_ROWS
+from radixserve.model_runner.graphs import DecodeGraphRunner, GraphParts, PiecewiseGraphRunner, unsupported_reason
 from radixserve.model_runner.kv_pool import KVPool, ReqToTokenPool, SlotAllocator
 from radixserve.model_runner.loader import load_model
 from radixserve.model_runner.models.kernels import compile_unsupported_reason, compiled_kernels
-from radixserve.model_runner.config import DTYPES, RunnerConfig
-from radixserve.model_runner.forward_batch import ForwardOutput, SampleOutput, SamplingRow
-from radixserve.model_runner.graphs import MAX_ROWS as PIECEWISE_MAX_ROWS
-from radixserve.model_runner.graphs import DecodeGraphRunner, GraphParts, PiecewiseGraphRunner, unsupported_reason
 from radixserve.model_runner.sampler import SamplingBatch, sample
 from radixserve.sampling_params import SamplingParams
 
@@ -31,7 +38,9 @@ CPU_DEFAULT_KV_TOKENS = 16384
 
 
 class ModelRunner:
-    def __init__(self, model_path: str | Path, *, device: torch.device, dtype: torch.dtype, config: RunnerConfig) -> None:
+    def __init__(
+        self, model_path: str | Path, *, device: torch.device, dtype: torch.dtype, config: RunnerConfig
+    ) -> None:
         self.config = config
         cuda_graphs, piecewise_graphs = config.cuda_graphs, config.piecewise_graphs
         max_running_requests, max_context = config.max_running_requests, config.max_context
@@ -193,7 +202,7 @@ class ModelRunner:
         this process can size its pool from the memory they held."""
         self.graphs = self.pieces = None
         self.pool.k, self.pool.v = [], []
-        self.model = None
+        self.model = None  # type: ignore[assignment]  # released: the runner serves no call after this
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -211,6 +220,7 @@ class ModelRunner:
             return ForwardOutput(self.graphs.run(batch), None, None)
         batch = batch.to(self.device)
         if batch.sourced is not None:
+            assert batch.input_source is not None, "sourced ids come with their source"
             resolve_inputs(batch.input_ids, batch.sourced, batch.input_source)
         self.backend.prepare(batch, self.req_to_token.table)
         attn = self.attention(batch.out_slots, batch.unfold, batch.fold)
@@ -223,6 +233,7 @@ class ModelRunner:
         pooled = None if batch.hidden_rows is None else hidden[batch.hidden_rows].float()
         scores = None
         if batch.score_rows is not None:
+            assert batch.score_targets is not None, "score rows come with their targets"
             logp = torch.log_softmax(self._logits(hidden, batch.score_rows), dim=-1)
             scores = logp.gather(1, batch.score_targets.unsqueeze(1)).squeeze(1)
         return ForwardOutput(logits, pooled, scores)
@@ -252,22 +263,24 @@ class ModelRunner:
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
         return sample(logits, batch)
 
-    def to_host(self, out: SampleOutput) -> "HostSample":
+    def to_host(self, out: SampleOutput) -> HostSample:
         """Start copying a sample to the host without waiting for it (pinned memory, an
         event): the host can schedule the next step while the GPU finishes this one."""
         if self.device.type != "cuda":
             return HostSample(out, out, None)
-        host = []
-        for t in out:
-            if t is None:
-                host.append(None)
-                continue
+
+        def pinned(t: torch.Tensor) -> torch.Tensor:
             buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             buf.copy_(t, non_blocking=True)
-            host.append(buf)
+            return buf
+
+        def maybe(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else pinned(t)
+
+        host = SampleOutput(pinned(out.token_ids), maybe(out.logprobs), maybe(out.top_ids), maybe(out.top_logprobs))
         done = torch.cuda.Event()
         done.record()
-        return HostSample(out, SampleOutput(*host), done)
+        return HostSample(out, host, done)
 
 
 class HostSample(NamedTuple):
