@@ -14,7 +14,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from radixserve.engine.options import add_engine_options, engine_kwargs
 
@@ -69,8 +69,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (default: 8000)")
     keys = p.add_mutually_exclusive_group()
     keys.add_argument("--api-key", default=None,
-                      help="require 'Authorization: Bearer KEY' (default: $%s). Other local users can read "
-                           "a command line (ps): prefer the variable or --api-key-file" % API_KEY_ENV)
+                      help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}). Other local users can "
+                           "read a command line (ps): prefer the variable or --api-key-file")
     keys.add_argument("--api-key-file", default=None, metavar="PATH",
                       help="read the API key from this file (its first line)")
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model's)")

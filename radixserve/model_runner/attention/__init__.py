@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -57,7 +58,7 @@ _BACKENDS: dict[str, _Entry] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _available(device: torch.device) -> tuple[str, ...]:
     return tuple(name for name, entry in _BACKENDS.items() if entry.usable(device))
 

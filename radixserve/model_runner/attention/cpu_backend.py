@@ -28,8 +28,9 @@ log-sum-exp as the GPU kernels do. All math runs in float32.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from itertools import accumulate
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -137,6 +138,7 @@ def _fused_attend_lse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch's fused CPU attention (the kernel behind SDPA on CPU), which also returns the
     log-sum-exp and takes grouped-query K/V heads as they are."""
+    assert FUSED_LSE is not None, "padded_attend picks this only where torch has the op"
     return FUSED_LSE(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
 
 
@@ -204,6 +206,7 @@ def run_passes(
     out = torch.zeros_like(q)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), device=q.device)
     for p in passes:
+        assert p.out_rows is not None, "only a lone pass over all of q in order leaves out_rows None"
         o, s = padded_attend(q, k_cache, v_cache, scale, p)
         out.index_copy_(0, p.out_rows, o)
         lse.index_copy_(1, p.out_rows, s)
@@ -225,10 +228,10 @@ def auto_cascade_plan(batch: ForwardBatch, req_to_token: torch.Tensor, min_prefi
     same = table[1:] == table[:-1]  # [B - 1, width]
     # Leading run of equal slots between neighbours i and i + 1 (cummin keeps 1 until the first 0).
     run = same.to(torch.int8).cummin(dim=1).values.sum(dim=1)
-    run = torch.minimum(run, torch.minimum(lens[1:], lens[:-1])).tolist()
+    runs: list[int] = torch.minimum(run, torch.minimum(lens[1:], lens[:-1])).tolist()
     sizes: list[int] = [1]
     prefixes: list[int] = [0]
-    for shared in run:
+    for shared in runs:
         if shared >= min_prefix:
             prefixes[-1] = shared if sizes[-1] == 1 else min(prefixes[-1], shared)
             sizes[-1] += 1
