@@ -24,7 +24,8 @@ This file then runs as vLLM's server process under that interpreter, loading the
 model once and answering one job per line on stdin (`--serve-vllm`); it imports
 nothing of radixserve in that mode. vLLM runs with prefix caching on, float32,
 its own thread binding (on a 2-core VM: one OpenMP thread, one core reserved
-for its front end), and its other defaults.
+for its front end), and its other defaults. Its processes poll for work while
+idle, so they are stopped (SIGSTOP) while the other engines run.
 
     python benchmarks/cpu_e2e.py --rounds 3
     python benchmarks/cpu_e2e.py --rounds 1 --skip-transformers --vllm-python none
@@ -36,6 +37,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -120,8 +122,10 @@ class VLLMPeer:
             [python, "-P", str(Path(__file__).resolve()), "--serve-vllm", str(model),
              "--vllm-memory", str(args.vllm_memory)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
+            start_new_session=True,
         )
         self.info = self._read()
+        self._signal(signal.SIGSTOP)
 
     def _read(self) -> dict[str, Any]:
         for line in self.proc.stdout:
@@ -130,17 +134,27 @@ class VLLMPeer:
             self.log.write(line)
         raise RuntimeError(f"vLLM exited with {self.proc.wait()}; its log: {self.log.name}")
 
+    def _signal(self, sig: int) -> None:
+        """To vLLM's whole process group: its workers poll for work while idle (measured: a
+        third of a core), so they are stopped while the other engines run."""
+        os.killpg(self.proc.pid, sig)
+
     def run(self, prompts: list[list[int]], output_len: int) -> dict[str, Any]:
-        self.proc.stdin.write(json.dumps({"prompts": prompts, "output_len": output_len}) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
+        self._signal(signal.SIGCONT)
+        try:
+            self.proc.stdin.write(json.dumps({"prompts": prompts, "output_len": output_len}) + "\n")
+            self.proc.stdin.flush()
+            return self._read()
+        finally:
+            self._signal(signal.SIGSTOP)
 
     def close(self) -> None:
+        self._signal(signal.SIGCONT)
         self.proc.stdin.close()
         try:
             self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            self._signal(signal.SIGKILL)
         self.log.close()
 
 
