@@ -16,8 +16,9 @@ import shutil
 import subprocess
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
@@ -93,17 +94,21 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-running", type=int, default=256)
     p.add_argument("--max-prefill-tokens", type=int, default=16384)
     p.add_argument("--attention-backend", default="auto")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly (default: the engine's, graphs where supported)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="decode eagerly (default: the engine's, graphs where supported)")
     p.add_argument("--no-piecewise-graphs", action="store_true",
                    help="prefill and mixed steps fully eager (default: graph pieces where decode graphs run)")
     p.add_argument("--piecewise-max-rows", type=int, help="see EngineConfig.piecewise_max_rows (default: the engine's)")
-    p.add_argument("--no-overlap-schedule", action="store_true", help="process each step before the next (default: overlap on CUDA)")
-    p.add_argument("--no-fused-kernels", action="store_true", help="eager norms/RoPE/SiLU (default: torch.compile on CUDA)")
+    p.add_argument("--no-overlap-schedule", action="store_true",
+                   help="process each step before the next (default: overlap on CUDA)")
+    p.add_argument("--no-fused-kernels", action="store_true",
+                   help="eager norms/RoPE/SiLU (default: torch.compile on CUDA)")
     p.add_argument("--no-cascade-attention", action="store_true",
                    help="attend to shared prefixes per sequence (default: cascade on CUDA)")
     p.add_argument("--no-triton-decode", action="store_true",
                    help="decode attention with FA4 (default: the Triton split-KV kernel where installed)")
-    p.add_argument("--batch-order", default="prefix", choices=["prefix", "arrival"], help="see EngineConfig.batch_order")
+    p.add_argument("--batch-order", default="prefix", choices=["prefix", "arrival"],
+                   help="see EngineConfig.batch_order")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--kv-cache-tokens", type=int)
 
@@ -296,7 +301,7 @@ def environment(device: str) -> dict[str, Any]:
 class Timer:
     """Wall clock around GPU work: synchronizes on entry and exit."""
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.start = time.perf_counter()

@@ -32,7 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from triton.runtime.errors import OutOfResources
@@ -183,7 +183,10 @@ def run_case(name, lens, heads, k, v, fa4, tiles, num_sms, iters, g) -> None:
 
     def ours(num_splits: int, config: KernelConfig) -> dict | None:
         ws = make_workspace(b, hq, d, num_splits, "cuda")
-        call = lambda: paged_decode(q, k, v, table, seqused, scale, num_splits, out=out, workspace=ws, config=config)
+
+        def call() -> object:
+            return paged_decode(q, k, v, table, seqused, scale, num_splits, out=out, workspace=ws, config=config)
+
         tag = dict(splits=num_splits, block_n=config.block_n, warps=config.num_warps, stages=config.num_stages)
         try:
             call()
@@ -253,8 +256,11 @@ def run_prefix_case(name, members, prefixes, padded, heads, k, v, fa4, tiles, nu
 
     def ours(num_splits: int, config: GroupKernelConfig) -> dict | None:
         ws = make_workspace(rows, hq, d, num_splits, "cuda")
-        call = lambda: paged_group_attend(q, k, v, table, seqused, cu, scale, num_splits, out=out, workspace=ws,
-                                          return_lse=True, config=config)
+
+        def call() -> object:
+            return paged_group_attend(q, k, v, table, seqused, cu, scale, num_splits, out=out, workspace=ws,
+                                      return_lse=True, config=config)
+
         tag = dict(splits=num_splits, block_m=config.block_m, block_n=config.block_n, warps=config.num_warps,
                    stages=config.num_stages)
         try:

@@ -25,12 +25,14 @@ from pathlib import Path
 
 from _workloads import SHAPES, random_checkpoint
 
+
 def synthetic_batches(batch: int, prefixes: list[int], suffixes: list[int], vocab: int, seed: int):
     rng = random.Random(seed)
     for p in prefixes:
         for s in suffixes:
             prefix = [rng.randrange(1, vocab) for _ in range(p)]
-            yield f"radixmlp_b{batch}_p{p}_s{s}", [prefix + [rng.randrange(1, vocab) for _ in range(s)] for _ in range(batch)]
+            prompts = [prefix + [rng.randrange(1, vocab) for _ in range(s)] for _ in range(batch)]
+            yield f"radixmlp_b{batch}_p{p}_s{s}", prompts
 
 
 def reranker_batch(passages: int, vocab: int, seed: int):

@@ -18,6 +18,7 @@ import queue
 import time
 
 from _workloads import emit, random_checkpoint
+
 from radixserve import Engine, SamplingParams
 from radixserve.replay.gentrace import GenConfig, generate_trace
 

@@ -38,12 +38,13 @@ import pstats
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+from _workloads import SHAPES, emit, environment, nano_vllm_workload, random_checkpoint
 
-from _workloads import emit, environment, nano_vllm_workload, random_checkpoint, SHAPES
 from radixserve import Engine, SamplingParams
 from radixserve.model_runner.model_runner import ForwardOutput, ModelRunner
 from radixserve.model_runner.sampler import SampleOutput
@@ -238,7 +239,8 @@ def main() -> None:
     timer = StepTimer(engine, args.warmup, args.steps, args.profile)
     try:
         params = [
-            SamplingParams(max_tokens=s.output_len, temperature=0.6, ignore_eos=True, seed=i) for i, s in enumerate(seqs)
+            SamplingParams(max_tokens=s.output_len, temperature=0.6, ignore_eos=True, seed=i)
+            for i, s in enumerate(seqs)
         ]
         engine.generate([s.prompt for s in seqs], params, progress=False)
     finally:

@@ -38,14 +38,20 @@ import random
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-
 from _workloads import (
-    _profiled, add_engine_args, emit, engine_kwargs, environment, random_checkpoint,
+    _profiled,
+    add_engine_args,
+    emit,
+    engine_kwargs,
+    environment,
+    random_checkpoint,
 )
+
 from radixserve import SamplingParams
 from radixserve.engine.config import EngineConfig
 from radixserve.engine.core import EngineCore

@@ -30,8 +30,8 @@ from functools import partial
 from typing import Any
 
 import torch
-
 from _workloads import SHAPES, emit, environment, free_memory, random_checkpoint
+
 from radixserve.model_runner.models.layers import SwiGLUMLP
 from radixserve.model_runner.models.moe import (
     SparseMoeBlock,

@@ -41,8 +41,8 @@ from typing import Any
 
 import aiohttp
 
-from radixserve.server.metrics import parse_metrics
 from radixserve.replay.gentrace import GenConfig, generate_trace
+from radixserve.server.metrics import parse_metrics
 
 
 def percentiles(values: list[float], scale: float = 1000.0) -> dict[str, float | None]:

@@ -4,8 +4,8 @@ all requests done, invariants hold, and after a cache flush every KV slot is bac
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 from helpers.leaks import LIVE_ENGINES, assert_no_leak

@@ -11,8 +11,8 @@ import random
 
 import pytest
 import torch
-
 from helpers.cascade_cases import CASES, make_cascade_case
+
 from radixserve.model_runner.attention import create_backend
 from radixserve.model_runner.attention.cpu_backend import (
     CPUAttention,
@@ -150,9 +150,10 @@ def test_auto_picks_the_cpu_backend_on_cpu():
 def test_engine_tokens_match_the_reference_backend(tiny_qwen3_path, fold_mode, monkeypatch):
     """Prompts sharing a 90-token prefix (long enough for the backend's own groups), chunked
     prefill, decodes: the same greedy tokens as the per-sequence reference."""
+    from test_engine_cache import run_core
+
     from radixserve import SamplingParams
     from radixserve.model_runner.attention import cpu_backend
-    from test_engine_cache import run_core
 
     found = []
 

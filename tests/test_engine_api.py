@@ -82,24 +82,25 @@ def test_missing_model_directory_is_a_clear_error(tmp_path):
 
 
 def test_max_tokens_and_length_finish(smollm_engine):
-    out = smollm_engine.generate(["Count: 1, 2, 3,"], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True), progress=False)[0]
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    out = smollm_engine.generate(["Count: 1, 2, 3,"], params, progress=False)[0]
     assert len(out.token_ids) == 5
     assert out.finish_reason == "length"
 
 
 def test_stop_token_ids_end_generation(smollm_engine):
-    free = smollm_engine.generate(["Count: 1, 2, 3,"], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), progress=False)[0]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    free = smollm_engine.generate(["Count: 1, 2, 3,"], params, progress=False)[0]
     target = free.token_ids[3]
     first = free.token_ids.index(target)
-    out = smollm_engine.generate(
-        ["Count: 1, 2, 3,"], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop_token_ids=[target]), progress=False
-    )[0]
+    out = smollm_engine.generate(["Count: 1, 2, 3,"], params.replace(stop_token_ids=[target]), progress=False)[0]
     assert out.token_ids == free.token_ids[: first + 1]
     assert out.finish_reason == "stop" and out.outputs[0].stop_reason == target
 
 
 def test_stop_string_truncates_text(smollm_engine):
-    free = smollm_engine.generate(["Count: 1, 2, 3,"], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True), progress=False)[0]
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    free = smollm_engine.generate(["Count: 1, 2, 3,"], params, progress=False)[0]
     stop = free.text[5:8]
     assert stop.strip()
     out = smollm_engine.generate(
@@ -117,7 +118,8 @@ def test_stop_string_truncates_text(smollm_engine):
 
 
 def test_stop_strings_wait_for_min_tokens(smollm_engine):
-    free = smollm_engine.generate(["Count: 1, 2, 3,"], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True), progress=False)[0]
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    free = smollm_engine.generate(["Count: 1, 2, 3,"], params, progress=False)[0]
     stop = free.text[2:5]
     early = smollm_engine.generate(
         ["Count: 1, 2, 3,"], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, stop=[stop]), progress=False
@@ -220,7 +222,8 @@ def test_flush_cache_empties_the_tree(smollm_engine):
 
 
 def test_logprobs_shape(smollm_engine):
-    out = smollm_engine.generate(["Hello"], SamplingParams(max_tokens=4, temperature=0.7, seed=1, logprobs=5, ignore_eos=True), progress=False)[0]
+    params = SamplingParams(max_tokens=4, temperature=0.7, seed=1, logprobs=5, ignore_eos=True)
+    out = smollm_engine.generate(["Hello"], params, progress=False)[0]
     assert len(out.logprobs) == 4
     for lp, tok in zip(out.logprobs, out.token_ids):
         assert lp.token_id == tok and lp.logprob <= 0.0

@@ -18,7 +18,7 @@ def shared_prefix_prompts(rng: random.Random, n: int) -> list[list[int]]:
     """Prompts that share prefixes in every way: common stems, duplicates, one inside another."""
     stems = [[rng.randrange(1, 500) for _ in range(rng.randrange(4, 30))] for _ in range(3)]
     prompts = []
-    for i in range(n):
+    for _ in range(n):
         kind = rng.random()
         stem = rng.choice(stems)
         if kind < 0.15 and prompts:

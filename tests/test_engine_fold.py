@@ -28,7 +28,11 @@ def fold_cases() -> dict[str, tuple[list[list[int]], list[SamplingParams] | Samp
         "chunk_cuts_shared_prefix": ([s[:12], s[:12] + [7], s + stem(rng, 20)], greedy, {"max_prefill_tokens": 31}),
         "params_differ": (
             [s + [1], s + [2], s + [3]],
-            [greedy, SamplingParams(max_tokens=4, temperature=0.9, seed=3, logprobs=0), greedy.replace(repetition_penalty=1.3)],
+            [
+                greedy,
+                SamplingParams(max_tokens=4, temperature=0.9, seed=3, logprobs=0),
+                greedy.replace(repetition_penalty=1.3),
+            ],
             {},
         ),
     }

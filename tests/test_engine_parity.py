@@ -91,7 +91,8 @@ def test_tiny_qwen3_chunked_prefill_logprobs(make_engine, tiny_qwen3_path, hf_ti
     """A prompt computed in 7-token chunks gives the same logprobs as transformers."""
     engine = make_engine(tiny_qwen3_path, max_prefill_tokens=7)
     ids = torch.randint(0, 500, (50,), generator=torch.Generator().manual_seed(1)).tolist()
-    out = engine.generate([ids], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0), progress=False)[0]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0)
+    out = engine.generate([ids], params, progress=False)[0]
     ref = hf_logprobs(hf_tiny, ids, out.token_ids)
     ours = torch.tensor([lp.logprob for lp in out.logprobs])
     assert out.token_ids == hf_greedy(hf_tiny, ids, 6)

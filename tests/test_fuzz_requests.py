@@ -29,7 +29,9 @@ TEXT = st.one_of(
     st.sampled_from(["Hello", "The capital of France is", "", " ", "\ud800", "a\udfffb", "\x00", "é" * 3]),
     st.text(max_size=4),
 )
-TEXTS = st.one_of(TEXT, st.lists(TEXT, max_size=2), ID_LISTS, st.lists(st.lists(IDS, min_size=1, max_size=2), max_size=2))
+TEXTS = st.one_of(
+    TEXT, st.lists(TEXT, max_size=2), ID_LISTS, st.lists(st.lists(IDS, min_size=1, max_size=2), max_size=2)
+)
 NUMBER = st.sampled_from([0, 0.5, 1, 2, -1, -0.5, 1e308, math.inf, math.nan, "1", None, True, [1]])
 INT = st.sampled_from([0, 1, 2, 3, -1, 2**63, 2**70, 1.5, "2", None, True])
 BOOL = st.sampled_from([True, False, None, 0, 1, "true"])

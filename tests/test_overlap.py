@@ -12,10 +12,10 @@ from __future__ import annotations
 import random
 
 import pytest
-
-from radixserve import SamplingParams
 from test_engine_cache import run_core, shared_prefix_prompts
 from test_sampler import assert_same_sampling_batch
+
+from radixserve import SamplingParams
 
 
 @pytest.fixture
@@ -50,6 +50,10 @@ def sampling_checks(monkeypatch):
     monkeypatch.setattr(Scheduler, "sampling_rows", counted_rows)
     monkeypatch.setattr(EngineCore, "_sampling_batch", checked)
     return counts
+
+
+def _rounded_logprobs(req):
+    return [(t, round(lp, 5)) for t, lp, _ in req.output_logprobs]
 
 
 def _run(path, prompts, params, on_ahead=None, **options):
@@ -92,7 +96,7 @@ def test_overlap_matches_sequential_with_arrivals_and_sampling(tiny_qwen3_path, 
     assert got == want
     for a, b in zip(got_reqs, want_reqs):
         assert a.finish_reason == b.finish_reason
-        assert [(t, round(lp, 5)) for t, lp, _ in a.output_logprobs] == [(t, round(lp, 5)) for t, lp, _ in b.output_logprobs]
+        assert _rounded_logprobs(a) == _rounded_logprobs(b)
 
 
 @pytest.mark.parametrize("options", [
@@ -125,7 +129,7 @@ def test_mixed_steps_overlap_and_match_sequential(tiny_qwen3_path, sampling_chec
     assert got == want
     for a, b in zip(got_reqs, want_reqs):
         assert a.finish_reason == b.finish_reason and a.cached_tokens == b.cached_tokens
-        assert [(t, round(lp, 5)) for t, lp, _ in a.output_logprobs] == [(t, round(lp, 5)) for t, lp, _ in b.output_logprobs]
+        assert _rounded_logprobs(a) == _rounded_logprobs(b)
 
 
 def test_overlap_with_stop_tokens_wastes_one_step_and_changes_nothing(tiny_qwen3_path, sampling_checks):

@@ -22,7 +22,9 @@ BAILIAN = {"chat_id": 5, "parent_chat_id": -1, "timestamp": 2.5, "input_length":
 TOKENS = {"timestamp": 0.5, "input_ids": [3, 4, 5], "output_len": 2, "tenant": "acme", "session": 17}
 
 
-@pytest.mark.parametrize("record,fmt,block", [(MOONCAKE, "mooncake", 512), (BAILIAN, "bailian", 16), (TOKENS, "tokens", 1)])
+@pytest.mark.parametrize(
+    "record,fmt,block", [(MOONCAKE, "mooncake", 512), (BAILIAN, "bailian", 16), (TOKENS, "tokens", 1)]
+)
 def test_detects_format_from_first_line(tmp_path: Path, record: dict, fmt: str, block: int) -> None:
     reader = TraceReader(write(tmp_path / "t.jsonl", record))
     assert (reader.format, reader.block_size) == (fmt, block)

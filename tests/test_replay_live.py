@@ -13,6 +13,14 @@ from radixserve.replay.formats import TraceRequest
 from radixserve.replay.live import HttpTarget, LiveOptions, replay_live
 
 
+def _mooncake_lines(rows: list[tuple[list[int], int, int]]) -> str:
+    """A mooncake trace of (hash_ids, input_length, output_length) rows, 10 ms apart."""
+    return "".join(
+        json.dumps({"timestamp": 10 * i, "input_length": n, "output_length": out, "hash_ids": ids}) + "\n"
+        for i, (ids, n, out) in enumerate(rows)
+    )
+
+
 def blk(i: int, ids: list[int], length: int, out: int = 2, block: int = 16, ts: float = 0.0) -> TraceRequest:
     return TraceRequest(index=i, line=i + 1, timestamp=ts, input_length=length, output_length=out,
                         block_size=block, hash_ids=tuple(ids))
@@ -96,8 +104,7 @@ def test_live_engine_matches_simulation(tmp_path: Path) -> None:
         ([5, 6], 20, 2),  # 19
     ]
     trace = tmp_path / "t.jsonl"
-    trace.write_text("".join(json.dumps({"timestamp": 10 * i, "input_length": n, "output_length": out, "hash_ids": ids}) + "\n"
-                             for i, (ids, n, out) in enumerate(rows)))
+    trace.write_text(_mooncake_lines(rows))
     out = tmp_path / "r.json"
     code = main(["replay", str(trace), "--block-size", "16", "--live", "--device", "cpu", "--time-scale", "0",
                  "--max-concurrency", "1", "--no-progress", "--json", str(out)])
@@ -112,13 +119,12 @@ def test_live_engine_matches_simulation(tmp_path: Path) -> None:
 
 def test_live_replay_against_the_real_server(tmp_path: Path, smollm_engine) -> None:
     """`replay --live --url` against `radixserve serve`'s app: the same cached tokens as in-process."""
-    from radixserve.server import BackgroundServer, ServerConfig
     from radixserve.replay.cli import main
+    from radixserve.server import BackgroundServer, ServerConfig
 
     rows = [([1, 2, 3], 40, 2), ([1, 2, 4], 48, 2), ([1, 2, 3], 40, 2)]
     trace = tmp_path / "t.jsonl"
-    trace.write_text("".join(json.dumps({"timestamp": 10 * i, "input_length": n, "output_length": out, "hash_ids": ids}) + "\n"
-                             for i, (ids, n, out) in enumerate(rows)))
+    trace.write_text(_mooncake_lines(rows))
     out = tmp_path / "r.json"
     with BackgroundServer(smollm_engine, ServerConfig(port=0)) as srv:
         code = main(["replay", str(trace), "--block-size", "16", "--live", "--url", srv.url, "--time-scale", "0",

@@ -259,7 +259,9 @@ def test_metrics_move_after_a_cached_request(client, model, server, engine):
     assert delta('radixserve_http_requests_total{method="POST",route="/v1/completions",status="200"}') == 2
     assert after["radixserve_num_requests_running"] == after["radixserve_num_requests_waiting"] == 0
     assert 0 < after["radixserve_kv_cache_usage_ratio"] < 1
-    for name in ("radixserve_prefix_cache_evicted_tokens_total", 'radixserve_time_to_first_token_seconds_bucket{le="+Inf"}'):
+    for name in (
+        "radixserve_prefix_cache_evicted_tokens_total", 'radixserve_time_to_first_token_seconds_bucket{le="+Inf"}'
+    ):
         assert name in after
     stats = engine.stats()  # folding metrics appear exactly when the engine reports them
     assert ("radixserve_folded_tokens_total" in after) == ("folded_tokens" in stats)

@@ -82,8 +82,8 @@ def test_engine_options_reach_the_engine_config():
     """The command line's engine flags become EngineConfig fields (none parsed and dropped)."""
     import argparse
 
-    from radixserve.engine.options import add_engine_options, engine_kwargs
     from radixserve.engine.config import EngineConfig
+    from radixserve.engine.options import add_engine_options, engine_kwargs
 
     p = argparse.ArgumentParser()
     add_engine_options(p)

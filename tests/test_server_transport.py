@@ -67,7 +67,7 @@ def _trickle(
                 i += 1
             try:
                 chunk = sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 time.sleep(interval)
                 continue
             if not chunk:
@@ -141,7 +141,7 @@ def test_prompt_clients_are_unaffected(fast):
         while b'"usage"' not in got and time.monotonic() < deadline:
             try:
                 got += sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 pass
         assert got.startswith(b"HTTP/1.1 200") and b'"completion_tokens": 1' in got
         time.sleep(KEEP_ALIVE / 2)

@@ -126,7 +126,8 @@ def test_backend_matches_reference(name, case, heads):
         out = run_backend(backend, q, k, v, table, batch, scale)
         ref = reference(q, k, v, table, batch, scale)
         assert out.shape == q.shape and out.dtype == q.dtype
-        assert torch.isfinite(out).all(), f"unwritten or NaN rows: {(~torch.isfinite(out)).any(-1).any(-1).nonzero().flatten().tolist()[:10]}"
+        bad_rows = (~torch.isfinite(out)).any(-1).any(-1).nonzero().flatten().tolist()
+        assert torch.isfinite(out).all(), f"unwritten or NaN rows: {bad_rows[:10]}"
         err = rel_err(out, ref)
         assert err < 1e-2, f"{name} {case} {heads} seed {seed}: relative error {err:.2e}"
 

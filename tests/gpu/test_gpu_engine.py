@@ -6,8 +6,8 @@ import logging
 
 import pytest
 import torch
-
 from helpers.runner import make_runner
+
 from radixserve import SamplingParams
 from radixserve.model_runner.attention import available_backends
 from radixserve.model_runner.forward_batch import ForwardBatch

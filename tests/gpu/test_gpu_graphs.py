@@ -72,7 +72,7 @@ def test_cascade_decode_logits_match_plain(needs_fa4, qwen3_d64):
     kv = {}
     for runner in runners.values():
         it = iter(rows)
-        for (p, m), stem, own in zip(groups, stems, owns):
+        for (p, _), stem, own in zip(groups, stems, owns):
             first = next(it)
             runner.forward(runner_batch(runner, [first], [0], [torch.cat([stem, own[0]])]))
             kv[first] = p + len(own[0])
