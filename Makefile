@@ -28,7 +28,10 @@ generate: install
 # their own so that TRITON_INTERPRET=1 reaches no other test.
 KERNEL_TESTS := tests/test_triton_decode.py tests/test_triton_group.py
 
+# Lint and type check first (ruff and mypy, configured in pyproject.toml): either failing fails CI.
 test: install
+	$(PY) -m ruff check radixserve tests benchmarks examples
+	$(PY) -m mypy
 	$(PY) -m pytest -q -m "not gpu" --timeout=900 $(addprefix --ignore=,$(KERNEL_TESTS))
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not gpu" --timeout=900 $(KERNEL_TESTS)
 
@@ -36,4 +39,4 @@ gpu-test: install
 	$(PY) -m pytest -q -m gpu tests/
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache
