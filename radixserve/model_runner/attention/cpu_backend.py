@@ -5,9 +5,9 @@ The reference (`torch`) runs one SDPA per sequence and layer; a decode step of
 gathers, and their overheads, not the arithmetic, made the step. Here a
 batch's sequences are laid out once per batch as a padded pass:
 
-    q_index  [B, N]  the q row of query t of sequence i (padding repeats a real row)
-    slots    [Hkv?]  [B * L] the slot of key j of sequence i (padding: the dummy slot 0)
-    bias     [B, N, L] 0 where query t sees key j, -inf elsewhere (padding, causality)
+    q_index  [B * N]    the q row of query t of sequence i (padding repeats a real row)
+    slots    [B * L]    the slot of key j of sequence i (padding: the dummy slot 0)
+    bias     [B, N, L]  0 where query t sees key j, -inf elsewhere (padding, causality)
 
 and each layer gathers K/V `[B * L, Hkv, D]` in one index_select (slot order:
 the pool is read row by row) and makes one call of PyTorch's fused CPU
@@ -41,7 +41,8 @@ from radixserve.model_runner.forward_batch import CascadePlan, ForwardBatch
 # Sequences of several new tokens share one padded pass when it computes at most this many
 # times the scores they need; otherwise each runs alone.
 MAX_PADDING_WASTE = 2.0
-# A prefix read once per group must be at least this long to pay for the second pass and merge.
+# Neighbours sharing at least this many leading slots read them once per group (a second pass
+# and a merge per layer buy it; the value is not tuned).
 AUTO_CASCADE_MIN_PREFIX = 64
 # (q, k, v, dropout, causal, *, attn_mask, scale) -> (out, lse); a private op of PyTorch's.
 FUSED_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
