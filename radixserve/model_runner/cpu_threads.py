@@ -6,8 +6,10 @@ thread on every CPU, that Python thread, or any other process, takes a core
 from the team, and each of a step's hundreds of parallel operations then waits
 at its barrier for the descheduled thread. Measured on a 2-core VM shared with
 other jobs, a decode step of 32 sequences of the built-in model took 0.14 s to
-1.8 s from run to run with two threads, 0.26 to 0.37 s with one; end to end
-(benchmarks/cpu_e2e.py) one thread did as well or better. So the default leaves
+1.8 s from run to run with two threads, 0.26 to 0.37 s with one; a prefill of
+12 prompts of 320 tokens ran at 533-597 tokens/s with one thread and 175-197
+with two (alternating in one process); end to end (benchmarks/cpu_e2e.py) one
+thread did as well or better. So the default leaves
 one CPU to the host, as vLLM's CPU backend does: every CPU this process may run
 on, less one, at least one. OMP_NUM_THREADS, when set, wins.
 """
