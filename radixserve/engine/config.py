@@ -51,7 +51,7 @@ class EngineConfig:
     # reads the shared K/V once into L2 for all of them instead of once each from memory.
     batch_order: str = _opt("prefix", "order of a batch's requests: those sharing KV side by side, or admission "
                                       "order", BATCH_ORDERS)
-    attention_backend: str = _opt("auto", "fa4 | triton | torch_varlen | torch | ... (auto: the fastest installed)")
+    attention_backend: str = _opt("auto", "fa4 | torch_varlen | torch | cpu (auto: the fastest that runs here)")
     cuda_graphs: bool | None = _opt(
         None, "replay decode steps as captured CUDA graphs (needs cuda, fa4, bf16/fp16, a dense model; capture "
               "costs seconds at start); default: wherever supported")

@@ -4,7 +4,7 @@ Between the matmuls and attention, a layer runs a residual add, two RMSNorms,
 a per-head q/k RMSNorm (Qwen3), RoPE and SiLU-and-multiply. Eagerly that is
 about 50 small kernels per layer (each norm round-trips through float32), and
 at decode sizes each kernel costs its launch, not its bytes: 2.9 ms of a 12 ms
-step at batch 256 for Qwen3-0.6B on an H100 (docs/gpu.md). torch.compile
+step at batch 256 for Qwen3-0.6B on an H100 (docs/benchmarks.md). torch.compile
 (Inductor) fuses each function below into one or two Triton kernels.
 
 The eager versions follow transformers step by step (norm in float32, cast
