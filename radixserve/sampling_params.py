@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 MAX_LOGPROBS = 20  # the most top alternatives a request may ask for per step (OpenAI's limit)
+# The most completions one prompt may ask for: each is a request the engine holds, and a
+# client must not be able to make the engine build millions of them.
+MAX_N = 1024
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     min_tokens: int = 0  # 0 <= min_tokens <= max_tokens: EOS and stop ids forbidden before
     ignore_eos: bool = False
-    n: int = 1  # >= 1: completions per prompt
+    n: int = 1  # in [1, MAX_N]: completions per prompt
     # None: no logprobs; 0: the sampled token's only; k in 1..20: plus the top k per step.
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
@@ -83,7 +86,7 @@ class SamplingParams:
 
 
 # (field, low, high): plain int ranges; high None means unbounded.
-_INT_FIELDS = (("max_tokens", 1, None), ("n", 1, None))
+_INT_FIELDS = (("max_tokens", 1, None), ("n", 1, MAX_N))
 # (field, low, high, low is exclusive, what is allowed): every float must also be finite.
 _FLOAT_FIELDS = (
     ("temperature", 0.0, None, False, "a finite float >= 0 (0 means greedy)"),

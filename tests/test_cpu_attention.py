@@ -187,3 +187,15 @@ def test_the_matmul_path_equals_the_fused_kernel(monkeypatch):
     _close(_attend(CPUAttention(0), q, k, v, table, batch), want)
     plain = dataclasses.replace(batch, cascade=None)
     _close(_attend(CPUAttention(0), q, k, v, table, plain), _attend(TorchAttention(), q, k, v, table, plain))
+
+
+def test_cascade_attention_false_stops_the_cpu_backends_own_grouping():
+    """cascade_attention=False is honoured on the CPU too: the backend groups nothing itself."""
+    assert create_backend("cpu", "cpu").auto_cascade_min_prefix > 0
+    assert create_backend("cpu", "cpu", cascade=False).auto_cascade_min_prefix == 0
+
+
+def test_an_engine_with_cascade_off_builds_a_backend_that_does_not_group(tiny_qwen3_path, make_engine):
+    engine = make_engine(tiny_qwen3_path, cascade_attention=False)
+    assert engine.core.runner.backend.name == "cpu"
+    assert engine.core.runner.backend.auto_cascade_min_prefix == 0

@@ -67,7 +67,7 @@ def _bounded(body: dict) -> dict:
     if body.get("max_tokens") is None:
         body["max_tokens"] = 2
     for key in ("max_tokens", "n", "min_tokens"):
-        if isinstance(body.get(key), int) and not isinstance(body[key], bool) and 2 < body[key] <= 10**6 - 1:
+        if isinstance(body.get(key), int) and not isinstance(body[key], bool) and 2 < body[key] <= 1024:
             body[key] = 2
     return body
 

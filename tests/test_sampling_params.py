@@ -26,7 +26,7 @@ BAD_VALUES = {
     "stop_token_ids": [[-1], [1.0], [True], "12", 5, [None]],
     "min_tokens": [-1, 129, 1.0, True],
     "ignore_eos": [1, 0, "yes", None],
-    "n": [0, -1, 2.0, True],
+    "n": [0, -1, 2.0, True, 1025, 10**6, 2**70],
     "logprobs": [-1, 21, 1.0, True, "5"],
     "include_stop_str_in_output": [1, None],
     "skip_special_tokens": [0, "true"],

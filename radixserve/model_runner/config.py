@@ -27,4 +27,5 @@ class RunnerConfig:
     piecewise_max_rows: int | None
     fused_kernels: bool | None
     triton_decode: bool | None
+    cascade_attention: bool | None  # False: no backend groups shared prefixes on its own either
     show_progress: bool

@@ -61,7 +61,8 @@ class ModelRunner:
         self.pool = KVPool(cfg.num_layers, num_slots, cfg.num_kv_heads, cfg.head_dim, dtype, device)
         self.allocator = SlotAllocator(num_slots)
         self.req_to_token = ReqToTokenPool(max_running_requests, self.max_context, device)
-        self.backend = create_backend(config.attention_backend, device, dtype, cfg.head_dim, config.triton_decode)
+        self.backend = create_backend(config.attention_backend, device, dtype, cfg.head_dim, config.triton_decode,
+                                      cascade=config.cascade_attention is not False)
         self.scale = cfg.softmax_scale
         logger.info(
             "model %s on %s (%s): %d KV slots, attention %s",

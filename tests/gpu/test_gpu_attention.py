@@ -180,7 +180,7 @@ def test_registry_on_this_machine():
     assert create_backend("auto", "cuda").name == cuda[0]
     assert create_backend("auto", "cuda", torch.bfloat16, 128).name == cuda[0]
     assert create_backend("auto", "cuda", torch.float32, 128).name == "torch"
-    assert create_backend("auto", "cpu").name == "torch"
+    assert create_backend("auto", "cpu").name == "cpu"
     with pytest.raises(ValueError, match="attention_backend must be"):
         create_backend("flashinfer", "cuda")
     with pytest.raises(ValueError, match="not available on cpu"):

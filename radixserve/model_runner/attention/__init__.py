@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from radixserve.model_runner.attention.base import AttentionBackend
-from radixserve.model_runner.attention.cpu_backend import CPUAttention
+from radixserve.model_runner.attention.cpu_backend import AUTO_CASCADE_MIN_PREFIX, CPUAttention
 from radixserve.model_runner.attention.fa4_backend import FA4Attention, fa4_supports, load_fa4
 from radixserve.model_runner.attention.torch_backend import TorchAttention
 from radixserve.model_runner.attention.varlen_backend import TorchVarlenAttention, load_varlen, varlen_supports
@@ -77,8 +77,12 @@ def create_backend(
     dtype: torch.dtype | None = None,
     head_dim: int | None = None,
     triton_decode: bool | None = None,
+    cascade: bool = True,
 ) -> AttentionBackend:
     """Build the backend `name`; "auto" picks the fastest available on `device`.
+
+    `cascade` False (the engine's cascade_attention=False) keeps the CPU backend from
+    grouping shared prefixes on its own (it attends to each sequence's whole context).
 
     With `dtype` and `head_dim` given, "auto" skips backends whose kernels do
     not run them (an fp32 model on the GPU gets `torch`). Forcing a backend that
@@ -100,8 +104,13 @@ def create_backend(
         raise ValueError(f"attention_backend {name!r} is not available on {device}; available: {usable}")
     if name != "fa4" and triton_decode:
         raise ValueError(f"triton_decode=True needs attention_backend 'fa4', got {name!r}")
-    backend = FA4Attention(triton_decode) if name == "fa4" else _BACKENDS[name].factory()
-    decode = ", decode passes Triton split-KV" if getattr(backend, "triton_decode", False) else ""
+    if name == "fa4":
+        backend: AttentionBackend = FA4Attention(triton_decode)
+    elif name == "cpu":
+        backend = CPUAttention(AUTO_CASCADE_MIN_PREFIX if cascade else 0)
+    else:
+        backend = _BACKENDS[name].factory()
+    decode = ", decode passes Triton split-KV" if backend.triton_decode else ""
     logger.info("attention backend: %s%s (available on %s: %s)", name, decode, device, ", ".join(usable))
     return backend
 
