@@ -81,6 +81,12 @@ def _request(route: str) -> st.SearchStrategy[tuple[str, dict]]:
     if route == "/generate":
         body = st.fixed_dictionaries({"sampling_params": _fields(SAMPLING).map(_bounded)}, optional={
             "text": TEXT, "input_ids": ID_LISTS, "stream": BOOL})
+    elif route == "/tokenize":
+        body = st.fixed_dictionaries({}, optional={
+            "model": st.sampled_from([M, "other", 5]), "prompt": TEXTS, "messages": MESSAGES,
+            "add_special_tokens": BOOL, "add_generation_prompt": BOOL, "return_token_strs": BOOL})
+    elif route == "/detokenize":
+        body = st.fixed_dictionaries({"tokens": ID_LISTS}, optional={"model": st.sampled_from([M, "other"])})
     elif route == "/v1/embeddings":
         body = st.fixed_dictionaries({"model": st.sampled_from([M, "other"]), "input": TEXTS}, optional={
             "pooling": st.sampled_from(["last", "mean", "cls", "max", 1]), "normalize": BOOL,
@@ -94,7 +100,7 @@ def _request(route: str) -> st.SearchStrategy[tuple[str, dict]]:
     return body.map(lambda b: (route, b))
 
 
-ROUTES = ["/v1/completions", "/v1/chat/completions", "/generate", "/v1/embeddings"]
+ROUTES = ["/v1/completions", "/v1/chat/completions", "/generate", "/v1/embeddings", "/tokenize", "/detokenize"]
 
 
 def _check_answer(status: int, headers: dict, answer, streamed: bool) -> None:

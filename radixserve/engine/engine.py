@@ -459,8 +459,9 @@ class Engine:
 
     # -- chat ------------------------------------------------------------------------
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Token ids of `messages` through the tokenizer's chat template, ready for a reply."""
+    def apply_chat_template(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of `messages` through the tokenizer's chat template, ready for a reply (or,
+        without `add_generation_prompt`, ending with the last message)."""
         tok = self._require_tokenizer("chat")
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
@@ -470,7 +471,7 @@ class Engine:
             _check_text(f"messages[{i}].content", m["content"])
         if getattr(tok, "chat_template", None) is None:
             raise ValueError("this model's tokenizer has no chat template")
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return list(ids)

@@ -32,6 +32,7 @@ from aiohttp import web
 from radixserve.server.openai_api import ApiError
 from radixserve.server.routes import ROUTES, json_response
 from radixserve.server.state import STATE, ServerConfig, ServerState
+from radixserve.server.tokenize import ROUTES as TOKENIZE_ROUTES
 from radixserve.server.transport import AccessLogger, TimedAppRunner, arm_body_deadline, escape_log
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ def build_app(engine: Engine, config: ServerConfig | None = None) -> web.Applica
     app = web.Application(middlewares=[_errors, _body_deadline, _draining, _auth],
                           client_max_size=config.max_body_bytes)
     app[STATE] = ServerState(engine, config)
-    for method, path, handler in ROUTES:
+    for method, path, handler in ROUTES + TOKENIZE_ROUTES:
         app.router.add_route(method, path, handler)
     return app
 

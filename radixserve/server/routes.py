@@ -392,7 +392,7 @@ async def embeddings(request: web.Request) -> web.Response:
 
 def _model_card(state: ServerState) -> dict[str, Any]:
     return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "radixserve",
-            "max_model_len": state.context_limit}
+            "root": str(state.engine.model_path), "parent": None, "max_model_len": state.context_limit}
 
 
 async def list_models(request: web.Request) -> web.Response:
