@@ -39,6 +39,21 @@ class CascadePlan(NamedTuple):
         """Per sequence: the shared prefix length of its group."""
         return [p for p, n in zip(self.prefix_lens, self.group_sizes) for _ in range(n)]
 
+    @classmethod
+    def from_runs(cls, runs: Sequence[int], min_prefix: int) -> CascadePlan:
+        """Groups of consecutive sequences from `runs[i]`, the slots sequences i and i + 1 share:
+        neighbours sharing at least `min_prefix` join a group, whose prefix is the shortest run
+        inside it."""
+        sizes, prefixes = [1], [0]
+        for shared in runs:
+            if shared >= min_prefix:
+                prefixes[-1] = shared if sizes[-1] == 1 else min(prefixes[-1], shared)
+                sizes[-1] += 1
+            else:
+                sizes.append(1)
+                prefixes.append(0)
+        return cls(sizes, prefixes)
+
 
 @dataclass
 class ForwardBatch:

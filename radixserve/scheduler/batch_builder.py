@@ -195,23 +195,17 @@ def plan_cascade(
 
     A group's prefix is the shortest shared length between neighbours inside it, and never
     reaches a member's tokens of this batch (`prefix_lens`)."""
-    sizes: list[int] = []
-    prefixes: list[int] = []
-    prev: Req | None = None
-    prev_len = 0
-    for req, prefix_len in zip(reqs, prefix_lens):
-        shared = 0 if prev is None else min(shared_slots(prev, req, memo), prefix_len, prev_len)
-        if shared >= min_prefix:
-            prefixes[-1] = shared if sizes[-1] == 1 else min(prefixes[-1], shared)
-            sizes[-1] += 1
-        else:
-            sizes.append(1)
-            prefixes.append(0)
-        prev, prev_len = req, prefix_len
-    saved = sum((n - 1) * p for n, p in zip(sizes, prefixes))
+    if not reqs:
+        return None
+    runs = [
+        min(shared_slots(prev, req, memo), prefix_len, prev_len)
+        for prev, req, prev_len, prefix_len in zip(reqs, reqs[1:], prefix_lens, prefix_lens[1:])
+    ]
+    plan = CascadePlan.from_runs(runs, min_prefix)
+    saved = sum((n - 1) * p for n, p in zip(plan.group_sizes, plan.prefix_lens))
     if saved == 0 or saved < CASCADE_MIN_SAVED_SHARE * sum(seq_lens):
         return None
-    return CascadePlan(sizes, prefixes)
+    return plan
 
 
 def shared_slots(prev: Req, req: Req, memo: SharedSlots) -> int:

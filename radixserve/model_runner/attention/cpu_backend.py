@@ -230,18 +230,8 @@ def auto_cascade_plan(batch: ForwardBatch, req_to_token: torch.Tensor, min_prefi
     # Leading run of equal slots between neighbours i and i + 1 (cummin keeps 1 until the first 0).
     run = same.to(torch.int8).cummin(dim=1).values.sum(dim=1)
     runs: list[int] = torch.minimum(run, torch.minimum(lens[1:], lens[:-1])).tolist()
-    sizes: list[int] = [1]
-    prefixes: list[int] = [0]
-    for shared in runs:
-        if shared >= min_prefix:
-            prefixes[-1] = shared if sizes[-1] == 1 else min(prefixes[-1], shared)
-            sizes[-1] += 1
-        else:
-            sizes.append(1)
-            prefixes.append(0)
-    if max(sizes) == 1:
-        return None
-    return CascadePlan(sizes, prefixes)
+    plan = CascadePlan.from_runs(runs, min_prefix)
+    return plan if max(plan.group_sizes) > 1 else None
 
 
 class CascadePasses(NamedTuple):
