@@ -39,6 +39,7 @@ STOP = st.one_of(TEXT, st.lists(TEXT, max_size=3), st.none(), st.just(5))
 MESSAGE = st.fixed_dictionaries(
     {"role": st.sampled_from(["user", "system", "assistant", "tool", "robot", 5]), "content": st.one_of(
         TEXT, st.just([{"type": "text", "text": "hi"}]), st.just([{"type": "image_url"}]), st.none())},
+    optional={"name": st.sampled_from(["ada", "", 5, "\ud800"])},
 )
 MESSAGES = st.one_of(st.lists(MESSAGE, max_size=3), st.just([{"role": "user", "content": "Hi"}]), st.sampled_from(
     [None, "hi", [{}], [{"role": "user"}]]))
@@ -58,6 +59,9 @@ OPENAI_EXTRA = {
     "echo": BOOL, "best_of": INT, "suffix": st.sampled_from(["", "x", None]),
     "top_logprobs": INT, "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}, None]),
     "bogus_field": st.just(1),
+    "add_generation_prompt": BOOL, "continue_final_message": BOOL,
+    "chat_template_kwargs": st.sampled_from([{}, {"enable_thinking": False}, {"tokenize": True}, {"x": "\ud800"}, 5,
+                                             None]),
 }
 
 

@@ -48,6 +48,14 @@ class ContextLengthError(ValueError):
         self.limit = limit
 
 
+# apply_chat_template's own arguments: not template variables a client may set.
+_CHAT_TEMPLATE_ARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+})
+
+
 def _check_text(field: str, text: str) -> None:
     """Text a tokenizer can encode: no lone UTF-16 surrogate (ValueError naming the field)."""
     try:
@@ -459,19 +467,38 @@ class Engine:
 
     # -- chat ------------------------------------------------------------------------
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
         """Token ids of `messages` through the tokenizer's chat template, ready for a reply (or,
-        without `add_generation_prompt`, ending with the last message)."""
+        without `add_generation_prompt`, ending with the last message; with
+        `continue_final_message`, open at the end of the last (assistant) message, to be
+        continued). `chat_template_kwargs` reach the template as variables (e.g. Qwen3's
+        `enable_thinking`). A message may carry a `name` beside its role and content."""
         tok = self._require_tokenizer("chat")
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise ValueError(f"messages[{i}] must be a dict with string 'role' and 'content'")
+            if set(m) - {"role", "content", "name"} or not isinstance(m.get("name", ""), str):
+                raise ValueError(f"messages[{i}] may hold only 'role', 'content' and a string 'name'")
             _check_text(f"messages[{i}].content", m["content"])
+        extra = dict(chat_template_kwargs or {})
+        taken = sorted(set(extra) & _CHAT_TEMPLATE_ARGS)
+        if taken or not all(isinstance(k, str) for k in extra):
+            raise ValueError(f"chat_template_kwargs must map variable names to values, not set {taken}")
+        if continue_final_message and (add_generation_prompt or messages[-1]["role"] != "assistant"):
+            raise ValueError("continue_final_message needs add_generation_prompt false and an assistant message last")
         if getattr(tok, "chat_template", None) is None:
             raise ValueError("this model's tokenizer has no chat template")
-        ids = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        ids = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                      continue_final_message=continue_final_message, **extra)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return list(ids)

@@ -45,16 +45,22 @@ def parse_generate(body: Any) -> GenerateRequest:
     sp = body.get("sampling_params") or {}
     if not isinstance(sp, dict):
         raise bad_request("sampling_params must be an object", param="sampling_params")
-    check_known({f"sampling_params.{k}": v for k, v in sp.items()}, {f"sampling_params.{k}" for k in SAMPLING_FIELDS})
-    sampling = {k: (tuple(v) if isinstance(v, list) else v) for k, v in sp.items() if k != "max_tokens"}
-    max_tokens = get_int(sp, "max_tokens", 1)
+    known = {f"sampling_params.{k}" for k in (*SAMPLING_FIELDS, "max_new_tokens")}
+    check_known({f"sampling_params.{k}": v for k, v in sp.items()}, known)
+    # SGLang's name for max_tokens; one of the two.
+    if "max_new_tokens" in sp and "max_tokens" in sp:
+        raise bad_request("give sampling_params.max_tokens or max_new_tokens, not both",
+                          param="sampling_params.max_new_tokens")
+    length = "max_new_tokens" if "max_new_tokens" in sp else "max_tokens"
+    sampling = {k: (tuple(v) if isinstance(v, list) else v) for k, v in sp.items() if k not in ("max_tokens", length)}
+    max_tokens = get_int(sp, length, 1)
     return GenerateRequest(
         route="generate",
         prompts=[prompt],
         messages=None,
         sampling=sampling,
         max_tokens=max_tokens,
-        max_tokens_param="sampling_params.max_tokens",
+        max_tokens_param=f"sampling_params.{length}",
         stream=get_bool(body, "stream"),
         logprobs=None,  # carried in sampling["logprobs"]
         names={k: f"sampling_params.{k}" for k in SAMPLING_FIELDS},

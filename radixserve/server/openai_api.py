@@ -25,6 +25,8 @@ EXTENSIONS = (
     "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos",
     "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output",
 )
+# vLLM's chat template controls (chat and /tokenize): Engine.apply_chat_template's options.
+CHAT_TEMPLATE_FIELDS = ("add_generation_prompt", "continue_final_message", "chat_template_kwargs")
 # OpenAI names that map 1:1 to SamplingParams fields.
 _DIRECT = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed")
 
@@ -74,6 +76,7 @@ class GenerateRequest:
     logprobs: int | None = None  # top-N per token (0: the sampled token's only); None: no logprobs
     user: str | None = None
     names: dict[str, str] = field(default_factory=dict)  # SamplingParams field -> the client's name
+    chat_options: dict[str, Any] = field(default_factory=dict)  # Engine.apply_chat_template's options
 
 
 @dataclass
@@ -276,7 +279,7 @@ _COMMON = {
 COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"}
 CHAT_FIELDS = _COMMON | {
     "messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "tools", "tool_choice",
-    "parallel_tool_calls", "store",
+    "parallel_tool_calls", "store", *CHAT_TEMPLATE_FIELDS,
 }
 
 
@@ -348,7 +351,29 @@ def parse_chat(body: Any, served: str) -> GenerateRequest:
         logprobs=(top or 0) if logprobs else None,
         user=user,
         names={"logprobs": "top_logprobs"},
+        chat_options=parse_chat_options(body),
     )
+
+
+def chat_template_error(exc: ValueError) -> ApiError:
+    """A 400 for messages or chat options the template refused; the param is the option its message
+    names first, else messages."""
+    first = str(exc).split(" ", 1)[0]
+    return bad_request(str(exc), param=first if first in CHAT_TEMPLATE_FIELDS else "messages")
+
+
+def parse_chat_options(body: dict[str, Any]) -> dict[str, Any]:
+    """add_generation_prompt (default true), continue_final_message, chat_template_kwargs."""
+    options: dict[str, Any] = {
+        "add_generation_prompt": get_bool(body, "add_generation_prompt", default=True),
+        "continue_final_message": get_bool(body, "continue_final_message"),
+    }
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None:
+        if not isinstance(kwargs, dict):
+            raise bad_request("chat_template_kwargs must be an object", param="chat_template_kwargs")
+        options["chat_template_kwargs"] = kwargs
+    return options
 
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -367,11 +392,16 @@ def parse_messages(messages: Any) -> list[dict[str, str]]:
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise bad_request(f"{where} must be an object", param=where)
-        check_known({f"{where}.{k}": v for k, v in m.items()}, {f"{where}.role", f"{where}.content"})
+        check_known({f"{where}.{k}": v for k, v in m.items()}, {f"{where}.role", f"{where}.content", f"{where}.name"})
         role = m.get("role")
         if role not in _ROLES:
             raise bad_request(f"{where}.role must be one of {sorted(_ROLES)}, got {role!r}", param=f"{where}.role")
-        out.append({"role": _ROLES[role], "content": _content(m.get("content"), f"{where}.content")})
+        message = {"role": _ROLES[role], "content": _content(m.get("content"), f"{where}.content")}
+        if "name" in m:  # the participant's name: the chat template decides how to show it
+            if not isinstance(m["name"], str):
+                raise bad_request(f"{where}.name must be a string", param=f"{where}.name")
+            message["name"] = m["name"]
+        out.append(message)
     return out
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -31,6 +32,7 @@ from radixserve.server.openai_api import (
     GenerateRequest,
     bad_request,
     build_sampling_params,
+    chat_template_error,
     check_unicode,
     parse_chat,
     parse_completion,
@@ -207,9 +209,10 @@ async def _tokenize(state: ServerState, req: GenerateRequest) -> tuple[list[list
     """Token ids of every prompt, checked against the context, and their texts (for echo)."""
     if req.messages is not None:
         try:
-            ids = await asyncio.to_thread(state.engine.apply_chat_template, req.messages)
+            ids = await asyncio.to_thread(
+                functools.partial(state.engine.apply_chat_template, req.messages, **req.chat_options))
         except ValueError as exc:
-            raise bad_request(str(exc), param="messages") from None
+            raise chat_template_error(exc) from None
         check_prompts(state, [ids], "messages")
         return [ids], [""]
     prompts = await encode_prompts(state, req.prompts, _prompt_param(req))

@@ -13,23 +13,27 @@ must lie inside the vocabulary; text goes through the same checks as every route
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 from aiohttp import web
 
 import radixserve
 from radixserve.server.openai_api import (
+    CHAT_TEMPLATE_FIELDS,
     bad_request,
+    chat_template_error,
     check_known,
     check_model,
     check_object,
     get_bool,
+    parse_chat_options,
     parse_messages,
 )
 from radixserve.server.routes import check_prompts, json_response, read_json
 from radixserve.server.state import ServerState, state_of
 
-_TOKENIZE_FIELDS = {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "return_token_strs"}
+_TOKENIZE_FIELDS = {"model", "prompt", "messages", "add_special_tokens", "return_token_strs", *CHAT_TEMPLATE_FIELDS}
 
 
 def _tokenizer(state: ServerState) -> Any:
@@ -58,15 +62,15 @@ async def tokenize(request: web.Request) -> web.Response:
             raise bad_request("add_special_tokens applies to a prompt; messages go through the chat template",
                               param="add_special_tokens")
         messages = parse_messages(body["messages"])
-        with_prompt = get_bool(body, "add_generation_prompt", default=True)
+        options = parse_chat_options(body)
         try:
-            ids = await asyncio.to_thread(state.engine.apply_chat_template, messages,
-                                          add_generation_prompt=with_prompt)
+            ids = await asyncio.to_thread(functools.partial(state.engine.apply_chat_template, messages, **options))
         except ValueError as exc:
-            raise bad_request(str(exc), param="messages") from None
+            raise chat_template_error(exc) from None
     else:
-        if "add_generation_prompt" in body:
-            raise bad_request("add_generation_prompt applies to messages", param="add_generation_prompt")
+        for name in CHAT_TEMPLATE_FIELDS:
+            if name in body:
+                raise bad_request(f"{name} applies to messages", param=name)
         prompt = body["prompt"]
         if not isinstance(prompt, str):
             raise bad_request(f"prompt must be a string, got {type(prompt).__name__}", param="prompt")
