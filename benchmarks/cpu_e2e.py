@@ -189,14 +189,11 @@ def run_transformers(model: Any, prompts: list[list[int]], output_len: int) -> d
 def agreement(ours: list[list[int]], peer: list[list[int]]) -> dict[str, Any]:
     """Identical greedy outputs, and the mean leading tokens shared (fp32 rounding differs
     between engines, so a late divergence in a near-tie is expected)."""
-    common = []
-    for a, b in zip(ours, peer):
-        n = 0
-        while n < min(len(a), len(b)) and a[n] == b[n]:
-            n += 1
-        common.append(n)
-    return {"identical": sum(len(a) == len(b) == c for a, b, c in zip(ours, peer, common)),
-            "mean_common_prefix": statistics.mean(common)}
+    # Imported here: vLLM's child process runs this file with benchmarks/ off its path.
+    from vllm_peer import token_agreement
+
+    shared = token_agreement(ours, peer)
+    return {"identical": shared["identical"], "mean_common_prefix": statistics.mean(shared["common_prefix_tokens"])}
 
 
 def main() -> None:
