@@ -128,7 +128,7 @@ class Generation:
         if unfinished:
             # Cancelled handler: aiohttp saw the connection close (handler_cancellation).
             if self.client_gone or exc_type is asyncio.CancelledError:
-                self.state.metrics.aborted += 1
+                self.state.metrics.aborted.inc()
             await asyncio.gather(*unfinished, return_exceptions=True)
 
     async def _pump(self, i: int, ids: list[int]) -> None:
@@ -160,6 +160,8 @@ class Generation:
                 continue
             if isinstance(item, BaseException):
                 raise _engine_error(item, self.prompt_param, i)
+            if item.finish_reason is not None:
+                self.state.metrics.finished(item.finish_reason, item.prompt_tokens, item.completion_tokens)
             if item.finish_reason == "error":  # a step failed and this request caused it
                 raise ApiError(500, f"the request failed inside the engine: {item.error}", code="engine_error")
             self._observe(i, item)
@@ -190,7 +192,7 @@ def admit(state: ServerState, n_seqs: int, param: str) -> None:
         raise bad_request(f"this request asks for {n_seqs} sequences; the server admits at most "
                           f"{state.max_pending} at once", param=param)
     if state.pending + n_seqs > state.max_pending:
-        state.metrics.rejected_full += 1
+        state.metrics.rejected.inc()
         raise ApiError(503, f"the server is at capacity ({state.pending} sequences pending); retry later",
                        code="server_overloaded", headers={"Retry-After": str(state.config.retry_after_s)})
     state.pending += n_seqs
@@ -348,10 +350,8 @@ async def _sse(resp: web.StreamResponse, body: dict[str, Any]) -> None:
 
 
 def _count_usage(state: ServerState, builder: ResponseBuilder) -> None:
-    m = state.metrics
-    m.usage_prompt_tokens += builder.usage.prompt_tokens
-    m.usage_cached_tokens += builder.usage.cached_tokens
-    m.usage_completion_tokens += builder.usage.completion_tokens
+    usage = builder.usage
+    state.metrics.count_usage(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
 
 
 # -- handlers --------------------------------------------------------------------------------
@@ -422,9 +422,9 @@ async def health(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     state = state_of(request)
-    stats = await asyncio.to_thread(state.engine.stats)  # takes the engine's step lock: off the event loop
-    text = state.metrics.render(stats, pending=state.pending, inflight=state.inflight)
-    return web.Response(body=text.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+    # Engine.stats takes the engine's step lock: off the event loop.
+    body, content_type = await asyncio.to_thread(state.metrics.exposition)
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 async def flush_cache(request: web.Request) -> web.Response:

@@ -70,12 +70,15 @@ class ServerState:
         # The engine refuses a prompt of this many tokens or more (context or KV pool, whichever is smaller).
         self.context_limit: int = engine.context_limit
         self.token_text = TokenText(engine.tokenizer)
-        self.metrics = ServerMetrics()
         self.created = int(time.time())
         self.pending = 0  # sequences admitted and not finished (routes.admit counts them in)
         self.inflight = 0  # HTTP requests inside a handler
+        self.metrics = ServerMetrics(self.model_name, self.context_limit, engine.stats, self._gauges)
         self.draining = False
         self.generations: set[Any] = set()  # routes.Generation's running now (cut at the drain timeout)
+
+    def _gauges(self) -> dict[str, float]:
+        return {"pending_requests": self.pending, "http_inflight_requests": self.inflight}
 
     def engine_alive(self) -> bool:
         return self.engine.is_alive()
