@@ -208,22 +208,48 @@ def _engine_error(exc: BaseException, prompt_param: str, prompt_index: int) -> A
 
 
 async def _tokenize(state: ServerState, req: GenerateRequest) -> tuple[list[list[int]], list[str]]:
-    """Token ids of every prompt, checked against the context, and their texts (for echo)."""
+    """Token ids of every prompt (truncated as the request asks), checked against the context, and
+    the texts to echo: each prompt's (completions; decoded when truncated) or chat's last message."""
+    keep = _keep_last(state, req)
     if req.messages is not None:
         try:
             ids = await asyncio.to_thread(
                 functools.partial(state.engine.apply_chat_template, req.messages, **req.chat_options))
         except ValueError as exc:
             raise chat_template_error(exc) from None
+        ids = ids[-keep:] if keep is not None else ids
         check_prompts(state, [ids], "messages")
-        return [ids], [""]
-    prompts = await encode_prompts(state, req.prompts, _prompt_param(req))
+        last = req.messages[-1]
+        return [ids], [last["content"] if req.echo and last["role"] == _chat_role(req) else ""]
+    param = _prompt_param(req)
+    full = await encode_prompts(state, req.prompts, param, check=False)
+    prompts = [ids[-keep:] for ids in full] if keep is not None else full
+    check_prompts(state, prompts, param)
     tok = state.engine.tokenizer
     if not req.echo:
         return prompts, []
     if tok is None:
         raise bad_request("echo needs a tokenizer to show token-id prompts as text", param="echo")
-    return prompts, [p if isinstance(p, str) else tok.decode(p) for p in req.prompts]
+    return prompts, [p if isinstance(p, str) and len(ids) == len(f) else tok.decode(ids)
+                     for p, ids, f in zip(req.prompts, prompts, full)]
+
+
+def _keep_last(state: ServerState, req: GenerateRequest) -> int | None:
+    """How many prompt tokens truncate_prompt_tokens keeps (-1: all the context leaves beside max_tokens)."""
+    if req.truncate_prompt_tokens is None or req.truncate_prompt_tokens > 0:
+        return req.truncate_prompt_tokens
+    room = state.context_limit - (req.max_tokens or _DEFAULT_MAX_TOKENS[req.route] or 1)
+    if room < 1:
+        raise bad_request(f"truncate_prompt_tokens=-1 leaves no room for a prompt beside {req.max_tokens_param}="
+                          f"{req.max_tokens} (context {state.context_limit} tokens)", param=req.max_tokens_param)
+    return room
+
+
+def _chat_role(req: GenerateRequest) -> str:
+    """The reply's role, as vLLM gives it: the assistant's after a generation prompt, else the last message's."""
+    if req.messages is None or req.chat_options.get("add_generation_prompt", True):
+        return "assistant"
+    return req.messages[-1]["role"]
 
 
 def _prompt_param(req: GenerateRequest) -> str:
@@ -232,14 +258,17 @@ def _prompt_param(req: GenerateRequest) -> str:
     return "messages" if req.route == "chat" else "prompt"
 
 
-async def encode_prompts(state: ServerState, prompts: list[str | list[int]], param: str) -> list[list[int]]:
-    """Token ids of text prompts (in a worker thread: long prompts take a while), checked."""
+async def encode_prompts(
+    state: ServerState, prompts: list[str | list[int]], param: str, *, check: bool = True
+) -> list[list[int]]:
+    """Token ids of text prompts (in a worker thread: long prompts take a while), checked unless `check` is false."""
     tok = state.engine.tokenizer
     if tok is None and any(isinstance(p, str) for p in prompts):
         raise bad_request("this model has no tokenizer: send token ids", param=param)
     ids = await asyncio.to_thread(
         lambda: [tok.encode(p, add_special_tokens=True) if isinstance(p, str) else p for p in prompts])
-    check_prompts(state, ids, param)
+    if check:
+        check_prompts(state, ids, param)
     return ids
 
 
@@ -269,7 +298,9 @@ async def _generate(request: web.Request, req: GenerateRequest) -> web.StreamRes
     builder = ResponseBuilder(
         "chat" if req.route == "chat" else "completions", state.model_name, params.n, [len(p) for p in prompts],
         state.token_text, echo_texts=texts if req.echo else None, include_usage=req.include_usage,
-        logprobs=params.logprobs is not None,
+        logprobs=params.logprobs is not None, chat_role=_chat_role(req),
+        prompt_ids=prompts if req.return_token_ids else None, continuous_usage=req.continuous_usage,
+        tokens_as_ids=req.tokens_as_ids,
     )
     if req.user:
         logger.debug("request %s for user %r", builder.id, req.user)
