@@ -69,7 +69,7 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 class GenerateRequest:
     """A parsed completions/chat/native request, before tokenization."""
 
-    route: str  # "completions" | "chat" | "generate"
+    route: str  # "completions" | "chat" | "responses" | "generate"
     prompts: list[str | list[int]]  # completions/generate; chat uses `messages`
     messages: list[dict[str, str]] | None
     sampling: dict[str, Any]  # SamplingParams kwargs, max_tokens excluded

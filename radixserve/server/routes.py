@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 _END = object()  # a prompt's stream ended
 _CUT = object()  # the server cut the request at its drain timeout
-_DEFAULT_MAX_TOKENS = {"completions": 16, "chat": None, "generate": SamplingParams().max_tokens}
+_DEFAULT_MAX_TOKENS = {"completions": 16, "chat": None, "responses": None, "generate": SamplingParams().max_tokens}
 
 
 async def read_json(request: web.Request) -> Any:
