@@ -71,7 +71,7 @@ OPENAI_EXTRA = {
 # SGLang's names in /generate's sampling_params.
 SGLANG = {
     "max_new_tokens": st.sampled_from([1, 2, 0, -1, "1", None]), "min_new_tokens": INT, "no_stop_trim": BOOL,
-    "spaces_between_special_tokens": BOOL,
+    "sampling_seed": INT, "spaces_between_special_tokens": BOOL,
 }
 ITEM = st.fixed_dictionaries(
     {"role": st.sampled_from(["user", "system", "developer", "assistant", "tool", 5]), "content": st.one_of(

@@ -254,6 +254,8 @@ def test_generate_takes_sglangs_sampling_names(server, engine):
     assert early["completion_tokens"] <= 2 and early["outputs"][0]["finish_reason"] == "stop"
     at_least = gen(max_new_tokens=8, min_new_tokens=8, stop_token_ids=[free["outputs"][0]["token_ids"][1], eos])
     assert at_least["completion_tokens"] == 8
+    sampled = [gen(max_new_tokens=6, temperature=1.0, sampling_seed=9, ignore_eos=True)["text"] for _ in range(2)]
+    assert sampled[0] == sampled[1] == gen(max_new_tokens=6, temperature=1.0, seed=9, ignore_eos=True)["text"]
     neutral = gen(max_new_tokens=2, spaces_between_special_tokens=True, skip_special_tokens=False)
     assert neutral["completion_tokens"] == 2
 
@@ -262,6 +264,8 @@ def test_generate_takes_sglangs_sampling_names(server, engine):
     ({"min_new_tokens": 5, "max_new_tokens": 2}, "sampling_params.min_new_tokens"),
     ({"min_new_tokens": 1, "min_tokens": 1}, "sampling_params.min_new_tokens"),
     ({"no_stop_trim": "yes"}, "sampling_params.no_stop_trim"),
+    ({"sampling_seed": "7"}, "sampling_params.sampling_seed"),
+    ({"sampling_seed": 1, "seed": 1}, "sampling_params.sampling_seed"),
     ({"max_new_tokens": 0}, "sampling_params.max_new_tokens"),
     ({"spaces_between_special_tokens": False}, "sampling_params.spaces_between_special_tokens"),
 ])

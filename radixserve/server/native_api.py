@@ -29,7 +29,7 @@ from radixserve.server.responses import ResponseBuilder
 
 # SGLang's sampling_params names -> SamplingParams fields (no_stop_trim: keep the matched stop string).
 SGLANG_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",
-                "no_stop_trim": "include_stop_str_in_output"}
+                "no_stop_trim": "include_stop_str_in_output", "sampling_seed": "seed"}
 
 
 def parse_generate(body: Any) -> GenerateRequest:
