@@ -42,7 +42,7 @@ from radixserve.server.openai_api import (
     sampling_error,
 )
 from radixserve.server.responses import ResponseBuilder
-from radixserve.server.routes import Generation, _count_usage, _tokenize, json_response, read_json
+from radixserve.server.routes import Generation, count_usage, json_response, read_json, tokenize_request
 from radixserve.server.state import ServerState, state_of
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -256,7 +256,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
                           max_tokens=rreq.max_output_tokens, max_tokens_param="max_output_tokens",
                           stream=rreq.stream, user=rreq.user)
     try:
-        prompts, _ = await _tokenize(state, req)
+        prompts, _ = await tokenize_request(state, req)
     except ApiError as exc:
         if exc.param == "messages":
             exc.param = "input"
@@ -279,7 +279,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         while item is not None:
             builder.add(*item)
             item = await anext(events, None)
-    _count_usage(state, builder)
+    count_usage(state, builder)
     body = render.body(render.final_status())
     _store(state, render, body)
     return json_response(body)
@@ -321,7 +321,7 @@ async def _stream(
         await send(render.event("response.output_text.done", text=render.text, logprobs=[], **where))
         await send(render.event("response.content_part.done", part=render.part(), **where))
         await send(render.event("response.output_item.done", output_index=0, item=render.item(status)))
-        _count_usage(state, render.builder)
+        count_usage(state, render.builder)
         body = render.body(status)
         _store(state, render, body)
         await send(render.event("response.completed", response=body))

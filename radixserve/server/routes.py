@@ -207,7 +207,7 @@ def _engine_error(exc: BaseException, prompt_param: str, prompt_index: int) -> A
     return ApiError(500, f"the engine failed: {exc}", code="engine_error")
 
 
-async def _tokenize(state: ServerState, req: GenerateRequest) -> tuple[list[list[int]], list[str]]:
+async def tokenize_request(state: ServerState, req: GenerateRequest) -> tuple[list[list[int]], list[str]]:
     """Token ids of every prompt (truncated as the request asks), checked against the context, and
     the texts to echo: each prompt's (completions; decoded when truncated) or chat's last message."""
     keep = _keep_last(state, req)
@@ -288,7 +288,7 @@ def check_prompts(state: ServerState, prompts: list[list[int]], param: str) -> N
 
 async def _generate(request: web.Request, req: GenerateRequest) -> web.StreamResponse:
     state = state_of(request)
-    prompts, texts = await _tokenize(state, req)
+    prompts, texts = await tokenize_request(state, req)
     params = build_sampling_params(req, [len(p) for p in prompts], state.context_limit,
                                    _DEFAULT_MAX_TOKENS[req.route])
     try:
@@ -316,7 +316,7 @@ async def _generate(request: web.Request, req: GenerateRequest) -> web.StreamRes
             builder.add(*first)
             async for i, delta in events:
                 builder.add(i, delta)
-    _count_usage(state, builder)
+    count_usage(state, builder)
     if req.route == "generate":
         return json_response(native_response(builder, request_id))
     return json_response(builder.response())
@@ -372,7 +372,7 @@ async def _write_events(
         item = await anext(events, None)
     if builder.include_usage:
         await _sse(resp, builder.usage_chunk())
-    _count_usage(state_of(request), builder)
+    count_usage(state_of(request), builder)
     await resp.write(b"data: [DONE]\n\n")
 
 
@@ -380,7 +380,7 @@ async def _sse(resp: web.StreamResponse, body: dict[str, Any]) -> None:
     await resp.write(b"data: " + json.dumps(body).encode() + b"\n\n")
 
 
-def _count_usage(state: ServerState, builder: ResponseBuilder) -> None:
+def count_usage(state: ServerState, builder: ResponseBuilder) -> None:
     usage = builder.usage
     state.metrics.count_usage(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
 
