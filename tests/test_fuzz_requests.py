@@ -67,6 +67,7 @@ OPENAI_EXTRA = {
     "truncate_prompt_tokens": st.sampled_from([None, -1, 0, 1, 3, -2, 2**63, "2", True]),
     "return_token_ids": BOOL, "return_tokens_as_token_ids": BOOL, "use_beam_search": BOOL,
     "length_penalty": st.sampled_from([1, 1.0, 0.5, None, "1"]), "spaces_between_special_tokens": BOOL,
+    "request_id": st.sampled_from([None, "r1", "", 5, "x" * 300, "\ud800"]), "priority": INT,
 }
 # SGLang's names in /generate's sampling_params.
 SGLANG = {

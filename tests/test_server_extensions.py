@@ -209,7 +209,14 @@ def test_ignore_eos_top_k_min_p_and_repetition_penalty_change_the_output(server)
 
 def test_beam_search_fields_and_spaces_between_special_tokens_only_as_implemented(server):
     assert complete(server, COUNT, length_penalty=1.0, use_beam_search=False, spaces_between_special_tokens=True,
-                    max_tokens=1)["usage"]["completion_tokens"] == 1
+                    priority=0, max_tokens=1)["usage"]["completion_tokens"] == 1
+
+
+def test_request_id_names_the_response(server):
+    assert complete(server, COUNT, request_id="job-7", max_tokens=1)["id"] == "cmpl-job-7"
+    assert chat(server, request_id="job-8", max_tokens=1)["id"] == "chatcmpl-job-8"
+    chunks = stream(server, "/v1/chat/completions", {"messages": MSGS, "max_tokens": 2, "request_id": "job-9"})
+    assert {c["id"] for c in chunks} == {"chatcmpl-job-9"}
 
 
 @pytest.mark.parametrize("route, fields, param", [
@@ -230,6 +237,10 @@ def test_beam_search_fields_and_spaces_between_special_tokens_only_as_implemente
     ("/v1/completions", {"use_beam_search": True}, "use_beam_search"),
     ("/v1/chat/completions", {"spaces_between_special_tokens": False}, "spaces_between_special_tokens"),
     ("/v1/chat/completions", {"min_tokens": 9, "max_tokens": 4}, "min_tokens"),
+    ("/v1/completions", {"priority": 1}, "priority"),
+    ("/v1/completions", {"request_id": ""}, "request_id"),
+    ("/v1/chat/completions", {"request_id": 5}, "request_id"),
+    ("/v1/chat/completions", {"request_id": "a\nb"}, "request_id"),
 ])
 def test_bad_extension_values_are_a_400_naming_the_field(server, route, fields, param):
     first = {"messages": MSGS} if "chat" in route else {"prompt": COUNT}

@@ -28,7 +28,7 @@ EXTENSIONS = (
 # vLLM's fields on chat and completions beyond its sampling parameters (see `_vllm_options`).
 VLLM_FIELDS = (
     "truncate_prompt_tokens", "return_token_ids", "return_tokens_as_token_ids", "spaces_between_special_tokens",
-    "length_penalty", "use_beam_search",
+    "length_penalty", "use_beam_search", "request_id", "priority",
 )
 # vLLM's chat template controls (chat and /tokenize): Engine.apply_chat_template's options.
 CHAT_TEMPLATE_FIELDS = ("add_generation_prompt", "continue_final_message", "chat_template_kwargs")
@@ -87,6 +87,7 @@ class GenerateRequest:
     truncate_prompt_tokens: int | None = None
     return_token_ids: bool = False  # prompt_token_ids and token_ids in the answer
     tokens_as_ids: bool = False  # return_tokens_as_token_ids: logprob tokens as "token_id:N"
+    request_id: str | None = None  # vLLM's: the response's id is the route's prefix + it
 
 
 @dataclass
@@ -311,8 +312,14 @@ def _vllm_options(body: dict[str, Any], logprobs: bool) -> dict[str, Any]:
                   "length_penalty applies to beam search, which is not implemented")
     refuse_unless(body, "spaces_between_special_tokens", lambda v: v is True,
                   "special tokens are decoded as the tokenizer joins them")
+    refuse_unless(body, "priority", lambda v: v == 0 and not isinstance(v, bool),
+                  "requests have no priorities (the engine's schedule policy orders them)")
+    request_id = body.get("request_id")
+    if request_id is not None and (not isinstance(request_id, str) or not 1 <= len(request_id) <= 256
+                                   or not request_id.isprintable()):
+        raise bad_request("request_id must be a printable string of 1 to 256 characters", param="request_id")
     return {"truncate_prompt_tokens": truncate, "return_token_ids": get_bool(body, "return_token_ids"),
-            "tokens_as_ids": as_ids}
+            "tokens_as_ids": as_ids, "request_id": request_id}
 
 
 _COMMON = {

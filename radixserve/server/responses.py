@@ -82,6 +82,7 @@ class ResponseBuilder:
         prompt_ids: list[list[int]] | None = None,
         continuous_usage: bool = False,
         tokens_as_ids: bool = False,
+        request_id: str | None = None,
     ) -> None:
         self.route = route  # "completions" | "chat"
         self.model = model
@@ -95,7 +96,7 @@ class ResponseBuilder:
         self.logprobs = logprobs
         self.chat_role = chat_role  # the role of the reply (vLLM: the last message's without a generation prompt)
         self.prompt_ids = prompt_ids  # return_token_ids: each prompt's ids; None: no token ids in the answer
-        self.id = ("chatcmpl-" if route == "chat" else "cmpl-") + uuid.uuid4().hex
+        self.id = ("chatcmpl-" if route == "chat" else "cmpl-") + (request_id or uuid.uuid4().hex)
         self.created = int(time.time())
         self.choices = [Choice(index=i) for i in range(n * len(prompt_lens))]
         if echo_texts:

@@ -300,7 +300,7 @@ async def _generate(request: web.Request, req: GenerateRequest) -> web.StreamRes
         state.token_text, echo_texts=texts if req.echo else None, include_usage=req.include_usage,
         logprobs=params.logprobs is not None, chat_role=_chat_role(req),
         prompt_ids=prompts if req.return_token_ids else None, continuous_usage=req.continuous_usage,
-        tokens_as_ids=req.tokens_as_ids,
+        tokens_as_ids=req.tokens_as_ids, request_id=req.request_id,
     )
     if req.user:
         logger.debug("request %s for user %r", builder.id, req.user)
