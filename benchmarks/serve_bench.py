@@ -42,7 +42,7 @@ from typing import Any
 import aiohttp
 
 from radixserve.replay.gentrace import GenConfig, generate_trace
-from radixserve.server.metrics import parse_metrics
+from radixserve.server.metrics import Scrape, parse_metrics
 
 
 def percentiles(values: list[float], scale: float = 1000.0) -> dict[str, float | None]:
@@ -122,8 +122,8 @@ async def run_workload(url: str, cfg: GenConfig, route: str) -> dict[str, Any]:
     return summarize(results, wall, before, after, round(len(trace) / last, 3) if last > 0 else None)
 
 
-def summarize(results: list[dict[str, Any]], wall: float, before: dict[str, float],
-              after: dict[str, float], offered_rate: float | None = None) -> dict[str, Any]:
+def summarize(results: list[dict[str, Any]], wall: float, before: Scrape,
+              after: Scrape, offered_rate: float | None = None) -> dict[str, Any]:
     """The run's numbers; `offered_rate`: requests per second the trace sent (its last arrival
     over its count), against the served `request_throughput`."""
     ok = [r for r in results if "error" not in r]
@@ -131,9 +131,9 @@ def summarize(results: list[dict[str, Any]], wall: float, before: dict[str, floa
     in_tokens = sum(r["prompt_tokens"] for r in ok)
 
     def moved(name: str) -> float:
-        return after.get(name, 0.0) - before.get(name, 0.0)
+        return after.get(name) - before.get(name)
 
-    queried = moved("radixserve_prefix_cache_queried_tokens_total")
+    queried = moved("radixserve:prefix_cache_queries_total")
     return {
         "requests": len(results),
         "errors": len(results) - len(ok),
@@ -147,10 +147,10 @@ def summarize(results: list[dict[str, Any]], wall: float, before: dict[str, floa
         "output_tokens_per_s": round(out_tokens / wall, 2),
         "input_tokens_per_s": round(in_tokens / wall, 2),
         "cached_token_share": round(sum(r.get("cached_tokens", 0) for r in ok) / max(1, in_tokens), 4),
-        "server_hit_rate": round(moved("radixserve_prefix_cache_hit_tokens_total") / queried, 4) if queried else 0.0,
+        "server_hit_rate": round(moved("radixserve:prefix_cache_hits_total") / queried, 4) if queried else 0.0,
         # The engine's steps over the run: decode graph replays, graph-piece (prefill, mixed)
         # steps, and the rest (eager); and the offered load, to tell a saturated server.
-        "steps": {kind: int(moved(f"radixserve_{name}_total")) for kind, name in (
+        "steps": {kind: int(moved(f"radixserve:{name}_total")) for kind, name in (
             ("all", "engine_steps"), ("decode_graph", "decode_graph_steps"), ("piecewise", "piecewise_graph_steps"))},
     }
 

@@ -76,6 +76,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model's)")
     p.add_argument("--max-pending-requests", type=int, default=None,
                    help="sequences admitted at once before answering 503 (default: 4 x max running requests)")
+    p.add_argument("--responses-store-size", type=int, default=1024,
+                   help="Responses API results kept in memory for previous_response_id (default: 1024; 0: none)")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="request body size limit in MiB (default: 16)")
     p.add_argument("--drain-timeout", type=float, default=60.0,
                    help="seconds SIGTERM waits for in-flight requests before cutting them (default: 60)")
@@ -115,6 +117,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         api_key=api_key(args),
         served_model_name=args.served_model_name,
         max_pending_requests=args.max_pending_requests,
+        responses_store_size=args.responses_store_size,
         max_body_bytes=int(args.max_body_mb * 2**20),
         drain_timeout=args.drain_timeout,
         keep_alive_timeout=args.timeout_keep_alive,

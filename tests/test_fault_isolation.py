@@ -176,6 +176,7 @@ def test_server_exits_non_zero_once_the_engine_failed(make_engine, tiny_qwen3_pa
     import time
 
     from radixserve.server import BackgroundServer, ServerConfig
+    from radixserve.server.metrics import parse_metrics
 
     monkeypatch.setattr(core_module, "MAX_FAILED_STEPS_IN_A_ROW", 2)
     engine = make_engine(tiny_qwen3_path)
@@ -183,10 +184,14 @@ def test_server_exits_non_zero_once_the_engine_failed(make_engine, tiny_qwen3_pa
     srv = BackgroundServer(engine, ServerConfig(port=0, drain_timeout=5)).start()
     try:
         monkeypatch.setattr(ModelRunner, "forward", lambda self, batch: 1 / 0)
-        for _ in range(3):  # each fails alone; the third failed step in a row is fatal
+        for i in range(3):  # each fails alone; the third failed step in a row is fatal
             status, _, body = http(srv.url + "/generate", "POST", {"input_ids": [1, 2, 3], "sampling_params": {
                 "max_tokens": 2}})
             assert status == 500 and body["error"]["code"] == "engine_error", body
+            if i == 1:  # the first two ended with finish_reason error, each counted once
+                scrape = parse_metrics(http(srv.url + "/metrics")[2])
+                assert scrape.get("radixserve:request_errors_total") == 2
+                assert scrape.get("radixserve:engine_failed_steps_total") == 2
         health = http(srv.url + "/health")
         assert health[0] == 503 and health[2]["status"] in ("engine failed", "draining"), health
         deadline = time.monotonic() + 10

@@ -54,7 +54,9 @@ SAMPLING = {
     "include_stop_str_in_output": BOOL, "skip_special_tokens": BOOL,
 }
 OPENAI_EXTRA = {
-    "stream": BOOL, "stream_options": st.sampled_from([None, {}, {"include_usage": True}, {"bogus": 1}, 5]),
+    "stream": BOOL, "stream_options": st.sampled_from([
+        None, {}, {"include_usage": True}, {"bogus": 1}, 5, {"continuous_usage_stats": True},
+        {"continuous_usage_stats": True, "include_usage": False}, {"continuous_usage_stats": "yes"}]),
     "user": st.sampled_from(["u", 5, None, "\ud800"]), "logit_bias": st.sampled_from([{}, {"1": 5}, None]),
     "echo": BOOL, "best_of": INT, "suffix": st.sampled_from(["", "x", None]),
     "top_logprobs": INT, "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}, None]),
@@ -62,6 +64,36 @@ OPENAI_EXTRA = {
     "add_generation_prompt": BOOL, "continue_final_message": BOOL,
     "chat_template_kwargs": st.sampled_from([{}, {"enable_thinking": False}, {"tokenize": True}, {"x": "\ud800"}, 5,
                                              None]),
+    "truncate_prompt_tokens": st.sampled_from([None, -1, 0, 1, 3, -2, 2**63, "2", True]),
+    "return_token_ids": BOOL, "return_tokens_as_token_ids": BOOL, "use_beam_search": BOOL,
+    "length_penalty": st.sampled_from([1, 1.0, 0.5, None, "1"]), "spaces_between_special_tokens": BOOL,
+    "request_id": st.sampled_from([None, "r1", "", 5, "x" * 300, "\ud800"]), "priority": INT,
+}
+# SGLang's names in /generate's sampling_params.
+SGLANG = {
+    "max_new_tokens": st.sampled_from([1, 2, 0, -1, "1", None]), "min_new_tokens": INT, "no_stop_trim": BOOL,
+    "sampling_seed": INT, "spaces_between_special_tokens": BOOL,
+}
+ITEM = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "system", "developer", "assistant", "tool", 5]), "content": st.one_of(
+        TEXT, st.just([{"type": "input_text", "text": "hi"}]), st.just([{"type": "output_text", "text": "a"}]),
+        st.just([{"type": "input_image", "image_url": "x"}]), st.none())},
+    optional={"type": st.sampled_from(["message", "function_call", 5])},
+)
+RESPONSES = {
+    "model": st.sampled_from([M, M, "other"]),
+    "input": st.one_of(TEXT, st.lists(ITEM, max_size=3), st.sampled_from([None, 5, [], [{}]])),
+    "instructions": st.sampled_from([None, "Be terse.", "", 5, "\ud800"]),
+    "max_output_tokens": st.sampled_from([1, 2, 0, -1, None, "2", 10**9]),
+    "temperature": NUMBER, "top_p": NUMBER, "stream": BOOL, "user": st.sampled_from(["u", 5, None]),
+    "metadata": st.sampled_from([None, {}, {"k": "v"}, {"k": 5}, [], {str(i): "v" for i in range(17)}]),
+    "store": BOOL, "previous_response_id": st.sampled_from([None, "resp_missing", 5]),
+    "tools": st.sampled_from([[], [{"type": "function", "name": "f"}], None]),
+    "tool_choice": st.sampled_from(["auto", "none", "required", None]), "background": BOOL,
+    "text": st.sampled_from([None, {"format": {"type": "text"}}, {"format": {"type": "json_object"}}]),
+    "truncation": st.sampled_from([None, "disabled", "auto"]), "include": st.sampled_from([None, [], ["x"]]),
+    "reasoning": st.sampled_from([None, {"effort": "low"}]), "top_logprobs": st.sampled_from([None, 0, 2]),
+    "bogus_field": st.just(1),
 }
 
 
@@ -76,6 +108,14 @@ def _bounded(body: dict) -> dict:
     return body
 
 
+def _bounded_output(body: dict) -> dict:
+    """/v1/responses: a missing max_output_tokens is 2, valid ones above 2 become 2."""
+    value = body.get("max_output_tokens")
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and 2 < value <= 1024):
+        body["max_output_tokens"] = 2
+    return body
+
+
 def _fields(pool: dict, *required: str) -> st.SearchStrategy[dict]:
     optional = {k: v for k, v in pool.items() if k not in required}
     return st.fixed_dictionaries({k: pool[k] for k in required}, optional=optional)
@@ -83,8 +123,10 @@ def _fields(pool: dict, *required: str) -> st.SearchStrategy[dict]:
 
 def _request(route: str) -> st.SearchStrategy[tuple[str, dict]]:
     if route == "/generate":
-        body = st.fixed_dictionaries({"sampling_params": _fields(SAMPLING).map(_bounded)}, optional={
+        body = st.fixed_dictionaries({"sampling_params": _fields({**SAMPLING, **SGLANG}).map(_bounded)}, optional={
             "text": TEXT, "input_ids": ID_LISTS, "stream": BOOL})
+    elif route == "/v1/responses":
+        body = _fields(RESPONSES, "model", "input").map(_bounded_output)
     elif route == "/tokenize":
         body = st.fixed_dictionaries({}, optional={
             "model": st.sampled_from([M, "other", 5]), "prompt": TEXTS, "messages": MESSAGES,
@@ -104,7 +146,8 @@ def _request(route: str) -> st.SearchStrategy[tuple[str, dict]]:
     return body.map(lambda b: (route, b))
 
 
-ROUTES = ["/v1/completions", "/v1/chat/completions", "/generate", "/v1/embeddings", "/tokenize", "/detokenize"]
+ROUTES = ["/v1/completions", "/v1/chat/completions", "/generate", "/v1/embeddings", "/tokenize", "/detokenize",
+          "/v1/responses"]
 
 
 def _check_answer(status: int, headers: dict, answer, streamed: bool) -> None:
@@ -116,7 +159,10 @@ def _check_answer(status: int, headers: dict, answer, streamed: bool) -> None:
     if streamed and isinstance(answer, str):
         events = sse_events(answer)
         assert not [e for e in events if isinstance(e, dict) and "error" in e], events
-        assert events and events[-1] == "[DONE]", answer
+        if events and isinstance(events[0], dict) and str(events[0].get("type")).startswith("response."):
+            assert events[-1]["type"] == "response.completed", answer  # the Responses API ends so
+        else:
+            assert events and events[-1] == "[DONE]", answer
 
 
 def _healthy(server, engine) -> None:

@@ -31,6 +31,9 @@ def test_bad_option_fails_before_loading_the_model():
     proc = subprocess.run([sys.executable, "-m", "radixserve", "serve", "--port", "70000"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "port must be" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "radixserve", "serve", "--responses-store-size", "-1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "responses_store_size must be" in proc.stderr
 
 
 def test_serve_prints_a_curl_example_and_sigterm_drains(smollm_path):

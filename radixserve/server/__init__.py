@@ -5,7 +5,8 @@
         ...
 
 `app.py` (the application, middlewares, lifecycle), `routes.py` (handlers), `openai_api.py`
-(request parsing), `responses.py` (response bodies), `native_api.py` (/generate), `metrics.py`,
+(request parsing), `responses.py` (response bodies), `native_api.py` (/generate), `responses_api.py` and
+`response_store.py` (/v1/responses), `tokenize.py` (/tokenize, /detokenize), `metrics.py` (prometheus_client),
 `transport.py` (connection timeouts, access log), `state.py` (config and shared state).
 """
 

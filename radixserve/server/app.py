@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from radixserve.server.openai_api import ApiError
+from radixserve.server.responses_api import ROUTES as RESPONSES_ROUTES
 from radixserve.server.routes import ROUTES, json_response
 from radixserve.server.state import STATE, ServerConfig, ServerState
 from radixserve.server.tokenize import ROUTES as TOKENIZE_ROUTES
@@ -56,7 +57,7 @@ def build_app(engine: Engine, config: ServerConfig | None = None) -> web.Applica
     app = web.Application(middlewares=[_errors, _body_deadline, _draining, _auth],
                           client_max_size=config.max_body_bytes)
     app[STATE] = ServerState(engine, config)
-    for method, path, handler in ROUTES + TOKENIZE_ROUTES:
+    for method, path, handler in ROUTES + TOKENIZE_ROUTES + RESPONSES_ROUTES:
         app.router.add_route(method, path, handler)
     return app
 

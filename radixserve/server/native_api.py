@@ -15,6 +15,7 @@ from typing import Any
 from radixserve.engine.outputs import StreamDelta, TokenLogprob
 from radixserve.server.openai_api import (
     SAMPLING_FIELDS,
+    ApiError,
     GenerateRequest,
     bad_request,
     check_known,
@@ -22,8 +23,13 @@ from radixserve.server.openai_api import (
     check_token_ids,
     get_bool,
     get_int,
+    refuse_unless,
 )
 from radixserve.server.responses import ResponseBuilder
+
+# SGLang's sampling_params names -> SamplingParams fields (no_stop_trim: keep the matched stop string).
+SGLANG_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",
+                "no_stop_trim": "include_stop_str_in_output", "sampling_seed": "seed"}
 
 
 def parse_generate(body: Any) -> GenerateRequest:
@@ -45,25 +51,34 @@ def parse_generate(body: Any) -> GenerateRequest:
     sp = body.get("sampling_params") or {}
     if not isinstance(sp, dict):
         raise bad_request("sampling_params must be an object", param="sampling_params")
-    known = {f"sampling_params.{k}" for k in (*SAMPLING_FIELDS, "max_new_tokens")}
+    known = {f"sampling_params.{k}" for k in (*SAMPLING_FIELDS, *SGLANG_NAMES, "spaces_between_special_tokens")}
     check_known({f"sampling_params.{k}": v for k, v in sp.items()}, known)
-    # SGLang's name for max_tokens; one of the two.
-    if "max_new_tokens" in sp and "max_tokens" in sp:
-        raise bad_request("give sampling_params.max_tokens or max_new_tokens, not both",
-                          param="sampling_params.max_new_tokens")
-    length = "max_new_tokens" if "max_new_tokens" in sp else "max_tokens"
-    sampling = {k: (tuple(v) if isinstance(v, list) else v) for k, v in sp.items() if k not in ("max_tokens", length)}
-    max_tokens = get_int(sp, length, 1)
+    refuse_unless({f"sampling_params.{k}": v for k, v in sp.items()}, "sampling_params.spaces_between_special_tokens",
+                  lambda v: v is True, "special tokens are decoded as the tokenizer joins them")
+    names = {k: f"sampling_params.{k}" for k in SAMPLING_FIELDS}
+    for alias, name in SGLANG_NAMES.items():  # SGLang's names; one of the two
+        if alias in sp and name in sp:
+            raise bad_request(f"give sampling_params.{name} or {alias}, not both", param=f"sampling_params.{alias}")
+        if alias in sp:
+            names[name] = f"sampling_params.{alias}"
+    length = names["max_tokens"]
+    try:
+        max_tokens = get_int(sp, length.removeprefix("sampling_params."), 1)
+    except ApiError as exc:
+        exc.param = length
+        raise
+    sp = {SGLANG_NAMES.get(k, k): v for k, v in sp.items() if k != "spaces_between_special_tokens"}
+    sampling = {k: (tuple(v) if isinstance(v, list) else v) for k, v in sp.items() if k != "max_tokens"}
     return GenerateRequest(
         route="generate",
         prompts=[prompt],
         messages=None,
         sampling=sampling,
         max_tokens=max_tokens,
-        max_tokens_param=f"sampling_params.{length}",
+        max_tokens_param=length,
         stream=get_bool(body, "stream"),
         logprobs=None,  # carried in sampling["logprobs"]
-        names={k: f"sampling_params.{k}" for k in SAMPLING_FIELDS},
+        names=names,
     )
 
 

@@ -25,6 +25,11 @@ EXTENSIONS = (
     "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos",
     "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output",
 )
+# vLLM's fields on chat and completions beyond its sampling parameters (see `_vllm_options`).
+VLLM_FIELDS = (
+    "truncate_prompt_tokens", "return_token_ids", "return_tokens_as_token_ids", "spaces_between_special_tokens",
+    "length_penalty", "use_beam_search", "request_id", "priority",
+)
 # vLLM's chat template controls (chat and /tokenize): Engine.apply_chat_template's options.
 CHAT_TEMPLATE_FIELDS = ("add_generation_prompt", "continue_final_message", "chat_template_kwargs")
 # OpenAI names that map 1:1 to SamplingParams fields.
@@ -64,7 +69,7 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 class GenerateRequest:
     """A parsed completions/chat/native request, before tokenization."""
 
-    route: str  # "completions" | "chat" | "generate"
+    route: str  # "completions" | "chat" | "responses" | "generate"
     prompts: list[str | list[int]]  # completions/generate; chat uses `messages`
     messages: list[dict[str, str]] | None
     sampling: dict[str, Any]  # SamplingParams kwargs, max_tokens excluded
@@ -77,6 +82,12 @@ class GenerateRequest:
     user: str | None = None
     names: dict[str, str] = field(default_factory=dict)  # SamplingParams field -> the client's name
     chat_options: dict[str, Any] = field(default_factory=dict)  # Engine.apply_chat_template's options
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage on every chunk
+    # vLLM's: keep the last k prompt tokens (-1: as many as the context leaves room for); None: all.
+    truncate_prompt_tokens: int | None = None
+    return_token_ids: bool = False  # prompt_token_ids and token_ids in the answer
+    tokens_as_ids: bool = False  # return_tokens_as_token_ids: logprob tokens as "token_id:N"
+    request_id: str | None = None  # vLLM's: the response's id is the route's prefix + it
 
 
 @dataclass
@@ -260,30 +271,70 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
     return kw
 
 
-def _stream_options(body: dict[str, Any], stream: bool) -> bool:
+def _stream_options(body: dict[str, Any], stream: bool) -> tuple[bool, bool]:
+    """(include_usage, continuous_usage_stats). vLLM's continuous_usage_stats puts the usage so far on
+    every chunk; it implies include_usage unless that is false (then it is a 400)."""
     opts = body.get("stream_options")
     if opts is None:
-        return False
+        return False, False
     if not stream:
         raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
     if not isinstance(opts, dict):
         raise bad_request("stream_options must be an object", param="stream_options")
-    check_known({f"stream_options.{k}": v for k, v in opts.items()}, {"stream_options.include_usage"})
-    return get_bool(opts, "include_usage")
+    check_known({f"stream_options.{k}": v for k, v in opts.items()},
+                {"stream_options.include_usage", "stream_options.continuous_usage_stats"})
+    try:
+        continuous = get_bool(opts, "continuous_usage_stats")
+        include = get_bool(opts, "include_usage", default=continuous)
+    except ApiError as exc:
+        exc.param = f"stream_options.{exc.param}"
+        raise
+    if continuous and not include:
+        raise bad_request("stream_options.continuous_usage_stats needs include_usage",
+                          param="stream_options.continuous_usage_stats")
+    return include, continuous
+
+
+def _vllm_options(body: dict[str, Any], logprobs: bool) -> dict[str, Any]:
+    """vLLM's truncate_prompt_tokens, return_token_ids, return_tokens_as_token_ids; the beam search
+    and detokenizer fields only with the values this server implements."""
+    truncate = body.get("truncate_prompt_tokens")
+    if truncate is not None and (not isinstance(truncate, int) or isinstance(truncate, bool)
+                                 or not (truncate == -1 or truncate >= 1)):
+        raise bad_request(f"truncate_prompt_tokens must be -1 (as many as fit) or an integer >= 1, got "
+                          f"{truncate!r}", param="truncate_prompt_tokens")
+    as_ids = get_bool(body, "return_tokens_as_token_ids")
+    if as_ids and not logprobs:
+        raise bad_request("return_tokens_as_token_ids shows logprob tokens as ids: ask for logprobs too",
+                          param="return_tokens_as_token_ids")
+    refuse_unless(body, "use_beam_search", lambda v: v is False, "beam search is not implemented")
+    refuse_unless(body, "length_penalty", lambda v: v == 1 and not isinstance(v, bool),
+                  "length_penalty applies to beam search, which is not implemented")
+    refuse_unless(body, "spaces_between_special_tokens", lambda v: v is True,
+                  "special tokens are decoded as the tokenizer joins them")
+    refuse_unless(body, "priority", lambda v: v == 0 and not isinstance(v, bool),
+                  "requests have no priorities (the engine's schedule policy orders them)")
+    request_id = body.get("request_id")
+    if request_id is not None and (not isinstance(request_id, str) or not 1 <= len(request_id) <= 256
+                                   or not request_id.isprintable()):
+        raise bad_request("request_id must be a printable string of 1 to 256 characters", param="request_id")
+    return {"truncate_prompt_tokens": truncate, "return_token_ids": get_bool(body, "return_token_ids"),
+            "tokens_as_ids": as_ids, "request_id": request_id}
 
 
 _COMMON = {
     "model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "presence_penalty",
-    "frequency_penalty", "logit_bias", "user", "seed", *EXTENSIONS,
+    "frequency_penalty", "logit_bias", "user", "seed", *EXTENSIONS, *VLLM_FIELDS,
 }
 COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"}
 CHAT_FIELDS = _COMMON | {
     "messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "tools", "tool_choice",
-    "parallel_tool_calls", "store", *CHAT_TEMPLATE_FIELDS,
+    "parallel_tool_calls", "store", "echo", *CHAT_TEMPLATE_FIELDS,
 }
 
 
-def _common(body: dict[str, Any], served: str, fields: set[str]) -> tuple[dict[str, Any], bool, bool, str | None]:
+def _common(body: dict[str, Any], served: str, fields: set[str], logprobs: bool) -> dict[str, Any]:
+    """What completions and chat share, as GenerateRequest fields."""
     check_known(body, fields)
     check_model(body, served)
     refuse_unless(body, "logit_bias", lambda v: v == {}, "logit_bias is not implemented")
@@ -291,16 +342,17 @@ def _common(body: dict[str, Any], served: str, fields: set[str]) -> tuple[dict[s
     if user is not None and not isinstance(user, str):
         raise bad_request("user must be a string", param="user")
     stream = get_bool(body, "stream")
-    include_usage = _stream_options(body, stream)
-    return _sampling(body), stream, include_usage, user
+    include_usage, continuous = _stream_options(body, stream)
+    return dict(sampling=_sampling(body), stream=stream, include_usage=include_usage, continuous_usage=continuous,
+                user=user, **_vllm_options(body, logprobs))
 
 
 def parse_completion(body: Any, served: str) -> GenerateRequest:
     """POST /v1/completions."""
     body = check_object(body)
-    sampling, stream, include_usage, user = _common(body, served, COMPLETION_FIELDS)
+    common = _common(body, served, COMPLETION_FIELDS, logprobs=body.get("logprobs") is not None)
     refuse_unless(body, "suffix", lambda v: v == "", "insertion (suffix) is not implemented")
-    n = sampling.get("n", 1)
+    n = common["sampling"].get("n", 1)
     refuse_unless(body, "best_of", lambda v: v == n, "best_of must equal n (no server-side ranking)")
     logprobs = get_int(body, "logprobs", 0, MAX_LOGPROBS)
     echo = get_bool(body, "echo")
@@ -311,21 +363,18 @@ def parse_completion(body: Any, served: str) -> GenerateRequest:
         route="completions",
         prompts=parse_prompts(body.get("prompt"), "prompt"),
         messages=None,
-        sampling=sampling,
         max_tokens=get_int(body, "max_tokens", 1),
         max_tokens_param="max_tokens",
-        stream=stream,
-        include_usage=include_usage,
         echo=echo,
         logprobs=logprobs,
-        user=user,
+        **common,
     )
 
 
 def parse_chat(body: Any, served: str) -> GenerateRequest:
     """POST /v1/chat/completions."""
     body = check_object(body)
-    sampling, stream, include_usage, user = _common(body, served, CHAT_FIELDS)
+    common = _common(body, served, CHAT_FIELDS, logprobs=body.get("logprobs") is True)
     refuse_unless(body, "tools", lambda v: v == [], "tool calling is not implemented")
     refuse_unless(body, "tool_choice", lambda v: v in ("none", "auto"), "tool calling is not implemented")
     refuse_unless(body, "parallel_tool_calls", lambda v: isinstance(v, bool), "it must be a boolean")
@@ -343,15 +392,13 @@ def parse_chat(body: Any, served: str) -> GenerateRequest:
         route="chat",
         prompts=[],
         messages=parse_messages(body.get("messages")),
-        sampling=sampling,
         max_tokens=max_completion if max_completion is not None else max_tokens,
         max_tokens_param="max_completion_tokens" if max_completion is not None else "max_tokens",
-        stream=stream,
-        include_usage=include_usage,
+        echo=get_bool(body, "echo"),
         logprobs=(top or 0) if logprobs else None,
-        user=user,
         names={"logprobs": "top_logprobs"},
         chat_options=parse_chat_options(body),
+        **common,
     )
 
 

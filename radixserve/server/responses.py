@@ -46,6 +46,7 @@ class Choice:
     stop_reason: int | str | None = None
     offset: int = 0  # characters before the next token (completions' text_offset)
     folded_tokens: int = 0  # prompt tokens computed by another sequence of the batch
+    prompt_ids_sent: bool = False  # streaming with return_token_ids: its prompt's ids went out
 
 
 @dataclass
@@ -77,15 +78,25 @@ class ResponseBuilder:
         echo_texts: list[str] | None = None,
         include_usage: bool = False,
         logprobs: bool = False,
+        chat_role: str = "assistant",
+        prompt_ids: list[list[int]] | None = None,
+        continuous_usage: bool = False,
+        tokens_as_ids: bool = False,
+        request_id: str | None = None,
     ) -> None:
         self.route = route  # "completions" | "chat"
         self.model = model
         self.n = n
         self.token_text = token_text
+        # What logprobs show for a token: its text, or vLLM's "token_id:N" (return_tokens_as_token_ids).
+        self.token_label: Callable[[int], str] = (lambda t: f"token_id:{t}") if tokens_as_ids else token_text
         self.echo_texts = echo_texts
         self.include_usage = include_usage
+        self.continuous_usage = continuous_usage  # the usage so far on every chunk
         self.logprobs = logprobs
-        self.id = ("chatcmpl-" if route == "chat" else "cmpl-") + uuid.uuid4().hex
+        self.chat_role = chat_role  # the role of the reply (vLLM: the last message's without a generation prompt)
+        self.prompt_ids = prompt_ids  # return_token_ids: each prompt's ids; None: no token ids in the answer
+        self.id = ("chatcmpl-" if route == "chat" else "cmpl-") + (request_id or uuid.uuid4().hex)
         self.created = int(time.time())
         self.choices = [Choice(index=i) for i in range(n * len(prompt_lens))]
         if echo_texts:
@@ -120,9 +131,10 @@ class ResponseBuilder:
             choices = [
                 {
                     "index": c.index,
-                    "message": {"role": "assistant", "content": c.text, "refusal": None},
+                    "message": {"role": self.chat_role, "content": c.text, "refusal": None},
                     "logprobs": self._chat_logprobs(c.logprobs) if self.logprobs else None,
                     "finish_reason": c.finish_reason,
+                    **({"token_ids": c.token_ids} if self.prompt_ids is not None else {}),
                 }
                 for c in self.choices
             ]
@@ -135,14 +147,27 @@ class ResponseBuilder:
                     # c.offset is still the echoed prompt's length: only streaming advances it.
                     "logprobs": self._completion_logprobs(c.logprobs, c.offset)[0] if self.logprobs else None,
                     "finish_reason": c.finish_reason,
+                    **self._completion_ids(c, c.token_ids),
                 }
                 for c in self.choices
             ]
             obj = "text_completion"
-        return {
+        body = {
             "id": self.id, "object": obj, "created": self.created, "model": self.model,
             "system_fingerprint": None, "choices": choices, "usage": self.usage.body(),
         }
+        if self.route == "chat" and self.prompt_ids is not None:
+            body["prompt_token_ids"] = self.prompt_ids[0]
+        return body
+
+    def _completion_ids(self, choice: Choice, token_ids: list[int]) -> dict[str, Any]:
+        """return_token_ids on completions: the choice's prompt ids (once per stream) and `token_ids`."""
+        if self.prompt_ids is None:
+            return {}
+        ids: dict[str, Any] = {"token_ids": list(token_ids)}
+        if not choice.prompt_ids_sent:
+            ids["prompt_token_ids"] = self.prompt_ids[choice.index // self.n]
+        return ids
 
     # -- stream chunks -----------------------------------------------------------------------
 
@@ -150,36 +175,53 @@ class ResponseBuilder:
         obj = "chat.completion.chunk" if self.route == "chat" else "text_completion"
         chunk = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                  "system_fingerprint": None, "choices": choices}
-        if self.include_usage:
+        if self.continuous_usage:
+            chunk["usage"] = self.usage.body()
+        elif self.include_usage:
             chunk["usage"] = None
         return chunk
 
     def opening_chunks(self) -> list[dict[str, Any]]:
-        """Chat: the assistant role for every choice; completions with echo: the prompt text."""
+        """Chat: the role for every choice (the first chunk carries the prompt's ids when asked), then
+        the echoed last message if any; completions with echo: the prompt text."""
+        chunks = []
         if self.route == "chat":
-            return [self._chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
-                                  "logprobs": None, "finish_reason": None}]) for c in self.choices]
-        if self.echo_texts:
-            return [self._chunk([{"index": c.index, "text": c.text, "logprobs": None, "finish_reason": None}])
-                    for c in self.choices]
-        return []
+            for c in self.choices:
+                chunk = self._chunk([{"index": c.index, "delta": {"role": self.chat_role, "content": ""},
+                                      "logprobs": None, "finish_reason": None}])
+                if self.prompt_ids is not None and c.index == 0:
+                    chunk["prompt_token_ids"] = self.prompt_ids[0]
+                chunks.append(chunk)
+            if self.echo_texts and self.echo_texts[0]:
+                chunks += [self._chunk([{"index": c.index, "delta": {"content": c.text}, "logprobs": None,
+                                         "finish_reason": None}]) for c in self.choices]
+        elif self.echo_texts:
+            for c in self.choices:
+                chunks.append(self._chunk([{"index": c.index, "text": c.text, "logprobs": None,
+                                            "finish_reason": None, **self._completion_ids(c, [])}]))
+                c.prompt_ids_sent = True
+        return chunks
 
     def delta_chunk(self, prompt_index: int, delta: StreamDelta) -> dict[str, Any] | None:
         """Accumulate `delta` and return its chunk (None when it carries nothing to show)."""
         choice = self.add(prompt_index, delta)
         lps = list(delta.logprobs or ())
-        if not delta.text and not lps and delta.finish_reason is None:
+        ids = self.prompt_ids is not None and bool(delta.token_ids)  # token ids to show, even without text
+        if not delta.text and not lps and delta.finish_reason is None and not ids:
             return None
         if self.route == "chat":
             body: dict[str, Any] = {"index": choice.index, "delta": {"content": delta.text} if delta.text else {},
                                     "logprobs": self._chat_logprobs(lps) if lps else None,
                                     "finish_reason": delta.finish_reason}
+            if self.prompt_ids is not None:
+                body["token_ids"] = list(delta.token_ids)
         else:
             logprobs = None
             if lps:
                 logprobs, choice.offset = self._completion_logprobs(lps, choice.offset)
             body = {"index": choice.index, "text": delta.text, "logprobs": logprobs,
-                    "finish_reason": delta.finish_reason}
+                    "finish_reason": delta.finish_reason, **self._completion_ids(choice, list(delta.token_ids))}
+            choice.prompt_ids_sent = True
         return self._chunk([body])
 
     def usage_chunk(self) -> dict[str, Any]:
@@ -193,21 +235,20 @@ class ResponseBuilder:
         """OpenAI's legacy logprobs object, and the text offset after its last token."""
         tokens, offsets, offset = [], [], start
         for lp in lps:
-            text = self.token_text(lp.token_id)
-            tokens.append(text)
+            tokens.append(self.token_label(lp.token_id))
             offsets.append(offset)
-            offset += len(text)
+            offset += len(self.token_text(lp.token_id))  # offsets into the text, whatever the labels
         body = {
             "tokens": tokens,
             "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [{self.token_text(t): v for t, v in lp.top} for lp in lps],
+            "top_logprobs": [{self.token_label(t): v for t, v in lp.top} for lp in lps],
             "text_offset": offsets,
         }
         return body, offset
 
     def _chat_logprobs(self, lps: list[TokenLogprob]) -> dict[str, Any]:
         def entry(token_id: int, logprob: float) -> dict[str, Any]:
-            text = self.token_text(token_id)
+            text = self.token_label(token_id)
             return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
         return {

@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 _END = object()  # a prompt's stream ended
 _CUT = object()  # the server cut the request at its drain timeout
-_DEFAULT_MAX_TOKENS = {"completions": 16, "chat": None, "generate": SamplingParams().max_tokens}
+_DEFAULT_MAX_TOKENS = {"completions": 16, "chat": None, "responses": None, "generate": SamplingParams().max_tokens}
 
 
 async def read_json(request: web.Request) -> Any:
@@ -128,7 +128,7 @@ class Generation:
         if unfinished:
             # Cancelled handler: aiohttp saw the connection close (handler_cancellation).
             if self.client_gone or exc_type is asyncio.CancelledError:
-                self.state.metrics.aborted += 1
+                self.state.metrics.aborted.inc()
             await asyncio.gather(*unfinished, return_exceptions=True)
 
     async def _pump(self, i: int, ids: list[int]) -> None:
@@ -160,6 +160,8 @@ class Generation:
                 continue
             if isinstance(item, BaseException):
                 raise _engine_error(item, self.prompt_param, i)
+            if item.finish_reason is not None:
+                self.state.metrics.finished(item.finish_reason, item.prompt_tokens, item.completion_tokens)
             if item.finish_reason == "error":  # a step failed and this request caused it
                 raise ApiError(500, f"the request failed inside the engine: {item.error}", code="engine_error")
             self._observe(i, item)
@@ -190,7 +192,7 @@ def admit(state: ServerState, n_seqs: int, param: str) -> None:
         raise bad_request(f"this request asks for {n_seqs} sequences; the server admits at most "
                           f"{state.max_pending} at once", param=param)
     if state.pending + n_seqs > state.max_pending:
-        state.metrics.rejected_full += 1
+        state.metrics.rejected.inc()
         raise ApiError(503, f"the server is at capacity ({state.pending} sequences pending); retry later",
                        code="server_overloaded", headers={"Retry-After": str(state.config.retry_after_s)})
     state.pending += n_seqs
@@ -205,23 +207,49 @@ def _engine_error(exc: BaseException, prompt_param: str, prompt_index: int) -> A
     return ApiError(500, f"the engine failed: {exc}", code="engine_error")
 
 
-async def _tokenize(state: ServerState, req: GenerateRequest) -> tuple[list[list[int]], list[str]]:
-    """Token ids of every prompt, checked against the context, and their texts (for echo)."""
+async def tokenize_request(state: ServerState, req: GenerateRequest) -> tuple[list[list[int]], list[str]]:
+    """Token ids of every prompt (truncated as the request asks), checked against the context, and
+    the texts to echo: each prompt's (completions; decoded when truncated) or chat's last message."""
+    keep = _keep_last(state, req)
     if req.messages is not None:
         try:
             ids = await asyncio.to_thread(
                 functools.partial(state.engine.apply_chat_template, req.messages, **req.chat_options))
         except ValueError as exc:
             raise chat_template_error(exc) from None
+        ids = ids[-keep:] if keep is not None else ids
         check_prompts(state, [ids], "messages")
-        return [ids], [""]
-    prompts = await encode_prompts(state, req.prompts, _prompt_param(req))
+        last = req.messages[-1]
+        return [ids], [last["content"] if req.echo and last["role"] == _chat_role(req) else ""]
+    param = _prompt_param(req)
+    full = await encode_prompts(state, req.prompts, param, check=False)
+    prompts = [ids[-keep:] for ids in full] if keep is not None else full
+    check_prompts(state, prompts, param)
     tok = state.engine.tokenizer
     if not req.echo:
         return prompts, []
     if tok is None:
         raise bad_request("echo needs a tokenizer to show token-id prompts as text", param="echo")
-    return prompts, [p if isinstance(p, str) else tok.decode(p) for p in req.prompts]
+    return prompts, [p if isinstance(p, str) and len(ids) == len(f) else tok.decode(ids)
+                     for p, ids, f in zip(req.prompts, prompts, full)]
+
+
+def _keep_last(state: ServerState, req: GenerateRequest) -> int | None:
+    """How many prompt tokens truncate_prompt_tokens keeps (-1: all the context leaves beside max_tokens)."""
+    if req.truncate_prompt_tokens is None or req.truncate_prompt_tokens > 0:
+        return req.truncate_prompt_tokens
+    room = state.context_limit - (req.max_tokens or _DEFAULT_MAX_TOKENS[req.route] or 1)
+    if room < 1:
+        raise bad_request(f"truncate_prompt_tokens=-1 leaves no room for a prompt beside {req.max_tokens_param}="
+                          f"{req.max_tokens} (context {state.context_limit} tokens)", param=req.max_tokens_param)
+    return room
+
+
+def _chat_role(req: GenerateRequest) -> str:
+    """The reply's role, as vLLM gives it: the assistant's after a generation prompt, else the last message's."""
+    if req.messages is None or req.chat_options.get("add_generation_prompt", True):
+        return "assistant"
+    return req.messages[-1]["role"]
 
 
 def _prompt_param(req: GenerateRequest) -> str:
@@ -230,14 +258,17 @@ def _prompt_param(req: GenerateRequest) -> str:
     return "messages" if req.route == "chat" else "prompt"
 
 
-async def encode_prompts(state: ServerState, prompts: list[str | list[int]], param: str) -> list[list[int]]:
-    """Token ids of text prompts (in a worker thread: long prompts take a while), checked."""
+async def encode_prompts(
+    state: ServerState, prompts: list[str | list[int]], param: str, *, check: bool = True
+) -> list[list[int]]:
+    """Token ids of text prompts (in a worker thread: long prompts take a while), checked unless `check` is false."""
     tok = state.engine.tokenizer
     if tok is None and any(isinstance(p, str) for p in prompts):
         raise bad_request("this model has no tokenizer: send token ids", param=param)
     ids = await asyncio.to_thread(
         lambda: [tok.encode(p, add_special_tokens=True) if isinstance(p, str) else p for p in prompts])
-    check_prompts(state, ids, param)
+    if check:
+        check_prompts(state, ids, param)
     return ids
 
 
@@ -257,7 +288,7 @@ def check_prompts(state: ServerState, prompts: list[list[int]], param: str) -> N
 
 async def _generate(request: web.Request, req: GenerateRequest) -> web.StreamResponse:
     state = state_of(request)
-    prompts, texts = await _tokenize(state, req)
+    prompts, texts = await tokenize_request(state, req)
     params = build_sampling_params(req, [len(p) for p in prompts], state.context_limit,
                                    _DEFAULT_MAX_TOKENS[req.route])
     try:
@@ -267,7 +298,9 @@ async def _generate(request: web.Request, req: GenerateRequest) -> web.StreamRes
     builder = ResponseBuilder(
         "chat" if req.route == "chat" else "completions", state.model_name, params.n, [len(p) for p in prompts],
         state.token_text, echo_texts=texts if req.echo else None, include_usage=req.include_usage,
-        logprobs=params.logprobs is not None,
+        logprobs=params.logprobs is not None, chat_role=_chat_role(req),
+        prompt_ids=prompts if req.return_token_ids else None, continuous_usage=req.continuous_usage,
+        tokens_as_ids=req.tokens_as_ids, request_id=req.request_id,
     )
     if req.user:
         logger.debug("request %s for user %r", builder.id, req.user)
@@ -283,7 +316,7 @@ async def _generate(request: web.Request, req: GenerateRequest) -> web.StreamRes
             builder.add(*first)
             async for i, delta in events:
                 builder.add(i, delta)
-    _count_usage(state, builder)
+    count_usage(state, builder)
     if req.route == "generate":
         return json_response(native_response(builder, request_id))
     return json_response(builder.response())
@@ -339,7 +372,7 @@ async def _write_events(
         item = await anext(events, None)
     if builder.include_usage:
         await _sse(resp, builder.usage_chunk())
-    _count_usage(state_of(request), builder)
+    count_usage(state_of(request), builder)
     await resp.write(b"data: [DONE]\n\n")
 
 
@@ -347,11 +380,9 @@ async def _sse(resp: web.StreamResponse, body: dict[str, Any]) -> None:
     await resp.write(b"data: " + json.dumps(body).encode() + b"\n\n")
 
 
-def _count_usage(state: ServerState, builder: ResponseBuilder) -> None:
-    m = state.metrics
-    m.usage_prompt_tokens += builder.usage.prompt_tokens
-    m.usage_cached_tokens += builder.usage.cached_tokens
-    m.usage_completion_tokens += builder.usage.completion_tokens
+def count_usage(state: ServerState, builder: ResponseBuilder) -> None:
+    usage = builder.usage
+    state.metrics.count_usage(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
 
 
 # -- handlers --------------------------------------------------------------------------------
@@ -422,9 +453,9 @@ async def health(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     state = state_of(request)
-    stats = await asyncio.to_thread(state.engine.stats)  # takes the engine's step lock: off the event loop
-    text = state.metrics.render(stats, pending=state.pending, inflight=state.inflight)
-    return web.Response(body=text.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+    # Engine.stats takes the engine's step lock: off the event loop.
+    body, content_type = await asyncio.to_thread(state.metrics.exposition)
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 async def flush_cache(request: web.Request) -> web.Response:

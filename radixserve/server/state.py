@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from radixserve.server.metrics import ServerMetrics
+from radixserve.server.response_store import ResponseStore
 from radixserve.server.responses import TokenText
 
 if TYPE_CHECKING:
@@ -29,6 +30,10 @@ class ServerConfig:
     # Sequences (prompts x n) admitted at once, running or queued in the engine; beyond it, 503 + Retry-After.
     max_pending_requests: int | None = None  # None: 4 x the engine's max_running_requests
     max_body_bytes: int = 16 * 2**20
+    # Responses API results kept for previous_response_id and GET /v1/responses/{id} (least recently
+    # used first out; also at most responses_store_chars characters of text); 0 stores none.
+    responses_store_size: int = 1024
+    responses_store_chars: int = 64 * 2**20
     drain_timeout: float = 60.0  # seconds SIGTERM waits for in-flight requests before cutting them
     retry_after_s: int = 1
     # A connection is closed when it sends nothing for keep_alive_timeout seconds (before its first
@@ -49,6 +54,10 @@ class ServerConfig:
             not isinstance(self.max_pending_requests, int) or self.max_pending_requests < 1
         ):
             raise ValueError(f"max_pending_requests must be an integer >= 1, got {self.max_pending_requests!r}")
+        for name in ("responses_store_size", "responses_store_chars"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if not isinstance(self.max_body_bytes, int) or self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be an integer >= 1024, got {self.max_body_bytes!r}")
         if not self.drain_timeout >= 0:
@@ -70,12 +79,16 @@ class ServerState:
         # The engine refuses a prompt of this many tokens or more (context or KV pool, whichever is smaller).
         self.context_limit: int = engine.context_limit
         self.token_text = TokenText(engine.tokenizer)
-        self.metrics = ServerMetrics()
         self.created = int(time.time())
         self.pending = 0  # sequences admitted and not finished (routes.admit counts them in)
         self.inflight = 0  # HTTP requests inside a handler
+        self.metrics = ServerMetrics(self.model_name, self.context_limit, engine.stats, self._gauges)
+        self.responses = ResponseStore(config.responses_store_size, config.responses_store_chars)
         self.draining = False
         self.generations: set[Any] = set()  # routes.Generation's running now (cut at the drain timeout)
+
+    def _gauges(self) -> dict[str, float]:
+        return {"pending_requests": self.pending, "http_inflight_requests": self.inflight}
 
     def engine_alive(self) -> bool:
         return self.engine.is_alive()
