@@ -176,7 +176,7 @@ def test_backend_reused_across_batches():
 def test_registry_on_this_machine():
     cuda = available_backends("cuda")
     assert cuda[-1] == "torch" and cuda[0] in ("fa4", "torch_varlen", "torch")
-    assert available_backends("cpu") == ["torch"]
+    assert available_backends("cpu") == ["cpu", "torch"]
     assert create_backend("auto", "cuda").name == cuda[0]
     assert create_backend("auto", "cuda", torch.bfloat16, 128).name == cuda[0]
     assert create_backend("auto", "cuda", torch.float32, 128).name == "torch"

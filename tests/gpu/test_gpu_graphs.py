@@ -153,7 +153,7 @@ def test_graph_engine_sampling_runs(needs_fa4, tiny_qwen3_path, make_engine):
 def test_graph_needs_fa4(tiny_qwen3_path):
     from radixserve import Engine
 
-    with pytest.raises(ValueError, match="cuda_graphs needs the fa4 attention backend"):
+    with pytest.raises(ValueError, match="cuda_graphs needs an attention backend that runs under CUDA graphs"):
         Engine(str(tiny_qwen3_path), attention_backend="torch", cuda_graphs=True, show_progress=False, **GPU)
 
 
