@@ -99,6 +99,13 @@ def top_count(k: int, vocab_size: int) -> int:
     return vocab_size if k == -1 else min(k, vocab_size)
 
 
+def widest(a: int | None, b: int | None) -> int | None:
+    """The larger of two top-N asks, -1 (the whole vocabulary) the largest; None: not asked."""
+    if a is None or b is None:
+        return b if a is None else a
+    return -1 if -1 in (a, b) else max(a, b)
+
+
 # (field, low, high): plain int ranges; high None means unbounded.
 _INT_FIELDS = (("max_tokens", 0, None), ("n", 1, MAX_N))
 # (field, low, high, low is exclusive, what is allowed): every float must also be finite.

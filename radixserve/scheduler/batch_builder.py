@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from radixserve.model_runner.forward_batch import CascadePlan, ForwardBatch
+from radixserve.sampling_params import widest
 from radixserve.scheduler.fold_plan import FoldPlan, build_fold_plan
 from radixserve.scheduler.kv_cache import KVCacheManager
 from radixserve.scheduler.request import Req
@@ -355,7 +356,7 @@ def _output_rows(batch: ScheduledBatch, row_of: np.ndarray) -> None:
                 for q in range(start, hi):
                     score_rows.append(row_of[offset + q - start])
                     score_targets.append(prompt[q + 1])
-                score_top = _widest(score_top, req.params.prompt_logprobs)
+                score_top = widest(score_top, req.params.prompt_logprobs)
             sampled = req.params.max_tokens > 0  # max_tokens 0 ends after the prompt (Scheduler.process)
             if sampled and end == req.fill_len + (id(req) in batch.ahead):  # its input is its newest token
                 logits.append(row_of[offset + n - 1])
@@ -381,13 +382,6 @@ def _output_rows(batch: ScheduledBatch, row_of: np.ndarray) -> None:
         fwd.score_rows = torch.tensor(score_rows, dtype=torch.int64)
         fwd.score_targets = torch.tensor(score_targets, dtype=torch.int64)
         fwd.score_top = score_top
-
-
-def _widest(a: int | None, b: int | None) -> int | None:
-    """The larger of two top-k asks, where -1 (the whole vocabulary) is the largest."""
-    if a is None or b is None:
-        return b if a is None else a
-    return -1 if -1 in (a, b) else max(a, b)
 
 
 def _pooled_rows(pooling: str, start: int, end: int, fill_len: int) -> list[int]:

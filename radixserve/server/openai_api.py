@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from radixserve.sampling_params import MAX_LOGPROBS, SamplingParams
+from radixserve.sampling_params import SamplingParams, widest
 from radixserve.scheduler.request import POOLINGS
 
 MAX_N = 128  # OpenAI's limit on `n`
@@ -25,6 +25,8 @@ EXTENSIONS = (
     "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos",
     "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output",
 )
+# vLLM's prompt_logprobs (completions and chat): the answer's `prompt_logprobs`.
+PROMPT_LOGPROBS = "prompt_logprobs"
 # vLLM's chat template controls (chat and /tokenize): Engine.apply_chat_template's options.
 CHAT_TEMPLATE_FIELDS = ("add_generation_prompt", "continue_final_message", "chat_template_kwargs")
 # OpenAI names that map 1:1 to SamplingParams fields.
@@ -73,10 +75,21 @@ class GenerateRequest:
     stream: bool = False
     include_usage: bool = False
     echo: bool = False
-    logprobs: int | None = None  # top-N per token (0: the sampled token's only); None: no logprobs
+    logprobs: int | None = None  # top-N per token (0: the sampled token's only; -1: all); None: no logprobs
+    prompt_logprobs: int | None = None  # vLLM's field: top-N per prompt token; None: not asked for
+    sglang: SGLangLogprobs | None = None  # /generate's return_logprob and its options
     user: str | None = None
     names: dict[str, str] = field(default_factory=dict)  # SamplingParams field -> the client's name
     chat_options: dict[str, Any] = field(default_factory=dict)  # Engine.apply_chat_template's options
+
+
+@dataclass(frozen=True)
+class SGLangLogprobs:
+    """SGLang's /generate logprob options: `meta_info` gets input and output token logprobs."""
+
+    start: int  # logprob_start_len: the first prompt position reported; -1: output tokens only
+    top: int  # top_logprobs_num: alternatives per position
+    text: bool  # return_text_in_logprobs: each entry's token text (else null)
 
 
 @dataclass
@@ -260,6 +273,25 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
     return kw
 
 
+def get_logprobs_count(body: dict[str, Any], name: str) -> int | None:
+    """A top-N count: an int >= -1 (-1: the whole vocabulary); the engine's max_logprobs caps it."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < -1:
+        raise bad_request(f"{name} must be -1 (the whole vocabulary) or an integer >= 0, got {value!r}", param=name)
+    return value
+
+
+def _prompt_logprobs(body: dict[str, Any], stream: bool) -> int | None:
+    """vLLM's prompt_logprobs; as in vLLM, not with stream (the answer carries them whole)."""
+    value = get_logprobs_count(body, PROMPT_LOGPROBS)
+    if value is not None and stream:
+        raise bad_request("prompt_logprobs are not available when stream is true", param=PROMPT_LOGPROBS,
+                          code="unsupported_value")
+    return value
+
+
 def _stream_options(body: dict[str, Any], stream: bool) -> bool:
     opts = body.get("stream_options")
     if opts is None:
@@ -274,7 +306,7 @@ def _stream_options(body: dict[str, Any], stream: bool) -> bool:
 
 _COMMON = {
     "model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "presence_penalty",
-    "frequency_penalty", "logit_bias", "user", "seed", *EXTENSIONS,
+    "frequency_penalty", "logit_bias", "user", "seed", PROMPT_LOGPROBS, *EXTENSIONS,
 }
 COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"}
 CHAT_FIELDS = _COMMON | {
@@ -302,22 +334,24 @@ def parse_completion(body: Any, served: str) -> GenerateRequest:
     refuse_unless(body, "suffix", lambda v: v == "", "insertion (suffix) is not implemented")
     n = sampling.get("n", 1)
     refuse_unless(body, "best_of", lambda v: v == n, "best_of must equal n (no server-side ranking)")
-    logprobs = get_int(body, "logprobs", 0, MAX_LOGPROBS)
+    logprobs = get_logprobs_count(body, "logprobs")
     echo = get_bool(body, "echo")
-    if echo and logprobs is not None:
-        raise bad_request("echo with logprobs needs prompt logprobs, which are not implemented", param="echo",
+    if echo and logprobs is not None and stream:
+        # The echoed prompt's chunk would wait for the prompt's logprobs; not implemented.
+        raise bad_request("echo with logprobs is not available when stream is true", param="echo",
                           code="unsupported_value")
     return GenerateRequest(
         route="completions",
         prompts=parse_prompts(body.get("prompt"), "prompt"),
         messages=None,
         sampling=sampling,
-        max_tokens=get_int(body, "max_tokens", 1),
+        max_tokens=get_int(body, "max_tokens", 0),
         max_tokens_param="max_tokens",
         stream=stream,
         include_usage=include_usage,
         echo=echo,
         logprobs=logprobs,
+        prompt_logprobs=_prompt_logprobs(body, stream),
         user=user,
     )
 
@@ -331,12 +365,12 @@ def parse_chat(body: Any, served: str) -> GenerateRequest:
     refuse_unless(body, "parallel_tool_calls", lambda v: isinstance(v, bool), "it must be a boolean")
     refuse_unless(body, "response_format", lambda v: v == {"type": "text"}, "only {'type': 'text'} is implemented")
     refuse_unless(body, "store", lambda v: v is False, "stored completions are not implemented")
-    max_tokens = get_int(body, "max_tokens", 1)
-    max_completion = get_int(body, "max_completion_tokens", 1)
+    max_tokens = get_int(body, "max_tokens", 0)
+    max_completion = get_int(body, "max_completion_tokens", 0)
     if max_tokens is not None and max_completion is not None and max_tokens != max_completion:
         raise bad_request("give max_completion_tokens or max_tokens, not both", param="max_tokens")
     logprobs = get_bool(body, "logprobs")
-    top = get_int(body, "top_logprobs", 0, MAX_LOGPROBS)
+    top = get_logprobs_count(body, "top_logprobs")
     if top is not None and not logprobs:
         raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
     return GenerateRequest(
@@ -349,6 +383,7 @@ def parse_chat(body: Any, served: str) -> GenerateRequest:
         stream=stream,
         include_usage=include_usage,
         logprobs=(top or 0) if logprobs else None,
+        prompt_logprobs=_prompt_logprobs(body, stream),
         user=user,
         names={"logprobs": "top_logprobs"},
         chat_options=parse_chat_options(body),
@@ -448,6 +483,11 @@ def build_sampling_params(
     kw = dict(req.sampling, max_tokens=max_tokens)
     if req.logprobs is not None:
         kw["logprobs"] = req.logprobs
+    prompt_logprobs = req.prompt_logprobs
+    if req.echo and req.logprobs is not None:  # the echoed prompt's tokens come with their logprobs
+        prompt_logprobs = widest(prompt_logprobs, req.logprobs)
+    if prompt_logprobs is not None:
+        kw["prompt_logprobs"] = prompt_logprobs
     try:
         return SamplingParams(**kw)
     except (ValueError, TypeError) as exc:

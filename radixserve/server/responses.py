@@ -17,6 +17,16 @@ from typing import Any
 from radixserve.engine.outputs import StreamDelta, TokenLogprob
 
 
+def finite(logprob: float) -> float:
+    """A logprob JSON can carry: -inf (a token the model rules out) as -9999.0, as vLLM sends it."""
+    return max(logprob, -9999.0)
+
+
+def first(top: tuple[tuple[int, float], ...], k: int | None) -> tuple[tuple[int, float], ...]:
+    """The first k alternatives of a position's (most likely first); -1 or None: all of them."""
+    return top if k is None or k == -1 else top[:k]
+
+
 class TokenText:
     """Token id -> its text, as OpenAI shows it in logprobs (memoized; ids repeat a lot)."""
 
@@ -77,6 +87,9 @@ class ResponseBuilder:
         echo_texts: list[str] | None = None,
         include_usage: bool = False,
         logprobs: bool = False,
+        echo_logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+        prompt_ids: list[list[int]] | None = None,
     ) -> None:
         self.route = route  # "completions" | "chat"
         self.model = model
@@ -85,6 +98,11 @@ class ResponseBuilder:
         self.echo_texts = echo_texts
         self.include_usage = include_usage
         self.logprobs = logprobs
+        # Completions with echo and logprobs: the top-N (-1: all) shown for each echoed prompt token.
+        self.echo_logprobs = echo_logprobs
+        self.prompt_logprobs = prompt_logprobs  # vLLM's prompt_logprobs field: its top-N; None: not asked
+        self.prompt_ids = prompt_ids or []
+        self.prompt_lps: list[tuple[TokenLogprob | None, ...] | None] = [None] * len(prompt_lens)
         self.id = ("chatcmpl-" if route == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.choices = [Choice(index=i) for i in range(n * len(prompt_lens))]
@@ -107,6 +125,8 @@ class ResponseBuilder:
             choice.finish_reason = delta.finish_reason
             choice.stop_reason = delta.stop_reason
         choice.folded_tokens = delta.folded_tokens
+        if delta.prompt_logprobs is not None:
+            self.prompt_lps[prompt_index] = delta.prompt_logprobs
         if delta.index == 0:  # a prompt's cached tokens are those of its first completion
             self.usage.cached_tokens += delta.cached_tokens - self._cached[prompt_index]
             self._cached[prompt_index] = delta.cached_tokens
@@ -116,6 +136,7 @@ class ResponseBuilder:
     # -- whole responses ---------------------------------------------------------------------
 
     def response(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
         if self.route == "chat":
             choices = [
                 {
@@ -127,22 +148,29 @@ class ResponseBuilder:
                 for c in self.choices
             ]
             obj = "chat.completion"
+            if self.prompt_logprobs is not None:  # vLLM puts a chat's beside its choices
+                extra["prompt_logprobs"] = self._vllm_prompt_logprobs(0)
         else:
-            choices = [
-                {
-                    "index": c.index,
-                    "text": c.text,
-                    # c.offset is still the echoed prompt's length: only streaming advances it.
-                    "logprobs": self._completion_logprobs(c.logprobs, c.offset)[0] if self.logprobs else None,
-                    "finish_reason": c.finish_reason,
-                }
-                for c in self.choices
-            ]
+            choices = [self._completion_choice(c) for c in self.choices]
             obj = "text_completion"
         return {
             "id": self.id, "object": obj, "created": self.created, "model": self.model,
-            "system_fingerprint": None, "choices": choices, "usage": self.usage.body(),
+            "system_fingerprint": None, "choices": choices, "usage": self.usage.body(), **extra,
         }
+
+    def _completion_choice(self, c: Choice) -> dict[str, Any]:
+        logprobs = None
+        if self.logprobs:
+            if self.echo_logprobs is not None:  # the prompt's tokens first, offsets from the prompt's start
+                prompt, offset = self._echo_logprobs(c.index // self.n)
+                body, _ = self._completion_logprobs(c.logprobs, offset)
+                logprobs = {key: prompt[key] + body[key] for key in prompt}
+            else:  # c.offset is still the echoed prompt's length: only streaming advances it
+                logprobs = self._completion_logprobs(c.logprobs, c.offset)[0]
+        choice = {"index": c.index, "text": c.text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+        if self.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = self._vllm_prompt_logprobs(c.index // self.n)
+        return choice
 
     # -- stream chunks -----------------------------------------------------------------------
 
@@ -199,11 +227,47 @@ class ResponseBuilder:
             offset += len(text)
         body = {
             "tokens": tokens,
-            "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [{self.token_text(t): v for t, v in lp.top} for lp in lps],
+            "token_logprobs": [finite(lp.logprob) for lp in lps],
+            "top_logprobs": [{self.token_text(t): finite(v) for t, v in lp.top} for lp in lps],
             "text_offset": offsets,
         }
         return body, offset
+
+    def _echo_logprobs(self, prompt_index: int) -> tuple[dict[str, list[Any]], int]:
+        """The echoed prompt's part of a completion's logprobs (the first token has none: null) and
+        the text offset after it."""
+        ids = self.prompt_ids[prompt_index]
+        entries = self.prompt_lps[prompt_index] or (None,) * len(ids)
+        k = self.echo_logprobs
+        tokens, offsets, offset = [], [], 0
+        for token_id in ids:
+            text = self.token_text(token_id)
+            tokens.append(text)
+            offsets.append(offset)
+            offset += len(text)
+        body: dict[str, list[Any]] = {
+            "tokens": tokens,
+            "token_logprobs": [None if e is None else finite(e.logprob) for e in entries],
+            "top_logprobs": [None if e is None else {self.token_text(t): finite(v) for t, v in first(e.top, k)}
+                             for e in entries],
+            "text_offset": offsets,
+        }
+        return body, offset
+
+    def _vllm_prompt_logprobs(self, prompt_index: int) -> list[dict[int, dict[str, Any]] | None]:
+        """vLLM's prompt_logprobs: None for the first token, then token id -> {logprob, rank,
+        decoded_token} for the prompt's token and its position's top N."""
+        out: list[dict[int, dict[str, Any]] | None] = []
+        for e in self.prompt_lps[prompt_index] or ():
+            if e is None:
+                out.append(None)
+                continue
+            entry = {e.token_id: {"logprob": finite(e.logprob), "rank": e.rank,
+                                  "decoded_token": self.token_text(e.token_id)}}
+            for rank, (t, v) in enumerate(first(e.top, self.prompt_logprobs), start=1):
+                entry.setdefault(t, {"logprob": finite(v), "rank": rank, "decoded_token": self.token_text(t)})
+            out.append(entry)
+        return out
 
     def _chat_logprobs(self, lps: list[TokenLogprob]) -> dict[str, Any]:
         def entry(token_id: int, logprob: float) -> dict[str, Any]:
