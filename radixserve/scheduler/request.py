@@ -45,7 +45,7 @@ class PromptLogprob(NamedTuple):
 
     logprob: float
     rank: int  # tokens at least as likely as this one (1: the argmax)
-    top: tuple[tuple[int, float], ...]  # (token_id, logprob) of the most likely, first first
+    top: tuple[tuple[int, float], ...]  # (token_id, logprob) of the most likely, most likely first
 
 
 def token_array(ids: Iterable[int] = ()) -> array:
