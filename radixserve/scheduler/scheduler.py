@@ -210,8 +210,8 @@ class Scheduler:
         more is needed: anything aborted; embeddings and scores; a request of `prev`
         whose next sampling reads its newest token (penalties, min_tokens); a request
         that `prev` ends by length (or by its prompt, with max_tokens 0) while others
-        wait (its row and slots free up only once processed: admit in order); and a pool that cannot give every running
-        request a slot without retracting."""
+        wait (its row and slots free up only once processed: admit in order); and a
+        pool that cannot give every running request a slot without retracting."""
         if self._updates or self.quarantine.active:
             return False
         if any(r.aborted for r in self.waiting):
