@@ -86,8 +86,6 @@ BAD = [
     ("top-logprobs-without-logprobs", "POST", "/v1/chat/completions", chat(top_logprobs=2), 400, "top_logprobs"),
     ("top-logprobs-too-many", "POST", "/v1/chat/completions", chat(logprobs=True, top_logprobs=21), 400,
      "top_logprobs"),
-    ("echo-with-logprobs-streamed", "POST", "/v1/completions", comp(echo=True, logprobs=1, stream=True), 400,
-     "echo"),
     ("prompt-logprobs-streamed", "POST", "/v1/completions", comp(prompt_logprobs=1, stream=True), 400,
      "prompt_logprobs"),
     ("prompt-logprobs-bool", "POST", "/v1/chat/completions", chat(prompt_logprobs=True), 400, "prompt_logprobs"),

@@ -210,3 +210,37 @@ def test_native_prompt_logprobs(server, engine):
     assert [e["rank"] for e in lps[1:]] == [e.rank for e in want.prompt_logprobs[1:]]
     assert all(len(e["top"]) == 1 for e in lps[1:])
     assert got["outputs"][0]["token_ids"] == [] and got["outputs"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("max_tokens", [0, 3])
+def test_streamed_echo_with_logprobs_equals_the_whole_answer(server, model, max_tokens):
+    """Streamed, each choice opens with the prompt's text and logprobs (once they are computed), then
+    its tokens; put together, a choice is what the answer not streamed holds."""
+    body = {"model": model, "prompt": [CONTEXT, "Hello there"], "max_tokens": max_tokens, "temperature": 0,
+            "logprobs": 2, "echo": True, "n": 2, "ignore_eos": True}
+    status, _, whole = http(server.url + "/v1/completions", "POST", body)
+    assert status == 200, whole
+    status, _, text = http(server.url + "/v1/completions", "POST", dict(body, stream=True))
+    assert status == 200
+    chunks = [c for c in sse_events(text) if c != "[DONE]"]
+    got: dict[int, dict] = {}
+    for chunk in chunks:
+        for c in chunk["choices"]:
+            mine = got.setdefault(c["index"], {"text": "", "finish_reason": None, "logprobs": None})
+            mine["text"] += c["text"]
+            mine["finish_reason"] = c["finish_reason"] or mine["finish_reason"]
+            if c["logprobs"] is not None:
+                if mine["logprobs"] is None:
+                    mine["logprobs"] = {k: list(v) for k, v in c["logprobs"].items()}
+                else:
+                    for k, v in c["logprobs"].items():
+                        mine["logprobs"][k] += v
+    assert sorted(got) == [0, 1, 2, 3]
+    for choice in whole["choices"]:
+        streamed = got[choice["index"]]
+        assert streamed["text"] == choice["text"] and streamed["finish_reason"] == choice["finish_reason"]
+        assert streamed["logprobs"]["tokens"] == choice["logprobs"]["tokens"]
+        assert streamed["logprobs"]["text_offset"] == choice["logprobs"]["text_offset"]
+        assert streamed["logprobs"]["token_logprobs"][0] is None
+        assert streamed["logprobs"]["token_logprobs"][1:] == pytest.approx(choice["logprobs"]["token_logprobs"][1:],
+                                                                           abs=1e-5)

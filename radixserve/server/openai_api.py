@@ -336,10 +336,6 @@ def parse_completion(body: Any, served: str) -> GenerateRequest:
     refuse_unless(body, "best_of", lambda v: v == n, "best_of must equal n (no server-side ranking)")
     logprobs = get_logprobs_count(body, "logprobs")
     echo = get_bool(body, "echo")
-    if echo and logprobs is not None and stream:
-        # The echoed prompt's chunk would wait for the prompt's logprobs; not implemented.
-        raise bad_request("echo with logprobs is not available when stream is true", param="echo",
-                          code="unsupported_value")
     return GenerateRequest(
         route="completions",
         prompts=parse_prompts(body.get("prompt"), "prompt"),

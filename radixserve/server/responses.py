@@ -103,6 +103,7 @@ class ResponseBuilder:
         self.prompt_logprobs = prompt_logprobs  # vLLM's prompt_logprobs field: its top-N; None: not asked
         self.prompt_ids = prompt_ids or []
         self.prompt_lps: list[tuple[TokenLogprob | None, ...] | None] = [None] * len(prompt_lens)
+        self._echoed: set[int] = set()  # streamed echo with logprobs: choices whose prompt part went out
         self.id = ("chatcmpl-" if route == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.choices = [Choice(index=i) for i in range(n * len(prompt_lens))]
@@ -161,10 +162,8 @@ class ResponseBuilder:
     def _completion_choice(self, c: Choice) -> dict[str, Any]:
         logprobs = None
         if self.logprobs:
-            if self.echo_logprobs is not None:  # the prompt's tokens first, offsets from the prompt's start
-                prompt, offset = self._echo_logprobs(c.index // self.n)
-                body, _ = self._completion_logprobs(c.logprobs, offset)
-                logprobs = {key: prompt[key] + body[key] for key in prompt}
+            if self.echo_logprobs is not None:
+                logprobs = self._echoed_logprobs(c)[0]
             else:  # c.offset is still the echoed prompt's length: only streaming advances it
                 logprobs = self._completion_logprobs(c.logprobs, c.offset)[0]
         choice = {"index": c.index, "text": c.text, "logprobs": logprobs, "finish_reason": c.finish_reason}
@@ -187,7 +186,7 @@ class ResponseBuilder:
         if self.route == "chat":
             return [self._chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                   "logprobs": None, "finish_reason": None}]) for c in self.choices]
-        if self.echo_texts:
+        if self.echo_texts and self.echo_logprobs is None:  # with logprobs, the echo waits for the prompt's
             return [self._chunk([{"index": c.index, "text": c.text, "logprobs": None, "finish_reason": None}])
                     for c in self.choices]
         return []
@@ -195,6 +194,8 @@ class ResponseBuilder:
     def delta_chunk(self, prompt_index: int, delta: StreamDelta) -> dict[str, Any] | None:
         """Accumulate `delta` and return its chunk (None when it carries nothing to show)."""
         choice = self.add(prompt_index, delta)
+        if self.echo_logprobs is not None and choice.index not in self._echoed:
+            return self._echo_chunk(prompt_index)
         lps = list(delta.logprobs or ())
         if not delta.text and not lps and delta.finish_reason is None:
             return None
@@ -209,6 +210,21 @@ class ResponseBuilder:
             body = {"index": choice.index, "text": delta.text, "logprobs": logprobs,
                     "finish_reason": delta.finish_reason}
         return self._chunk([body])
+
+    def _echo_chunk(self, prompt_index: int) -> dict[str, Any] | None:
+        """Streamed echo with logprobs: once the prompt's logprobs are here (on its first
+        completion's first delta), one chunk opens every choice of the prompt not opened yet with
+        the prompt's text and logprobs and what the choice generated so far; None before."""
+        if self.prompt_lps[prompt_index] is None:
+            return None  # the choices accumulate meanwhile
+        bodies = []
+        for c in self.choices[prompt_index * self.n : (prompt_index + 1) * self.n]:
+            if c.index in self._echoed:
+                continue
+            self._echoed.add(c.index)
+            logprobs, c.offset = self._echoed_logprobs(c)
+            bodies.append({"index": c.index, "text": c.text, "logprobs": logprobs, "finish_reason": c.finish_reason})
+        return self._chunk(bodies) if bodies else None
 
     def usage_chunk(self) -> dict[str, Any]:
         chunk = self._chunk([])
@@ -232,6 +248,13 @@ class ResponseBuilder:
             "text_offset": offsets,
         }
         return body, offset
+
+    def _echoed_logprobs(self, c: Choice) -> tuple[dict[str, list[Any]], int]:
+        """Echo with logprobs: the prompt's tokens, then the choice's generated ones so far, offsets
+        from the prompt's start; and the offset after them."""
+        prompt, offset = self._echo_logprobs(c.index // self.n)
+        body, offset = self._completion_logprobs(c.logprobs, offset)
+        return {key: prompt[key] + body[key] for key in prompt}, offset
 
     def _echo_logprobs(self, prompt_index: int) -> tuple[dict[str, list[Any]], int]:
         """The echoed prompt's part of a completion's logprobs (the first token has none: null) and
