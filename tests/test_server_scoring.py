@@ -244,3 +244,26 @@ def test_streamed_echo_with_logprobs_equals_the_whole_answer(server, model, max_
         assert streamed["logprobs"]["token_logprobs"][0] is None
         assert streamed["logprobs"]["token_logprobs"][1:] == pytest.approx(choice["logprobs"]["token_logprobs"][1:],
                                                                            abs=1e-5)
+
+
+def test_whole_vocabulary_with_max_logprobs_unlimited(make_engine, tiny_qwen3_path):
+    """top_logprobs and prompt_logprobs -1 on a server whose engine has max_logprobs -1: every token of
+    the vocabulary at each position (on the default engine they are a 400: see the robustness tests)."""
+    from radixserve.server import BackgroundServer, ServerConfig
+
+    engine = make_engine(tiny_qwen3_path, max_logprobs=-1)
+    vocab = engine.core.runner.vocab_size
+    with BackgroundServer(engine, ServerConfig(port=0)) as srv:
+        name = srv.state.model_name
+        body = {"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0,
+                "logprobs": True, "top_logprobs": -1, "prompt_logprobs": -1}
+        status, _, got = http(srv.url + "/v1/chat/completions", "POST", body)
+        assert status == 200, got
+        content = got["choices"][0]["logprobs"]["content"]
+        assert len(content) == 2 and all(len(c["top_logprobs"]) == vocab for c in content)
+        prompt = got["prompt_logprobs"]
+        assert prompt[0] is None and all(len(entry) == vocab for entry in prompt[1:])
+        assert all(sorted(e["rank"] for e in entry.values()) == list(range(1, vocab + 1)) for entry in prompt[1:])
+        status, _, got = http(srv.url + "/v1/completions", "POST", {"model": name, "prompt": [3, 4, 5],
+                                                                    "max_tokens": 1, "logprobs": 21})
+        assert status == 200, got  # no cap: more than OpenAI's 20
