@@ -11,6 +11,7 @@ import torch
 from radixserve import SamplingParams
 from radixserve.model_runner import model_runner as runner_module
 from radixserve.model_runner.model_runner import ModelRunner
+from radixserve.scheduler.request import Req
 
 TOL = 1e-4
 BASE = [5, 9, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43]
@@ -178,22 +179,36 @@ def test_blocks_bound_memory(make_engine, tiny_qwen3_path, hf_tiny, monkeypatch)
     assert max(seen) == 3 and len(seen) >= len(PROMPTS[1]) // 3  # 14 scored rows in blocks of 3
 
 
-def test_failed_step_restarts_prompt_logprobs(make_engine, tiny_qwen3_path, hf_tiny, monkeypatch) -> None:
+@pytest.mark.parametrize("overlap", [False, True])
+def test_failed_step_restarts_prompt_logprobs(make_engine, tiny_qwen3_path, hf_tiny, monkeypatch, overlap) -> None:
     """A step that fails once: the requests are reset and their prompt logprobs restart whole."""
     forward = ModelRunner.forward
     failures = [1]
+    seen = []
 
     def flaky(self, batch):
         if failures and batch.score_rows is not None and batch.batch_size > 1:  # no request alone: none fails
-            failures.pop()
-            raise RuntimeError("injected failure in the model runner")
+            seen.append(1)
+            if len(seen) == 3:  # the third such step: a request is part way through its prompt
+                failures.pop()
+                raise RuntimeError("injected failure in the model runner")
         return forward(self, batch)
 
     monkeypatch.setattr(ModelRunner, "forward", flaky)
-    engine = make_engine(tiny_qwen3_path, max_prefill_tokens=6, overlap_schedule=True)
+    partial: list[int] = []  # prompt logprobs held by requests reset before they were complete
+    reset = Req.reset_prompt_logprobs
+
+    def spy(self):
+        if self.prompt_logprobs_pending:
+            partial.append(len(self.prompt_logprobs))
+        reset(self)
+
+    monkeypatch.setattr(Req, "reset_prompt_logprobs", spy)
+    engine = make_engine(tiny_qwen3_path, max_prefill_tokens=6, overlap_schedule=overlap)
     params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, prompt_logprobs=2)
     outs = engine.generate(PROMPTS, params, progress=False)
     assert not failures and engine.stats()["failed_steps"] == 1
+    assert any(n > 0 for n in partial)  # some were dropped part way, and computed again below
     for out in outs:
         assert out.finish_reason == "length"
         check(out, hf_tiny, 2)
