@@ -12,7 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
-MAX_LOGPROBS = 20  # the most top alternatives a request may ask for per step (OpenAI's limit)
+# The most top alternatives a request may ask for per position by default (OpenAI's limit); an
+# engine's `max_logprobs` option sets its own limit, and -1 there allows any (vLLM's semantics).
+MAX_LOGPROBS = 20
 # The most completions one prompt may ask for: each is a request the engine holds, and a
 # client must not be able to make the engine build millions of them.
 MAX_N = 1024
@@ -27,7 +29,9 @@ class SamplingParams:
     normalized to tuples, so instances are hashable and never share mutable state.
     """
 
-    max_tokens: int = 128  # >= 1: output tokens at most
+    # >= 0: output tokens at most. 0 samples nothing: the request finishes after its prompt's
+    # prefill with finish_reason "length" (to score a prompt with `prompt_logprobs`).
+    max_tokens: int = 128
     temperature: float = 1.0  # >= 0; 0 means greedy (argmax)
     top_p: float = 1.0  # in (0, 1]; 1 disables
     top_k: int = -1  # >= 1 keeps the k most likely tokens; -1 or 0 disables
@@ -43,8 +47,12 @@ class SamplingParams:
     min_tokens: int = 0  # 0 <= min_tokens <= max_tokens: EOS and stop ids forbidden before
     ignore_eos: bool = False
     n: int = 1  # in [1, MAX_N]: completions per prompt
-    # None: no logprobs; 0: the sampled token's only; k in 1..20: plus the top k per step.
+    # None: no logprobs; 0: the sampled token's only; k >= 1: plus the top k per step; -1: plus
+    # every token of the vocabulary. The engine caps k (its max_logprobs, 20 by default).
     logprobs: int | None = None
+    # None: none; 0: the logprob (and rank) of each prompt token after the first; k >= 1: plus the
+    # top k alternatives at each position; -1: the whole vocabulary. Capped like `logprobs`.
+    prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
 
@@ -58,9 +66,10 @@ class SamplingParams:
         )
         if self.seed is not None:
             _check_int("seed", self.seed, allowed="None or an int")
-        if self.logprobs is not None:
-            _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS,
-                       allowed=f"None or an int in [0, {MAX_LOGPROBS}]")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), low=-1,
+                           allowed="None, -1 (the whole vocabulary) or an int >= 0")
         for name, f_low, f_high, low_open, allowed in _FLOAT_FIELDS:
             _check_float(name, getattr(self, name), low=f_low, high=f_high, low_open=low_open, allowed=allowed)
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
@@ -69,7 +78,7 @@ class SamplingParams:
         set_field = object.__setattr__
         set_field(self, "stop", _normalize_stop(self.stop))
         set_field(self, "stop_token_ids", _normalize_stop_token_ids(self.stop_token_ids))
-        for name in ("max_tokens", "top_k", "min_tokens", "n", "seed", "logprobs"):
+        for name in ("max_tokens", "top_k", "min_tokens", "n", "seed", "logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             set_field(self, name, None if value is None else int(value))  # numpy ints -> int
         for name, *_ in _FLOAT_FIELDS:
@@ -85,8 +94,20 @@ class SamplingParams:
         return dataclasses.replace(self, **changes)
 
 
+def top_count(k: int, vocab_size: int) -> int:
+    """How many alternatives a `logprobs` or `prompt_logprobs` value asks for: -1 is the vocabulary."""
+    return vocab_size if k == -1 else min(k, vocab_size)
+
+
+def widest(a: int | None, b: int | None) -> int | None:
+    """The larger of two top-N asks, -1 (the whole vocabulary) the largest; None: not asked."""
+    if a is None or b is None:
+        return b if a is None else a
+    return -1 if -1 in (a, b) else max(a, b)
+
+
 # (field, low, high): plain int ranges; high None means unbounded.
-_INT_FIELDS = (("max_tokens", 1, None), ("n", 1, MAX_N))
+_INT_FIELDS = (("max_tokens", 0, None), ("n", 1, MAX_N))
 # (field, low, high, low is exclusive, what is allowed): every float must also be finite.
 _FLOAT_FIELDS = (
     ("temperature", 0.0, None, False, "a finite float >= 0 (0 means greedy)"),

@@ -51,6 +51,7 @@ SAMPLING = {
     "seed": INT, "n": st.sampled_from([1, 2, 0, -1, 10**6, 2**70, "2", None]),
     "stop": STOP, "stop_token_ids": ID_LISTS, "min_tokens": INT, "ignore_eos": BOOL,
     "logprobs": st.sampled_from([None, True, False, 0, 1, 5, 20, 21, -1]),
+    "prompt_logprobs": st.sampled_from([None, True, 0, 1, 5, 20, 21, -1, -2, "1", 1.5]),
     "include_stop_str_in_output": BOOL, "skip_special_tokens": BOOL,
 }
 OPENAI_EXTRA = {
@@ -124,7 +125,8 @@ def _fields(pool: dict, *required: str) -> st.SearchStrategy[dict]:
 def _request(route: str) -> st.SearchStrategy[tuple[str, dict]]:
     if route == "/generate":
         body = st.fixed_dictionaries({"sampling_params": _fields({**SAMPLING, **SGLANG}).map(_bounded)}, optional={
-            "text": TEXT, "input_ids": ID_LISTS, "stream": BOOL})
+            "text": TEXT, "input_ids": ID_LISTS, "stream": BOOL, "return_logprob": BOOL,
+            "logprob_start_len": INT, "top_logprobs_num": INT, "return_text_in_logprobs": BOOL})
     elif route == "/v1/responses":
         body = _fields(RESPONSES, "model", "input").map(_bounded_output)
     elif route == "/tokenize":

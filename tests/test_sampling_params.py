@@ -13,7 +13,7 @@ from radixserve.sampling_params import SamplingParams
 NAN, INF = math.nan, math.inf
 
 BAD_VALUES = {
-    "max_tokens": [0, -1, 1.0, True, "8", None],
+    "max_tokens": [-1, 1.0, True, "8", None],
     "temperature": [-0.1, NAN, INF, "1", True, None],
     "top_p": [0.0, -0.5, 1.01, NAN, True],
     "top_k": [-2, -100, 1.5, True, "5", None],
@@ -27,7 +27,8 @@ BAD_VALUES = {
     "min_tokens": [-1, 129, 1.0, True],
     "ignore_eos": [1, 0, "yes", None],
     "n": [0, -1, 2.0, True, 1025, 10**6, 2**70],
-    "logprobs": [-1, 21, 1.0, True, "5"],
+    "logprobs": [-2, 1.0, True, "5"],  # the engine caps a count (its max_logprobs)
+    "prompt_logprobs": [-2, -100, 1.0, True, "5"],
     "include_stop_str_in_output": [1, None],
     "skip_special_tokens": [0, "true"],
 }
@@ -59,7 +60,8 @@ def test_defaults_are_valid_and_documented_values():
         dict(temperature=0), dict(top_p=1), dict(top_p=1e-9), dict(top_k=0), dict(top_k=1), dict(min_p=1),
         dict(repetition_penalty=1e-3), dict(presence_penalty=-2), dict(frequency_penalty=2),
         dict(seed=-5), dict(seed=2**80), dict(min_tokens=128), dict(max_tokens=1, min_tokens=1),
-        dict(logprobs=0), dict(logprobs=20), dict(n=4), dict(ignore_eos=True),
+        dict(logprobs=0), dict(logprobs=20), dict(logprobs=-1), dict(logprobs=1000), dict(n=4), dict(ignore_eos=True),
+        dict(prompt_logprobs=0), dict(prompt_logprobs=-1), dict(max_tokens=0), dict(max_tokens=0, min_tokens=0),
     ],
 )
 def test_boundary_values_are_accepted(kwargs):

@@ -115,7 +115,8 @@ def test_every_engine_config_field_has_a_flag_that_reaches_it():
         "page_size": 4, "fold_mode": "mlp", "fold_threshold": 0.5, "batch_order": "arrival",
         "attention_backend": "torch", "cuda_graphs": False, "piecewise_graphs": False, "piecewise_max_rows": 64,
         "overlap_schedule": True, "fused_kernels": False, "cascade_attention": True, "cascade_min_prefix": 32,
-        "triton_decode": False, "moe_backend": "loop", "seed": 11, "check_invariants": True, "show_progress": False,
+        "triton_decode": False, "moe_backend": "loop", "max_logprobs": -1, "seed": 11, "check_invariants": True,
+        "show_progress": False,
     }
     assert set(values) == {f.name for f in dataclasses.fields(EngineConfig)}
     p = argparse.ArgumentParser()

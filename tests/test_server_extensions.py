@@ -277,7 +277,7 @@ def test_generate_takes_sglangs_sampling_names(server, engine):
     ({"no_stop_trim": "yes"}, "sampling_params.no_stop_trim"),
     ({"sampling_seed": "7"}, "sampling_params.sampling_seed"),
     ({"sampling_seed": 1, "seed": 1}, "sampling_params.sampling_seed"),
-    ({"max_new_tokens": 0}, "sampling_params.max_new_tokens"),
+    ({"max_new_tokens": -1}, "sampling_params.max_new_tokens"),
     ({"spaces_between_special_tokens": False}, "sampling_params.spaces_between_special_tokens"),
 ])
 def test_bad_sglang_names_are_a_400_naming_them(server, sp, param):

@@ -57,7 +57,7 @@ BAD = [
     ("chat-too-long", "POST", "/v1/chat/completions", chat(messages=[{"role": "user", "content": LONG}]), 400,
      CHAT_PARAM),
     ("max-tokens-past-context", "POST", "/v1/completions", comp(max_tokens=100000), 400, "max_tokens"),
-    ("max-tokens-zero", "POST", "/v1/completions", comp(max_tokens=0), 400, "max_tokens"),
+    ("max-tokens-negative", "POST", "/v1/completions", comp(max_tokens=-1), 400, "max_tokens"),
     ("max-tokens-string", "POST", "/v1/completions", comp(max_tokens="5"), 400, "max_tokens"),
     ("max-tokens-float", "POST", "/v1/chat/completions", chat(max_completion_tokens=2.5), 400,
      "max_completion_tokens"),
@@ -86,7 +86,13 @@ BAD = [
     ("top-logprobs-without-logprobs", "POST", "/v1/chat/completions", chat(top_logprobs=2), 400, "top_logprobs"),
     ("top-logprobs-too-many", "POST", "/v1/chat/completions", chat(logprobs=True, top_logprobs=21), 400,
      "top_logprobs"),
-    ("echo-with-logprobs", "POST", "/v1/completions", comp(echo=True, logprobs=1), 400, "echo"),
+    ("prompt-logprobs-streamed", "POST", "/v1/completions", comp(prompt_logprobs=1, stream=True), 400,
+     "prompt_logprobs"),
+    ("prompt-logprobs-bool", "POST", "/v1/chat/completions", chat(prompt_logprobs=True), 400, "prompt_logprobs"),
+    ("prompt-logprobs-too-many", "POST", "/v1/completions", comp(prompt_logprobs=21), 400, "prompt_logprobs"),
+    ("prompt-logprobs-vocabulary", "POST", "/v1/chat/completions", chat(prompt_logprobs=-1), 400,
+     "prompt_logprobs"),
+    ("logprobs-below-minus-one", "POST", "/v1/completions", comp(logprobs=-2), 400, "logprobs"),
     ("stream-not-bool", "POST", "/v1/completions", comp(stream="true"), 400, "stream"),
     ("stream-options-without-stream", "POST", "/v1/chat/completions", chat(stream_options={"include_usage": True}),
      400, "stream_options"),
@@ -182,7 +188,7 @@ JUNK = st.one_of(
 PARAMS = sorted({"prompt", "messages", "temperature", "top_p", "n", "stream", "stream_options", "logprobs",
                  "top_logprobs", "echo", "stop", "presence_penalty", "frequency_penalty", "best_of", "logit_bias",
                  "user", "seed", "suffix", "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos",
-                 "stop_token_ids", "response_format", "tools", "tool_choice", "store", "bogus"})
+                 "stop_token_ids", "response_format", "tools", "tool_choice", "store", "prompt_logprobs", "bogus"})
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -73,6 +73,10 @@ class EngineConfig:
         None, "decode attention (and a decode step's cascade prefix pass) through the Triton split-KV kernels; "
               "default: where Triton is installed")
     moe_backend: str = _opt("auto", "Qwen3-MoE expert computation", MOE_BACKENDS)
+    max_logprobs: int = _opt(
+        20, "the most top alternatives a request's logprobs or prompt_logprobs may ask for per position; -1: no "
+            "limit (a request may then ask for -1, the whole vocabulary: one float per vocabulary entry and "
+            "position in the response)")
     seed: int | None = _opt(None, "seeds the per-request seeds drawn for unseeded requests", flag="engine-seed")
     check_invariants: bool = _opt(False, "verify slot ownership and the radix tree after every step (slow)")
     show_progress: bool = _opt(True, "progress bars while converting and loading weights")
@@ -82,6 +86,7 @@ class EngineConfig:
         _check_int(self, "max_prefill_tokens", 1)
         _check_int(self, "page_size", 1)
         _check_int(self, "lpm_aging_tokens_per_step", 0)
+        _check_int(self, "max_logprobs", -1)
         if self.kv_cache_tokens is not None:
             _check_int(self, "kv_cache_tokens", 1)
         if self.max_context is not None:

@@ -29,7 +29,7 @@ from radixserve.engine.detokenizer import IncrementalDetokenizer
 from radixserve.engine.model_files import load_tokenizer, resolve_model_path
 from radixserve.engine.outputs import RequestOutput, StreamDelta
 from radixserve.engine.tracker import DONE, Tracker, drain, next_delta
-from radixserve.sampling_params import SamplingParams
+from radixserve.sampling_params import SamplingParams, top_count
 from radixserve.scheduler.request import POOLINGS, PrefillTask, Submission
 from radixserve.scheduler.scheduler import StepUpdate
 
@@ -187,6 +187,13 @@ class Engine:
             raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {bad_stops[:5]}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
+        cap = self.config.max_logprobs
+        limit = vocab if cap == -1 else cap
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and top_count(k, vocab) > limit:
+                raise ValueError(f"{name} asks for {'the whole vocabulary' if k == -1 else k} per position; this "
+                                 f"engine's max_logprobs allows at most {limit}")
 
     def _detokenizer(self, ids: Sequence[int], params: SamplingParams) -> IncrementalDetokenizer | None:
         if self.tokenizer is None:

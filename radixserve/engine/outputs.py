@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """The sampled token's log-probability under the model, and the top-N alternatives."""
+    """A token's log-probability under the model (raw: fp32 log_softmax of the logits), and the
+    top-N alternatives at its position."""
 
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()  # (token_id, logprob), most likely first
+    rank: int | None = None  # prompt tokens: how many tokens are at least as likely (1: the argmax)
 
 
 @dataclass
@@ -37,6 +39,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     cached_tokens: int = 0  # prompt tokens served from the radix tree
     folded_tokens: int = 0  # prompt tokens computed once for several sequences of a batch
+    # With SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (nothing
+    # precedes it), as vLLM returns them.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def text(self) -> str:
@@ -75,3 +80,6 @@ class StreamDelta:
     folded_tokens: int = 0  # this completion's prompt tokens computed by another sequence
     stop_reason: int | str | None = None
     error: str | None = None  # with finish_reason "error": what failed inside the engine
+    # The prompt's logprobs (RequestOutput.prompt_logprobs), on completion 0's first delta after
+    # its prompt is computed; None on every other delta.
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None

@@ -11,7 +11,7 @@ import queue
 from collections.abc import Callable, Sequence
 
 from radixserve.engine.outputs import CompletionOutput, RequestOutput, StreamDelta, TokenLogprob
-from radixserve.scheduler.request import PrefillTask
+from radixserve.scheduler.request import PrefillTask, PromptLogprob
 from radixserve.scheduler.scheduler import StepUpdate
 
 DONE = object()  # sentinel closing a sink
@@ -36,6 +36,7 @@ class Tracker:
         self.cached_tokens = 0
         self.folded = [0] * n
         self.remaining = n
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def on_update(self, u: StepUpdate) -> None:
         req = u.req
@@ -49,8 +50,11 @@ class Tracker:
             if out.logprobs is None:
                 out.logprobs = []
             out.logprobs.extend(lps)
+        prompt_lps = None
         if req.index == 0:
             self.cached_tokens = req.cached_tokens
+            if self.prompt_logprobs is None and req.prompt_logprobs is not None and not req.prompt_logprobs_pending:
+                prompt_lps = self._take_prompt_logprobs(req.prompt_logprobs)
         self.folded[req.index] = req.folded_tokens
         if u.finished:
             out.finish_reason = req.finish_reason
@@ -73,8 +77,16 @@ class Tracker:
                 folded_tokens=req.folded_tokens,
                 stop_reason=out.stop_reason if u.finished else None,
                 error=out.error if u.finished else None,
+                prompt_logprobs=prompt_lps,
             )
         )
+
+    def _take_prompt_logprobs(self, entries: Sequence[PromptLogprob]) -> tuple[TokenLogprob | None, ...]:
+        """The request's prompt logprobs as the output shows them: None for the first token."""
+        ids = self.prompt_ids
+        lps = (None, *(TokenLogprob(ids[i + 1], e.logprob, e.top, e.rank) for i, e in enumerate(entries)))
+        self.prompt_logprobs = list(lps)
+        return lps
 
     def result(self) -> RequestOutput:
         return RequestOutput(
@@ -84,6 +96,7 @@ class Tracker:
             outputs=self.outputs,
             cached_tokens=self.cached_tokens,
             folded_tokens=sum(self.folded),
+            prompt_logprobs=self.prompt_logprobs,
         )
 
 

@@ -69,6 +69,9 @@ class ForwardBatch:
     hidden_rows: torch.Tensor | None = None  # rows whose final hidden state is returned (pooling)
     score_rows: torch.Tensor | None = None  # rows whose logprob of score_targets is returned
     score_targets: torch.Tensor | None = None
+    # With score rows: None returns each target's logprob alone; k >= 0 also its rank, and k > 0
+    # the k most likely tokens of each row (prompt logprobs; k is the most any request asked for).
+    score_top: int | None = None
     # Overlapped scheduling: some new tokens are still on the device, sampled by the previous
     # step (`input_source`); at the positions `sourced` of input_ids stands each one's row
     # in that tensor, not a token id (resolve_inputs). None: every id is a token id.
@@ -110,6 +113,7 @@ class ForwardBatch:
             hidden_rows=move(self.hidden_rows),
             score_rows=move(self.score_rows),
             score_targets=move(self.score_targets),
+            score_top=self.score_top,
             sourced=move(self.sourced),
             input_source=self.input_source,
             cascade=self.cascade,
@@ -127,10 +131,20 @@ def resolve_inputs(ids: torch.Tensor, sourced: torch.Tensor, source: torch.Tenso
         ids[sourced] = source.index_select(0, ids[sourced])
 
 
+class ScoreOutput(NamedTuple):
+    """Per score row, from the fp32 log_softmax over the vocabulary (raw: no sampling parameter
+    applies): the target's logprob, and where `ForwardBatch.score_top` asks, its rank and the top k."""
+
+    logprobs: torch.Tensor  # [N] float32
+    ranks: torch.Tensor | None  # [N] int64: how many tokens are at least as likely as the target (1: the argmax)
+    top_ids: torch.Tensor | None  # [N, k] int64, most likely first
+    top_logprobs: torch.Tensor | None  # [N, k] float32, descending
+
+
 class ForwardOutput(NamedTuple):
     logits: torch.Tensor  # [len(logits_rows), vocab] float32
     hidden: torch.Tensor | None  # [len(hidden_rows), H] float32
-    scores: torch.Tensor | None  # [len(score_rows)] float32 raw logprob of each score target
+    scores: ScoreOutput | None  # one entry per score row
 
 
 class SamplingRow(NamedTuple):

@@ -21,6 +21,7 @@ from radixserve.model_runner.forward_batch import (
     ForwardOutput,
     SampleOutput,
     SamplingRow,
+    ScoreOutput,
     resolve_inputs,
 )
 from radixserve.model_runner.graphs import MAX_ROWS as PIECEWISE_MAX_ROWS
@@ -29,12 +30,15 @@ from radixserve.model_runner.kv_pool import KVPool, ReqToTokenPool, SlotAllocato
 from radixserve.model_runner.loader import load_model
 from radixserve.model_runner.models.kernels import compile_unsupported_reason, compiled_kernels
 from radixserve.model_runner.sampler import SamplingBatch, sample
-from radixserve.sampling_params import SamplingParams
+from radixserve.sampling_params import SamplingParams, top_count
 
 logger = logging.getLogger(__name__)
 
 TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 CPU_DEFAULT_KV_TOKENS = 16384
+# Scored rows' logprobs are computed in blocks of at most this many floats (128 MiB in fp32):
+# 4,096 rows of a 32k vocabulary, 221 rows of Qwen3's 151,936.
+SCORE_BLOCK_ELEMENTS = 1 << 25
 
 
 class ModelRunner:
@@ -235,9 +239,38 @@ class ModelRunner:
         scores = None
         if batch.score_rows is not None:
             assert batch.score_targets is not None, "score rows come with their targets"
-            logp = torch.log_softmax(self._logits(hidden, batch.score_rows), dim=-1)
-            scores = logp.gather(1, batch.score_targets.unsqueeze(1)).squeeze(1)
+            scores = self._scores(hidden, batch.score_rows, batch.score_targets, batch.score_top)
         return ForwardOutput(logits, pooled, scores)
+
+    def _scores(self, hidden: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, top: int | None) -> ScoreOutput:
+        """Each row's fp32 log_softmax over the vocabulary, reduced to what was asked (the target's
+        logprob; with `top` its rank and the top k), a block of rows at a time: a long prompt's
+        [rows, vocab] logprobs never exist at once (SCORE_BLOCK_ELEMENTS floats at most, and at
+        least one row)."""
+        k = None if top is None else top_count(top, self.vocab_size)
+        step = max(1, SCORE_BLOCK_ELEMENTS // self.vocab_size)
+        parts: list[tuple[torch.Tensor, ...]] = []
+        for a in range(0, int(rows.numel()), step):
+            logp = torch.log_softmax(self._logits(hidden, rows[a : a + step]).float(), dim=-1)
+            target = targets[a : a + step].unsqueeze(1)
+            chosen = logp.gather(1, target)
+            if k is None:
+                parts.append((chosen.squeeze(1),))
+                continue
+            ranks = (logp >= chosen).sum(dim=1)  # vLLM's rank: ties count against the target
+            if k == 0:
+                parts.append((chosen.squeeze(1), ranks))
+                continue
+            top_lp, top_ids = logp.topk(k, dim=-1, sorted=True)
+            parts.append((chosen.squeeze(1), ranks, top_ids, top_lp))
+        if not parts:
+            empty = hidden.new_empty(0, dtype=torch.float32)
+            return ScoreOutput(empty, None, None, None)
+        columns: list[torch.Tensor | None] = [torch.cat(c) for c in zip(*parts)]
+        columns += [None] * (4 - len(columns))
+        first = columns[0]
+        assert first is not None, "every block holds the targets' logprobs"
+        return ScoreOutput(first, columns[1], columns[2], columns[3])
 
     def attention(
         self, slots: torch.Tensor, unfold: torch.Tensor | None = None, fold: torch.Tensor | None = None

@@ -49,7 +49,7 @@ import torch
 
 from radixserve.model_runner.forward_batch import SampleOutput, SamplingRow
 from radixserve.model_runner.transfer import to_device
-from radixserve.sampling_params import SamplingParams
+from radixserve.sampling_params import SamplingParams, top_count
 
 try:  # On CUDA one Triton kernel does hash, noise and argmax in one pass (torch would take ~20).
     import triton
@@ -110,7 +110,7 @@ def _columns(params: Sequence[SamplingParams], vocab_size: int) -> _Columns:
         max_top_k=max((k for k in top_k if k < vocab_size), default=vocab_size),
         uses_top_p=min(top_p) < 1.0,
         uses_min_p=max(min_p) > 0.0,
-        num_logprobs=max(requested) if requested else None,
+        num_logprobs=max(top_count(k, vocab_size) for k in requested) if requested else None,
     )
 
 

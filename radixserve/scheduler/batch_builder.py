@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from radixserve.model_runner.forward_batch import CascadePlan, ForwardBatch
+from radixserve.sampling_params import widest
 from radixserve.scheduler.fold_plan import FoldPlan, build_fold_plan
 from radixserve.scheduler.kv_cache import KVCacheManager
 from radixserve.scheduler.request import Req
@@ -341,13 +342,23 @@ def _output_rows(batch: ScheduledBatch, row_of: np.ndarray) -> None:
     hidden: list[int] = []
     score_rows: list[int] = []
     score_targets: list[int] = []
+    score_top: int | None = None
     offset = 0
     for req, n in zip(batch.reqs, batch.extend_lens):
         start = req.kv_len
         end = start + n
         task = req.prefill
         if task is None:  # generate
-            if end == req.fill_len + (id(req) in batch.ahead):  # its input is its newest token
+            if req.prompt_logprobs_pending:  # the row at position q predicts prompt token q + 1
+                prompt = req.prompt_ids
+                hi = min(end, len(prompt) - 1)
+                batch.score_spans[id(req)] = (len(score_rows), len(score_rows) + max(0, hi - start))
+                for q in range(start, hi):
+                    score_rows.append(row_of[offset + q - start])
+                    score_targets.append(prompt[q + 1])
+                score_top = widest(score_top, req.params.prompt_logprobs)
+            sampled = req.params.max_tokens > 0  # max_tokens 0 ends after the prompt (Scheduler.process)
+            if sampled and end == req.fill_len + (id(req) in batch.ahead):  # its input is its newest token
                 logits.append(row_of[offset + n - 1])
                 batch.sample_reqs.append(req)
         elif task.kind == "embed":
@@ -370,6 +381,7 @@ def _output_rows(batch: ScheduledBatch, row_of: np.ndarray) -> None:
     if score_rows:
         fwd.score_rows = torch.tensor(score_rows, dtype=torch.int64)
         fwd.score_targets = torch.tensor(score_targets, dtype=torch.int64)
+        fwd.score_top = score_top
 
 
 def _pooled_rows(pooling: str, start: int, end: int, fill_len: int) -> list[int]:

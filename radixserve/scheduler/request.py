@@ -40,6 +40,14 @@ if TYPE_CHECKING:
 POOLINGS = ("last", "mean", "cls")
 
 
+class PromptLogprob(NamedTuple):
+    """One prompt token's logprob under the model given the tokens before it."""
+
+    logprob: float
+    rank: int  # tokens at least as likely as this one (1: the argmax)
+    top: tuple[tuple[int, float], ...]  # (token_id, logprob) of the most likely, most likely first
+
+
 def token_array(ids: Iterable[int] = ()) -> array:
     """Token ids or slot ids as int64 (see the module docstring)."""
     return array("q", ids)
@@ -125,6 +133,12 @@ class Req:
         # prompt + output, kept as one growing array: read several times per step.
         self.fill_ids = token_array(prompt_ids)
         self.output_logprobs: list[tuple[int, float, tuple[tuple[int, float], ...]]] = []
+        # params.prompt_logprobs, computed by completion 0 of a prompt (its siblings' are the same):
+        # (logprob, rank, top) of prompt tokens 1, 2, ... in order, appended as its chunks run.
+        # Complete once it holds len(prompt_ids) - 1 entries; a reset before that empties it.
+        self.prompt_logprobs: list[PromptLogprob] | None = None
+        if params.prompt_logprobs is not None and index == 0 and prefill is None:
+            self.prompt_logprobs = []
         self.status = ReqStatus.WAITING
         self.finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
         self.error: str | None = None  # why it failed (finish_reason "error")
@@ -174,9 +188,23 @@ class Req:
         return max(0, self.params.max_tokens - len(self.output_ids))
 
     @property
+    def prompt_logprobs_pending(self) -> bool:
+        """Asks for prompt logprobs that are not all computed yet."""
+        lps = self.prompt_logprobs
+        return lps is not None and len(lps) < len(self.prompt_ids) - 1
+
+    def reset_prompt_logprobs(self) -> None:
+        """The request goes back to waiting: incomplete prompt logprobs restart with its prefill."""
+        if self.prompt_logprobs_pending:
+            self.prompt_logprobs = []
+
+    @property
     def match_limit(self) -> int:
         """How many leading tokens may come from the cache: the rows whose
-        outputs are needed must be computed (the KV cache keeps no hidden states)."""
+        outputs are needed must be computed (the KV cache keeps no hidden states).
+        Prompt logprobs need every prompt position's logits: nothing is matched."""
+        if self.prompt_logprobs_pending:
+            return 0
         task = self.prefill
         if task is not None and task.kind == "score":
             return max(0, task.score_start - 1)

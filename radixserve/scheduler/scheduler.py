@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from radixserve.model_runner.forward_batch import ForwardOutput, SampleOutput, SamplingRow
+from radixserve.sampling_params import top_count
 from radixserve.scheduler.batch_builder import ScheduledBatch, SharedSlots, build_batch, build_decode_ahead
 from radixserve.scheduler.kv_cache import KVCacheManager
 from radixserve.scheduler.policy import order_waiting
 from radixserve.scheduler.recovery import Quarantine
-from radixserve.scheduler.request import Req, ReqStatus, Submission
+from radixserve.scheduler.request import PromptLogprob, Req, ReqStatus, Submission
 
 logger = logging.getLogger(__name__)
 
@@ -208,9 +209,9 @@ class Scheduler:
         sees the same tree as sequentially. It falls back (the caller processes `prev` first) where
         more is needed: anything aborted; embeddings and scores; a request of `prev`
         whose next sampling reads its newest token (penalties, min_tokens); a request
-        that `prev` ends by length while others wait (its row and slots free up only
-        once processed: admit in order); and a pool that cannot give every running
-        request a slot without retracting."""
+        that `prev` ends by length (or by its prompt, with max_tokens 0) while others
+        wait (its row and slots free up only once processed: admit in order); and a
+        pool that cannot give every running request a slot without retracting."""
         if self._updates or self.quarantine.active:
             return False
         if any(r.aborted for r in self.waiting):
@@ -222,6 +223,8 @@ class Scheduler:
             fill_limit = self._fill_limit()
             if any(_ends_by_length(r, fill_limit, pending=1) for r in prev.sample_reqs):
                 return False
+            if any(r.params.max_tokens == 0 and r.kv_len >= len(r.prompt_ids) for r in prev.reqs):
+                return False  # prev ends it (max_tokens 0): likewise
         for req in prev.sample_reqs:
             p = req.params
             if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
@@ -287,6 +290,7 @@ class Scheduler:
             req.status = ReqStatus.WAITING
             if req.prefill is not None:
                 req.prefill.restart()  # its results restart with it
+            req.reset_prompt_logprobs()
         self.waiting[:0] = reqs
         self.new_token_ratio = NEW_TOKEN_RATIO_INIT
 
@@ -429,6 +433,7 @@ class Scheduler:
             k = req.params.logprobs
             top: tuple[tuple[int, float], ...] = ()
             if k and top_ids is not None and top_lps is not None:
+                k = top_count(k, len(top_ids[i]))
                 top = tuple(zip(top_ids[i][:k], top_lps[i][:k]))
             entry = (tok, logprobs[i], top)
             req.output_logprobs.append(entry)
@@ -451,6 +456,11 @@ class Scheduler:
         for req in batch.reqs:
             task = req.prefill
             if task is None:  # generate
+                self._collect_prompt_logprobs(req, batch, out)
+                if req.params.max_tokens == 0 and req.kv_len >= len(req.prompt_ids) and not req.finished:
+                    text = req.detokenizer.flush().delta_text if req.detokenizer is not None else ""
+                    finishing.append((req, "length"))  # its prompt is computed: nothing to sample
+                    updates.append(StepUpdate(req, [], [], text, True))
                 continue
             if task.kind == "embed" and out.hidden is not None and id(req) in batch.hidden_spans:
                 a, b = batch.hidden_spans[id(req)]
@@ -459,10 +469,31 @@ class Scheduler:
                     task.embedding = rows if task.embedding is None else task.embedding + rows
             if task.kind == "score" and out.scores is not None and id(req) in batch.score_spans:
                 a, b = batch.score_spans[id(req)]
-                task.scores.extend(out.scores[a:b].tolist())
+                task.scores.extend(out.scores.logprobs[a:b].tolist())
             if req.kv_len == req.fill_len:
                 finishing.append((req, "stop"))
                 updates.append(StepUpdate(req, [], [], "", True))
+
+    @staticmethod
+    def _collect_prompt_logprobs(req: Req, batch: ScheduledBatch, out: ForwardOutput) -> None:
+        """Append this chunk's prompt logprobs (its span of the score rows) to the request's."""
+        span = batch.score_spans.get(id(req))
+        if span is None or out.scores is None or req.prompt_logprobs is None:
+            return
+        a, b = span
+        if b <= a:
+            return
+        scores = out.scores
+        assert scores.ranks is not None, "prompt logprob rows come with ranks"
+        logprobs = scores.logprobs[a:b].tolist()
+        ranks = scores.ranks[a:b].tolist()
+        k = top_count(req.params.prompt_logprobs or 0, scores.top_ids.shape[1] if scores.top_ids is not None else 0)
+        tops: list[tuple[tuple[int, float], ...]] = [()] * (b - a)
+        if k and scores.top_ids is not None and scores.top_logprobs is not None:
+            ids = scores.top_ids[a:b, :k].tolist()
+            lps = scores.top_logprobs[a:b, :k].tolist()
+            tops = [tuple(zip(i, v)) for i, v in zip(ids, lps)]
+        req.prompt_logprobs.extend(PromptLogprob(lp, r, t) for lp, r, t in zip(logprobs, ranks, tops))
 
     def _finish_reason(self, req: Req, tok: int, stopped_by_string: bool, fill_limit: int) -> str | None:
         p = req.params

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from radixserve.sampling_params import MAX_LOGPROBS, SamplingParams
+from radixserve.sampling_params import SamplingParams, widest
 from radixserve.scheduler.request import POOLINGS
 
 MAX_N = 128  # OpenAI's limit on `n`
@@ -30,6 +30,8 @@ VLLM_FIELDS = (
     "truncate_prompt_tokens", "return_token_ids", "return_tokens_as_token_ids", "spaces_between_special_tokens",
     "length_penalty", "use_beam_search", "request_id", "priority",
 )
+# vLLM's prompt_logprobs (completions and chat): the answer's `prompt_logprobs`.
+PROMPT_LOGPROBS = "prompt_logprobs"
 # vLLM's chat template controls (chat and /tokenize): Engine.apply_chat_template's options.
 CHAT_TEMPLATE_FIELDS = ("add_generation_prompt", "continue_final_message", "chat_template_kwargs")
 # OpenAI names that map 1:1 to SamplingParams fields.
@@ -78,7 +80,9 @@ class GenerateRequest:
     stream: bool = False
     include_usage: bool = False
     echo: bool = False
-    logprobs: int | None = None  # top-N per token (0: the sampled token's only); None: no logprobs
+    logprobs: int | None = None  # top-N per token (0: the sampled token's only; -1: all); None: no logprobs
+    prompt_logprobs: int | None = None  # vLLM's field: top-N per prompt token; None: not asked for
+    sglang: SGLangLogprobs | None = None  # /generate's return_logprob and its options
     user: str | None = None
     names: dict[str, str] = field(default_factory=dict)  # SamplingParams field -> the client's name
     chat_options: dict[str, Any] = field(default_factory=dict)  # Engine.apply_chat_template's options
@@ -88,6 +92,15 @@ class GenerateRequest:
     return_token_ids: bool = False  # prompt_token_ids and token_ids in the answer
     tokens_as_ids: bool = False  # return_tokens_as_token_ids: logprob tokens as "token_id:N"
     request_id: str | None = None  # vLLM's: the response's id is the route's prefix + it
+
+
+@dataclass(frozen=True)
+class SGLangLogprobs:
+    """SGLang's /generate logprob options: `meta_info` gets input and output token logprobs."""
+
+    start: int  # logprob_start_len: the first prompt position reported; -1: output tokens only
+    top: int  # top_logprobs_num: alternatives per position
+    text: bool  # return_text_in_logprobs: each entry's token text (else null)
 
 
 @dataclass
@@ -271,6 +284,25 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
     return kw
 
 
+def get_logprobs_count(body: dict[str, Any], name: str) -> int | None:
+    """A top-N count: an int >= -1 (-1: the whole vocabulary); the engine's max_logprobs caps it."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < -1:
+        raise bad_request(f"{name} must be -1 (the whole vocabulary) or an integer >= 0, got {value!r}", param=name)
+    return value
+
+
+def _prompt_logprobs(body: dict[str, Any], stream: bool) -> int | None:
+    """vLLM's prompt_logprobs; as in vLLM, not with stream (the answer carries them whole)."""
+    value = get_logprobs_count(body, PROMPT_LOGPROBS)
+    if value is not None and stream:
+        raise bad_request("prompt_logprobs are not available when stream is true", param=PROMPT_LOGPROBS,
+                          code="unsupported_value")
+    return value
+
+
 def _stream_options(body: dict[str, Any], stream: bool) -> tuple[bool, bool]:
     """(include_usage, continuous_usage_stats). vLLM's continuous_usage_stats puts the usage so far on
     every chunk; it implies include_usage unless that is false (then it is a 400)."""
@@ -324,7 +356,7 @@ def _vllm_options(body: dict[str, Any], logprobs: bool) -> dict[str, Any]:
 
 _COMMON = {
     "model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "presence_penalty",
-    "frequency_penalty", "logit_bias", "user", "seed", *EXTENSIONS, *VLLM_FIELDS,
+    "frequency_penalty", "logit_bias", "user", "seed", PROMPT_LOGPROBS, *EXTENSIONS, *VLLM_FIELDS,
 }
 COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"}
 CHAT_FIELDS = _COMMON | {
@@ -354,19 +386,17 @@ def parse_completion(body: Any, served: str) -> GenerateRequest:
     refuse_unless(body, "suffix", lambda v: v == "", "insertion (suffix) is not implemented")
     n = common["sampling"].get("n", 1)
     refuse_unless(body, "best_of", lambda v: v == n, "best_of must equal n (no server-side ranking)")
-    logprobs = get_int(body, "logprobs", 0, MAX_LOGPROBS)
+    logprobs = get_logprobs_count(body, "logprobs")
     echo = get_bool(body, "echo")
-    if echo and logprobs is not None:
-        raise bad_request("echo with logprobs needs prompt logprobs, which are not implemented", param="echo",
-                          code="unsupported_value")
     return GenerateRequest(
         route="completions",
         prompts=parse_prompts(body.get("prompt"), "prompt"),
         messages=None,
-        max_tokens=get_int(body, "max_tokens", 1),
+        max_tokens=get_int(body, "max_tokens", 0),
         max_tokens_param="max_tokens",
         echo=echo,
         logprobs=logprobs,
+        prompt_logprobs=_prompt_logprobs(body, common["stream"]),
         **common,
     )
 
@@ -380,12 +410,12 @@ def parse_chat(body: Any, served: str) -> GenerateRequest:
     refuse_unless(body, "parallel_tool_calls", lambda v: isinstance(v, bool), "it must be a boolean")
     refuse_unless(body, "response_format", lambda v: v == {"type": "text"}, "only {'type': 'text'} is implemented")
     refuse_unless(body, "store", lambda v: v is False, "stored completions are not implemented")
-    max_tokens = get_int(body, "max_tokens", 1)
-    max_completion = get_int(body, "max_completion_tokens", 1)
+    max_tokens = get_int(body, "max_tokens", 0)
+    max_completion = get_int(body, "max_completion_tokens", 0)
     if max_tokens is not None and max_completion is not None and max_tokens != max_completion:
         raise bad_request("give max_completion_tokens or max_tokens, not both", param="max_tokens")
     logprobs = get_bool(body, "logprobs")
-    top = get_int(body, "top_logprobs", 0, MAX_LOGPROBS)
+    top = get_logprobs_count(body, "top_logprobs")
     if top is not None and not logprobs:
         raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
     return GenerateRequest(
@@ -396,6 +426,7 @@ def parse_chat(body: Any, served: str) -> GenerateRequest:
         max_tokens_param="max_completion_tokens" if max_completion is not None else "max_tokens",
         echo=get_bool(body, "echo"),
         logprobs=(top or 0) if logprobs else None,
+        prompt_logprobs=_prompt_logprobs(body, common["stream"]),
         names={"logprobs": "top_logprobs"},
         chat_options=parse_chat_options(body),
         **common,
@@ -495,6 +526,11 @@ def build_sampling_params(
     kw = dict(req.sampling, max_tokens=max_tokens)
     if req.logprobs is not None:
         kw["logprobs"] = req.logprobs
+    prompt_logprobs = req.prompt_logprobs
+    if req.echo and req.logprobs is not None:  # the echoed prompt's tokens come with their logprobs
+        prompt_logprobs = widest(prompt_logprobs, req.logprobs)
+    if prompt_logprobs is not None:
+        kw["prompt_logprobs"] = prompt_logprobs
     try:
         return SamplingParams(**kw)
     except (ValueError, TypeError) as exc:

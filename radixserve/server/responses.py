@@ -17,6 +17,16 @@ from typing import Any
 from radixserve.engine.outputs import StreamDelta, TokenLogprob
 
 
+def finite(logprob: float) -> float:
+    """A logprob JSON can carry: -inf (a token the model rules out) as -9999.0, as vLLM sends it."""
+    return max(logprob, -9999.0)
+
+
+def first(top: tuple[tuple[int, float], ...], k: int | None) -> tuple[tuple[int, float], ...]:
+    """The first k alternatives of a position's (most likely first); -1 or None: all of them."""
+    return top if k is None or k == -1 else top[:k]
+
+
 class TokenText:
     """Token id -> its text, as OpenAI shows it in logprobs (memoized; ids repeat a lot)."""
 
@@ -80,9 +90,12 @@ class ResponseBuilder:
         logprobs: bool = False,
         chat_role: str = "assistant",
         prompt_ids: list[list[int]] | None = None,
+        return_token_ids: bool = False,
         continuous_usage: bool = False,
         tokens_as_ids: bool = False,
         request_id: str | None = None,
+        echo_logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
     ) -> None:
         self.route = route  # "completions" | "chat"
         self.model = model
@@ -95,7 +108,13 @@ class ResponseBuilder:
         self.continuous_usage = continuous_usage  # the usage so far on every chunk
         self.logprobs = logprobs
         self.chat_role = chat_role  # the role of the reply (vLLM: the last message's without a generation prompt)
-        self.prompt_ids = prompt_ids  # return_token_ids: each prompt's ids; None: no token ids in the answer
+        self.prompt_ids = prompt_ids or []  # each prompt's token ids
+        self.return_token_ids = return_token_ids  # prompt_token_ids and token_ids in the answer
+        # Completions with echo and logprobs: the top-N (-1: all) shown for each echoed prompt token.
+        self.echo_logprobs = echo_logprobs
+        self.prompt_logprobs = prompt_logprobs  # vLLM's prompt_logprobs field: its top-N; None: not asked
+        self.prompt_lps: list[tuple[TokenLogprob | None, ...] | None] = [None] * len(prompt_lens)
+        self._echoed: set[int] = set()  # streamed echo with logprobs: choices whose prompt part went out
         self.id = ("chatcmpl-" if route == "chat" else "cmpl-") + (request_id or uuid.uuid4().hex)
         self.created = int(time.time())
         self.choices = [Choice(index=i) for i in range(n * len(prompt_lens))]
@@ -118,6 +137,8 @@ class ResponseBuilder:
             choice.finish_reason = delta.finish_reason
             choice.stop_reason = delta.stop_reason
         choice.folded_tokens = delta.folded_tokens
+        if delta.prompt_logprobs is not None:
+            self.prompt_lps[prompt_index] = delta.prompt_logprobs
         if delta.index == 0:  # a prompt's cached tokens are those of its first completion
             self.usage.cached_tokens += delta.cached_tokens - self._cached[prompt_index]
             self._cached[prompt_index] = delta.cached_tokens
@@ -127,6 +148,7 @@ class ResponseBuilder:
     # -- whole responses ---------------------------------------------------------------------
 
     def response(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
         if self.route == "chat":
             choices = [
                 {
@@ -134,40 +156,45 @@ class ResponseBuilder:
                     "message": {"role": self.chat_role, "content": c.text, "refusal": None},
                     "logprobs": self._chat_logprobs(c.logprobs) if self.logprobs else None,
                     "finish_reason": c.finish_reason,
-                    **({"token_ids": c.token_ids} if self.prompt_ids is not None else {}),
+                    **({"token_ids": c.token_ids} if self.return_token_ids else {}),
                 }
                 for c in self.choices
             ]
             obj = "chat.completion"
+            if self.prompt_logprobs is not None:  # vLLM puts a chat's beside its choices
+                extra["prompt_logprobs"] = self._vllm_prompt_logprobs(0)
         else:
-            choices = [
-                {
-                    "index": c.index,
-                    "text": c.text,
-                    # c.offset is still the echoed prompt's length: only streaming advances it.
-                    "logprobs": self._completion_logprobs(c.logprobs, c.offset)[0] if self.logprobs else None,
-                    "finish_reason": c.finish_reason,
-                    **self._completion_ids(c, c.token_ids),
-                }
-                for c in self.choices
-            ]
+            choices = [self._completion_choice(c) for c in self.choices]
             obj = "text_completion"
         body = {
             "id": self.id, "object": obj, "created": self.created, "model": self.model,
-            "system_fingerprint": None, "choices": choices, "usage": self.usage.body(),
+            "system_fingerprint": None, "choices": choices, "usage": self.usage.body(), **extra,
         }
-        if self.route == "chat" and self.prompt_ids is not None:
+        if self.route == "chat" and self.return_token_ids:
             body["prompt_token_ids"] = self.prompt_ids[0]
         return body
 
     def _completion_ids(self, choice: Choice, token_ids: list[int]) -> dict[str, Any]:
         """return_token_ids on completions: the choice's prompt ids (once per stream) and `token_ids`."""
-        if self.prompt_ids is None:
+        if not self.return_token_ids:
             return {}
         ids: dict[str, Any] = {"token_ids": list(token_ids)}
         if not choice.prompt_ids_sent:
             ids["prompt_token_ids"] = self.prompt_ids[choice.index // self.n]
         return ids
+
+    def _completion_choice(self, c: Choice) -> dict[str, Any]:
+        logprobs = None
+        if self.logprobs:
+            if self.echo_logprobs is not None:
+                logprobs = self._echoed_logprobs(c)[0]
+            else:  # c.offset is still the echoed prompt's length: only streaming advances it
+                logprobs = self._completion_logprobs(c.logprobs, c.offset)[0]
+        choice = {"index": c.index, "text": c.text, "logprobs": logprobs, "finish_reason": c.finish_reason,
+                  **self._completion_ids(c, c.token_ids)}
+        if self.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = self._vllm_prompt_logprobs(c.index // self.n)
+        return choice
 
     # -- stream chunks -----------------------------------------------------------------------
 
@@ -189,13 +216,13 @@ class ResponseBuilder:
             for c in self.choices:
                 chunk = self._chunk([{"index": c.index, "delta": {"role": self.chat_role, "content": ""},
                                       "logprobs": None, "finish_reason": None}])
-                if self.prompt_ids is not None and c.index == 0:
+                if self.return_token_ids and c.index == 0:
                     chunk["prompt_token_ids"] = self.prompt_ids[0]
                 chunks.append(chunk)
             if self.echo_texts and self.echo_texts[0]:
                 chunks += [self._chunk([{"index": c.index, "delta": {"content": c.text}, "logprobs": None,
                                          "finish_reason": None}]) for c in self.choices]
-        elif self.echo_texts:
+        elif self.echo_texts and self.echo_logprobs is None:  # with logprobs, the echo waits for the prompt's
             for c in self.choices:
                 chunks.append(self._chunk([{"index": c.index, "text": c.text, "logprobs": None,
                                             "finish_reason": None, **self._completion_ids(c, [])}]))
@@ -205,15 +232,17 @@ class ResponseBuilder:
     def delta_chunk(self, prompt_index: int, delta: StreamDelta) -> dict[str, Any] | None:
         """Accumulate `delta` and return its chunk (None when it carries nothing to show)."""
         choice = self.add(prompt_index, delta)
+        if self.echo_logprobs is not None and choice.index not in self._echoed:
+            return self._echo_chunk(prompt_index)
         lps = list(delta.logprobs or ())
-        ids = self.prompt_ids is not None and bool(delta.token_ids)  # token ids to show, even without text
+        ids = self.return_token_ids and bool(delta.token_ids)  # token ids to show, even without text
         if not delta.text and not lps and delta.finish_reason is None and not ids:
             return None
         if self.route == "chat":
             body: dict[str, Any] = {"index": choice.index, "delta": {"content": delta.text} if delta.text else {},
                                     "logprobs": self._chat_logprobs(lps) if lps else None,
                                     "finish_reason": delta.finish_reason}
-            if self.prompt_ids is not None:
+            if self.return_token_ids:
                 body["token_ids"] = list(delta.token_ids)
         else:
             logprobs = None
@@ -223,6 +252,21 @@ class ResponseBuilder:
                     "finish_reason": delta.finish_reason, **self._completion_ids(choice, list(delta.token_ids))}
             choice.prompt_ids_sent = True
         return self._chunk([body])
+
+    def _echo_chunk(self, prompt_index: int) -> dict[str, Any] | None:
+        """Streamed echo with logprobs: once the prompt's logprobs are here (on its first
+        completion's first delta), one chunk opens every choice of the prompt not opened yet with
+        the prompt's text and logprobs and what the choice generated so far; None before."""
+        if self.prompt_lps[prompt_index] is None:
+            return None  # the choices accumulate meanwhile
+        bodies = []
+        for c in self.choices[prompt_index * self.n : (prompt_index + 1) * self.n]:
+            if c.index in self._echoed:
+                continue
+            self._echoed.add(c.index)
+            logprobs, c.offset = self._echoed_logprobs(c)
+            bodies.append({"index": c.index, "text": c.text, "logprobs": logprobs, "finish_reason": c.finish_reason})
+        return self._chunk(bodies) if bodies else None
 
     def usage_chunk(self) -> dict[str, Any]:
         chunk = self._chunk([])
@@ -240,11 +284,53 @@ class ResponseBuilder:
             offset += len(self.token_text(lp.token_id))  # offsets into the text, whatever the labels
         body = {
             "tokens": tokens,
-            "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [{self.token_label(t): v for t, v in lp.top} for lp in lps],
+            "token_logprobs": [finite(lp.logprob) for lp in lps],
+            "top_logprobs": [{self.token_label(t): finite(v) for t, v in lp.top} for lp in lps],
             "text_offset": offsets,
         }
         return body, offset
+
+    def _echoed_logprobs(self, c: Choice) -> tuple[dict[str, list[Any]], int]:
+        """Echo with logprobs: the prompt's tokens, then the choice's generated ones so far, offsets
+        from the prompt's start; and the offset after them."""
+        prompt, offset = self._echo_logprobs(c.index // self.n)
+        body, offset = self._completion_logprobs(c.logprobs, offset)
+        return {key: prompt[key] + body[key] for key in prompt}, offset
+
+    def _echo_logprobs(self, prompt_index: int) -> tuple[dict[str, list[Any]], int]:
+        """The echoed prompt's part of a completion's logprobs (the first token has none: null) and
+        the text offset after it."""
+        ids = self.prompt_ids[prompt_index]
+        entries = self.prompt_lps[prompt_index] or (None,) * len(ids)
+        k = self.echo_logprobs
+        tokens, offsets, offset = [], [], 0
+        for token_id in ids:
+            tokens.append(self.token_label(token_id))
+            offsets.append(offset)
+            offset += len(self.token_text(token_id))  # offsets into the text, whatever the labels
+        body: dict[str, list[Any]] = {
+            "tokens": tokens,
+            "token_logprobs": [None if e is None else finite(e.logprob) for e in entries],
+            "top_logprobs": [None if e is None else {self.token_label(t): finite(v) for t, v in first(e.top, k)}
+                             for e in entries],
+            "text_offset": offsets,
+        }
+        return body, offset
+
+    def _vllm_prompt_logprobs(self, prompt_index: int) -> list[dict[int, dict[str, Any]] | None]:
+        """vLLM's prompt_logprobs: None for the first token, then token id -> {logprob, rank,
+        decoded_token} for the prompt's token and its position's top N."""
+        out: list[dict[int, dict[str, Any]] | None] = []
+        for e in self.prompt_lps[prompt_index] or ():
+            if e is None:
+                out.append(None)
+                continue
+            entry = {e.token_id: {"logprob": finite(e.logprob), "rank": e.rank,
+                                  "decoded_token": self.token_text(e.token_id)}}
+            for rank, (t, v) in enumerate(first(e.top, self.prompt_logprobs), start=1):
+                entry.setdefault(t, {"logprob": finite(v), "rank": rank, "decoded_token": self.token_text(t)})
+            out.append(entry)
+        return out
 
     def _chat_logprobs(self, lps: list[TokenLogprob]) -> dict[str, Any]:
         def entry(token_id: int, logprob: float) -> dict[str, Any]:

@@ -295,12 +295,16 @@ async def _generate(request: web.Request, req: GenerateRequest) -> web.StreamRes
         state.engine.check_params(params)  # what only the model can tell (token ids past its vocabulary)
     except ValueError as exc:
         raise sampling_error(req, exc) from None
+    if req.sglang is not None and req.sglang.start >= len(prompts[0]):
+        raise bad_request(f"logprob_start_len must be below the prompt's length ({len(prompts[0])} tokens), got "
+                          f"{req.sglang.start}", param="logprob_start_len")
     builder = ResponseBuilder(
         "chat" if req.route == "chat" else "completions", state.model_name, params.n, [len(p) for p in prompts],
         state.token_text, echo_texts=texts if req.echo else None, include_usage=req.include_usage,
-        logprobs=params.logprobs is not None, chat_role=_chat_role(req),
-        prompt_ids=prompts if req.return_token_ids else None, continuous_usage=req.continuous_usage,
+        logprobs=params.logprobs is not None, chat_role=_chat_role(req), prompt_ids=prompts,
+        return_token_ids=req.return_token_ids, continuous_usage=req.continuous_usage,
         tokens_as_ids=req.tokens_as_ids, request_id=req.request_id,
+        echo_logprobs=req.logprobs if req.echo else None, prompt_logprobs=req.prompt_logprobs,
     )
     if req.user:
         logger.debug("request %s for user %r", builder.id, req.user)
@@ -318,7 +322,7 @@ async def _generate(request: web.Request, req: GenerateRequest) -> web.StreamRes
                 builder.add(i, delta)
     count_usage(state, builder)
     if req.route == "generate":
-        return json_response(native_response(builder, request_id))
+        return json_response(native_response(builder, request_id, req.sglang))
     return json_response(builder.response())
 
 
@@ -364,7 +368,7 @@ async def _write_events(
     while item is not None:
         if native:
             builder.add(*item)
-            await _sse(resp, native_delta(item[1]))
+            await _sse(resp, native_delta(item[1], req.sglang, builder))
         else:
             body = builder.delta_chunk(*item)
             if body is not None:
