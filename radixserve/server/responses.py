@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from radixserve.engine.outputs import StreamDelta, TokenLogprob
+from radixserve.server.chat_output import ChatOutputParser, OutputFormat
 
 
 class TokenText:
@@ -77,6 +78,7 @@ class ResponseBuilder:
         echo_texts: list[str] | None = None,
         include_usage: bool = False,
         logprobs: bool = False,
+        output: OutputFormat | None = None,
     ) -> None:
         self.route = route  # "completions" | "chat"
         self.model = model
@@ -94,6 +96,9 @@ class ResponseBuilder:
                 c.offset = len(c.text)
         self.usage = Usage(prompt_tokens=sum(prompt_lens))
         self._cached = [0] * len(prompt_lens)
+        # Chat with tool calls or reasoning: how each choice's text is read (and, streaming, its parser).
+        self.output = output
+        self._parsers: list[ChatOutputParser] = [output.parser() for _ in self.choices] if output else []
 
     # -- accumulation ------------------------------------------------------------------------
 
@@ -117,15 +122,7 @@ class ResponseBuilder:
 
     def response(self) -> dict[str, Any]:
         if self.route == "chat":
-            choices = [
-                {
-                    "index": c.index,
-                    "message": {"role": "assistant", "content": c.text, "refusal": None},
-                    "logprobs": self._chat_logprobs(c.logprobs) if self.logprobs else None,
-                    "finish_reason": c.finish_reason,
-                }
-                for c in self.choices
-            ]
+            choices = [self._chat_choice(c) for c in self.choices]
             obj = "chat.completion"
         else:
             choices = [
@@ -143,6 +140,15 @@ class ResponseBuilder:
             "id": self.id, "object": obj, "created": self.created, "model": self.model,
             "system_fingerprint": None, "choices": choices, "usage": self.usage.body(),
         }
+
+    def _chat_choice(self, c: Choice) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": c.text, "refusal": None}
+        finish_reason = c.finish_reason
+        if self.output is not None:
+            message, called = self.output.message(c.text)
+            finish_reason = _finish_reason(finish_reason, called)
+        return {"index": c.index, "message": message,
+                "logprobs": self._chat_logprobs(c.logprobs) if self.logprobs else None, "finish_reason": finish_reason}
 
     # -- stream chunks -----------------------------------------------------------------------
 
@@ -164,23 +170,36 @@ class ResponseBuilder:
                     for c in self.choices]
         return []
 
-    def delta_chunk(self, prompt_index: int, delta: StreamDelta) -> dict[str, Any] | None:
-        """Accumulate `delta` and return its chunk (None when it carries nothing to show)."""
+    def delta_chunks(self, prompt_index: int, delta: StreamDelta) -> list[dict[str, Any]]:
+        """Accumulate `delta` and return its chunks (none when it carries nothing to show; several
+        when the reply's parser splits it, e.g. into content and a tool call)."""
         choice = self.add(prompt_index, delta)
         lps = list(delta.logprobs or ())
-        if not delta.text and not lps and delta.finish_reason is None:
-            return None
-        if self.route == "chat":
-            body: dict[str, Any] = {"index": choice.index, "delta": {"content": delta.text} if delta.text else {},
-                                    "logprobs": self._chat_logprobs(lps) if lps else None,
-                                    "finish_reason": delta.finish_reason}
-        else:
+        if self.route != "chat":
+            if not delta.text and not lps and delta.finish_reason is None:
+                return []
             logprobs = None
             if lps:
                 logprobs, choice.offset = self._completion_logprobs(lps, choice.offset)
-            body = {"index": choice.index, "text": delta.text, "logprobs": logprobs,
-                    "finish_reason": delta.finish_reason}
-        return self._chunk([body])
+            return [self._chunk([{"index": choice.index, "text": delta.text, "logprobs": logprobs,
+                                  "finish_reason": delta.finish_reason}])]
+        finish_reason = delta.finish_reason
+        if self._parsers:
+            parser = self._parsers[choice.index]
+            bodies = parser.feed(delta.text, last=finish_reason is not None)
+            finish_reason = _finish_reason(finish_reason, parser.called)
+        else:
+            bodies = [{"content": delta.text}] if delta.text else []
+        if not bodies and (lps or finish_reason is not None):
+            bodies = [{}]
+        chunks = []
+        for j, body in enumerate(bodies):
+            chunks.append(self._chunk([{
+                "index": choice.index, "delta": body,
+                "logprobs": self._chat_logprobs(lps) if lps and j == 0 else None,
+                "finish_reason": finish_reason if j == len(bodies) - 1 else None,
+            }]))
+        return chunks
 
     def usage_chunk(self) -> dict[str, Any]:
         chunk = self._chunk([])
@@ -215,3 +234,8 @@ class ResponseBuilder:
                         for lp in lps],
             "refusal": None,
         }
+
+
+def _finish_reason(reason: str | None, called: bool) -> str | None:
+    """A reply that made tool calls and stopped by itself finished with "tool_calls"."""
+    return "tool_calls" if called and reason == "stop" else reason

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -26,6 +27,7 @@ from aiohttp import web
 from radixserve.engine.engine import ContextLengthError
 from radixserve.engine.outputs import StreamDelta
 from radixserve.sampling_params import SamplingParams
+from radixserve.server.chat_output import OutputFormat
 from radixserve.server.native_api import native_delta, native_response, parse_generate
 from radixserve.server.openai_api import (
     ApiError,
@@ -41,6 +43,7 @@ from radixserve.server.openai_api import (
 )
 from radixserve.server.responses import ResponseBuilder
 from radixserve.server.state import ServerState, state_of
+from radixserve.server.tools import template_text, tool_output
 from radixserve.server.transport import BodyTimeout
 
 logger = logging.getLogger(__name__)
@@ -209,8 +212,8 @@ async def _tokenize(state: ServerState, req: GenerateRequest) -> tuple[list[list
     """Token ids of every prompt, checked against the context, and their texts (for echo)."""
     if req.messages is not None:
         try:
-            ids = await asyncio.to_thread(
-                functools.partial(state.engine.apply_chat_template, req.messages, **req.chat_options))
+            ids = await asyncio.to_thread(functools.partial(
+                state.engine.apply_chat_template, req.messages, tools=req.tools.tools or None, **req.chat_options))
         except ValueError as exc:
             raise chat_template_error(exc) from None
         check_prompts(state, [ids], "messages")
@@ -255,11 +258,26 @@ def check_prompts(state: ServerState, prompts: list[list[int]], param: str) -> N
             raise bad_request(str(exc), param=param) from None
 
 
+def _chat_output(state: ServerState, req: GenerateRequest) -> tuple[OutputFormat | None, dict[str, Any]]:
+    """How chat replies are read (tool calls, reasoning; None: as plain text), and the sampling
+    fields that force tool calls."""
+    if req.route != "chat":
+        return None, {}
+    fmt, max_calls, extra = tool_output(req.tools, state.config.tool_call_parser,
+                                        template_text(state.engine.tokenizer))
+    if fmt is None and state.config.reasoning_parser is None:
+        return None, extra
+    return OutputFormat(tools=fmt, max_calls=max_calls, reasoning=state.config.reasoning_parser), extra
+
+
 async def _generate(request: web.Request, req: GenerateRequest) -> web.StreamResponse:
     state = state_of(request)
+    output, extra = _chat_output(state, req)
     prompts, texts = await _tokenize(state, req)
+    if output is not None and output.reasoning is not None:  # does the prompt open a think block?
+        output = dataclasses.replace(output, prompt_tail=state.engine.tokenizer.decode(prompts[0][-8:]))
     params = build_sampling_params(req, [len(p) for p in prompts], state.context_limit,
-                                   _DEFAULT_MAX_TOKENS[req.route])
+                                   _DEFAULT_MAX_TOKENS[req.route], extra)
     try:
         state.engine.check_params(params)  # what only the model can tell (token ids past its vocabulary)
     except ValueError as exc:
@@ -267,7 +285,7 @@ async def _generate(request: web.Request, req: GenerateRequest) -> web.StreamRes
     builder = ResponseBuilder(
         "chat" if req.route == "chat" else "completions", state.model_name, params.n, [len(p) for p in prompts],
         state.token_text, echo_texts=texts if req.echo else None, include_usage=req.include_usage,
-        logprobs=params.logprobs is not None,
+        logprobs=params.logprobs is not None, output=output,
     )
     if req.user:
         logger.debug("request %s for user %r", builder.id, req.user)
@@ -333,8 +351,7 @@ async def _write_events(
             builder.add(*item)
             await _sse(resp, native_delta(item[1]))
         else:
-            body = builder.delta_chunk(*item)
-            if body is not None:
+            for body in builder.delta_chunks(*item):
                 await _sse(resp, body)
         item = await anext(events, None)
     if builder.include_usage:

@@ -1,0 +1,508 @@
+"""Tool calls out of generated text, incrementally: the same parser serves streams and whole responses.
+
+A parser is fed the text as it is generated (`feed`, any split) and `finish`ed at the end; it
+returns `Piece`s: content text, a call's start (its index and name) and fragments of its
+arguments, in order. Every decision depends only on the text seen so far, read one
+character at a time, so the pieces do not depend on how the text was split (only on
+how they are grouped). Formats:
+
+    hermes       text <tool_call>{"name": "f", "arguments": {...}}</tool_call> text ...   (Qwen2.5, Qwen3, Hermes)
+    llama3_json  [<|python_tag|>]{"name": "f", "parameters": {...}}; {...}             (Llama 3.1+, at the start only)
+    forced       [{"name": "f", "arguments": {...}}, ...]   (tool_choice "required", under a JSON schema)
+    named        {...}                                        (a named tool_choice: the arguments alone)
+
+A call whose JSON starts `{"name": "...", "arguments": ` (llama3: or "parameters") is
+announced once its name is read, and its arguments stream as the model writes them (the
+raw text of the value). Any other shape (keys in another order, say) is held until the
+block ends and then read whole: a call if it is a JSON object with a string `name` and an
+object `arguments`, else content, markup included. Whitespace between text and a call
+is dropped; nothing of the `<tool_call>` markup of a call reaches the content.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+CONTENT, CALL, ARGS = "content", "call", "args"
+HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
+PYTHON_TAG = "<|python_tag|>"
+_MAX_NAME = 512  # characters of a call's name before the header is read as "not a fast header"
+
+
+def new_call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+@dataclass
+class Piece:
+    """`content` text; `call` (index, text = the name, call_id); `args` (index, text = a fragment)."""
+
+    kind: str
+    text: str
+    index: int = 0
+    call_id: str = ""
+
+
+class Pieces(list[Piece]):
+    """Pieces in order; neighbours of one kind (content, or one call's arguments) merge."""
+
+    def add(self, kind: str, text: str, index: int = 0, call_id: str = "") -> None:
+        if kind != CALL and not text:
+            return
+        if kind != CALL and self and self[-1].kind == kind and self[-1].index == index:
+            self[-1].text += text
+        else:
+            self.append(Piece(kind, text, index, call_id))
+
+
+class _Depth:
+    """Nesting depth of a JSON text read char by char (brackets inside strings don't count)."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.started = False
+        self._in_str = False
+        self._escape = False
+
+    def step(self, c: str) -> None:
+        if self._in_str:
+            if self._escape:
+                self._escape = False
+            elif c == "\\":
+                self._escape = True
+            elif c == '"':
+                self._in_str = False
+        elif c == '"':
+            self._in_str = True
+        elif c in "{[":
+            self.depth += 1
+            self.started = True
+        elif c in "}]":
+            self.depth -= 1
+
+    @property
+    def closed(self) -> bool:
+        return self.started and self.depth <= 0 and not self._in_str
+
+
+def _header(buf: str, arg_keys: tuple[str, ...]) -> tuple[str, str, int]:
+    """Reads `{"name": STR, "<arg key>": {` from the start of `buf`: ("need", "", 0) while it
+    may still come, ("fast", name, index of the arguments' "{") once it has, ("slow", "", 0) if not."""
+    i = 0
+
+    def literal(options: tuple[str, ...]) -> str:
+        nonlocal i
+        while i < len(buf) and buf[i].isspace():
+            i += 1
+        rest = buf[i:]
+        for lit in options:
+            if rest.startswith(lit):
+                i += len(lit)
+                return "ok"
+        return "need" if any(lit.startswith(rest) for lit in options) else "slow"
+
+    for step in ("{", '"name"', ":", "STR", ",", "KEY", ":", "{"):
+        if step == "STR":
+            while i < len(buf) and buf[i].isspace():
+                i += 1
+            if i == len(buf):
+                return "need", "", 0
+            end = _string_end(buf, i)
+            if end is None:
+                return ("need", "", 0) if len(buf) - i < _MAX_NAME else ("slow", "", 0)
+            try:
+                name = json.loads(buf[i:end])
+            except ValueError:
+                return "slow", "", 0
+            i = end
+            continue
+        status = literal(tuple(f'"{k}"' for k in arg_keys) if step == "KEY" else (step,))
+        if status != "ok":
+            return status, "", 0
+    return "fast", name, i - 1
+
+
+def _string_end(text: str, start: int) -> int | None:
+    """The index after the JSON string starting at `text[start]`; None if it has not ended (or is no string)."""
+    if text[start] != '"':
+        return None
+    escape = False
+    for j in range(start + 1, len(text)):
+        c = text[j]
+        if escape:
+            escape = False
+        elif c == "\\":
+            escape = True
+        elif c == '"':
+            return j + 1
+    return None
+
+
+def read_call(text: str, arg_keys: tuple[str, ...]) -> tuple[str, str] | None:
+    """(name, arguments as JSON text) of a whole call object, or None if `text` is not one."""
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    keys = [k for k in arg_keys if k in obj]
+    if len(keys) > 1:
+        return None
+    args = obj[keys[0]] if keys else {}
+    if isinstance(args, str):  # some models write the arguments as a JSON string
+        try:
+            if isinstance(json.loads(args), dict):
+                return obj["name"], args
+        except ValueError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return obj["name"], json.dumps(args, ensure_ascii=False)
+
+
+@dataclass
+class _Block:
+    """One call object being read: its header, then its arguments, then up to its end."""
+
+    end_tag: str | None  # hermes: ends at this tag; else: where the JSON object closes
+    raw: str = ""
+    state: str = "header"  # header -> args -> tail, or header -> slow
+    index: int = -1  # the call's index once announced; -1 before, or while dropped
+    dropped: bool = False  # a call past max_calls: read to its end, shown nowhere
+    outer: _Depth = field(default_factory=_Depth)
+    args: _Depth = field(default_factory=_Depth)
+    args_text: str = ""
+
+    def ended(self) -> bool:
+        if self.end_tag is not None:
+            return self.raw.endswith(self.end_tag)
+        return self.outer.closed
+
+    def body(self) -> str:
+        """The block's JSON text (the end tag cut off)."""
+        if self.end_tag is not None and self.raw.endswith(self.end_tag):
+            return self.raw[: -len(self.end_tag)]
+        return self.raw
+
+
+class ToolParser:
+    """Base: call numbering, the call limit, and the reading of one block."""
+
+    arg_keys: tuple[str, ...] = ("arguments",)
+
+    def __init__(self, max_calls: int | None = None, new_id: Callable[[], str] = new_call_id) -> None:
+        self.max_calls = max_calls
+        self.new_id = new_id
+        self.calls = 0  # calls announced
+        self.calls_args: list[str] = []  # each announced call's arguments text so far
+        self._out = Pieces()
+
+    # -- the interface -----------------------------------------------------------------------
+
+    def feed(self, text: str) -> Pieces:
+        for c in text:
+            self._char(c)
+        return self._take()
+
+    def finish(self) -> Pieces:
+        self._end()
+        return self._take()
+
+    def _take(self) -> Pieces:
+        out, self._out = self._out, Pieces()
+        return out
+
+    def _char(self, c: str) -> None:
+        raise NotImplementedError
+
+    def _end(self) -> None:
+        raise NotImplementedError
+
+    # -- calls --------------------------------------------------------------------------------
+
+    def _announce(self, block: _Block, name: str) -> None:
+        if self.max_calls is not None and self.calls >= self.max_calls:
+            block.dropped = True
+            return
+        block.index = self.calls
+        self.calls += 1
+        self.calls_args.append("")
+        self._out.add(CALL, name, block.index, self.new_id())
+
+    def _args(self, block: _Block, text: str) -> None:
+        if not block.dropped:
+            self.calls_args[block.index] += text
+            self._out.add(ARGS, text, block.index)
+
+    def _block_char(self, block: _Block, c: str) -> bool:
+        """Reads `c` into `block`; True when the block has ended."""
+        block.raw += c
+        block.outer.step(c)
+        if block.state == "header":
+            status, name, at = _header(block.raw, self.arg_keys)
+            if status == "fast":
+                block.state = "args"
+                self._announce(block, name)
+                block.args.step("{")
+                self._args(block, "{")
+                return False
+            if status == "slow":
+                block.state = "slow"
+        elif block.state == "args":
+            block.args.step(c)
+            self._args(block, c)
+            if block.args.closed:
+                block.state = "tail"
+            return False
+        return block.ended()
+
+    def _close_block(self, block: _Block, finished: bool) -> bool:
+        """A block that ended (or the text did): a slow block becomes a call if it reads as one.
+        False if it is not a call (the caller shows its text as content)."""
+        if block.state in ("args", "tail"):
+            return True
+        call = read_call(block.body(), self.arg_keys) if block.state == "slow" or finished else None
+        if call is None:
+            return False
+        self._announce(block, call[0])
+        self._args(block, call[1])
+        return True
+
+
+class HermesParser(ToolParser):
+    """Text with `<tool_call>JSON</tool_call>` blocks anywhere (Qwen2.5, Qwen3, Hermes 2 Pro)."""
+
+    def __init__(self, max_calls: int | None = None, new_id: Callable[[], str] = new_call_id) -> None:
+        super().__init__(max_calls, new_id)
+        self._block: _Block | None = None
+        self._tag = ""  # a prefix of the open tag, held back
+        # Whitespace held back. Between text and calls it is dropped, except that text resuming
+        # after calls is joined to the text before them with the whitespace that preceded the calls.
+        self._space = ""
+        self._said = False  # content shown yet
+        self._after_call = False  # since the last call: whitespace is dropped
+
+    def _char(self, c: str) -> None:
+        if self._block is not None:
+            if self._block_char(self._block, c):
+                self._end_block(finished=False)
+            return
+        if self._tag or c == "<":
+            if HERMES_OPEN.startswith(self._tag + c):
+                self._tag += c
+                if self._tag == HERMES_OPEN:
+                    self._tag = ""
+                    if not self._said:
+                        self._space = ""
+                    self._block = _Block(end_tag=HERMES_CLOSE)
+                return
+            held, self._tag = self._tag, ""
+            self._text(held)
+            self._char(c)
+        elif c.isspace():
+            if not self._after_call:
+                self._space += c
+        else:
+            self._text(c)
+
+    def _text(self, text: str) -> None:
+        self._out.add(CONTENT, self._space + text)
+        self._space = ""
+        self._said = True
+        self._after_call = False
+
+    def _end_block(self, finished: bool) -> None:
+        block, self._block = self._block, None
+        if block is None:
+            return
+        if self._close_block(block, finished):
+            self._after_call = True
+        else:
+            self._text(HERMES_OPEN + block.raw)
+
+    def _end(self) -> None:
+        if self._block is not None:
+            self._end_block(finished=True)
+        if self._tag:
+            self._text(self._tag)
+        elif not self._after_call:
+            self._out.add(CONTENT, self._space)
+        self._space = self._tag = ""
+
+
+class JsonListParser(ToolParser):
+    """Calls as JSON objects at the start of the text, separated by `sep`: Llama 3's
+    `[<|python_tag|>]{...}; {...}`, and a forced `[{...}, {...}]`. Text that is not such a list
+    is content (all of it, from where the list stops)."""
+
+    def __init__(
+        self,
+        *,
+        sep: str,
+        arg_keys: tuple[str, ...],
+        prefix: str = "",
+        opener: str = "",
+        closer: str = "",
+        max_calls: int | None = None,
+        new_id: Callable[[], str] = new_call_id,
+    ) -> None:
+        super().__init__(max_calls, new_id)
+        self.arg_keys = arg_keys
+        self._sep, self._prefix, self._opener, self._closer = sep, prefix, opener, closer
+        self._state = "start"  # start -> item -> between -> item ... -> done; or content
+        self._held = ""  # start: leading text that may still open the list
+        self._block: _Block | None = None
+
+    def _char(self, c: str) -> None:
+        if self._state == "content":
+            self._out.add(CONTENT, c)
+        elif self._state == "start":
+            self._start(c)
+        elif self._state == "item":
+            if self._block is not None:
+                if self._block_char(self._block, c):
+                    self._end_block(finished=False)
+            elif c == "{":
+                self._block = _Block(end_tag=None)
+                self._block_char(self._block, c)
+            elif not c.isspace():
+                self._to_content(c)
+        elif self._state == "between":
+            if c == self._sep:
+                self._state = "item"
+            elif self._closer and c == self._closer:
+                self._state = "done"
+            elif not c.isspace():
+                self._to_content(c)
+
+    def _start(self, c: str) -> None:
+        """Leading whitespace, the prefix tag and the opener are held until the first call's "{"."""
+        self._held += c
+        head = self._held.lstrip()
+        if not head:
+            return
+        if self._prefix:
+            if len(head) < len(self._prefix) and self._prefix.startswith(head):
+                return  # may still become the prefix tag
+            if head.startswith(self._prefix):
+                head = head[len(self._prefix):].lstrip()
+                if not head:
+                    return
+        if self._opener:
+            if head[0] != self._opener:
+                self._to_content(self._held)
+                return
+            head = head[1:].lstrip()
+            if not head:
+                return
+        if head != "{":
+            self._to_content(self._held)
+            return
+        self._held = ""
+        self._state = "item"
+        self._char("{")
+
+    def _to_content(self, text: str) -> None:
+        self._state = "content"
+        self._held = ""
+        self._out.add(CONTENT, text)
+
+    def _end_block(self, finished: bool) -> None:
+        block, self._block = self._block, None
+        if block is None:
+            return
+        if self._close_block(block, finished):
+            self._state = "between"
+        else:
+            self._to_content(block.raw)
+
+    def _end(self) -> None:
+        if self._block is not None:
+            self._end_block(finished=True)
+        elif self._state == "start" and self._held:
+            self._to_content(self._held)
+
+
+class NamedParser(ToolParser):
+    """The whole text is the arguments of one call to `name` (a named tool_choice, under its schema)."""
+
+    def __init__(self, name: str, new_id: Callable[[], str] = new_call_id) -> None:
+        super().__init__(1, new_id)
+        self._name = name
+        self._block = _Block(end_tag=None, state="args")
+        self._started = False
+
+    def _char(self, c: str) -> None:
+        if not self._started:
+            if c.isspace():
+                return
+            self._started = True
+            self._announce(self._block, self._name)
+        if self._block.state == "args":
+            self._block.args.step(c)
+            self._args(self._block, c)
+            if self._block.args.closed:
+                self._block.state = "tail"
+
+    def _end(self) -> None:
+        if not self._started:
+            self._started = True
+            self._announce(self._block, self._name)
+
+
+PARSERS = ("hermes", "llama3_json")
+
+
+def make_parser(fmt: str, *, max_calls: int | None = None, new_id: Callable[[], str] = new_call_id) -> ToolParser:
+    """A parser for `fmt`: "hermes", "llama3_json", "required" (a forced list), or "named:<name>"."""
+    if fmt == "hermes":
+        return HermesParser(max_calls, new_id)
+    if fmt == "llama3_json":
+        return JsonListParser(sep=";", prefix=PYTHON_TAG, arg_keys=("parameters", "arguments"),
+                              max_calls=max_calls, new_id=new_id)
+    if fmt == "required":
+        return JsonListParser(sep=",", opener="[", closer="]", arg_keys=("arguments",), max_calls=max_calls,
+                              new_id=new_id)
+    if fmt.startswith("named:"):
+        return NamedParser(fmt[len("named:"):], new_id)
+    raise ValueError(f"tool_call_parser must be one of {PARSERS}, got {fmt!r}")
+
+
+@dataclass
+class ParsedCalls:
+    content: str
+    calls: list[dict[str, Any]]  # OpenAI tool_calls: {"id", "type", "function": {"name", "arguments"}}
+
+
+def collect(pieces: list[Piece]) -> ParsedCalls:
+    """The content and the calls that `pieces` spell, whole."""
+    content: list[str] = []
+    calls: list[dict[str, Any]] = []
+    for p in pieces:
+        if p.kind == CONTENT:
+            content.append(p.text)
+        elif p.kind == CALL:
+            calls.append({"id": p.call_id, "type": "function", "function": {"name": p.text, "arguments": ""}})
+        else:
+            calls[p.index]["function"]["arguments"] += p.text
+    return ParsedCalls("".join(content), calls)
+
+
+def parse_whole(parser: ToolParser, text: str) -> ParsedCalls:
+    """A whole response's calls: the streamed pieces of `text`, except that if a call's arguments
+    are not a JSON object (a malformed or cut-off call), all of `text` is content and there is no call."""
+    pieces = parser.feed(text) + parser.finish()
+    parsed = collect(pieces)
+    for call in parsed.calls:
+        try:
+            ok = isinstance(json.loads(call["function"]["arguments"]), dict)
+        except ValueError:
+            ok = False
+        if not ok:
+            return ParsedCalls(text, [])
+    return parsed
