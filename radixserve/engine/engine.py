@@ -511,8 +511,13 @@ class Engine:
             raise ValueError("continue_final_message needs add_generation_prompt false and an assistant message last")
         if getattr(tok, "chat_template", None) is None:
             raise ValueError("this model's tokenizer has no chat template")
-        ids = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
-                                      continue_final_message=continue_final_message, tools=tools or None, **extra)
+        from jinja2 import TemplateError  # transformers' template engine
+
+        try:
+            ids = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                          continue_final_message=continue_final_message, tools=tools or None, **extra)
+        except TemplateError as exc:  # the template's own raise_exception(), e.g. a role order it refuses
+            raise ValueError(f"the chat template refused the messages: {exc}") from None
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return list(ids)
