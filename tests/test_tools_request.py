@@ -130,3 +130,16 @@ def test_a_named_function_forces_its_arguments():
 def test_auto_and_none_force_nothing():
     for choice in ("auto", "none"):
         assert forced_tool_schema(parse_tool_request({"tools": [WEATHER], "tool_choice": choice})) is None
+
+
+def test_server_options_are_checked_before_the_model_loads():
+    from radixserve.cli import main
+    from radixserve.server import ServerConfig
+
+    assert ServerConfig(tool_call_parser="hermes", reasoning_parser="qwen3").reasoning_parser == "qwen3"
+    with pytest.raises(ValueError, match="tool_call_parser"):
+        ServerConfig(tool_call_parser="mistral")
+    with pytest.raises(ValueError, match="reasoning_parser"):
+        ServerConfig(reasoning_parser="o1")
+    assert main(["serve", "--tool-call-parser", "mistral"]) == 2
+    assert main(["serve", "--reasoning-parser", "o1"]) == 2
