@@ -1,10 +1,10 @@
 """Tool calling and reasoning in the chat API, on a real server over SmolLM2 with a chat template
 that shows tools (helpers/tool_templates.py).
 
-The model's own replies only show that requests with tools run end to end; what the parsers
-make of a reply is checked on replies the test chooses: `Scripted` is the real engine except
-that `generate_async` streams a given text, so everything between the engine and the client
-(routes, response builder, parsers, SSE, the openai client) is the real code.
+The real model makes a call when earlier turns show it how (few-shot, greedy); the rest of what
+the parsers make of a reply is checked on replies the test chooses: `Scripted` is the real
+engine except that `generate_async` streams a given text, so everything between the engine and
+the client (routes, response builder, parsers, SSE, the openai client) is the real code.
 """
 
 from __future__ import annotations
@@ -123,6 +123,34 @@ def test_tool_calls_and_tool_messages_in_the_history(server, engine):
     assert "<tool_response>\n22 C and sunny\n</tool_response>" in text
     status, _, body = _chat(server, HISTORY, tools=[WEATHER])
     assert status == 200 and body["usage"]["prompt_tokens"] == len(ids), body
+
+
+def _few_shot(cities: list[str], ask: str) -> list[dict]:
+    """Earlier turns in which the assistant answered each question with a call: SmolLM2 follows suit."""
+    messages: list[dict] = []
+    for city in cities:
+        messages += [{"role": "user", "content": f"Weather in {city}?"}, {"role": "assistant", "content": None,
+                     "tool_calls": [{"id": f"call_{city}", "type": "function", "function": {
+                         "name": "get_weather", "arguments": json.dumps({"city": city})}}]}]
+    return [*messages, {"role": "user", "content": ask}]
+
+
+def test_the_real_model_calls_a_tool_through_the_openai_client(server):
+    client = _client(server)
+    messages = _few_shot(["Paris", "Oslo", "Rome"], "Weather in Lima?")
+    resp = client.chat.completions.create(model=M, messages=messages, tools=[WEATHER], max_tokens=40, temperature=0)
+    choice = resp.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Lima"}
+    stream = client.chat.completions.create(model=M, messages=messages, tools=[WEATHER], max_tokens=40,
+                                            temperature=0, stream=True)
+    args, finish = "", None
+    for chunk in stream:
+        for tc in chunk.choices[0].delta.tool_calls or []:
+            args += tc.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert args == call.function.arguments and finish == "tool_calls"
 
 
 BAD = [
