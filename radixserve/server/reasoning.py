@@ -39,10 +39,37 @@ class ReasoningParser:
         self._out = Pieces()
 
     def feed(self, text: str) -> Pieces:
-        for c in text:
-            self._char(c)
+        i = 0
+        while i < len(text):
+            n = self._run(text, i)  # a run read at once, as reading it char by char would
+            if n:
+                i += n
+            else:
+                self._char(text[i])
+                i += 1
         out, self._out = self._out, Pieces()
         return out
+
+    def _run(self, text: str, i: int) -> int:
+        if self._state == "content":
+            span = text[i:]
+            body = span if self._said else span.lstrip()
+            if body:
+                self._said = True
+                self._out.add(CONTENT, body)
+            return len(span)
+        if self._state != "think" or self._held:
+            return 0
+        end = text.find("<", i)
+        span = text[i:] if end < 0 else text[i:end]
+        body = span if self._said else span.lstrip()
+        reasoning = body.rstrip()
+        if reasoning:
+            self._reason(reasoning)
+            self._space += body[len(reasoning):]
+        elif self._said:
+            self._space += body
+        return len(span)
 
     def finish(self) -> Pieces:
         if self._state == "start":

@@ -22,6 +22,7 @@ is dropped; nothing of the `<tool_call>` markup of a call reaches the content.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,7 +31,8 @@ from typing import Any
 CONTENT, CALL, ARGS = "content", "call", "args"
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
-_MAX_NAME = 512  # characters of a call's name before the header is read as "not a fast header"
+_MAX_HEADER = 1024  # characters of a block before its header is read as "not a fast header"
+_ORDINARY_END = re.compile(r'["\\{}\[\]<>]')  # what can change a block's state: brackets, quotes, tags
 
 
 def new_call_id() -> str:
@@ -85,6 +87,11 @@ class _Depth:
             self.depth -= 1
 
     @property
+    def escaping(self) -> bool:
+        """The next character is escaped (inside a string, after a backslash)."""
+        return self._escape
+
+    @property
     def closed(self) -> bool:
         return self.started and self.depth <= 0 and not self._in_str
 
@@ -113,7 +120,7 @@ def _header(buf: str, arg_keys: tuple[str, ...]) -> tuple[str, str, int]:
                 return "need", "", 0
             end = _string_end(buf, i)
             if end is None:
-                return ("need", "", 0) if len(buf) - i < _MAX_NAME else ("slow", "", 0)
+                return "need", "", 0
             try:
                 name = json.loads(buf[i:end])
             except ValueError:
@@ -199,15 +206,26 @@ class ToolParser:
         self.max_calls = max_calls
         self.new_id = new_id
         self.calls = 0  # calls announced
-        self.calls_args: list[str] = []  # each announced call's arguments text so far
         self._out = Pieces()
 
     # -- the interface -----------------------------------------------------------------------
 
     def feed(self, text: str) -> Pieces:
-        for c in text:
-            self._char(c)
+        i = 0
+        while i < len(text):
+            # A run of characters that the state reads alike goes at once (long replies, long arguments);
+            # the result is what reading them one by one gives.
+            n = self._run(text, i)
+            if n:
+                i += n
+            else:
+                self._char(text[i])
+                i += 1
         return self._take()
+
+    def _run(self, text: str, i: int) -> int:
+        """Reads a run of characters from text[i] that need no look at each one; how many (0: none)."""
+        return 0
 
     def finish(self) -> Pieces:
         self._end()
@@ -231,13 +249,24 @@ class ToolParser:
             return
         block.index = self.calls
         self.calls += 1
-        self.calls_args.append("")
         self._out.add(CALL, name, block.index, self.new_id())
 
     def _args(self, block: _Block, text: str) -> None:
         if not block.dropped:
-            self.calls_args[block.index] += text
             self._out.add(ARGS, text, block.index)
+
+    def _block_run(self, block: _Block, text: str, i: int) -> int:
+        """Past its header, a block reads the characters from text[i] up to the next one that can
+        change its state (a JSON bracket, quote or backslash; the end tag's "<" or ">") at once."""
+        if block.state == "header" or block.args.escaping or block.outer.escaping:
+            return 0
+        m = _ORDINARY_END.search(text, i)
+        end = m.start() if m else len(text)
+        run = text[i:end]
+        block.raw += run
+        if block.state == "args":
+            self._args(block, run)
+        return len(run)
 
     def _block_char(self, block: _Block, c: str) -> bool:
         """Reads `c` into `block`; True when the block has ended."""
@@ -245,6 +274,8 @@ class ToolParser:
         block.outer.step(c)
         if block.state == "header":
             status, name, at = _header(block.raw, self.arg_keys)
+            if status == "need" and len(block.raw) > _MAX_HEADER:
+                status = "slow"
             if status == "fast":
                 block.state = "args"
                 self._announce(block, name)
@@ -286,6 +317,23 @@ class HermesParser(ToolParser):
         self._space = ""
         self._said = False  # content shown yet
         self._after_call = False  # since the last call: whitespace is dropped
+
+    def _run(self, text: str, i: int) -> int:
+        if self._block is not None:
+            return self._block_run(self._block, text, i)
+        if self._tag:
+            return 0
+        end = text.find("<", i)
+        span = text[i:] if end < 0 else text[i:end]
+        # Reads as char by char would: whitespace after a call dropped, trailing whitespace held.
+        body = span.lstrip() if self._after_call else span
+        text_part = body.rstrip()
+        if text_part:
+            self._text(text_part)
+            self._space += body[len(text_part):]
+        elif not self._after_call:
+            self._space += body
+        return len(span)
 
     def _char(self, c: str) -> None:
         if self._block is not None:
@@ -357,6 +405,14 @@ class JsonListParser(ToolParser):
         self._state = "start"  # start -> item -> between -> item ... -> done; or content
         self._held = ""  # start: leading text that may still open the list
         self._block: _Block | None = None
+
+    def _run(self, text: str, i: int) -> int:
+        if self._state == "content":
+            self._out.add(CONTENT, text[i:])
+            return len(text) - i
+        if self._state == "item" and self._block is not None:
+            return self._block_run(self._block, text, i)
+        return 0
 
     def _char(self, c: str) -> None:
         if self._state == "content":
@@ -436,6 +492,9 @@ class NamedParser(ToolParser):
         self._name = name
         self._block = _Block(end_tag=None, state="args")
         self._started = False
+
+    def _run(self, text: str, i: int) -> int:
+        return self._block_run(self._block, text, i) if self._started else 0
 
     def _char(self, c: str) -> None:
         if not self._started:
