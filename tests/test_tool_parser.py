@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from radixserve.server.chat_output import OutputFormat
 from radixserve.server.reasoning import ReasoningParser
-from radixserve.server.tool_parser import CONTENT, collect, make_parser, parse_whole
+from radixserve.server.tool_formats import make_parser
+from radixserve.server.tool_parser import CONTENT, collect, parse_whole
 
 
 def _ids():

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from radixserve.server.errors import ApiError
-from radixserve.server.tool_parser import make_parser, parse_whole
+from radixserve.server.tool_formats import make_parser
+from radixserve.server.tool_parser import parse_whole
 from radixserve.server.tools import (
     ToolRequest,
     forced_format,

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from radixserve.server.reasoning import REASONING, ReasoningParser
-from radixserve.server.tool_parser import ARGS, CALL, CONTENT, Piece, Pieces, ToolParser, make_parser, parse_whole
+from radixserve.server.tool_formats import make_parser
+from radixserve.server.tool_parser import ARGS, CALL, CONTENT, Piece, Pieces, ToolParser, parse_whole
 
 
 @dataclass(frozen=True)

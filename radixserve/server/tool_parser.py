@@ -1,4 +1,5 @@
-"""Tool calls out of generated text, incrementally: the same parser serves streams and whole responses.
+"""Tool calls out of generated text, incrementally: the same parser serves streams and whole responses
+(the formats' parsers are in tool_formats.py).
 
 A parser is fed the text as it is generated (`feed`, any split) and `finish`ed at the end; it
 returns `Piece`s: content text, a call's start (its index and name) and fragments of its
@@ -29,8 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CONTENT, CALL, ARGS = "content", "call", "args"
-HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
-PYTHON_TAG = "<|python_tag|>"
 _MAX_HEADER = 1024  # characters of a block before its header is read as "not a fast header"
 _ORDINARY_END = re.compile(r'["\\{}\[\]<>]')  # what can change a block's state: brackets, quotes, tags
 
@@ -96,9 +95,9 @@ class _Depth:
         return self.started and self.depth <= 0 and not self._in_str
 
 
-def _header(buf: str, arg_keys: tuple[str, ...]) -> tuple[str, str, int]:
-    """Reads `{"name": STR, "<arg key>": {` from the start of `buf`: ("need", "", 0) while it
-    may still come, ("fast", name, index of the arguments' "{") once it has, ("slow", "", 0) if not."""
+def _header(buf: str, arg_keys: tuple[str, ...]) -> tuple[str, str]:
+    """Reads `{"name": STR, "<arg key>": {` from the start of `buf`: ("need", "") while it may
+    still come, ("fast", name) once it has (the arguments' "{" last), ("slow", "") if not."""
     i = 0
 
     def literal(options: tuple[str, ...]) -> str:
@@ -117,26 +116,26 @@ def _header(buf: str, arg_keys: tuple[str, ...]) -> tuple[str, str, int]:
             while i < len(buf) and buf[i].isspace():
                 i += 1
             if i == len(buf):
-                return "need", "", 0
+                return "need", ""
+            if buf[i] != '"':
+                return "slow", ""
             end = _string_end(buf, i)
             if end is None:
-                return "need", "", 0
+                return "need", ""
             try:
                 name = json.loads(buf[i:end])
             except ValueError:
-                return "slow", "", 0
+                return "slow", ""
             i = end
             continue
         status = literal(tuple(f'"{k}"' for k in arg_keys) if step == "KEY" else (step,))
         if status != "ok":
-            return status, "", 0
-    return "fast", name, i - 1
+            return status, ""
+    return "fast", name
 
 
 def _string_end(text: str, start: int) -> int | None:
-    """The index after the JSON string starting at `text[start]`; None if it has not ended (or is no string)."""
-    if text[start] != '"':
-        return None
+    """The index after the JSON string that opens at `text[start]`; None if it has not ended."""
     escape = False
     for j in range(start + 1, len(text)):
         c = text[j]
@@ -173,7 +172,7 @@ def read_call(text: str, arg_keys: tuple[str, ...]) -> tuple[str, str] | None:
 
 
 @dataclass
-class _Block:
+class Block:
     """One call object being read: its header, then its arguments, then up to its end."""
 
     end_tag: str | None  # hermes: ends at this tag; else: where the JSON object closes
@@ -183,7 +182,6 @@ class _Block:
     dropped: bool = False  # a call past max_calls: read to its end, shown nowhere
     outer: _Depth = field(default_factory=_Depth)
     args: _Depth = field(default_factory=_Depth)
-    args_text: str = ""
 
     def ended(self) -> bool:
         if self.end_tag is not None:
@@ -243,7 +241,7 @@ class ToolParser:
 
     # -- calls --------------------------------------------------------------------------------
 
-    def _announce(self, block: _Block, name: str) -> None:
+    def _announce(self, block: Block, name: str) -> None:
         if self.max_calls is not None and self.calls >= self.max_calls:
             block.dropped = True
             return
@@ -251,11 +249,11 @@ class ToolParser:
         self.calls += 1
         self._out.add(CALL, name, block.index, self.new_id())
 
-    def _args(self, block: _Block, text: str) -> None:
+    def _args(self, block: Block, text: str) -> None:
         if not block.dropped:
             self._out.add(ARGS, text, block.index)
 
-    def _block_run(self, block: _Block, text: str, i: int) -> int:
+    def _block_run(self, block: Block, text: str, i: int) -> int:
         """Past its header, a block reads the characters from text[i] up to the next one that can
         change its state (a JSON bracket, quote or backslash; the end tag's "<" or ">") at once."""
         if block.state == "header" or block.args.escaping or block.outer.escaping:
@@ -268,12 +266,12 @@ class ToolParser:
             self._args(block, run)
         return len(run)
 
-    def _block_char(self, block: _Block, c: str) -> bool:
+    def _block_char(self, block: Block, c: str) -> bool:
         """Reads `c` into `block`; True when the block has ended."""
         block.raw += c
         block.outer.step(c)
         if block.state == "header":
-            status, name, at = _header(block.raw, self.arg_keys)
+            status, name = _header(block.raw, self.arg_keys)
             if status == "need" and len(block.raw) > _MAX_HEADER:
                 status = "slow"
             if status == "fast":
@@ -292,7 +290,7 @@ class ToolParser:
             return False
         return block.ended()
 
-    def _close_block(self, block: _Block, finished: bool) -> bool:
+    def _close_block(self, block: Block, finished: bool) -> bool:
         """A block that ended (or the text did): a slow block becomes a call if it reads as one.
         False if it is not a call (the caller shows its text as content)."""
         if block.state in ("args", "tail"):
@@ -303,233 +301,6 @@ class ToolParser:
         self._announce(block, call[0])
         self._args(block, call[1])
         return True
-
-
-class HermesParser(ToolParser):
-    """Text with `<tool_call>JSON</tool_call>` blocks anywhere (Qwen2.5, Qwen3, Hermes 2 Pro)."""
-
-    def __init__(self, max_calls: int | None = None, new_id: Callable[[], str] = new_call_id) -> None:
-        super().__init__(max_calls, new_id)
-        self._block: _Block | None = None
-        self._tag = ""  # a prefix of the open tag, held back
-        # Whitespace held back. Between text and calls it is dropped, except that text resuming
-        # after calls is joined to the text before them with the whitespace that preceded the calls.
-        self._space = ""
-        self._said = False  # content shown yet
-        self._after_call = False  # since the last call: whitespace is dropped
-
-    def _run(self, text: str, i: int) -> int:
-        if self._block is not None:
-            return self._block_run(self._block, text, i)
-        if self._tag:
-            return 0
-        end = text.find("<", i)
-        span = text[i:] if end < 0 else text[i:end]
-        # Reads as char by char would: whitespace after a call dropped, trailing whitespace held.
-        body = span.lstrip() if self._after_call else span
-        text_part = body.rstrip()
-        if text_part:
-            self._text(text_part)
-            self._space += body[len(text_part):]
-        elif not self._after_call:
-            self._space += body
-        return len(span)
-
-    def _char(self, c: str) -> None:
-        if self._block is not None:
-            if self._block_char(self._block, c):
-                self._end_block(finished=False)
-            return
-        if self._tag or c == "<":
-            if HERMES_OPEN.startswith(self._tag + c):
-                self._tag += c
-                if self._tag == HERMES_OPEN:
-                    self._tag = ""
-                    if not self._said:
-                        self._space = ""
-                    self._block = _Block(end_tag=HERMES_CLOSE)
-                return
-            held, self._tag = self._tag, ""
-            self._text(held)
-            self._char(c)
-        elif c.isspace():
-            if not self._after_call:
-                self._space += c
-        else:
-            self._text(c)
-
-    def _text(self, text: str) -> None:
-        self._out.add(CONTENT, self._space + text)
-        self._space = ""
-        self._said = True
-        self._after_call = False
-
-    def _end_block(self, finished: bool) -> None:
-        block, self._block = self._block, None
-        if block is None:
-            return
-        if self._close_block(block, finished):
-            self._after_call = True
-        else:
-            self._text(HERMES_OPEN + block.raw)
-
-    def _end(self) -> None:
-        if self._block is not None:
-            self._end_block(finished=True)
-        if self._tag:
-            self._text(self._tag)
-        elif not self._after_call:
-            self._out.add(CONTENT, self._space)
-        self._space = self._tag = ""
-
-
-class JsonListParser(ToolParser):
-    """Calls as JSON objects at the start of the text, separated by `sep`: Llama 3's
-    `[<|python_tag|>]{...}; {...}`, and a forced `[{...}, {...}]`. Text that is not such a list
-    is content (all of it, from where the list stops)."""
-
-    def __init__(
-        self,
-        *,
-        sep: str,
-        arg_keys: tuple[str, ...],
-        prefix: str = "",
-        opener: str = "",
-        closer: str = "",
-        max_calls: int | None = None,
-        new_id: Callable[[], str] = new_call_id,
-    ) -> None:
-        super().__init__(max_calls, new_id)
-        self.arg_keys = arg_keys
-        self._sep, self._prefix, self._opener, self._closer = sep, prefix, opener, closer
-        self._state = "start"  # start -> item -> between -> item ... -> done; or content
-        self._held = ""  # start: leading text that may still open the list
-        self._block: _Block | None = None
-
-    def _run(self, text: str, i: int) -> int:
-        if self._state == "content":
-            self._out.add(CONTENT, text[i:])
-            return len(text) - i
-        if self._state == "item" and self._block is not None:
-            return self._block_run(self._block, text, i)
-        return 0
-
-    def _char(self, c: str) -> None:
-        if self._state == "content":
-            self._out.add(CONTENT, c)
-        elif self._state == "start":
-            self._start(c)
-        elif self._state == "item":
-            if self._block is not None:
-                if self._block_char(self._block, c):
-                    self._end_block(finished=False)
-            elif c == "{":
-                self._block = _Block(end_tag=None)
-                self._block_char(self._block, c)
-            elif not c.isspace():
-                self._to_content(c)
-        elif self._state == "between":
-            if c == self._sep:
-                self._state = "item"
-            elif self._closer and c == self._closer:
-                self._state = "done"
-            elif not c.isspace():
-                self._to_content(c)
-
-    def _start(self, c: str) -> None:
-        """Leading whitespace, the prefix tag and the opener are held until the first call's "{"."""
-        self._held += c
-        head = self._held.lstrip()
-        if not head:
-            return
-        if self._prefix:
-            if len(head) < len(self._prefix) and self._prefix.startswith(head):
-                return  # may still become the prefix tag
-            if head.startswith(self._prefix):
-                head = head[len(self._prefix):].lstrip()
-                if not head:
-                    return
-        if self._opener:
-            if head[0] != self._opener:
-                self._to_content(self._held)
-                return
-            head = head[1:].lstrip()
-            if not head:
-                return
-        if head != "{":
-            self._to_content(self._held)
-            return
-        self._held = ""
-        self._state = "item"
-        self._char("{")
-
-    def _to_content(self, text: str) -> None:
-        self._state = "content"
-        self._held = ""
-        self._out.add(CONTENT, text)
-
-    def _end_block(self, finished: bool) -> None:
-        block, self._block = self._block, None
-        if block is None:
-            return
-        if self._close_block(block, finished):
-            self._state = "between"
-        else:
-            self._to_content(block.raw)
-
-    def _end(self) -> None:
-        if self._block is not None:
-            self._end_block(finished=True)
-        elif self._state == "start" and self._held:
-            self._to_content(self._held)
-
-
-class NamedParser(ToolParser):
-    """The whole text is the arguments of one call to `name` (a named tool_choice, under its schema)."""
-
-    def __init__(self, name: str, new_id: Callable[[], str] = new_call_id) -> None:
-        super().__init__(1, new_id)
-        self._name = name
-        self._block = _Block(end_tag=None, state="args")
-        self._started = False
-
-    def _run(self, text: str, i: int) -> int:
-        return self._block_run(self._block, text, i) if self._started else 0
-
-    def _char(self, c: str) -> None:
-        if not self._started:
-            if c.isspace():
-                return
-            self._started = True
-            self._announce(self._block, self._name)
-        if self._block.state == "args":
-            self._block.args.step(c)
-            self._args(self._block, c)
-            if self._block.args.closed:
-                self._block.state = "tail"
-
-    def _end(self) -> None:
-        if not self._started:
-            self._started = True
-            self._announce(self._block, self._name)
-
-
-PARSERS = ("hermes", "llama3_json")
-
-
-def make_parser(fmt: str, *, max_calls: int | None = None, new_id: Callable[[], str] = new_call_id) -> ToolParser:
-    """A parser for `fmt`: "hermes", "llama3_json", "required" (a forced list), or "named:<name>"."""
-    if fmt == "hermes":
-        return HermesParser(max_calls, new_id)
-    if fmt == "llama3_json":
-        return JsonListParser(sep=";", prefix=PYTHON_TAG, arg_keys=("parameters", "arguments"),
-                              max_calls=max_calls, new_id=new_id)
-    if fmt == "required":
-        return JsonListParser(sep=",", opener="[", closer="]", arg_keys=("arguments",), max_calls=max_calls,
-                              new_id=new_id)
-    if fmt.startswith("named:"):
-        return NamedParser(fmt[len("named:"):], new_id)
-    raise ValueError(f"tool_call_parser must be one of {PARSERS}, got {fmt!r}")
 
 
 @dataclass

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from radixserve.server.errors import bad_request
-from radixserve.server.tool_parser import PARSERS
+from radixserve.server.tool_formats import PARSERS
 
 MAX_TOOLS = 128  # OpenAI's limit
 MAX_NAME = 256
