@@ -299,3 +299,32 @@ def test_qwen3_reasoning(thinking, fake, scripted):
     message = body["choices"][0]["message"]
     assert message["reasoning_content"] == "weather" and message["content"] is None
     assert message["tool_calls"][0]["function"]["name"] == "get_weather"
+
+
+def test_forced_replies_are_read_as_calls(thinking, scripted, monkeypatch):
+    """What the server does with a forced reply; the schema's enforcement itself is structured
+    output's (stood in for here: the scripted reply is one the schema allows)."""
+    import radixserve.server.tools as tools
+
+    schemas = []
+    monkeypatch.setattr(tools, "structured_output", lambda schema: schemas.append(schema) or {})
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice, reply in (("required", '[{"name": "get_weather", "arguments": {"city": "Paris"}}]'),
+                          (named, '{"city": "Paris"}')):
+        scripted.reply = reply
+        for stream in (False, True):
+            status, _, answer = _chat(thinking, tools=[WEATHER, TIME], tool_choice=choice, stream=stream)
+            assert status == 200, answer
+            if stream:
+                events = [e for e in sse_events(answer) if e != "[DONE]"]
+                calls = [d["tool_calls"][0] for d in (e["choices"][0]["delta"] for e in events) if "tool_calls" in d]
+                assert calls[0]["function"]["name"] == "get_weather"
+                assert "".join(c["function"]["arguments"] for c in calls) == '{"city": "Paris"}'
+                assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+            else:
+                message = answer["choices"][0]["message"]
+                assert message["content"] is None and answer["choices"][0]["finish_reason"] == "tool_calls"
+                assert message["tool_calls"][0]["function"] == {"name": "get_weather",
+                                                                "arguments": '{"city": "Paris"}'}
+                assert "reasoning_content" not in message  # a forced reply is not searched for thinking
+    assert schemas[0]["type"] == "array" and schemas[-1] == WEATHER["function"]["parameters"]

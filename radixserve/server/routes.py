@@ -265,9 +265,11 @@ def _chat_output(state: ServerState, req: GenerateRequest) -> tuple[OutputFormat
         return None, {}
     fmt, max_calls, extra = tool_output(req.tools, state.config.tool_call_parser,
                                         template_text(state.engine.tokenizer))
-    if fmt is None and state.config.reasoning_parser is None:
+    # A forced reply is JSON from its first token (its schema leaves no room for thinking).
+    reasoning = None if req.tools.forced else state.config.reasoning_parser
+    if fmt is None and reasoning is None:
         return None, extra
-    return OutputFormat(tools=fmt, max_calls=max_calls, reasoning=state.config.reasoning_parser), extra
+    return OutputFormat(tools=fmt, max_calls=max_calls, reasoning=reasoning), extra
 
 
 async def _generate(request: web.Request, req: GenerateRequest) -> web.StreamResponse:
