@@ -89,6 +89,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="answer 408 and close when a request body takes longer than this to arrive (default: 60)")
     p.add_argument("--timeout-send", type=float, default=60.0,
                    help="close a connection that reads nothing of its answer for this long (default: 60)")
+    p.add_argument("--tool-call-parser", default="auto", metavar="{auto,none,hermes,llama3_json}",
+                   help="how chat replies are read for tool calls: auto picks the format the chat template "
+                        "teaches (<tool_call> blocks: hermes; <|python_tag|>: llama3_json); none reads none "
+                        "(default: auto)")
+    p.add_argument("--reasoning-parser", default=None, metavar="{qwen3,deepseek_r1}",
+                   help="move <think> text into reasoning_content (default: none; the text stays content)")
     p.set_defaults(func=_run_serve)
 
 
@@ -124,6 +130,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         header_timeout=args.timeout_header,
         body_timeout=args.timeout_body,
         send_timeout=args.timeout_send,
+        tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
     )
     from radixserve.engine.engine import Engine
 

@@ -15,6 +15,7 @@ import math
 import pytest
 from helpers.leaks import assert_no_leak
 from helpers.server import engine, http, leak_check, server, sse_events  # noqa: F401 (fixtures)
+from helpers.tool_templates import TOOLS_CHAT_TEMPLATE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -36,10 +37,33 @@ NUMBER = st.sampled_from([0, 0.5, 1, 2, -1, -0.5, 1e308, math.inf, math.nan, "1"
 INT = st.sampled_from([0, 1, 2, 3, -1, 2**63, 2**70, 1.5, "2", None, True])
 BOOL = st.sampled_from([True, False, None, 0, 1, "true"])
 STOP = st.one_of(TEXT, st.lists(TEXT, max_size=3), st.none(), st.just(5))
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TOOL = st.one_of(st.just(WEATHER), st.sampled_from([
+    {"type": "function", "function": {"name": "f"}}, {"type": "function", "function": {"name": 5}},
+    {"type": "function", "function": {"name": "\ud800"}}, {"type": "retrieval"}, 5, {},
+    {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}},
+    {"type": "function", "function": {"name": "f", "parameters": {"properties": {"x": 5}}}},
+    {"type": "function", "function": {"name": "f", "strict": True}},
+    {"type": "function", "function": {"name": "f", "description": None, "parameters": None}},
+]))
+TOOLS = st.one_of(st.none(), st.just([]), st.lists(TOOL, max_size=3), st.sampled_from(["x", {"a": 1}]))
+TOOL_CHOICE = st.sampled_from([
+    None, "none", "auto", "required", "always", 5, {"type": "function"},
+    {"type": "function", "function": {"name": "get_weather"}}, {"type": "function", "function": {"name": "nope"}},
+])
+TOOL_CALLS = st.sampled_from([
+    None, [], 5, [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "x"}'}}],
+    [{"id": "c1", "function": {"name": "f", "arguments": {"a": [1]}}}], [{"id": 1}],
+    [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "[1]"}}],
+    [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{bad"}}],
+])
 MESSAGE = st.fixed_dictionaries(
     {"role": st.sampled_from(["user", "system", "assistant", "tool", "robot", 5]), "content": st.one_of(
         TEXT, st.just([{"type": "text", "text": "hi"}]), st.just([{"type": "image_url"}]), st.none())},
-    optional={"name": st.sampled_from(["ada", "", 5, "\ud800"])},
+    optional={"name": st.sampled_from(["ada", "", 5, "\ud800"]), "tool_calls": TOOL_CALLS,
+              "tool_call_id": st.sampled_from(["c1", 5, None]), "reasoning_content": st.sampled_from(["r", 5, None]),
+              "refusal": st.sampled_from([None, "no"])},
 )
 MESSAGES = st.one_of(st.lists(MESSAGE, max_size=3), st.just([{"role": "user", "content": "Hi"}]), st.sampled_from(
     [None, "hi", [{}], [{"role": "user"}]]))
@@ -65,6 +89,7 @@ OPENAI_EXTRA = {
     "add_generation_prompt": BOOL, "continue_final_message": BOOL,
     "chat_template_kwargs": st.sampled_from([{}, {"enable_thinking": False}, {"tokenize": True}, {"x": "\ud800"}, 5,
                                              None]),
+    "tools": TOOLS, "tool_choice": TOOL_CHOICE, "parallel_tool_calls": BOOL,
     "truncate_prompt_tokens": st.sampled_from([None, -1, 0, 1, 3, -2, 2**63, "2", True]),
     "return_token_ids": BOOL, "return_tokens_as_token_ids": BOOL, "use_beam_search": BOOL,
     "length_penalty": st.sampled_from([1, 1.0, 0.5, None, "1"]), "spaces_between_special_tokens": BOOL,
@@ -96,6 +121,15 @@ RESPONSES = {
     "reasoning": st.sampled_from([None, {"effort": "low"}]), "top_logprobs": st.sampled_from([None, 0, 2]),
     "bogus_field": st.just(1),
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tool_template(engine):
+    """A chat template that shows tools and teaches <tool_call> blocks, so tool draws get past it."""
+    saved = engine.tokenizer.chat_template
+    engine.tokenizer.chat_template = TOOLS_CHAT_TEMPLATE
+    yield
+    engine.tokenizer.chat_template = saved
 
 
 def _bounded(body: dict) -> dict:
@@ -132,7 +166,7 @@ def _request(route: str) -> st.SearchStrategy[tuple[str, dict]]:
     elif route == "/tokenize":
         body = st.fixed_dictionaries({}, optional={
             "model": st.sampled_from([M, "other", 5]), "prompt": TEXTS, "messages": MESSAGES,
-            "add_special_tokens": BOOL, "add_generation_prompt": BOOL, "return_token_strs": BOOL})
+            "add_special_tokens": BOOL, "add_generation_prompt": BOOL, "return_token_strs": BOOL, "tools": TOOLS})
     elif route == "/detokenize":
         body = st.fixed_dictionaries({"tokens": ID_LISTS}, optional={"model": st.sampled_from([M, "other"])})
     elif route == "/v1/embeddings":

@@ -56,6 +56,10 @@ _CHAT_TEMPLATE_ARGS = frozenset({
 })
 
 
+# What a chat message may hold (Engine.apply_chat_template).
+_MESSAGE_KEYS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content"})
+
+
 def _check_text(field: str, text: str) -> None:
     """Text a tokenizer can encode: no lone UTF-16 surrogate (ValueError naming the field)."""
     try:
@@ -481,21 +485,31 @@ class Engine:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         """Token ids of `messages` through the tokenizer's chat template, ready for a reply (or,
         without `add_generation_prompt`, ending with the last message; with
         `continue_final_message`, open at the end of the last (assistant) message, to be
         continued). `chat_template_kwargs` reach the template as variables (e.g. Qwen3's
-        `enable_thinking`). A message may carry a `name` beside its role and content."""
+        `enable_thinking`). A message may carry a `name` beside its role and content; an
+        assistant message `tool_calls` (`[{"id", "type": "function", "function": {"name",
+        "arguments": dict}}]`) and `reasoning_content`, a tool message `tool_call_id`. `tools`
+        (OpenAI function tools) reach the template as transformers' `tools=`."""
         tok = self._require_tokenizer("chat")
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise ValueError(f"messages[{i}] must be a dict with string 'role' and 'content'")
-            if set(m) - {"role", "content", "name"} or not isinstance(m.get("name", ""), str):
-                raise ValueError(f"messages[{i}] may hold only 'role', 'content' and a string 'name'")
+            extra_keys = set(m) - _MESSAGE_KEYS
+            if extra_keys or not all(isinstance(m.get(k, ""), str) for k in _MESSAGE_KEYS - {"tool_calls"}):
+                raise ValueError(f"messages[{i}] may hold only string {sorted(_MESSAGE_KEYS - {'tool_calls'})} "
+                                 "and a list 'tool_calls'")
+            if not isinstance(m.get("tool_calls", []), list):
+                raise ValueError(f"messages[{i}].tool_calls must be a list")
             _check_text(f"messages[{i}].content", m["content"])
+        if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+            raise ValueError("tools must be a list of tool dicts")
         extra = dict(chat_template_kwargs or {})
         taken = sorted(set(extra) & _CHAT_TEMPLATE_ARGS)
         if taken or not all(isinstance(k, str) for k in extra):
@@ -504,8 +518,13 @@ class Engine:
             raise ValueError("continue_final_message needs add_generation_prompt false and an assistant message last")
         if getattr(tok, "chat_template", None) is None:
             raise ValueError("this model's tokenizer has no chat template")
-        ids = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
-                                      continue_final_message=continue_final_message, **extra)
+        from jinja2 import TemplateError  # transformers' template engine
+
+        try:
+            ids = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                          continue_final_message=continue_final_message, tools=tools or None, **extra)
+        except TemplateError as exc:  # the template's own raise_exception(), e.g. a role order it refuses
+            raise ValueError(f"the chat template refused the messages: {exc}") from None
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return list(ids)

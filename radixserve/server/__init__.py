@@ -6,8 +6,9 @@
 
 `app.py` (the application, middlewares, lifecycle), `routes.py` (handlers), `openai_api.py`
 (request parsing), `responses.py` (response bodies), `native_api.py` (/generate), `responses_api.py` and
-`response_store.py` (/v1/responses), `tokenize.py` (/tokenize, /detokenize), `metrics.py` (prometheus_client),
-`transport.py` (connection timeouts, access log), `state.py` (config and shared state).
+`response_store.py` (/v1/responses), `tools.py`, `tool_parser.py`, `tool_formats.py`, `reasoning.py` and
+`chat_output.py` (tool calls and reasoning in chat), `tokenize.py` (/tokenize, /detokenize), `metrics.py`
+(prometheus_client), `transport.py` (connection timeouts, access log), `state.py` (config and shared state).
 """
 
 from radixserve.server.app import BackgroundServer, build_app, curl_example, run_app, serve

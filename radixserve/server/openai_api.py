@@ -15,6 +15,8 @@ from typing import Any
 
 from radixserve.sampling_params import SamplingParams, widest
 from radixserve.scheduler.request import POOLINGS
+from radixserve.server.errors import ApiError, bad_request
+from radixserve.server.tools import ToolRequest, parse_tool_calls, parse_tool_request
 
 MAX_N = 128  # OpenAI's limit on `n`
 MAX_STOP = 4  # OpenAI's limit on `stop` sequences
@@ -38,42 +40,13 @@ CHAT_TEMPLATE_FIELDS = ("add_generation_prompt", "continue_final_message", "chat
 _DIRECT = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed")
 
 
-class ApiError(Exception):
-    """An error answered as `{"error": {"message", "type", "param", "code"}}` with an HTTP status."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        type: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
-    return ApiError(400, message, param=param, code=code or "invalid_value")
-
-
 @dataclass
 class GenerateRequest:
     """A parsed completions/chat/native request, before tokenization."""
 
     route: str  # "completions" | "chat" | "responses" | "generate"
     prompts: list[str | list[int]]  # completions/generate; chat uses `messages`
-    messages: list[dict[str, str]] | None
+    messages: list[dict[str, Any]] | None
     sampling: dict[str, Any]  # SamplingParams kwargs, max_tokens excluded
     max_tokens: int | None  # None: the route's default
     max_tokens_param: str  # the name the client used, for error messages
@@ -92,6 +65,7 @@ class GenerateRequest:
     return_token_ids: bool = False  # prompt_token_ids and token_ids in the answer
     tokens_as_ids: bool = False  # return_tokens_as_token_ids: logprob tokens as "token_id:N"
     request_id: str | None = None  # vLLM's: the response's id is the route's prefix + it
+    tools: ToolRequest = field(default_factory=ToolRequest)  # chat's tools and tool_choice
 
 
 @dataclass(frozen=True)
@@ -405,9 +379,6 @@ def parse_chat(body: Any, served: str) -> GenerateRequest:
     """POST /v1/chat/completions."""
     body = check_object(body)
     common = _common(body, served, CHAT_FIELDS, logprobs=body.get("logprobs") is True)
-    refuse_unless(body, "tools", lambda v: v == [], "tool calling is not implemented")
-    refuse_unless(body, "tool_choice", lambda v: v in ("none", "auto"), "tool calling is not implemented")
-    refuse_unless(body, "parallel_tool_calls", lambda v: isinstance(v, bool), "it must be a boolean")
     refuse_unless(body, "response_format", lambda v: v == {"type": "text"}, "only {'type': 'text'} is implemented")
     refuse_unless(body, "store", lambda v: v is False, "stored completions are not implemented")
     max_tokens = get_int(body, "max_tokens", 0)
@@ -427,8 +398,9 @@ def parse_chat(body: Any, served: str) -> GenerateRequest:
         echo=get_bool(body, "echo"),
         logprobs=(top or 0) if logprobs else None,
         prompt_logprobs=_prompt_logprobs(body, common["stream"]),
-        names={"logprobs": "top_logprobs"},
+        names={"logprobs": "top_logprobs", "structured": "tool_choice"},
         chat_options=parse_chat_options(body),
+        tools=parse_tool_request(body),
         **common,
     )
 
@@ -454,33 +426,50 @@ def parse_chat_options(body: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+_KEYS = {"role", "content", "name"}
+_ROLE_KEYS = {"assistant": _KEYS | {"tool_calls", "reasoning_content"}, "tool": _KEYS | {"tool_call_id"}}
+# What the OpenAI client sends back when a reply's message object is appended to the history as is.
+_NULL_KEYS = {"refusal", "audio", "function_call", "annotations"}
 
 
-def parse_messages(messages: Any) -> list[dict[str, str]]:
-    """Text-only messages; content parts of type "text" are joined with newlines."""
+def parse_messages(messages: Any) -> list[dict[str, Any]]:
+    """Messages for the chat template: text content (parts of type "text" are joined with newlines),
+    an optional name; assistant messages may hold tool_calls (content may then be null) and
+    reasoning_content; a tool message answers a call by its tool_call_id."""
     if messages is None:
         raise bad_request("you must provide messages", param="messages", code="missing_required_parameter")
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty array", param="messages")
     if len(messages) > 4096:
         raise bad_request("too many messages (the limit is 4096)", param="messages")
-    out = []
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise bad_request(f"{where} must be an object", param=where)
-        check_known({f"{where}.{k}": v for k, v in m.items()}, {f"{where}.role", f"{where}.content", f"{where}.name"})
-        role = m.get("role")
-        if role not in _ROLES:
-            raise bad_request(f"{where}.role must be one of {sorted(_ROLES)}, got {role!r}", param=f"{where}.role")
-        message = {"role": _ROLES[role], "content": _content(m.get("content"), f"{where}.content")}
-        if "name" in m:  # the participant's name: the chat template decides how to show it
-            if not isinstance(m["name"], str):
-                raise bad_request(f"{where}.name must be a string", param=f"{where}.name")
-            message["name"] = m["name"]
-        out.append(message)
-    return out
+    return [_message(m, f"messages[{i}]") for i, m in enumerate(messages)]
+
+
+def _message(m: Any, where: str) -> dict[str, Any]:
+    if not isinstance(m, dict):
+        raise bad_request(f"{where} must be an object", param=where)
+    role = m.get("role")
+    if role not in _ROLES:
+        raise bad_request(f"{where}.role must be one of {sorted(_ROLES)}, got {role!r}", param=f"{where}.role")
+    keys = _ROLE_KEYS.get(role, _KEYS)
+    check_known({f"{where}.{k}": v for k, v in m.items() if not (k in _NULL_KEYS and v is None)},
+                {f"{where}.{k}" for k in keys})
+    message: dict[str, Any] = {"role": _ROLES[role]}
+    if m.get("tool_calls"):
+        message["tool_calls"] = parse_tool_calls(m["tool_calls"], f"{where}.tool_calls")
+    content = m.get("content")
+    # A reply that only called tools has no text (the template is given "").
+    message["content"] = "" if content is None and "tool_calls" in message else _content(content, f"{where}.content")
+    for key in ("name", "tool_call_id", "reasoning_content"):
+        if m.get(key) is not None or (key == "name" and key in m):
+            if not isinstance(m[key], str):
+                raise bad_request(f"{where}.{key} must be a string", param=f"{where}.{key}")
+            message[key] = m[key]
+    if role == "tool" and "tool_call_id" not in message:
+        raise bad_request(f"{where}.tool_call_id is required in a tool message", param=f"{where}.tool_call_id",
+                          code="missing_required_parameter")
+    return message
 
 
 def _content(content: Any, where: str) -> str:
@@ -504,11 +493,16 @@ SAMPLING_FIELDS = frozenset(SamplingParams.__dataclass_fields__)
 
 
 def build_sampling_params(
-    req: GenerateRequest, prompt_lens: list[int], max_context: int, default_max_tokens: int | None
+    req: GenerateRequest,
+    prompt_lens: list[int],
+    max_context: int,
+    default_max_tokens: int | None,
+    extra: dict[str, Any] | None = None,
 ) -> SamplingParams:
     """SamplingParams for `req`; a prompt plus max_tokens must fit the context (400 otherwise).
 
-    `default_max_tokens` None means "the rest of the context" (chat's default).
+    `default_max_tokens` None means "the rest of the context" (chat's default). `extra`: more
+    fields (a forced tool choice's structured output).
     """
     longest = max(prompt_lens)
     room = max_context - longest
@@ -523,7 +517,7 @@ def build_sampling_params(
             param=req.max_tokens_param,
             code="context_length_exceeded",
         )
-    kw = dict(req.sampling, max_tokens=max_tokens)
+    kw = dict(req.sampling, max_tokens=max_tokens, **(extra or {}))
     if req.logprobs is not None:
         kw["logprobs"] = req.logprobs
     prompt_logprobs = req.prompt_logprobs

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from radixserve.engine.outputs import StreamDelta, TokenLogprob
+from radixserve.server.chat_output import ChatOutputParser, OutputFormat
 
 
 def finite(logprob: float) -> float:
@@ -96,6 +97,7 @@ class ResponseBuilder:
         request_id: str | None = None,
         echo_logprobs: int | None = None,
         prompt_logprobs: int | None = None,
+        output: OutputFormat | None = None,
     ) -> None:
         self.route = route  # "completions" | "chat"
         self.model = model
@@ -124,6 +126,9 @@ class ResponseBuilder:
                 c.offset = len(c.text)
         self.usage = Usage(prompt_tokens=sum(prompt_lens))
         self._cached = [0] * len(prompt_lens)
+        # Chat with tool calls or reasoning: how each choice's text is read (and, streaming, its parser).
+        self.output = output
+        self._parsers: list[ChatOutputParser] = [output.parser() for _ in self.choices] if output else []
 
     # -- accumulation ------------------------------------------------------------------------
 
@@ -150,16 +155,7 @@ class ResponseBuilder:
     def response(self) -> dict[str, Any]:
         extra: dict[str, Any] = {}
         if self.route == "chat":
-            choices = [
-                {
-                    "index": c.index,
-                    "message": {"role": self.chat_role, "content": c.text, "refusal": None},
-                    "logprobs": self._chat_logprobs(c.logprobs) if self.logprobs else None,
-                    "finish_reason": c.finish_reason,
-                    **({"token_ids": c.token_ids} if self.return_token_ids else {}),
-                }
-                for c in self.choices
-            ]
+            choices = [self._chat_choice(c) for c in self.choices]
             obj = "chat.completion"
             if self.prompt_logprobs is not None:  # vLLM puts a chat's beside its choices
                 extra["prompt_logprobs"] = self._vllm_prompt_logprobs(0)
@@ -196,6 +192,18 @@ class ResponseBuilder:
             choice["prompt_logprobs"] = self._vllm_prompt_logprobs(c.index // self.n)
         return choice
 
+    def _chat_choice(self, c: Choice) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": self.chat_role, "content": c.text, "refusal": None}
+        finish_reason = c.finish_reason
+        if self.output is not None:
+            message, called = self.output.message(c.text)
+            finish_reason = _finish_reason(finish_reason, called)
+        choice = {"index": c.index, "message": message, "finish_reason": finish_reason,
+                  "logprobs": self._chat_logprobs(c.logprobs) if self.logprobs else None}
+        if self.return_token_ids:
+            choice["token_ids"] = c.token_ids
+        return choice
+
     # -- stream chunks -----------------------------------------------------------------------
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
@@ -229,29 +237,45 @@ class ResponseBuilder:
                 c.prompt_ids_sent = True
         return chunks
 
-    def delta_chunk(self, prompt_index: int, delta: StreamDelta) -> dict[str, Any] | None:
-        """Accumulate `delta` and return its chunk (None when it carries nothing to show)."""
+    def delta_chunks(self, prompt_index: int, delta: StreamDelta) -> list[dict[str, Any]]:
+        """Accumulate `delta` and return its chunks (none when it carries nothing to show; several
+        when the reply's parser splits it, e.g. into content and a tool call)."""
         choice = self.add(prompt_index, delta)
         if self.echo_logprobs is not None and choice.index not in self._echoed:
-            return self._echo_chunk(prompt_index)
+            chunk = self._echo_chunk(prompt_index)
+            return [] if chunk is None else [chunk]
         lps = list(delta.logprobs or ())
         ids = self.return_token_ids and bool(delta.token_ids)  # token ids to show, even without text
-        if not delta.text and not lps and delta.finish_reason is None and not ids:
-            return None
-        if self.route == "chat":
-            body: dict[str, Any] = {"index": choice.index, "delta": {"content": delta.text} if delta.text else {},
-                                    "logprobs": self._chat_logprobs(lps) if lps else None,
-                                    "finish_reason": delta.finish_reason}
-            if self.return_token_ids:
-                body["token_ids"] = list(delta.token_ids)
-        else:
+        if self.route != "chat":
+            if not delta.text and not lps and delta.finish_reason is None and not ids:
+                return []
             logprobs = None
             if lps:
                 logprobs, choice.offset = self._completion_logprobs(lps, choice.offset)
             body = {"index": choice.index, "text": delta.text, "logprobs": logprobs,
                     "finish_reason": delta.finish_reason, **self._completion_ids(choice, list(delta.token_ids))}
             choice.prompt_ids_sent = True
-        return self._chunk([body])
+            return [self._chunk([body])]
+        finish_reason = delta.finish_reason
+        if self._parsers:
+            parser = self._parsers[choice.index]
+            bodies = parser.feed(delta.text, last=finish_reason is not None)
+            finish_reason = _finish_reason(finish_reason, parser.called)
+        else:
+            bodies = [{"content": delta.text}] if delta.text else []
+        if not bodies and (lps or finish_reason is not None or ids):
+            bodies = [{}]
+        chunks = []
+        for j, body in enumerate(bodies):
+            entry = {
+                "index": choice.index, "delta": body,
+                "logprobs": self._chat_logprobs(lps) if lps and j == 0 else None,
+                "finish_reason": finish_reason if j == len(bodies) - 1 else None,
+            }
+            if ids and j == 0:
+                entry["token_ids"] = list(delta.token_ids)
+            chunks.append(self._chunk([entry]))
+        return chunks
 
     def _echo_chunk(self, prompt_index: int) -> dict[str, Any] | None:
         """Streamed echo with logprobs: once the prompt's logprobs are here (on its first
@@ -342,3 +366,8 @@ class ResponseBuilder:
                         for lp in lps],
             "refusal": None,
         }
+
+
+def _finish_reason(reason: str | None, called: bool) -> str | None:
+    """A reply that made tool calls and stopped by itself finished with "tool_calls"."""
+    return "tool_calls" if called and reason == "stop" else reason

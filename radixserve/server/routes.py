@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -26,6 +27,7 @@ from aiohttp import web
 from radixserve.engine.engine import ContextLengthError
 from radixserve.engine.outputs import StreamDelta
 from radixserve.sampling_params import SamplingParams
+from radixserve.server.chat_output import OutputFormat
 from radixserve.server.native_api import native_delta, native_response, parse_generate
 from radixserve.server.openai_api import (
     ApiError,
@@ -41,6 +43,7 @@ from radixserve.server.openai_api import (
 )
 from radixserve.server.responses import ResponseBuilder
 from radixserve.server.state import ServerState, state_of
+from radixserve.server.tools import template_text, tool_output
 from radixserve.server.transport import BodyTimeout
 
 logger = logging.getLogger(__name__)
@@ -213,8 +216,8 @@ async def tokenize_request(state: ServerState, req: GenerateRequest) -> tuple[li
     keep = _keep_last(state, req)
     if req.messages is not None:
         try:
-            ids = await asyncio.to_thread(
-                functools.partial(state.engine.apply_chat_template, req.messages, **req.chat_options))
+            ids = await asyncio.to_thread(functools.partial(
+                state.engine.apply_chat_template, req.messages, tools=req.tools.tools or None, **req.chat_options))
         except ValueError as exc:
             raise chat_template_error(exc) from None
         ids = ids[-keep:] if keep is not None else ids
@@ -286,11 +289,28 @@ def check_prompts(state: ServerState, prompts: list[list[int]], param: str) -> N
             raise bad_request(str(exc), param=param) from None
 
 
+def _chat_output(state: ServerState, req: GenerateRequest) -> tuple[OutputFormat | None, dict[str, Any]]:
+    """How chat replies are read (tool calls, reasoning; None: as plain text), and the sampling
+    fields that force tool calls."""
+    if req.route != "chat":
+        return None, {}
+    fmt, max_calls, extra = tool_output(req.tools, state.config.tool_call_parser,
+                                        template_text(state.engine.tokenizer))
+    # A forced reply is JSON from its first token (its schema leaves no room for thinking).
+    reasoning = None if req.tools.forced else state.config.reasoning_parser
+    if fmt is None and reasoning is None:
+        return None, extra
+    return OutputFormat(tools=fmt, max_calls=max_calls, reasoning=reasoning), extra
+
+
 async def _generate(request: web.Request, req: GenerateRequest) -> web.StreamResponse:
     state = state_of(request)
+    output, extra = _chat_output(state, req)
     prompts, texts = await tokenize_request(state, req)
+    if output is not None and output.reasoning is not None:  # does the prompt open a think block?
+        output = dataclasses.replace(output, prompt_tail=state.engine.tokenizer.decode(prompts[0][-8:]))
     params = build_sampling_params(req, [len(p) for p in prompts], state.context_limit,
-                                   _DEFAULT_MAX_TOKENS[req.route])
+                                   _DEFAULT_MAX_TOKENS[req.route], extra)
     try:
         state.engine.check_params(params)  # what only the model can tell (token ids past its vocabulary)
     except ValueError as exc:
@@ -304,7 +324,7 @@ async def _generate(request: web.Request, req: GenerateRequest) -> web.StreamRes
         logprobs=params.logprobs is not None, chat_role=_chat_role(req), prompt_ids=prompts,
         return_token_ids=req.return_token_ids, continuous_usage=req.continuous_usage,
         tokens_as_ids=req.tokens_as_ids, request_id=req.request_id,
-        echo_logprobs=req.logprobs if req.echo else None, prompt_logprobs=req.prompt_logprobs,
+        echo_logprobs=req.logprobs if req.echo else None, prompt_logprobs=req.prompt_logprobs, output=output,
     )
     if req.user:
         logger.debug("request %s for user %r", builder.id, req.user)
@@ -370,8 +390,7 @@ async def _write_events(
             builder.add(*item)
             await _sse(resp, native_delta(item[1], req.sglang, builder))
         else:
-            body = builder.delta_chunk(*item)
-            if body is not None:
+            for body in builder.delta_chunks(*item):
                 await _sse(resp, body)
         item = await anext(events, None)
     if builder.include_usage:

@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from radixserve.server.metrics import ServerMetrics
+from radixserve.server.reasoning import REASONING_PARSERS
 from radixserve.server.response_store import ResponseStore
 from radixserve.server.responses import TokenText
+from radixserve.server.tools import TOOL_PARSER_OPTIONS
 
 if TYPE_CHECKING:
     from radixserve.engine.engine import Engine
@@ -44,6 +46,10 @@ class ServerConfig:
     header_timeout: float = 10.0
     body_timeout: float = 60.0
     send_timeout: float = 60.0
+    # How chat replies are read for tool calls: "auto" picks the format the chat template teaches
+    # (tools.template_tool_parser), "none" reads none (tool_choice "auto" is then refused).
+    tool_call_parser: str = "auto"
+    reasoning_parser: str | None = None  # "qwen3" | "deepseek_r1": <think> text to reasoning_content
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or isinstance(self.port, bool) or not 0 <= self.port <= 65535:
@@ -62,6 +68,11 @@ class ServerConfig:
             raise ValueError(f"max_body_bytes must be an integer >= 1024, got {self.max_body_bytes!r}")
         if not self.drain_timeout >= 0:
             raise ValueError(f"drain_timeout must be >= 0 seconds, got {self.drain_timeout!r}")
+        if self.tool_call_parser not in TOOL_PARSER_OPTIONS:
+            raise ValueError(f"tool_call_parser must be one of {TOOL_PARSER_OPTIONS}, got {self.tool_call_parser!r}")
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"reasoning_parser must be one of {REASONING_PARSERS} or None, "
+                             f"got {self.reasoning_parser!r}")
         for name in ("keep_alive_timeout", "header_timeout", "body_timeout", "send_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:

@@ -1,7 +1,7 @@
 """vLLM's tokenizer routes and /version: what a client needs to count and build prompts.
 
-    POST /tokenize    {"prompt": str | "messages": [...], "add_special_tokens", "add_generation_prompt",
-                       "return_token_strs", "model"}
+    POST /tokenize    {"prompt": str | "messages": [...] (and "tools"), "add_special_tokens",
+                       "add_generation_prompt", "return_token_strs", "model"}
                       -> {"count", "max_model_len", "tokens", "token_strs" (when asked)}
     POST /detokenize  {"tokens": [int], "model"} -> {"prompt": str}
     GET  /version     {"version": radixserve's}
@@ -32,8 +32,10 @@ from radixserve.server.openai_api import (
 )
 from radixserve.server.routes import check_prompts, json_response, read_json
 from radixserve.server.state import ServerState, state_of
+from radixserve.server.tools import check_template_shows, parse_tools, template_text
 
-_TOKENIZE_FIELDS = {"model", "prompt", "messages", "add_special_tokens", "return_token_strs", *CHAT_TEMPLATE_FIELDS}
+_TOKENIZE_FIELDS = {"model", "prompt", "messages", "add_special_tokens", "return_token_strs", "tools",
+                    *CHAT_TEMPLATE_FIELDS}
 
 
 def _tokenizer(state: ServerState) -> Any:
@@ -63,12 +65,15 @@ async def tokenize(request: web.Request) -> web.Response:
                               param="add_special_tokens")
         messages = parse_messages(body["messages"])
         options = parse_chat_options(body)
+        tools = parse_tools(body.get("tools"))
+        check_template_shows(tools, template_text(tok))
         try:
-            ids = await asyncio.to_thread(functools.partial(state.engine.apply_chat_template, messages, **options))
+            ids = await asyncio.to_thread(functools.partial(state.engine.apply_chat_template, messages,
+                                                            tools=tools or None, **options))
         except ValueError as exc:
             raise chat_template_error(exc) from None
     else:
-        for name in CHAT_TEMPLATE_FIELDS:
+        for name in (*CHAT_TEMPLATE_FIELDS, "tools"):
             if name in body:
                 raise bad_request(f"{name} applies to messages", param=name)
         prompt = body["prompt"]
