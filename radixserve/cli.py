@@ -2,6 +2,7 @@
 
   radixserve serve                      serve an OpenAI-compatible HTTP API (the built-in model by default)
   radixserve generate "a prompt"        answer one prompt in the terminal
+  radixserve router --replica URL ...   route that API over running servers, by prompt prefix
   radixserve replay TRACE.jsonl         simulate (or replay live) a request trace and report cache hits
   radixserve gen-trace OUT.jsonl        write a synthetic prefix-sharing trace
 
@@ -15,8 +16,13 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from radixserve.engine.options import add_engine_options, engine_kwargs
+
+if TYPE_CHECKING:
+    from radixserve.router.state import RouterConfig
+    from radixserve.server.state import ServerConfig
 
 API_KEY_ENV = "RADIXSERVE_API_KEY"
 
@@ -61,21 +67,17 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API (SIGTERM drains, then exits)")
-    add_engine_options(p)
+def _add_http_options(p: argparse.ArgumentParser, port: int = 8000) -> None:
+    """The listening, API key and connection options that `serve` and `router` share."""
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (default: 8000)")
+    p.add_argument("--port", type=int, default=port, help=f"0 picks a free port (default: {port})")
     keys = p.add_mutually_exclusive_group()
     keys.add_argument("--api-key", default=None,
                       help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}). Other local users can "
                            "read a command line (ps): prefer the variable or --api-key-file")
     keys.add_argument("--api-key-file", default=None, metavar="PATH",
                       help="read the API key from this file (its first line)")
-    p.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model's)")
-    p.add_argument("--max-pending-requests", type=int, default=None,
-                   help="sequences admitted at once before answering 503 (default: 4 x max running requests)")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="request body size limit in MiB (default: 16)")
     p.add_argument("--drain-timeout", type=float, default=60.0,
                    help="seconds SIGTERM waits for in-flight requests before cutting them (default: 60)")
@@ -87,7 +89,100 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="answer 408 and close when a request body takes longer than this to arrive (default: 60)")
     p.add_argument("--timeout-send", type=float, default=60.0,
                    help="close a connection that reads nothing of its answer for this long (default: 60)")
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API (SIGTERM drains, then exits)")
+    add_engine_options(p)
+    _add_http_options(p)
+    p.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model's)")
+    p.add_argument("--max-pending-requests", type=int, default=None,
+                   help="sequences admitted at once before answering 503 (default: 4 x max running requests)")
+    dp = p.add_argument_group("data parallelism (replicas behind a router; see docs/scale.md)")
+    dp.add_argument("--dp", type=int, default=1, metavar="N",
+                    help="run N engine replicas (one per GPU, or N processes on the CPU) behind a router on "
+                         "--port (default: 1, no router)")
+    add_router_options(dp)
     p.set_defaults(func=_run_serve)
+
+
+def add_router_options(p: argparse._ActionsContainer) -> None:
+    """The routing options that `router` and `serve --dp` share."""
+    from radixserve.router.policy import POLICIES
+
+    p.add_argument("--policy", choices=POLICIES, default="cache_aware",
+                   help="how requests are spread over replicas (default: cache_aware)")
+    p.add_argument("--router-cache-tokens", type=int, default=None, metavar="N",
+                   help="bound of each replica's approximate prefix tree at the router, about tokens (default: "
+                        "--kv-cache-tokens where given, else 1048576)")
+    p.add_argument("--cache-threshold", type=float, default=0.3,
+                   help="cache_aware: below this share of the prompt matched, the least loaded replica (default 0.3)")
+    p.add_argument("--balance-abs-threshold", type=int, default=32,
+                   help="cache_aware: load is imbalanced when max - min in-flight requests exceeds this (default 32)")
+    p.add_argument("--balance-rel-threshold", type=float, default=1.1,
+                   help="... and max > this x min; then the least loaded replica wins (default 1.1)")
+    p.add_argument("--health-interval", type=float, default=5.0, help="seconds between health checks (default 5)")
+    p.add_argument("--health-timeout", type=float, default=5.0, help="a health check's timeout (default 5)")
+    p.add_argument("--connect-timeout", type=float, default=5.0,
+                   help="seconds to connect to a replica before trying another (default 5)")
+    p.add_argument("--max-attempts", type=int, default=3,
+                   help="replicas a request may be sent to before failing (default 3)")
+
+
+def _add_router(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("router", help="route the HTTP API over running replicas (prefix-aware)",
+                       description="A router in front of `radixserve serve` replicas, speaking the same API.")
+    p.add_argument("--replica", action="append", default=[], metavar="URL",
+                   help="a replica's base URL, e.g. http://10.0.0.2:8000 (repeatable; more can join through "
+                        "POST /router/replicas)")
+    _add_http_options(p)
+    add_router_options(p)
+    p.set_defaults(func=_run_router)
+
+
+def server_config(args: argparse.Namespace, **extra: Any) -> ServerConfig:
+    """The `ServerConfig` of `_add_http_options`' flags (validated: ValueError names the field)."""
+    from radixserve.server.state import ServerConfig
+
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        api_key=api_key(args),
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        drain_timeout=args.drain_timeout,
+        keep_alive_timeout=args.timeout_keep_alive,
+        header_timeout=args.timeout_header,
+        body_timeout=args.timeout_body,
+        send_timeout=args.timeout_send,
+        **extra,
+    )
+
+
+def router_config(args: argparse.Namespace, replicas: Sequence[str], server: ServerConfig) -> RouterConfig:
+    from radixserve.router.state import RouterConfig
+
+    cache_tokens = args.router_cache_tokens or getattr(args, "kv_cache_tokens", None) or 1 << 20
+    return RouterConfig(
+        replicas=tuple(replicas), policy=args.policy, cache_tokens=cache_tokens,
+        cache_threshold=args.cache_threshold, balance_abs=args.balance_abs_threshold,
+        balance_rel=args.balance_rel_threshold, health_interval=args.health_interval,
+        health_timeout=args.health_timeout, connect_timeout=args.connect_timeout, max_attempts=args.max_attempts,
+        server=server,
+    )
+
+
+def _run_router(args: argparse.Namespace) -> int:
+    from radixserve.router.app import serve_router
+
+    config = router_config(args, args.replica, server_config(args))
+    if not config.replicas:
+        print("radixserve: no --replica yet: add them with POST /router/replicas", file=sys.stderr)
+
+    def ready(url: str) -> None:
+        print(f"radixserve: routing at {url} over {len(config.replicas)} replicas ({config.policy}); "
+              "Ctrl-C or SIGTERM stops", flush=True)
+
+    return serve_router(config, on_ready=ready)
 
 
 def api_key(args: argparse.Namespace) -> str | None:
@@ -107,21 +202,13 @@ def api_key(args: argparse.Namespace) -> str | None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from radixserve.server import ServerConfig, curl_example, default_model_name, serve
+    from radixserve.server import curl_example, default_model_name, serve
 
-    config = ServerConfig(  # validated before torch and the model load
-        host=args.host,
-        port=args.port,
-        api_key=api_key(args),
-        served_model_name=args.served_model_name,
-        max_pending_requests=args.max_pending_requests,
-        max_body_bytes=int(args.max_body_mb * 2**20),
-        drain_timeout=args.drain_timeout,
-        keep_alive_timeout=args.timeout_keep_alive,
-        header_timeout=args.timeout_header,
-        body_timeout=args.timeout_body,
-        send_timeout=args.timeout_send,
-    )
+    # validated before torch and the model load
+    config = server_config(args, served_model_name=args.served_model_name,
+                           max_pending_requests=args.max_pending_requests)
+    if args.dp != 1:
+        return _run_dp(args, config)
     from radixserve.engine.engine import Engine
 
     with Engine(**engine_kwargs(args)) as engine:
@@ -134,6 +221,68 @@ def _run_serve(args: argparse.Namespace) -> int:
         return serve(engine, config, on_ready=ready)
 
 
+def _dp_devices(args: argparse.Namespace) -> list[str] | None:
+    """The CUDA_VISIBLE_DEVICES value of each `serve --dp` replica; None to run them on the CPU."""
+    if args.device == "cpu":
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        if args.device is not None:
+            raise ValueError(f"device {args.device!r}: no CUDA GPU is visible")
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _engine_flags(args: argparse.Namespace, one_gpu: bool) -> list[str]:
+    """The engine flags given to `serve`, for its replicas (each sees one GPU, as `cuda`)."""
+    import dataclasses
+
+    from radixserve.engine.config import EngineConfig
+    from radixserve.engine.options import engine_flag
+
+    flags: list[str] = []
+    for f in dataclasses.fields(EngineConfig):
+        value = getattr(args, f.name, None)
+        if f.name == "device" and one_gpu and isinstance(value, str) and value.startswith("cuda"):
+            value = "cuda"
+        if value is None:
+            continue
+        flag = engine_flag(f)
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def _run_dp(args: argparse.Namespace, config: ServerConfig) -> int:
+    from radixserve.router.launch import ReplicaFleet, run_fleet
+    from radixserve.server.app import curl_example
+
+    if args.dp < 1:
+        raise ValueError(f"dp must be >= 1, got {args.dp}")
+    routing = router_config(args, (), config)  # validated before any replica starts
+    devices = _dp_devices(args)
+    argv = [sys.executable, "-m", "radixserve", *["-v"] * args.verbose, "serve",
+            *_engine_flags(args, devices is not None),
+            "--host", "127.0.0.1", "--port", "0", "--drain-timeout", str(args.drain_timeout)]
+    if args.served_model_name is not None:
+        argv += ["--served-model-name", args.served_model_name]
+    if args.max_pending_requests is not None:
+        argv += ["--max-pending-requests", str(args.max_pending_requests)]
+    fleet = ReplicaFleet(argv, args.dp, devices, config.api_key, args.drain_timeout)
+
+    def ready(url: str, name: str) -> None:
+        where = "GPUs " + ",".join(devices[: args.dp]) if devices is not None else "the CPU"
+        print(f"radixserve: serving {name} at {url} ({args.dp} replicas on {where}, {routing.policy} routing; "
+              "Ctrl-C or SIGTERM stops)")
+        print(f"try:\n{curl_example(url, name, api_key=config.api_key is not None)}", flush=True)
+
+    return run_fleet(fleet, routing, ready)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radixserve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -141,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_serve(sub)
+    _add_router(sub)
     from radixserve.replay.cli import register as register_replay
 
     register_replay(sub)

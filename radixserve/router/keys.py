@@ -1,0 +1,78 @@
+"""A request's prompt as the cache-aware policy matches it: text, packed three characters to an int.
+
+The router matches on the request's text, as SGLang's router does, rather than on
+the token ids the replica will compute. Text needs no tokenizer or chat template at
+the router (which may run where the model files are not), costs no second
+tokenization, and keeps the prefix relation that matters: two prompts whose texts
+share a prefix share (nearly) that prefix in tokens too, and a chat request whose
+messages extend an earlier conversation's extend its text.
+
+  chat          each message as "\\x1e" role "\\x1f" content (text parts joined)
+  completions   `prompt`: a string; token ids; or a list of either (its first element)
+  /generate     `text` or `input_ids` (or their first element)
+  embeddings    `input`, as `prompt`
+
+Three characters (21 bits each) pack into one int, so a key has about as many
+elements as the prompt has tokens (English runs about four characters a token), and
+the approximate trees' bound in elements stands for tokens. The last one or two
+characters of a text (not a whole element) are left out. Token-id prompts are keyed
+by their ids in their own namespace. Whatever cannot be read as a prompt gives no
+key (the request then goes to the least loaded replica): the replica, not the
+router, answers a malformed request.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from radixserve.router.policy import PromptKey
+
+TEXT = "text"
+IDS = "ids"
+_SHIFT = 21  # bits per character: Unicode code points are < 0x110000
+
+
+def text_key(text: str) -> PromptKey:
+    """`text` as ints, three characters each (a trailing partial element left out)."""
+    ids = []
+    for i in range(0, len(text) - 2, 3):
+        ids.append((ord(text[i]) << (2 * _SHIFT)) | (ord(text[i + 1]) << _SHIFT) | ord(text[i + 2]))
+    return PromptKey(TEXT, ids)
+
+
+def _prompt_key(prompt: Any) -> PromptKey | None:
+    if isinstance(prompt, str):
+        return text_key(prompt)
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return PromptKey(IDS, prompt)
+        return _prompt_key(prompt[0])  # a batch: routed whole, by its first prompt
+    return None
+
+
+def _chat_text(messages: list[Any]) -> str | None:
+    parts = []
+    for msg in messages:
+        if not isinstance(msg, dict):
+            return None
+        content = msg.get("content")
+        if isinstance(content, list):
+            content = "\n".join(p.get("text", "") for p in content if isinstance(p, dict))
+        parts.append(f"\x1e{msg.get('role', '')}\x1f{content if isinstance(content, str) else ''}")
+    return "".join(parts)
+
+
+def request_key(route: str, body: Any) -> PromptKey | None:
+    """The key of a JSON body sent to `route` ("chat", "completions", "generate", "embeddings")."""
+    if not isinstance(body, dict):
+        return None
+    if route == "chat":
+        messages = body.get("messages")
+        text = _chat_text(messages) if isinstance(messages, list) else None
+        return text_key(text) if text else None
+    field = {"completions": "prompt", "embeddings": "input"}.get(route)
+    if field is not None:
+        return _prompt_key(body.get(field))
+    if route == "generate":
+        return _prompt_key(body.get("text", body.get("input_ids")))
+    return None
