@@ -274,8 +274,11 @@ def _run_dp(args: argparse.Namespace, config: ServerConfig) -> int:
         argv += ["--max-pending-requests", str(args.max_pending_requests)]
     fleet = ReplicaFleet(argv, args.dp, devices, config.api_key, args.drain_timeout)
 
-    def ready(url: str, name: str) -> None:
+    def ready(url: str, fleet: ReplicaFleet) -> None:
+        name = fleet.replicas[0].model_name or ""
         where = "GPUs " + ",".join(devices[: args.dp]) if devices is not None else "the CPU"
+        for r in fleet.replicas:
+            print(f"radixserve: replica {r.index} at {r.url} (pid {r.proc.pid if r.proc else '-'})")
         print(f"radixserve: serving {name} at {url} ({args.dp} replicas on {where}, {routing.policy} routing; "
               "Ctrl-C or SIGTERM stops)")
         print(f"try:\n{curl_example(url, name, api_key=config.api_key is not None)}", flush=True)

@@ -33,9 +33,10 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
 async def check_replica(state: RouterState, replica: Replica) -> None:
     assert state.session is not None, "the session opens at the application's startup"
     ok = await check_health(state.session, replica, state.config.health_timeout)
-    if ok != replica.healthy:
-        logger.warning("replica %s is %s", replica.url, "healthy: in the rotation" if ok else
-                       f"unhealthy: out of the rotation ({replica.last_error})")
+    if ok and not replica.healthy:
+        logger.info("replica %s is healthy: in the rotation", replica.url)
+    elif replica.healthy and not ok:
+        logger.warning("replica %s is unhealthy: out of the rotation (%s)", replica.url, replica.last_error)
     state.mark(replica, ok)
 
 

@@ -139,7 +139,7 @@ class ReplicaFleet:
                 restarting.append(r)
             for r in list(restarting):
                 if r.ready.is_set() and r.url is not None:
-                    logger.warning("replica %d is back at %s", r.index, r.url)
+                    logger.warning("replica %d restarted at %s (pid %s)", r.index, r.url, r.proc.pid if r.proc else "-")
                     router.call(functools.partial(_add, router, r.url))
                     restarting.remove(r)
 
@@ -171,7 +171,7 @@ def _add(router: BackgroundRouter, url: str) -> None:
 
 
 def run_fleet(
-    fleet: ReplicaFleet, config: RouterConfig, on_ready: Callable[[str, str], None] | None = None
+    fleet: ReplicaFleet, config: RouterConfig, on_ready: Callable[[str, ReplicaFleet], None] | None = None
 ) -> int:
     """Start the replicas and the router; serve until SIGTERM/SIGINT; stop everything. Returns the status:
     0, or 1 when the replicas could not start."""
@@ -186,7 +186,7 @@ def run_fleet(
             while len(router.state.replicas.healthy()) < len(fleet.urls) and time.monotonic() < deadline:
                 time.sleep(_POLL_S)  # their first health checks, read without the loop: a snapshot
             if on_ready is not None:
-                on_ready(router.url, fleet.replicas[0].model_name or "")
+                on_ready(router.url, fleet)
             fleet.watch(router, stop)
         return 0
     finally:
