@@ -64,8 +64,11 @@ def build_router_app(config: RouterConfig) -> web.Application:
         app.router.add_route(method, path, handler)
 
     async def session_and_health(app: web.Application) -> AsyncIterator[None]:
-        timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout)
-        state.session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
+        # No limit on connections (aiohttp's default of 100 would queue the 101st stream), and the connect
+        # timeout on the socket alone: waiting for a pooled connection is not a replica failing.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout)
+        state.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout,
+                                              auto_decompress=False)
         await check_all(state)  # before the first request: who is up
         checker = asyncio.create_task(health_loop(state))
         yield
