@@ -155,5 +155,7 @@ def test_request_keys_of_every_route():
     assert request_key("embeddings", {"input": "query: x"}) == text_key("query: x")
     for route, body in [("chat", {"messages": "no"}), ("chat", {"messages": [1]}), ("completions", {"prompt": 5}),
                         ("completions", []), ("generate", {}), ("tokenize", {"prompt": "x"}),
-                        ("completions", {"prompt": [True, False]})]:
+                        ("completions", {"prompt": [True, False]}), ("completions", {"prompt": [2**70]}),
+                        ("completions", {"prompt": [[[1]]]}), ("generate", {"input_ids": [1.5]}),
+                        ("embeddings", {"input": []})]:
         assert request_key(route, body) is None, (route, body)

@@ -30,6 +30,7 @@ from radixserve.router.policy import PromptKey
 TEXT = "text"
 IDS = "ids"
 _SHIFT = 21  # bits per character: Unicode code points are < 0x110000
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 def text_key(text: str) -> PromptKey:
@@ -40,13 +41,20 @@ def text_key(text: str) -> PromptKey:
     return PromptKey(TEXT, ids)
 
 
+def _ids(prompt: list[Any]) -> PromptKey | None:
+    if all(type(t) is int and _INT64_MIN <= t <= _INT64_MAX for t in prompt):
+        return PromptKey(IDS, prompt)
+    return None  # not token ids the tree can hold: the replica answers it
+
+
 def _prompt_key(prompt: Any) -> PromptKey | None:
+    """A string, token ids, or a batch of either (routed whole, by its first prompt)."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
     if isinstance(prompt, str):
         return text_key(prompt)
     if isinstance(prompt, list) and prompt:
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return PromptKey(IDS, prompt)
-        return _prompt_key(prompt[0])  # a batch: routed whole, by its first prompt
+        return _ids(prompt)
     return None
 
 
