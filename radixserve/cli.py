@@ -106,27 +106,39 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_serve)
 
 
+# (flag, RouterConfig field, type, help): RouterConfig holds the defaults; a flag left out stays None.
+_ROUTER_FLAGS = (
+    ("--policy", "policy", str, "how requests are spread over replicas"),
+    ("--router-cache-tokens", "cache_tokens", int,
+     "bound of each replica's approximate prefix tree at the router, about tokens; set it to a replica's KV cache "
+     "size (serve --dp: --kv-cache-tokens where given)"),
+    ("--cache-threshold", "cache_threshold", float,
+     "cache_aware: below this share of the prompt matched, the least loaded replica"),
+    ("--balance-abs-threshold", "balance_abs", int,
+     "cache_aware: load is imbalanced when max - min requests in flight exceeds this"),
+    ("--balance-rel-threshold", "balance_rel", float, "... and max > this x min; then the least loaded replica wins"),
+    ("--health-interval", "health_interval", float, "seconds between health checks of every replica"),
+    ("--health-timeout", "health_timeout", float, "a health check's timeout in seconds"),
+    ("--connect-timeout", "connect_timeout", float, "seconds to connect to a replica before trying another"),
+    ("--max-attempts", "max_attempts", int, "replicas a request may be sent to before it fails"),
+)
+
+
 def add_router_options(p: argparse._ActionsContainer) -> None:
     """The routing options that `router` and `serve --dp` share."""
     from radixserve.router.policy import POLICIES
+    from radixserve.router.state import RouterConfig
 
-    p.add_argument("--policy", choices=POLICIES, default="cache_aware",
-                   help="how requests are spread over replicas (default: cache_aware)")
-    p.add_argument("--router-cache-tokens", type=int, default=None, metavar="N",
-                   help="bound of each replica's approximate prefix tree at the router, about tokens (default: "
-                        "--kv-cache-tokens where given, else 1048576)")
-    p.add_argument("--cache-threshold", type=float, default=0.3,
-                   help="cache_aware: below this share of the prompt matched, the least loaded replica (default 0.3)")
-    p.add_argument("--balance-abs-threshold", type=int, default=32,
-                   help="cache_aware: load is imbalanced when max - min in-flight requests exceeds this (default 32)")
-    p.add_argument("--balance-rel-threshold", type=float, default=1.1,
-                   help="... and max > this x min; then the least loaded replica wins (default 1.1)")
-    p.add_argument("--health-interval", type=float, default=5.0, help="seconds between health checks (default 5)")
-    p.add_argument("--health-timeout", type=float, default=5.0, help="a health check's timeout (default 5)")
-    p.add_argument("--connect-timeout", type=float, default=5.0,
-                   help="seconds to connect to a replica before trying another (default 5)")
-    p.add_argument("--max-attempts", type=int, default=3,
-                   help="replicas a request may be sent to before failing (default 3)")
+    defaults = RouterConfig()
+    for flag, name, kind, help_text in _ROUTER_FLAGS:
+        p.add_argument(flag, dest="router_" + name, type=kind, default=None,
+                       choices=POLICIES if name == "policy" else None,
+                       metavar=None if name == "policy" else ("N" if kind is int else "X"),
+                       help=f"{help_text} (default: {getattr(defaults, name)})")
+
+
+def _router_flags_given(args: argparse.Namespace) -> list[str]:
+    return [flag for flag, name, _, _ in _ROUTER_FLAGS if getattr(args, "router_" + name, None) is not None]
 
 
 def _add_router(sub: argparse._SubParsersAction) -> None:
@@ -159,16 +171,13 @@ def server_config(args: argparse.Namespace, **extra: Any) -> ServerConfig:
 
 
 def router_config(args: argparse.Namespace, replicas: Sequence[str], server: ServerConfig) -> RouterConfig:
+    """The `RouterConfig` of `add_router_options`' flags (validated: ValueError names the field)."""
     from radixserve.router.state import RouterConfig
 
-    cache_tokens = args.router_cache_tokens or getattr(args, "kv_cache_tokens", None) or 1 << 20
-    return RouterConfig(
-        replicas=tuple(replicas), policy=args.policy, cache_tokens=cache_tokens,
-        cache_threshold=args.cache_threshold, balance_abs=args.balance_abs_threshold,
-        balance_rel=args.balance_rel_threshold, health_interval=args.health_interval,
-        health_timeout=args.health_timeout, connect_timeout=args.connect_timeout, max_attempts=args.max_attempts,
-        server=server,
-    )
+    kw = {name: getattr(args, "router_" + name) for _, name, _, _ in _ROUTER_FLAGS}
+    if kw["cache_tokens"] is None:
+        kw["cache_tokens"] = getattr(args, "kv_cache_tokens", None)
+    return RouterConfig(replicas=tuple(replicas), server=server, **{k: v for k, v in kw.items() if v is not None})
 
 
 def _run_router(args: argparse.Namespace) -> int:
@@ -209,6 +218,8 @@ def _run_serve(args: argparse.Namespace) -> int:
                            max_pending_requests=args.max_pending_requests)
     if args.dp != 1:
         return _run_dp(args, config)
+    if _router_flags_given(args):
+        raise ValueError(f"{', '.join(_router_flags_given(args))}: routing options need --dp N with N > 1")
     from radixserve.engine.engine import Engine
 
     with Engine(**engine_kwargs(args)) as engine:

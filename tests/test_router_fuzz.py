@@ -12,7 +12,7 @@ import pytest
 from helpers.server import engine, http, leak_check, server  # noqa: F401 (fixtures)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_fuzz_requests import M, ROUTES, _check_answer, _request
+from test_fuzz_requests import ROUTES, M, _check_answer, _request
 
 from radixserve.router import BackgroundRouter, RouterConfig
 from radixserve.server import ServerConfig
@@ -49,8 +49,8 @@ def test_drawn_requests_through_the_router(router, engine, drawn):
 @given(url=URLS, method=st.sampled_from(["POST", "DELETE"]), in_query=st.booleans())
 def test_drawn_admin_requests(router, server, engine, url, method, in_query):
     if in_query and isinstance(url, str):
-        status, headers, answer = http(router.url + "/router/replicas?url=" + urllib.parse.quote(url, safe="", errors="surrogatepass"),
-                                       method, raw=b"")
+        query = urllib.parse.quote(url, safe="", errors="surrogatepass")
+        status, headers, answer = http(router.url + "/router/replicas?url=" + query, method, raw=b"")
     else:
         status, headers, answer = http(router.url + "/router/replicas", method, {"url": url})
     _check_answer(status, headers, answer, streamed=False)
