@@ -9,6 +9,11 @@ replica that stops answering leaves the rotation and its requests go to another.
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -254,3 +259,24 @@ def test_streams_from_threads_share_the_router(router, model):
     assert results == [200] * 6
     wait_for(lambda: all(r["inflight"] == 0 for r in replicas_of(router).values()))
     json.dumps(replicas_of(router))
+
+
+def test_the_router_command(replicas, model):
+    cmd = [sys.executable, "-m", "radixserve", "router", "--port", "0", "--policy", "least_load",
+           *[a for s in replicas for a in ("--replica", s.url)]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, RADIXSERVE_API_KEY=KEY))
+    try:
+        line = proc.stdout.readline()
+        match = re.search(r"routing at (http://127\.0\.0\.1:\d+) over 2 replicas \(least_load\)", line)
+        assert match, line
+        url = match.group(1)
+        status, headers, answer = post(url, "/v1/completions", {"model": model, "prompt": "Hi", "max_tokens": 1})
+        assert status == 200 and headers[REPLICA_HEADER] in {s.url for s in replicas}, answer
+        assert post(url, "/v1/completions", {"model": model, "prompt": "Hi"}, headers={})[0] == 401
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

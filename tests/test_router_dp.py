@@ -116,3 +116,15 @@ def test_serve_dp_two_cpu_replicas(smollm_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_routing_options_need_dp_and_bad_values_fail_before_any_replica():
+    for argv, message in [
+        (["serve", "--policy", "round_robin"], "--policy: routing options need --dp N"),
+        (["serve", "--dp", "0"], "dp must be >= 1"),
+        (["serve", "--dp", "2", "--device", "cpu", "--cache-threshold", "2"], "cache_threshold must be in [0, 1]"),
+        (["router", "--replica", "ftp://x"], "url must be an http(s) URL"),
+        (["router", "--health-interval", "0"], "health_interval must be"),
+    ]:
+        proc = subprocess.run([sys.executable, "-m", "radixserve", *argv], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, (argv, proc.stderr)
