@@ -258,7 +258,6 @@ def test_streams_from_threads_share_the_router(router, model):
         t.join(120)
     assert results == [200] * 6
     wait_for(lambda: all(r["inflight"] == 0 for r in replicas_of(router).values()))
-    json.dumps(replicas_of(router))
 
 
 def test_the_router_command(replicas, model):

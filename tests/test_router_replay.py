@@ -78,6 +78,10 @@ def test_bad_cluster_options(capsys):
     assert "--replicas must be >= 1" in capsys.readouterr().err
     assert main(["replay", str(TRACES[0]), "--replicas", "2", "--policy", "belady", "--no-progress"]) == 2
     assert "online eviction policy" in capsys.readouterr().err
+    assert main(["replay", str(TRACES[0]), "--route", "round_robin", "--decode-tps", "9", "--no-progress"]) == 2
+    assert "--route, --decode-tps: cluster options need --replicas N" in capsys.readouterr().err
+    assert main(["replay", str(TRACES[0]), "--replicas", "2", "--cache-threshold", "2", "--no-progress"]) == 2
+    assert "cache_threshold must be in [0, 1]" in capsys.readouterr().err
     with pytest.raises(ValueError, match="route must be one of"):
         ClusterSpec(2, "random")
     with pytest.raises(ValueError, match="replicas must be"):

@@ -70,13 +70,13 @@ def _add_replay(sub: Any) -> None:
     cluster.add_argument("--replicas", type=int, default=None, metavar="N",
                          help="also simulate N replicas of --capacity tokens each behind a router; the runs above "
                               "then use one cache of N x --capacity tokens, for comparison")
-    cluster.add_argument("--route", nargs="+", choices=ROUTES, default=["cache_aware"], metavar="R",
+    cluster.add_argument("--route", nargs="+", choices=ROUTES, default=None, metavar="R",
                          help=f"routing policies among {', '.join(ROUTES)} (default: cache_aware)")
-    cluster.add_argument("--prefill-tps", type=float, default=10_000.0,
+    cluster.add_argument("--prefill-tps", type=float, default=None,
                          help="load model: prompt tokens a replica prefills per second (default 10000)")
-    cluster.add_argument("--decode-tps", type=float, default=50.0,
+    cluster.add_argument("--decode-tps", type=float, default=None,
                          help="load model: output tokens per second of one request (default 50)")
-    cluster.add_argument("--cache-threshold", type=float, default=0.3,
+    cluster.add_argument("--cache-threshold", type=float, default=None,
                          help="cache_aware: share of the prompt a replica must hold to win (default 0.3)")
     live = p.add_argument_group("live mode")
     live.add_argument("--live", action="store_true", help="send the requests to an engine (in-process, or --url)")
@@ -147,6 +147,11 @@ def run_replay(args: argparse.Namespace) -> int:
     reader = TraceReader(args.trace, args.format, args.block_size, args.skip_bad, _tokenizer(args.tokenizer))
     if args.replicas is not None and args.replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    cluster_flags = {"--route": args.route, "--prefill-tps": args.prefill_tps, "--decode-tps": args.decode_tps,
+                     "--cache-threshold": args.cache_threshold}
+    given = [flag for flag, value in cluster_flags.items() if value is not None]
+    if args.replicas is None and given:
+        raise ValueError(f"{', '.join(given)}: cluster options need --replicas N")
     scale = args.replicas or 1  # with --replicas: one cache as large as the whole cluster's
     capacities = [None if c is None else c * scale for c in dict.fromkeys(args.capacity)]
     specs = [RunSpec(p, c) for p, c in itertools.product(args.policy, capacities)]
@@ -180,10 +185,12 @@ def _run_cluster(reader: TraceReader, args: argparse.Namespace, options: SimOpti
     from radixserve.replay.cache_sim import ONLINE_POLICIES
     from radixserve.replay.cluster import ClusterSpec, simulate_cluster
 
+    given = {"prefill_tps": args.prefill_tps, "decode_tps": args.decode_tps, "cache_threshold": args.cache_threshold}
+    options_kw = {k: v for k, v in given.items() if v is not None}  # ClusterSpec holds the defaults
     specs = [
-        ClusterSpec(args.replicas, route, capacity, policy, args.prefill_tps, args.decode_tps, args.cache_threshold)
-        for route in dict.fromkeys(args.route) for policy in args.policy if policy in ONLINE_POLICIES
-        for capacity in dict.fromkeys(args.capacity)
+        ClusterSpec(args.replicas, route, capacity, policy, **options_kw)
+        for route in dict.fromkeys(args.route or ["cache_aware"]) for policy in args.policy
+        if policy in ONLINE_POLICIES for capacity in dict.fromkeys(args.capacity)
     ]
     if not specs:
         raise ValueError("--replicas needs an online eviction policy among --policy (belady is offline)")
