@@ -8,7 +8,6 @@ replica that stops answering leaves the rotation and its requests go to another.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
