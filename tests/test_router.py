@@ -145,6 +145,30 @@ def test_the_same_prefix_lands_on_the_same_replica(router, model):
     assert tree > len(SYSTEM) // 3  # three characters a key element
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_router_records_answers_for_the_next_turn(router, model, stream):
+    """After a chat answer, the replica's tree holds prompt + answer: the next turn, which quotes the
+    answer, matches all of it there."""
+    from radixserve.router.keys import answered_key, request_key
+
+    turn1 = [{"role": "system", "content": f"Conversation {stream}: a long story about ships. " * 4},
+             {"role": "user", "content": "Tell me a story."}]
+    body = {"model": model, "messages": turn1, "max_tokens": 24, "temperature": 0, "ignore_eos": True,
+            "stream": stream}
+    status, headers, answer = post(router.url, "/v1/chat/completions", body)
+    assert status == 200
+    if stream:
+        reply = "".join(e["choices"][0]["delta"].get("content") or "" for e in sse_events(answer)[:-1])
+    else:
+        reply = answer["choices"][0]["message"]["content"]
+    turn2 = [*turn1, {"role": "assistant", "content": reply}, {"role": "user", "content": "And then?"}]
+    expect = answered_key("chat", {"messages": turn1}, reply)
+    assert len(expect.ids) > len(request_key("chat", {"messages": turn1}).ids) + 10
+    tree = router.state.policy.trees[headers[REPLICA_HEADER]]
+    matched = router.call(lambda: tree.match(request_key("chat", {"messages": turn2})).length).result(10)
+    assert matched == len(expect.ids)
+
+
 def test_api_key_is_enforced_and_passed_on(router, replicas, model):
     body = {"model": model, "prompt": "Hi", "max_tokens": 1}
     before = replicas_of(router)

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from radixserve.router.keys import IDS, TEXT, request_key, text_key
+from radixserve.router.keys import IDS, TEXT, answer_text, answered_key, request_key, text_key
 from radixserve.router.policy import ApproxTree, CacheAware, LeastLoad, PromptKey, RoundRobin, make_policy
 
 A, B, C = "http://a:1", "http://b:1", "http://c:1"
@@ -159,3 +159,24 @@ def test_request_keys_of_every_route():
                         ("completions", {"prompt": [[[1]]]}), ("generate", {"input_ids": [1.5]}),
                         ("embeddings", {"input": []})]:
         assert request_key(route, body) is None, (route, body)
+
+
+def test_an_answer_extends_the_key_as_the_next_turn_will():
+    turn1 = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"}]
+    reply = "Hello! How can I help you today?"
+    turn2 = turn1 + [{"role": "assistant", "content": reply}, {"role": "user", "content": "Tell me more."}]
+    answered = answered_key("chat", {"messages": turn1}, reply)
+    nxt = request_key("chat", {"messages": turn2})
+    assert nxt.ids[: len(answered.ids)] == answered.ids
+    assert len(answered.ids) > len(request_key("chat", {"messages": turn1}).ids)
+    completion = answered_key("completions", {"prompt": "Once upon"}, " a time")
+    assert completion == text_key("Once upon a time")
+    for route, body in [("completions", {"prompt": ["a", "b"]}), ("completions", {"prompt": "a", "echo": True}),
+                        ("chat", {"messages": turn1, "continue_final_message": True}), ("generate", {"text": "x"})]:
+        assert answered_key(route, body, "more text") is None
+    whole = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "Paris."}}]}
+    chunk = {"choices": [{"index": 0, "delta": {"content": "Par"}}]}
+    assert answer_text("chat", whole, stream=False) == "Paris." and answer_text("chat", chunk, stream=True) == "Par"
+    assert answer_text("completions", {"choices": [{"index": 0, "text": " is"}]}, stream=True) == " is"
+    for bad in [{"choices": [{"index": 1, "text": "x"}]}, {"choices": []}, {"error": {}}, [], {"choices": [5]}]:
+        assert answer_text("completions", bad, stream=True) is None

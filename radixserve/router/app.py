@@ -15,6 +15,7 @@ and passed on to the replicas with the request.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -22,6 +23,7 @@ import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -37,6 +39,7 @@ from radixserve.server.transport import AccessLogger, TimedAppRunner, arm_body_d
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
 
 # (method, path, the body's kind for request_key, or None: no prompt to route by)
 FORWARDED = (
@@ -220,10 +223,15 @@ class BackgroundRouter:
             raise RuntimeError("the router failed to start") from self._error
         return self
 
-    def call(self, fn: Callable[[], object]) -> None:
-        """Run `fn` on the router's loop (the state is touched only there)."""
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(fn)
+    def call(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """Run `fn` on the router's loop (the state is touched only there); its result as a future."""
+        if self._loop is None:
+            raise RuntimeError("the router is not running")
+
+        async def run() -> T:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop)
 
     def stop(self, timeout: float = 60.0) -> None:
         if self._loop is not None and self._stop is not None and self._thread.is_alive():

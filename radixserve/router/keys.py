@@ -84,3 +84,43 @@ def request_key(route: str, body: Any) -> PromptKey | None:
     if route == "generate":
         return _prompt_key(body.get("text", body.get("input_ids")))
     return None
+
+
+# -- answers ---------------------------------------------------------------------------------
+# The engine caches a prompt and its answer; the next turn of a conversation (or a completion
+# continued) starts with both. So once a replica has answered, the router records prompt +
+# answer as that replica's, and the next turn matches all of it, not just the last prompt.
+
+
+def answer_text(route: str, answer: Any, stream: bool) -> str | None:
+    """The text of choice 0 in a chat or completions answer (a whole body, or one stream chunk)."""
+    if route not in ("chat", "completions") or not isinstance(answer, dict):
+        return None
+    choices = answer.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return None
+    choice = choices[0]
+    if choice.get("index", 0) != 0:
+        return None
+    if route == "completions":
+        text = choice.get("text")
+    else:
+        message = choice.get("delta" if stream else "message")
+        text = message.get("content") if isinstance(message, dict) else None
+    return text if isinstance(text, str) else None
+
+
+def answered_key(route: str, body: Any, answer: str) -> PromptKey | None:
+    """The key of the request's prompt followed by `answer`, as the next turn would start; None for
+    requests whose answer no later prompt extends this way (batches, token ids, echo)."""
+    if not isinstance(body, dict) or not answer:
+        return None
+    if route == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or body.get("continue_final_message"):
+            return None
+        text = _chat_text([*messages, {"role": "assistant", "content": answer}])
+        return text_key(text) if text else None
+    if route == "completions" and isinstance(body.get("prompt"), str) and not body.get("echo"):
+        return text_key(body["prompt"] + answer)
+    return None

@@ -98,6 +98,9 @@ class Policy(Protocol):
     def choose(self, key: PromptKey | None, loads: Mapping[str, int]) -> RouteChoice:
         """One of `loads`' replicas (at least one; their order is the tie-break order)."""
 
+    def record(self, replica: str, key: PromptKey) -> None:
+        """`replica` now caches `key` too (a prompt with its answer)."""
+
     def cached_tokens(self, replica: str) -> int: ...
 
 
@@ -144,6 +147,9 @@ class RoundRobin:
         self._rot.remove(replica)
 
     def forget(self, replica: str) -> None:
+        pass
+
+    def record(self, replica: str, key: PromptKey) -> None:
         pass
 
     def choose(self, key: PromptKey | None, loads: Mapping[str, int]) -> RouteChoice:
@@ -200,6 +206,11 @@ class CacheAware:
     def forget(self, replica: str) -> None:
         if replica in self.trees:
             self.trees[replica].clear()
+
+    def record(self, replica: str, key: PromptKey) -> None:
+        tree = self.trees.get(replica)
+        if tree is not None:
+            tree.insert(key)
 
     def cached_tokens(self, replica: str) -> int:
         tree = self.trees.get(replica)

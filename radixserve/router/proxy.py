@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import aiohttp
 from aiohttp import web
 
-from radixserve.router.keys import request_key
+from radixserve.router.keys import answer_text, answered_key, request_key
 from radixserve.router.policy import PromptKey
 from radixserve.router.replicas import Replica
 from radixserve.router.state import RouterState, router_of
@@ -56,15 +56,45 @@ async def read_body(request: web.Request) -> bytes:
                        code="request_timeout", headers={"Connection": "close"}) from None
 
 
-async def _key(route: str | None, body: bytes) -> PromptKey | None:
-    if route is None or not body:
-        return None
+class _Answer:
+    """Collects the text of choice 0 as the answer passes, so that once it is complete the policy
+    records prompt + answer at the replica that gave it (keys.answered_key)."""
 
-    def parse() -> PromptKey | None:
+    def __init__(self, route: str | None, body: Any, key: PromptKey | None, active: bool) -> None:
+        self.route = route or ""
+        self.body = body
+        self.active = active and key is not None and self.route in ("chat", "completions")
+        self.parts: list[str] = []
+
+    def add_body(self, payload: bytes) -> None:
+        if self.active:
+            with contextlib.suppress(ValueError, RecursionError):
+                self.parts.append(answer_text(self.route, json.loads(payload), stream=False) or "")
+
+    def add_event(self, event: bytes) -> None:
+        if self.active and event.startswith(b"data: ") and event != b"data: [DONE]":
+            with contextlib.suppress(ValueError, RecursionError):
+                self.parts.append(answer_text(self.route, json.loads(event[6:]), stream=True) or "")
+
+    def record(self, state: RouterState, replica: Replica) -> None:
+        if self.active:
+            key = answered_key(self.route, self.body, "".join(self.parts))
+            if key is not None:
+                state.policy.record(replica.url, key)
+
+
+async def _parse(route: str | None, body: bytes) -> tuple[Any, PromptKey | None]:
+    """The JSON body and its prompt key; (None, None) for a body the router cannot read (the replica
+    answers it)."""
+    if route is None or not body:
+        return None, None
+
+    def parse() -> tuple[Any, PromptKey | None]:
         try:
-            return request_key(route, json.loads(body))
+            parsed = json.loads(body)
         except (ValueError, RecursionError):
-            return None  # malformed: the replica answers it
+            return None, None
+        return parsed, request_key(route, parsed)
 
     return await asyncio.to_thread(parse) if len(body) > _JSON_IN_THREAD else parse()
 
@@ -73,7 +103,7 @@ async def forward(request: web.Request, route: str | None) -> web.StreamResponse
     """Send `request` to a replica chosen by the policy (by the prompt of a `route` body)."""
     state = router_of(request)
     body = await read_body(request)
-    key = await _key(route, body)
+    parsed, key = await _parse(route, body)
     tried: set[str] = set()
     failed: _Failed | None = None
     label = route or request.path
@@ -92,7 +122,8 @@ async def forward(request: web.Request, route: str | None) -> web.StreamResponse
         if replica is None:  # removed while the policy chose: try again
             continue
         tried.add(replica.url)
-        outcome = await _send(request, state, replica, body, label)
+        answer = _Answer(route, parsed, key, state.policy.name == "cache_aware")
+        outcome = await _send(request, state, replica, body, label, answer)
         if not isinstance(outcome, _Failed):
             return outcome
         failed = outcome
@@ -114,7 +145,7 @@ def _response_headers(upstream: aiohttp.ClientResponse, replica: Replica) -> dic
 
 
 async def _send(
-    request: web.Request, state: RouterState, replica: Replica, body: bytes, label: str
+    request: web.Request, state: RouterState, replica: Replica, body: bytes, label: str, answer: _Answer
 ) -> web.StreamResponse | _Failed:
     """One attempt at `replica`: its answer, or why another replica should be tried."""
     assert state.session is not None, "the session opens at the application's startup"
@@ -127,13 +158,16 @@ async def _send(
             headers=_request_headers(request),
         ) as upstream:
             if upstream.headers.get("Content-Type", "").startswith("text/event-stream") and upstream.status == 200:
-                return await _stream_through(request, state, replica, upstream)
+                return await _stream_through(request, state, replica, upstream, answer)
             payload = await upstream.read()
-            answer = web.Response(body=payload, status=upstream.status, headers=_response_headers(upstream, replica))
+            reply = web.Response(body=payload, status=upstream.status, headers=_response_headers(upstream, replica))
             if upstream.status in _RETRY_STATUSES:
                 state.wake.set()  # overloaded, draining or failed: let the health checks tell
-                return _Failed("status", answer)
-            return answer
+                return _Failed("status", reply)
+            if upstream.status == 200:
+                answer.add_body(payload)
+                answer.record(state, replica)
+            return reply
     except _UPSTREAM_ERRORS as exc:
         logger.warning("replica %s failed a request (%r): out of the rotation until healthy", replica.url, exc)
         state.mark(replica, False, f"request failed: {exc!r}")
@@ -143,7 +177,7 @@ async def _send(
 
 
 async def _stream_through(
-    request: web.Request, state: RouterState, replica: Replica, upstream: aiohttp.ClientResponse
+    request: web.Request, state: RouterState, replica: Replica, upstream: aiohttp.ClientResponse, answer: _Answer
 ) -> web.StreamResponse:
     resp = web.StreamResponse(status=upstream.status, headers=_response_headers(upstream, replica))
     await resp.prepare(request)
@@ -164,7 +198,10 @@ async def _stream_through(
             for event in events:
                 await resp.write(event + b"\n\n")
                 done = done or event.strip() == b"data: [DONE]"
-        if not done:
+                answer.add_event(event.strip())
+        if done:
+            answer.record(state, replica)
+        else:
             cut = cut or "the replica closed the stream before its end"
             logger.warning("replica %s cut a stream: %s", replica.url, cut)
             state.metrics.stream_cuts.inc()
