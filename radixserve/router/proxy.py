@@ -118,9 +118,7 @@ async def forward(request: web.Request, route: str | None) -> web.StreamResponse
         if attempt == 0 and choice.key_len:
             state.metrics.match_ratio.observe(choice.matched / choice.key_len)
             state.metrics.match_length.observe(choice.matched)
-        replica = state.replicas.get(choice.replica)
-        if replica is None:  # removed while the policy chose: try again
-            continue
+        replica = state.replicas.replicas[choice.replica]  # one of `loads`: nothing ran since they were read
         tried.add(replica.url)
         answer = _Answer(route, parsed, key, state.policy.name == "cache_aware")
         outcome = await _send(request, state, replica, body, label, answer)

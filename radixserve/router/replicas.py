@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -42,7 +41,6 @@ class Replica:
     requests: int = 0  # requests sent, retried ones included
     failures: int = 0  # failed health checks and connections
     last_error: str | None = None
-    added: float = field(default_factory=time.time)
 
     def describe(self, cached_tokens: int) -> dict:
         return {"url": self.url, "healthy": self.healthy, "inflight": self.inflight, "requests": self.requests,
@@ -60,9 +58,6 @@ class ReplicaSet:
 
     def __len__(self) -> int:
         return len(self.replicas)
-
-    def get(self, url: str) -> Replica | None:
-        return self.replicas.get(url)
 
     def add(self, url: str) -> Replica:
         url = normalize_url(url)
