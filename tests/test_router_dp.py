@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 from helpers.server import http
 
@@ -64,6 +65,10 @@ def test_serve_dp_two_cpu_replicas(smollm_path):
             pids[m.group(2)] = int(m.group(3))
         url = _wait_line(lines, seen, r"^radixserve: serving demo at (http://127\.0\.0\.1:\d+) \(2 replicas").group(1)
         assert len(pids) == 2 and all(_alive(p) for p in pids.values())
+        for pid in pids.values():  # the key reaches the replicas by their environment, never a command line
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert f"RADIXSERVE_API_KEY={KEY}".encode() in environ
+            assert KEY.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
 
         status, _, answer = http(url + "/v1/chat/completions", "POST", {
             "model": "demo", "messages": [{"role": "user", "content": "What is the capital of France?"}],
