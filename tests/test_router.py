@@ -24,9 +24,9 @@ from helpers.leaks import assert_no_leak  # noqa: E402
 from helpers.server import http, sse_events  # noqa: E402
 
 from radixserve.router import BackgroundRouter, RouterConfig  # noqa: E402
+from radixserve.router.metrics import metric  # noqa: E402
 from radixserve.router.proxy import REPLICA_HEADER  # noqa: E402
 from radixserve.server import BackgroundServer, ServerConfig  # noqa: E402
-from radixserve.server.metrics import parse_metrics  # noqa: E402
 
 KEY = "router-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -203,10 +203,10 @@ def test_other_routes(router, replicas, model):
     status, _, flushed = post(router.url, "/flush_cache", {})
     assert status == 200 and flushed["flushed"] and len(flushed["replicas"]) == 2
     status, _, text = http(router.url + "/metrics", headers=AUTH)
-    samples = parse_metrics(text)
-    assert all(samples[f'radixserve_router_replica_healthy{{replica="{s.url}"}}'] == 1.0 for s in replicas)
-    assert sum(v for k, v in samples.items() if k.startswith("radixserve_router_requests_total{")) >= 3
-    assert samples['radixserve_router_responses_total{route="/v1/completions",status="400"}'] >= 2
+    assert all(metric(text, "radixserve:router_replica_healthy", replica=s.url) == 1.0 for s in replicas)
+    assert metric(text, "radixserve:router_requests_total") >= 3
+    assert metric(text, "radixserve:router_responses_total", route="/v1/completions", status="400") >= 2
+    assert metric(text, "radixserve:router_decisions_total", policy="cache_aware") >= 3
 
 
 def test_replicas_join_and_leave_at_run_time(router, replicas, model):
@@ -251,9 +251,9 @@ def test_a_failed_replica_leaves_and_its_requests_are_retried(engines, replicas,
             assert not state[doomed.url]["healthy"] and "failed" in state[doomed.url]["last_error"]
             # The 503 had the health checks run at once: the draining replica is out too.
             wait_for(lambda: not replicas_of(router)[draining.url]["healthy"])
-            samples = parse_metrics(http(router.url + "/metrics", headers=AUTH)[2])
-            assert samples['radixserve_router_retries_total{reason="connection"}'] == 1
-            assert samples['radixserve_router_retries_total{reason="status"}'] == 1
+            text = http(router.url + "/metrics", headers=AUTH)[2]
+            assert metric(text, "radixserve:router_retries_total", reason="connection") == 1
+            assert metric(text, "radixserve:router_retries_total", reason="status") == 1
             # No healthy replica left: a 503 of the router's own, and its /health says so.
             http(router.url + "/router/replicas?url=" + replicas[0].url, "DELETE", headers=AUTH)
             status, _, err = post(router.url, "/v1/completions", body)

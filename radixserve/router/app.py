@@ -47,6 +47,8 @@ FORWARDED = (
     ("POST", "/v1/chat/completions", "chat"),
     ("POST", "/generate", "generate"),
     ("POST", "/v1/embeddings", "embeddings"),
+    ("POST", "/v1/responses", "responses"),
+    ("GET", "/v1/responses/{response_id}", "response_get"),
     ("POST", "/tokenize", None),
     ("POST", "/detokenize", None),
     ("GET", "/v1/models", None),

@@ -8,6 +8,7 @@ share a prefix share (nearly) that prefix in tokens too, and a chat request whos
 messages extend an earlier conversation's extend its text.
 
   chat          each message as "\\x1e" role "\\x1f" content (text parts joined)
+  responses     `instructions` (as a system message) and `input` (a string, or messages), as chat
   completions   `prompt`: a string; token ids; or a list of either (its first element)
   /generate     `text` or `input_ids` (or their first element)
   embeddings    `input`, as `prompt`
@@ -70,10 +71,27 @@ def _chat_text(messages: list[Any]) -> str | None:
     return "".join(parts)
 
 
+def _responses_messages(body: dict) -> list[Any] | None:
+    """/v1/responses' input as chat messages (instructions first, as the server's template gets them)."""
+    given = body.get("input")
+    messages: Any = [{"role": "user", "content": given}] if isinstance(given, str) else given
+    if not isinstance(messages, list):
+        return None
+    instructions = body.get("instructions")
+    if isinstance(instructions, str) and instructions:
+        messages = [{"role": "system", "content": instructions}, *messages]
+    return messages
+
+
 def request_key(route: str, body: Any) -> PromptKey | None:
-    """The key of a JSON body sent to `route` ("chat", "completions", "generate", "embeddings")."""
+    """The key of a JSON body sent to `route` ("chat", "completions", "generate", "embeddings",
+    "responses")."""
     if not isinstance(body, dict):
         return None
+    if route == "responses":
+        messages = _responses_messages(body)
+        text = _chat_text(messages) if messages is not None else None
+        return text_key(text) if text else None
     if route == "chat":
         messages = body.get("messages")
         text = _chat_text(messages) if isinstance(messages, list) else None

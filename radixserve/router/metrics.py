@@ -11,11 +11,12 @@ from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from radixserve.router.replicas import ReplicaSet
 
-PREFIX = "radixserve_router_"
+PREFIX = "radixserve:router_"  # the server's prefix (vLLM-style names), then router_
 _RATIO_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 _LENGTH_BUCKETS = (0, 16, 64, 256, 1024, 4096, 16384, 65536, 262144)
 
@@ -68,3 +69,9 @@ class RouterMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples named `name` whose labels include `labels`, in a text exposition (tests)."""
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == name and labels.items() <= sample.labels.items())

@@ -30,6 +30,7 @@ from radixserve.radix_tree import MatchResult, RadixTree
 POLICIES = ("cache_aware", "round_robin", "least_load")
 # Reasons a choice reports (a label of the router's decision counter).
 REASONS = ("cache_match", "low_match", "imbalance", "no_key", "round_robin", "least_load")
+# (and "response_owner": the router's own choice of the replica that stored a /v1/responses result)
 
 
 class PromptKey(NamedTuple):

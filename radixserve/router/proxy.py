@@ -26,7 +26,7 @@ import aiohttp
 from aiohttp import web
 
 from radixserve.router.keys import answer_text, answered_key, request_key
-from radixserve.router.policy import PromptKey
+from radixserve.router.policy import PromptKey, RouteChoice
 from radixserve.router.replicas import Replica
 from radixserve.router.state import RouterState, router_of
 from radixserve.server.openai_api import ApiError
@@ -56,27 +56,62 @@ async def read_body(request: web.Request) -> bytes:
                        code="request_timeout", headers={"Connection": "close"}) from None
 
 
+def _event_data(event: bytes) -> Any:
+    """The JSON of an event's `data:` line (None for [DONE], none, or not JSON)."""
+    for line in event.split(b"\n"):
+        if line.startswith(b"data: ") and line != b"data: [DONE]":
+            try:
+                return json.loads(line[6:])
+            except (ValueError, RecursionError):
+                return None
+    return None
+
+
+def _event_name(event: bytes) -> bytes:
+    return event[7:].split(b"\n", 1)[0].strip() if event.startswith(b"event: ") else b""
+
+
+# How a complete stream ends: OpenAI's chat and completions streams and /generate with data: [DONE];
+# a /v1/responses stream with its last named event.
+_LAST_EVENTS = (b"response.completed", b"response.failed", b"response.incomplete", b"error")
+
+
+def _is_last(event: bytes) -> bool:
+    return event == b"data: [DONE]" or _event_name(event) in _LAST_EVENTS
+
+
 class _Answer:
-    """Collects the text of choice 0 as the answer passes, so that once it is complete the policy
-    records prompt + answer at the replica that gave it (keys.answered_key)."""
+    """What the router learns from an answer as it passes: the text of choice 0 (once complete, the
+    policy records prompt + answer at the replica that gave it: keys.answered_key), and the id of a
+    /v1/responses result (stored at that replica: later requests naming it go there)."""
 
     def __init__(self, route: str | None, body: Any, key: PromptKey | None, active: bool) -> None:
         self.route = route or ""
         self.body = body
         self.active = active and key is not None and self.route in ("chat", "completions")
         self.parts: list[str] = []
+        self.response_id: str | None = None
 
     def add_body(self, payload: bytes) -> None:
-        if self.active:
+        if self.active or self.route == "responses":
             with contextlib.suppress(ValueError, RecursionError):
-                self.parts.append(answer_text(self.route, json.loads(payload), stream=False) or "")
+                self._add(json.loads(payload), stream=False)
 
     def add_event(self, event: bytes) -> None:
-        if self.active and event.startswith(b"data: ") and event != b"data: [DONE]":
-            with contextlib.suppress(ValueError, RecursionError):
-                self.parts.append(answer_text(self.route, json.loads(event[6:]), stream=True) or "")
+        if self.active or (self.route == "responses" and self.response_id is None):
+            self._add(_event_data(event), stream=True)
+
+    def _add(self, data: Any, stream: bool) -> None:
+        if self.route == "responses":
+            response = data.get("response", data) if isinstance(data, dict) else None
+            if isinstance(response, dict) and isinstance(response.get("id"), str):
+                self.response_id = response["id"]
+        else:
+            self.parts.append(answer_text(self.route, data, stream) or "")
 
     def record(self, state: RouterState, replica: Replica) -> None:
+        if self.response_id is not None:
+            state.response_owners.add(self.response_id, replica.url)
         if self.active:
             key = answered_key(self.route, self.body, "".join(self.parts))
             if key is not None:
@@ -107,13 +142,17 @@ async def forward(request: web.Request, route: str | None) -> web.StreamResponse
     tried: set[str] = set()
     failed: _Failed | None = None
     label = route or request.path
+    owner = _owner(request, route, parsed, state)
     for attempt in range(state.config.max_attempts):
         loads = {r.url: r.inflight for r in state.replicas.healthy() if r.url not in tried}
         if not loads:
             break
         if failed is not None:
             state.metrics.retries.labels(failed.reason).inc()
-        choice = state.policy.choose(key, loads)
+        if owner in loads:  # the replica that stored the response this request names
+            choice = RouteChoice(owner, "response_owner", 0, 0)
+        else:
+            choice = state.policy.choose(key, loads)
         state.metrics.decisions.labels(state.policy.name, choice.reason).inc()
         if attempt == 0 and choice.key_len:
             state.metrics.match_ratio.observe(choice.matched / choice.key_len)
@@ -130,6 +169,15 @@ async def forward(request: web.Request, route: str | None) -> web.StreamResponse
     healthy = len(state.replicas.healthy())
     raise ApiError(503, f"no replica could take the request ({healthy} of {len(state.replicas)} healthy, "
                         f"{len(tried)} tried)", code="no_healthy_replica", headers={"Retry-After": "1"})
+
+
+def _owner(request: web.Request, route: str | None, parsed: Any, state: RouterState) -> str | None:
+    """The replica holding the stored response a /v1/responses request names, if the router saw it."""
+    if route == "response_get":
+        return state.response_owners.get(request.match_info.get("response_id"))
+    if route == "responses" and isinstance(parsed, dict):
+        return state.response_owners.get(parsed.get("previous_response_id"))
+    return None
 
 
 def _request_headers(request: web.Request) -> dict[str, str]:
@@ -195,8 +243,9 @@ async def _stream_through(
             *events, pending = (pending + chunk).split(b"\n\n")
             for event in events:
                 await resp.write(event + b"\n\n")
-                done = done or event.strip() == b"data: [DONE]"
-                answer.add_event(event.strip())
+                event = event.strip()
+                done = done or _is_last(event)
+                answer.add_event(event)
         if done:
             answer.record(state, replica)
         else:
@@ -205,12 +254,21 @@ async def _stream_through(
             state.metrics.stream_cuts.inc()
             state.wake.set()
             error = ApiError(502, f"the replica serving this stream failed mid-way ({cut})", code="replica_failed")
-            await resp.write(b"data: " + json.dumps(error.body()).encode() + b"\n\n")
-            await resp.write(b"data: [DONE]\n\n")
+            await resp.write(_cut_events(answer.route, error))
         await resp.write_eof()
     except ConnectionResetError:  # the client went away; leaving `upstream` closes it, so the replica aborts
         logger.debug("client disconnected from a stream of %s", replica.url)
     return resp
+
+
+def _cut_events(route: str, error: ApiError) -> bytes:
+    """The end of a stream that a replica cut, as the server ends one that fails: an error event and
+    [DONE]; on /v1/responses, its `error` event (which ends such a stream)."""
+    body = error.body()
+    if route == "responses":
+        event = {"type": "error", "code": error.code, "message": error.message, "param": None, "error": body["error"]}
+        return b"event: error\ndata: " + json.dumps(event).encode() + b"\n\n"
+    return b"data: " + json.dumps(body).encode() + b"\n\ndata: [DONE]\n\n"
 
 
 async def fan_out(state: RouterState, request: web.Request, path: str) -> dict[str, Any]:

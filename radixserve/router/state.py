@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -57,6 +58,7 @@ class RouterState:
         self.inflight = 0  # client requests inside a handler
         self.draining = False
         self.wake = asyncio.Event()  # set to run the health checks now
+        self.response_owners = ResponseOwners()
 
     def add(self, url: str) -> Replica:
         replica = self.replicas.add(url)
@@ -80,6 +82,24 @@ class RouterState:
         self.metrics.health_changes.labels(replica.url, "up" if healthy else "down").inc()
         if not healthy:
             self.policy.forget(replica.url)
+
+
+class ResponseOwners:
+    """Which replica stored each /v1/responses result (its store is in that process's memory), so that
+    `previous_response_id` and GET /v1/responses/{id} reach it. The most recent `capacity` ids are kept."""
+
+    def __init__(self, capacity: int = 1 << 16) -> None:
+        self.capacity = capacity
+        self.owners: OrderedDict[str, str] = OrderedDict()
+
+    def add(self, response_id: str, replica: str) -> None:
+        self.owners[response_id] = replica
+        self.owners.move_to_end(response_id)
+        while len(self.owners) > self.capacity:
+            self.owners.popitem(last=False)
+
+    def get(self, response_id: object) -> str | None:
+        return self.owners.get(response_id) if isinstance(response_id, str) else None
 
 
 ROUTER: web.AppKey[RouterState] = web.AppKey("radixserve_router")
