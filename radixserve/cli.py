@@ -268,6 +268,13 @@ def _engine_flags(args: argparse.Namespace, one_gpu: bool) -> list[str]:
     return flags
 
 
+# serve's own options (beside the engine's) that each `serve --dp` replica gets as given.
+_REPLICA_SERVE_FLAGS = (
+    ("--served-model-name", "served_model_name"),
+    ("--max-pending-requests", "max_pending_requests"),
+)
+
+
 def _run_dp(args: argparse.Namespace, config: ServerConfig) -> int:
     from radixserve.router.launch import ReplicaFleet, run_fleet
     from radixserve.server.app import curl_example
@@ -279,10 +286,9 @@ def _run_dp(args: argparse.Namespace, config: ServerConfig) -> int:
     argv = [sys.executable, "-m", "radixserve", *["-v"] * args.verbose, "serve",
             *_engine_flags(args, devices is not None),
             "--host", "127.0.0.1", "--port", "0", "--drain-timeout", str(args.drain_timeout)]
-    if args.served_model_name is not None:
-        argv += ["--served-model-name", args.served_model_name]
-    if args.max_pending_requests is not None:
-        argv += ["--max-pending-requests", str(args.max_pending_requests)]
+    for flag, dest in _REPLICA_SERVE_FLAGS:
+        if getattr(args, dest) is not None:
+            argv += [flag, str(getattr(args, dest))]
     fleet = ReplicaFleet(argv, args.dp, devices, config.api_key, args.drain_timeout)
 
     def ready(url: str, fleet: ReplicaFleet) -> None:
