@@ -9,9 +9,12 @@ checked at once). Other statuses, 4xx and 500 included, are the answer.
 
 A stream (`text/event-stream`) is passed on event by event as the replica sends
 it; once its first event has reached the client it cannot move. If the replica's
-stream breaks or ends without `data: [DONE]`, the client gets an OpenAI-style
-error event (code `replica_failed`) and `data: [DONE]`, as a server's own
-mid-stream failure ends.
+stream breaks or ends before its last event (`data: [DONE]`, or a /v1/responses
+stream's final named event), the client gets an error event (code
+`replica_failed`) of the stream's kind, as a server's own mid-stream failure ends.
+
+A request naming a stored /v1/responses result (`previous_response_id`, GET
+/v1/responses/{id}) goes to the replica that stored it, while healthy.
 """
 
 from __future__ import annotations
