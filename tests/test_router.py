@@ -240,15 +240,18 @@ def test_a_failed_replica_leaves_and_its_requests_are_retried(engines, replicas,
         with BackgroundRouter(config) as router:
             assert all(r["healthy"] for r in replicas_of(router).values())
             doomed.stop()  # nothing listens there any more; no health check runs before the next request
-            draining.state.draining = True  # answers 503 to everything
-            status, headers, answer = post(router.url, "/v1/completions", body)  # round robin: doomed's turn
-            assert status == 200 and headers[REPLICA_HEADER] == replicas[0].url, answer
-            stream = dict(body, stream=True)
-            status, headers, text = post(router.url, "/v1/completions", stream)  # draining's turn: 503, retried
+            # Round robin: doomed's turn; its connection is refused, so the next replica answers.
+            status, headers, answer = post(router.url, "/v1/completions", body)
+            assert status == 200 and headers[REPLICA_HEADER] == draining.url, answer
+            state = replicas_of(router)
+            assert not state[doomed.url]["healthy"] and "request failed" in state[doomed.url]["last_error"]
+            draining.state.draining = True  # from now on it answers 503, its /health included
+            status, headers, _ = post(router.url, "/v1/completions", body)  # replicas[0]'s turn
+            assert status == 200 and headers[REPLICA_HEADER] == replicas[0].url
+            # draining's turn: 503 before anything was sent, so the stream goes to replicas[0].
+            status, headers, text = post(router.url, "/v1/completions", dict(body, stream=True))
             assert status == 200 and headers[REPLICA_HEADER] == replicas[0].url
             assert sse_events(text)[-1] == "[DONE]"
-            state = replicas_of(router)
-            assert not state[doomed.url]["healthy"] and "failed" in state[doomed.url]["last_error"]
             # The 503 had the health checks run at once: the draining replica is out too.
             wait_for(lambda: not replicas_of(router)[draining.url]["healthy"])
             text = http(router.url + "/metrics", headers=AUTH)[2]
