@@ -21,6 +21,12 @@ def _flag(f: dataclasses.Field) -> str:
     return "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
 
 
+def engine_flag(f: dataclasses.Field) -> str:
+    """The command-line flag of an EngineConfig field (`--max-running-requests`); `serve --dp` builds its
+    replicas' command lines with it."""
+    return _flag(f)
+
+
 def add_engine_options(p: argparse.ArgumentParser) -> None:
     """Add a flag for every EngineConfig field to `p` (in a group of its own)."""
     group = p.add_argument_group("engine options")

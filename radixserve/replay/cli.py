@@ -14,6 +14,7 @@ from typing import Any
 from radixserve.replay.formats import FORMATS, TraceReader, TraceRequest
 from radixserve.replay.report import build_report, format_report, write_json
 from radixserve.replay.simulate import POLICIES, RunSpec, SimOptions, simulate
+from radixserve.router.policy import POLICIES as ROUTES
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,18 @@ def _add_replay(sub: Any) -> None:
     p.add_argument("--json", default=None, metavar="PATH", help="write the full report as JSON")
     p.add_argument("--plot", default=None, metavar="DIR", help="write replay_capacity.png and replay_time.png")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cluster = p.add_argument_group("cluster (data-parallel replicas; see docs/scale.md)")
+    cluster.add_argument("--replicas", type=int, default=None, metavar="N",
+                         help="also simulate N replicas of --capacity tokens each behind a router; the runs above "
+                              "then use one cache of N x --capacity tokens, for comparison")
+    cluster.add_argument("--route", nargs="+", choices=ROUTES, default=None, metavar="R",
+                         help=f"routing policies among {', '.join(ROUTES)} (default: cache_aware)")
+    cluster.add_argument("--prefill-tps", type=float, default=None,
+                         help="load model: prompt tokens a replica prefills per second (default 10000)")
+    cluster.add_argument("--decode-tps", type=float, default=None,
+                         help="load model: output tokens per second of one request (default 50)")
+    cluster.add_argument("--cache-threshold", type=float, default=None,
+                         help="cache_aware: share of the prompt a replica must hold to win (default 0.3)")
     live = p.add_argument_group("live mode")
     live.add_argument("--live", action="store_true", help="send the requests to an engine (in-process, or --url)")
     live.add_argument("--url", default=None, help="a running server's base URL (implies --live)")
@@ -132,7 +145,16 @@ def _trace_info(reader: TraceReader) -> dict[str, Any]:
 
 def run_replay(args: argparse.Namespace) -> int:
     reader = TraceReader(args.trace, args.format, args.block_size, args.skip_bad, _tokenizer(args.tokenizer))
-    specs = [RunSpec(p, c) for p, c in itertools.product(args.policy, dict.fromkeys(args.capacity))]
+    if args.replicas is not None and args.replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    cluster_flags = {"--route": args.route, "--prefill-tps": args.prefill_tps, "--decode-tps": args.decode_tps,
+                     "--cache-threshold": args.cache_threshold}
+    given = [flag for flag, value in cluster_flags.items() if value is not None]
+    if args.replicas is None and given:
+        raise ValueError(f"{', '.join(given)}: cluster options need --replicas N")
+    scale = args.replicas or 1  # with --replicas: one cache as large as the whole cluster's
+    capacities = [None if c is None else c * scale for c in dict.fromkeys(args.capacity)]
+    specs = [RunSpec(p, c) for p, c in itertools.product(args.policy, capacities)]
     options = SimOptions(warmup=args.warmup, window_s=args.window, insert_output=args.engine_accounting,
                          compute_last=args.engine_accounting, progress=not args.no_progress)
     live = None
@@ -146,6 +168,8 @@ def run_replay(args: argparse.Namespace) -> int:
     if reader.first_error:
         trace["first_skipped"] = reader.first_error
     doc = build_report(trace, result.runs, live)
+    if args.replicas is not None:
+        doc["cluster"] = _run_cluster(reader, args, options)
     print(format_report(doc))
     if args.json:
         write_json(doc, args.json)
@@ -155,6 +179,22 @@ def run_replay(args: argparse.Namespace) -> int:
         for path in plot_report(doc, args.plot):
             logger.info("wrote %s", path)
     return 0
+
+
+def _run_cluster(reader: TraceReader, args: argparse.Namespace, options: SimOptions) -> list[dict[str, Any]]:
+    from radixserve.replay.cache_sim import ONLINE_POLICIES
+    from radixserve.replay.cluster import ClusterSpec, simulate_cluster
+
+    given = {"prefill_tps": args.prefill_tps, "decode_tps": args.decode_tps, "cache_threshold": args.cache_threshold}
+    options_kw = {k: v for k, v in given.items() if v is not None}  # ClusterSpec holds the defaults
+    specs = [
+        ClusterSpec(args.replicas, route, capacity, policy, **options_kw)
+        for route in dict.fromkeys(args.route or ["cache_aware"]) for policy in args.policy
+        if policy in ONLINE_POLICIES for capacity in dict.fromkeys(args.capacity)
+    ]
+    if not specs:
+        raise ValueError("--replicas needs an online eviction policy among --policy (belady is offline)")
+    return simulate_cluster(lambda: iter(reader), specs, options)
 
 
 def _live_requests(reader: TraceReader, args: argparse.Namespace) -> list[TraceRequest]:

@@ -115,9 +115,27 @@ def format_report(doc: dict[str, Any]) -> str:
         rates = [w["token_hit_rate"] for w in r["windows"]]
         lo, hi = (min(rates), max(rates)) if rates else (0.0, 0.0)
         out.append(f"  {label.ljust(width)}  {sparkline(rates)}  min {100 * lo:.1f}%  max {100 * hi:.1f}%")
+    if "cluster" in doc:
+        out += ["", format_cluster(doc["cluster"], runs)]
     if "live" in doc:
         out += ["", format_live(doc["live"])]
     return "\n".join(out)
+
+
+def format_cluster(cluster: list[dict[str, Any]], single: list[dict[str, Any]]) -> str:
+    """Each cluster run beside one cache of the cluster's total size (a run of the main table)."""
+    alone = {(r["policy"], r["capacity"]): r["token_hit_rate"] for r in single}
+    rows = []
+    for c in cluster:
+        one = alone.get((c["policy"], c["total_capacity"]))
+        rows.append([
+            c["route"], str(c["replicas"]), c["policy"], fmt_tokens(c["capacity"]), f"{100 * c['token_hit_rate']:.2f}%",
+            "-" if one is None else f"{100 * one:.2f}%", f"{100 * c['max_request_share']:.1f}%",
+            str(c["peak_inflight"]),
+        ])
+    header = ["route", "replicas", "policy", "each", "hit rate", "one cache", "busiest share", "peak in flight"]
+    return "\n".join(["replicas behind a router (one cache: a single cache of all the replicas' tokens):",
+                      *_table(header, rows)])
 
 
 def format_live(live: dict[str, Any]) -> str:

@@ -19,7 +19,6 @@ after the drain timeout are cut with a 503 or a last error event.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import signal
 import threading
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from radixserve.server.auth import check_api_key
 from radixserve.server.openai_api import ApiError
 from radixserve.server.responses_api import ROUTES as RESPONSES_ROUTES
 from radixserve.server.routes import ROUTES, json_response
@@ -123,13 +123,7 @@ async def _draining(request: web.Request, handler: Handler) -> web.StreamRespons
 async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     key = request.app[STATE].config.api_key
     if key is not None and request.path not in _OPEN_PATHS:
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        # aiohttp decodes header bytes that are not UTF-8 as lone surrogates: encode them back, never fail.
-        given = token.strip().encode("utf-8", "surrogateescape")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given, key.encode("utf-8", "surrogateescape")):
-            message = "Incorrect API key provided" if header else "Missing API key: send 'Authorization: Bearer <key>'"
-            raise ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        check_api_key(request, key)
     return await handler(request)
 
 
