@@ -37,6 +37,20 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_generate)
 
 
+def _run_ranks_only(args: argparse.Namespace) -> int | None:
+    """With --node-rank > 0 this host runs its tensor-parallel ranks (rank 0's host serves):
+    their exit status once they stop; None on rank 0's host."""
+    if not args.node_rank:
+        return None
+    from radixserve.engine.config import EngineConfig
+    from radixserve.engine.model_files import resolve_model_path
+    from radixserve.engine.tp_driver import run_node
+
+    config = EngineConfig.from_kwargs(**engine_kwargs(args))
+    failed = run_node(config, resolve_model_path(config.model, config.show_progress))
+    return 1 if failed else 0
+
+
 def _run_generate(args: argparse.Namespace) -> int:
     from radixserve.engine.engine import Engine
     from radixserve.sampling_params import SamplingParams
@@ -51,6 +65,9 @@ def _run_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=args.stop,
     )
+    ranks_only = _run_ranks_only(args)
+    if ranks_only is not None:
+        return ranks_only
     with Engine(**engine_kwargs(args)) as engine:
         chat = not args.raw and getattr(engine.tokenizer, "chat_template", None) is not None
         prompt = engine.apply_chat_template([{"role": "user", "content": args.prompt}]) if chat else args.prompt
@@ -124,6 +141,9 @@ def _run_serve(args: argparse.Namespace) -> int:
     )
     from radixserve.engine.engine import Engine
 
+    ranks_only = _run_ranks_only(args)
+    if ranks_only is not None:
+        return ranks_only
     with Engine(**engine_kwargs(args)) as engine:
 
         def ready(url: str) -> None:
