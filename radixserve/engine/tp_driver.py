@@ -28,7 +28,8 @@ from radixserve.engine.config import EngineConfig
 from radixserve.engine.tp_worker import StepMessage, exchange, resolve_device, run_rank, share_tokens
 from radixserve.model_runner.forward_batch import ForwardBatch
 from radixserve.model_runner.kv_pool import ReqToTokenPool
-from radixserve.model_runner.parallel import Rendezvous, TPComm, leave
+from radixserve.model_runner.model_config import ModelConfig
+from radixserve.model_runner.parallel import Rendezvous, TPComm, TPShard, leave
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ class TPDriver:
     def __init__(self, config: EngineConfig, model_path: Path) -> None:
         if config.node_rank != 0:
             raise ValueError("node_rank > 0 runs tensor-parallel ranks only (run_node), not an engine")
+        # A model that the ranks cannot share fails here, before any process starts.
+        TPShard(0, config.tensor_parallel_size).check(ModelConfig.from_pretrained(model_path))
         self.timeout = float(config.dist_timeout)
         local = config.tensor_parallel_size // config.nnodes
         addr = config.dist_init_addr or free_local_addr()
