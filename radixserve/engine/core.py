@@ -172,6 +172,8 @@ class EngineCore:
                 updates += self._complete(launched)
         elif prev is None:
             updates += self.scheduler.take_updates()
+        if self.tp is not None:  # steps that launch nothing still keep the other ranks from timing out
+            self.tp.heartbeat()
 
     def _recover(self, exc: Exception) -> None:
         """Put the engine back in a state to serve after a step raised, or raise EngineFatalError."""
