@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import torch
 from helpers.leaks import LIVE_ENGINES, assert_no_leak
 
 from radixserve import SamplingParams
+from radixserve.engine.config import EngineConfig
 from radixserve.engine.core import EngineFatalError
 from radixserve.engine.engine import Engine
 
@@ -153,20 +155,23 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def test_a_killed_rank_fails_the_engine_within_the_timeout(models):
-    timeout = 20.0
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["dead", "hung"])
+def test_a_dead_or_hung_rank_fails_the_engine_within_the_timeout(models, sig):
+    """A rank killed, or stopped (alive, never answering), during serving: the next step
+    raises EngineFatalError within dist_timeout, and shutdown leaves no process behind."""
+    timeout = 8.0
     engine = Engine(str(models["qwen3"]), **COMMON, tensor_parallel_size=2, dist_timeout=timeout)
     try:
         params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
         assert len(engine.generate([[1, 2, 3]], params, progress=False)[0].token_ids) == 4
         (pid,) = _worker_pids(engine)
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, sig)
         start = time.monotonic()
-        with pytest.raises(Exception) as caught:
+        with pytest.raises(RuntimeError):
             engine.generate([[4, 5, 6]], params, progress=False)
-        assert time.monotonic() - start < timeout
+        assert time.monotonic() - start < timeout + 5
         error = engine.fatal_error
-        assert isinstance(error, EngineFatalError), (caught.value, error)
+        assert isinstance(error, EngineFatalError), error
         assert "rank" in str(error)
     finally:
         engine.shutdown()
@@ -202,6 +207,34 @@ def test_ranks_that_cannot_share_the_model_are_refused_before_starting(models):
         Engine(str(models["qwen3"]), **COMMON, tensor_parallel_size=2, nnodes=2)  # no dist_init_addr
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         Engine(str(models["qwen3"]), **COMMON, tensor_parallel_size=0)
+    for bad, field in ((dict(dist_init_addr="nohost"), "dist_init_addr"), (dict(dist_timeout=0), "dist_timeout"),
+                       (dict(tensor_parallel_size=2, nnodes=2, node_rank=2, dist_init_addr="h:1"), "node_rank"),
+                       (dict(tensor_parallel_size=3, nnodes=2, dist_init_addr="h:1"), "nnodes")):
+        with pytest.raises(ValueError, match=field):
+            EngineConfig(**bad)
+
+
+def test_two_hosts_meet_at_the_rendezvous(models):
+    """nnodes=2 on one machine: 'host' 1 runs its rank only (run_node, as `serve --node-rank 1`
+    does), 'host' 0 serves; the ranks meet at dist_init_addr, and the engine's shutdown ends host 1's."""
+    from radixserve.engine.tp_driver import free_local_addr, run_node
+
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    with Engine(str(models["llama"]), **COMMON) as one:
+        want = [o.token_ids for o in one.generate(PROMPTS, params, progress=False)]
+    options = dict(tensor_parallel_size=2, nnodes=2, dist_init_addr=free_local_addr(), dist_timeout=60.0)
+    failed: list[int] = []
+    other = threading.Thread(target=lambda: failed.append(
+        run_node(EngineConfig(**COMMON, **options, node_rank=1), models["llama"])))
+    other.start()
+    try:
+        two = _engine(models["llama"], **options)
+        got = [o.token_ids for o in two.generate(PROMPTS, params, progress=False)]
+        _close(two)
+    finally:
+        other.join(timeout=120)
+    assert got == want
+    assert not other.is_alive() and failed == [0]
 
 
 # -- sharded loading (no process group needed: the collectives run in forward only) --------

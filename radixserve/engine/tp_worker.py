@@ -23,6 +23,7 @@ that a rank waiting for the next step hears from rank 0 within the timeout, and 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,6 +32,7 @@ import torch.distributed as dist
 
 from radixserve.engine.config import EngineConfig, section
 from radixserve.model_runner.config import RunnerConfig
+from radixserve.model_runner.cpu_threads import default_cpu_threads
 from radixserve.model_runner.forward_batch import ForwardBatch
 from radixserve.model_runner.model_runner import TORCH_DTYPES, ModelRunner
 from radixserve.model_runner.parallel import Rendezvous, TPComm, leave
@@ -141,6 +143,11 @@ def run_rank(config: EngineConfig, model_path: Path, rendezvous: Rendezvous, loc
     logging.basicConfig(level=logging.WARNING, format=f"[tp rank {rendezvous.rank}] %(levelname)s %(message)s")
     try:
         device = resolve_device(config.device, local_rank)
+        if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+            # The host's CPUs shared by its ranks (cpu_threads.py leaves one to the host work).
+            threads = max(1, default_cpu_threads() * config.nnodes // config.tensor_parallel_size)
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+            torch.set_num_threads(threads)
         comm = rendezvous.join(device)
         try:
             runner, _ = start_runner(config, model_path, device, resolve_dtype(config.dtype, device), comm)
