@@ -96,6 +96,7 @@ class Engine:
         self._aborts: list[str] = []
         self._trackers: dict[str, Tracker] = {}
         self._stopping = False
+        self._shut_down = False  # shutdown() was called (the loop may have stopped before, on a failure)
         self._error: BaseException | None = None
         if self.core.device.type == "cuda":
             # What start-up made (torch, compiled kernels, weights' modules) lives as long as
@@ -117,11 +118,14 @@ class Engine:
     def shutdown(self) -> None:
         """Abort what is in flight and stop the loop thread. Idempotent."""
         with self._cv:
-            if self._stopping:
+            if self._shut_down:
                 return
-            self._stopping = True
-            self._aborts.extend(self._trackers)
-            self._cv.notify_all()
+            self._shut_down = True
+            if not self._stopping:
+                self._stopping = True
+                self._aborts.extend(self._trackers)
+                self._cv.notify_all()
+        # A loop that failed may still be stopping the tensor-parallel ranks: wait for it too.
         self._thread.join(timeout=60)
         if not self._thread.is_alive():  # the loop no longer touches the runner
             self.core.close()  # the other tensor-parallel ranks, if any
