@@ -306,6 +306,18 @@ def test_each_rank_loads_only_its_slices(models, model, monkeypatch):
     assert sum(p.numel() for p in shard.values()) < sum(p.numel() for p in whole.values())
 
 
+def test_one_rank_keeps_the_plain_layers(models):
+    """tensor_parallel_size 1 builds the model as before: nn.Linear and nn.Embedding, no comm,
+    so no collective runs and nothing is copied for one."""
+    from radixserve.model_runner.loader import load_model
+    from radixserve.model_runner.models.parallel_layers import RowParallelLinear, VocabParallelEmbedding
+
+    model, _ = load_model(models["qwen3_moe"], "cpu", torch.float32, progress=False)
+    assert model.comm is None
+    assert all(getattr(m, "comm", None) is None for m in model.modules())
+    assert not any(isinstance(m, (RowParallelLinear, VocabParallelEmbedding)) for m in model.modules())
+
+
 # -- the command line -------------------------------------------------------------------
 
 def test_tp_flag_reaches_the_engine_from_serve_and_generate(models, monkeypatch):

@@ -22,6 +22,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from radixserve.engine.config import EngineConfig
@@ -80,6 +81,11 @@ class TPDriver:
             raise ValueError("node_rank > 0 runs tensor-parallel ranks only (run_node), not an engine")
         # A model that the ranks cannot share fails here, before any process starts.
         TPShard(0, config.tensor_parallel_size).check(ModelConfig.from_pretrained(model_path))
+        if dist.is_initialized():
+            raise RuntimeError(
+                "this process already holds a torch.distributed process group: one tensor-parallel engine "
+                "per process (shut the other down first)"
+            )
         self.timeout = float(config.dist_timeout)
         local = config.tensor_parallel_size // config.nnodes
         addr = config.dist_init_addr or free_local_addr()
@@ -163,10 +169,7 @@ class TPDriver:
             except RankFailure:
                 logger.warning("tensor-parallel ranks could not be told to stop: %s", self.failed)
         _stop(self.procs, min(self.timeout, _STOP_WAIT_S) if clean else 0.0)
-        try:
-            leave()
-        except Exception:  # a broken group may fail to tear down; the ranks are gone either way
-            logger.debug("leaving the process group failed", exc_info=True)
+        leave(min(self.timeout, _STOP_WAIT_S))
 
 
 def run_node(config: EngineConfig, model_path: Path) -> int:

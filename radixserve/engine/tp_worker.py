@@ -154,7 +154,7 @@ def run_rank(config: EngineConfig, model_path: Path, rendezvous: Rendezvous, loc
             with torch.inference_mode():
                 serve_steps(runner, comm)
         finally:
-            leave()
+            leave(5.0)  # the process exits next: never wait long for a teardown
     except BaseException as exc:
         logger.critical("tensor-parallel rank %d failed: %s", rendezvous.rank, exc, exc_info=exc)
         raise SystemExit(1) from exc

@@ -17,6 +17,8 @@ Megatron-style sharding, one rank per device:
 
 from __future__ import annotations
 
+import logging
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -24,6 +26,8 @@ import torch
 import torch.distributed as dist
 
 from radixserve.model_runner.model_config import ModelConfig
+
+logger = logging.getLogger(__name__)
 
 # all_gather_single is the newer name of all_gather_into_tensor (same arguments).
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -158,7 +162,26 @@ class Rendezvous:
         return TPComm(TPShard(self.rank, self.world_size), group, control)
 
 
-def leave() -> None:
-    """Leave the process group joined by Rendezvous.join (nothing when none is held)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def leave(wait_s: float = 30.0) -> bool:
+    """Leave the process group joined by Rendezvous.join (nothing when none is held); False
+    when tearing it down did not finish within `wait_s` (then it is left behind).
+
+    The teardown runs on a thread of its own: destroying an NCCL group whose collectives were
+    captured in CUDA graphs, or whose peers are gone, can block (pytorch/pytorch#115388), and
+    shutting an engine down must not."""
+    if not dist.is_initialized():
+        return True
+    done = threading.Event()
+
+    def destroy() -> None:
+        try:
+            dist.destroy_process_group()
+        except Exception:  # a broken group may fail to tear down; the ranks are gone either way
+            logger.debug("destroying the process group failed", exc_info=True)
+        done.set()
+
+    threading.Thread(target=destroy, name="radixserve-tp-leave", daemon=True).start()
+    if not done.wait(wait_s):
+        logger.warning("the tensor-parallel process group did not tear down within %.0f s; left behind", wait_s)
+        return False
+    return True
