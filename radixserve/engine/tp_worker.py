@@ -78,7 +78,6 @@ def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
             raise ValueError(f"tensor-parallel local rank {local_rank} needs GPU {index}; "
                              f"{torch.cuda.device_count()} are visible")
         device = torch.device("cuda", index)
-        torch.cuda.set_device(device)
     return device
 
 
@@ -143,6 +142,8 @@ def run_rank(config: EngineConfig, model_path: Path, rendezvous: Rendezvous, loc
     logging.basicConfig(level=logging.WARNING, format=f"[tp rank {rendezvous.rank}] %(levelname)s %(message)s")
     try:
         device = resolve_device(config.device, local_rank)
+        if device.type == "cuda":  # this process serves this one GPU
+            torch.cuda.set_device(device)
         if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
             # The host's CPUs shared by its ranks (cpu_threads.py leaves one to the host work).
             threads = max(1, default_cpu_threads() * config.nnodes // config.tensor_parallel_size)
