@@ -85,16 +85,27 @@ def _assert_logprobs_close(want: list[list[Any]], got: list[list[Any]]) -> None:
 @pytest.mark.parametrize("model", ["qwen3", "qwen3_kv1", "llama", "qwen3_moe"])
 def test_two_ranks_match_one(models, model):
     """Greedy tokens identical to one rank, logprobs (the sampled token's and the top 20 per
-    step) within 1e-5; with folding in the batch, chunked prefill and prefix-cache hits."""
+    step) within 1e-5; with folding in the batch, chunked prefill and prefix-cache hits.
+    Embeddings (final hidden states) and scores (completion logprobs) agree as closely."""
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=20)
+
+    def extras(engine: Engine) -> tuple[torch.Tensor, torch.Tensor]:
+        embedded = torch.tensor(engine.embed(PROMPTS[:3], pooling="mean"))
+        scored = torch.tensor(engine.score(PROMPTS[1], [[9, 8, 7], [9, 8, 6]]))
+        return embedded, scored
+
     with Engine(str(models[model]), **COMMON) as one:
         want = _rounds(one, params)
+        want_extras = extras(one)
     two = _engine(models[model], tensor_parallel_size=2)
     got = _rounds(two, params)
+    got_extras = extras(two)
     stats = two.stats()
     _close(two)
     assert _tokens(got) == _tokens(want)
     _assert_logprobs_close(want, got)
+    for w, g in zip(want_extras, got_extras):
+        assert w.shape == g.shape and torch.allclose(w, g, atol=1e-5, rtol=0)
     assert stats["hit_tokens"] > 0 and stats["folded_tokens"] > 0  # cache and folding were exercised
     assert stats["steps"] > len(PROMPTS)  # chunked: the long prompts took several prefill steps
 
