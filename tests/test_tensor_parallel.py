@@ -259,19 +259,20 @@ def _load(path: Path, rank: int, size: int) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def _expected_shard(name: str, full: torch.Tensor, rank: int, cfg: Any) -> torch.Tensor:
-    """What rank `rank` of 2 must hold of the whole parameter `full`, by Megatron's rules."""
+def _expected_shard(name: str, full: torch.Tensor, rank: int, n: int, cfg: Any) -> torch.Tensor:
+    """What rank `rank` of `n` must hold of the whole parameter `full`, by Megatron's rules."""
     d = cfg.head_dim
 
     def rows(t: torch.Tensor, size: int, dim: int = 0) -> torch.Tensor:
-        return t.narrow(dim, rank * size // 2, size // 2)
+        return t.narrow(dim, rank * size // n, size // n)
 
     if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias"):
         q, k, v = full.split([cfg.q_size, cfg.kv_size, cfg.kv_size])
-        if cfg.num_kv_heads >= 2:
+        if cfg.num_kv_heads >= n:
             k, v = rows(k, cfg.kv_size), rows(v, cfg.kv_size)
-        else:  # one KV head, replicated
-            k, v = k[:d], v[:d]
+        else:  # fewer KV heads than ranks: the one its query heads read, shared by n / Hkv ranks
+            head = rank * cfg.num_heads // n // (cfg.num_heads // cfg.num_kv_heads)
+            k, v = k[head * d : (head + 1) * d], v[head * d : (head + 1) * d]
         return torch.cat([rows(q, cfg.q_size), k, v])
     if name.endswith("o_proj.weight"):
         return rows(full, cfg.q_size, dim=1)
@@ -288,8 +289,9 @@ def _expected_shard(name: str, full: torch.Tensor, rank: int, cfg: Any) -> torch
     return full  # norms, the MoE router
 
 
-@pytest.mark.parametrize("model", ["qwen3", "qwen3_kv1", "llama", "qwen3_moe", "qwen3_moe_fused"])
-def test_each_rank_loads_only_its_slices(models, model, monkeypatch):
+@pytest.mark.parametrize("model, n", [("qwen3", 2), ("qwen3_kv1", 2), ("llama", 2), ("qwen3_moe", 2),
+                                      ("qwen3_moe_fused", 2), ("qwen3", 4), ("qwen3_moe", 4)])
+def test_each_rank_loads_only_its_slices(models, model, n, monkeypatch):
     """Every parameter of each rank is its Megatron share of the whole model's, and no
     sharded tensor is read whole from the file (only replicated ones go through get_tensor)."""
     from radixserve.model_runner import loader
@@ -307,12 +309,12 @@ def test_each_rank_loads_only_its_slices(models, model, monkeypatch):
         return real_read(f, name, target)
 
     monkeypatch.setattr(loader, "_read", spy)
-    for rank in range(2):
+    for rank in range(n):
         read_whole.clear()
-        shard = _load(path, rank, 2)
+        shard = _load(path, rank, n)
         assert shard.keys() == whole.keys()
         for name, param in shard.items():
-            assert torch.equal(param, _expected_shard(name, whole[name], rank, cfg)), name
+            assert torch.equal(param, _expected_shard(name, whole[name], rank, n, cfg)), name
         assert read_whole and all("norm" in n or n.endswith((".bias", "mlp.gate.weight")) for n in read_whole)
     assert sum(p.numel() for p in shard.values()) < sum(p.numel() for p in whole.values())
 
