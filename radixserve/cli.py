@@ -43,6 +43,20 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_generate)
 
 
+def _run_ranks_only(args: argparse.Namespace) -> int | None:
+    """With --node-rank > 0 this host runs its tensor-parallel ranks (rank 0's host serves):
+    their exit status once they stop; None on rank 0's host."""
+    if not args.node_rank:
+        return None
+    from radixserve.engine.config import EngineConfig
+    from radixserve.engine.model_files import resolve_model_path
+    from radixserve.engine.tp_driver import run_node
+
+    config = EngineConfig.from_kwargs(**engine_kwargs(args))
+    failed = run_node(config, resolve_model_path(config.model, config.show_progress))
+    return 1 if failed else 0
+
+
 def _run_generate(args: argparse.Namespace) -> int:
     from radixserve.engine.engine import Engine
     from radixserve.sampling_params import SamplingParams
@@ -57,6 +71,9 @@ def _run_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=args.stop,
     )
+    ranks_only = _run_ranks_only(args)
+    if ranks_only is not None:
+        return ranks_only
     with Engine(**engine_kwargs(args)) as engine:
         chat = not args.raw and getattr(engine.tokenizer, "chat_template", None) is not None
         prompt = engine.apply_chat_template([{"role": "user", "content": args.prompt}]) if chat else args.prompt
@@ -232,6 +249,9 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"{', '.join(_router_flags_given(args))}: routing options need --dp N with N > 1")
     from radixserve.engine.engine import Engine
 
+    ranks_only = _run_ranks_only(args)
+    if ranks_only is not None:
+        return ranks_only
     with Engine(**engine_kwargs(args)) as engine:
 
         def ready(url: str) -> None:
@@ -257,7 +277,8 @@ def _dp_devices(args: argparse.Namespace) -> list[str] | None:
 
 
 def _engine_flags(args: argparse.Namespace, one_gpu: bool) -> list[str]:
-    """The engine flags given to `serve`, for its replicas (each sees one GPU, as `cuda`)."""
+    """The engine flags given to `serve`, for its replicas (each sees its own GPUs: one, or
+    tensor_parallel_size of them, the first as `cuda`)."""
     import dataclasses
 
     from radixserve.engine.config import EngineConfig
@@ -296,6 +317,9 @@ def _run_dp(args: argparse.Namespace, config: ServerConfig) -> int:
         raise ValueError(f"dp must be >= 1, got {args.dp}")
     routing = router_config(args, (), config)  # validated before any replica starts
     devices = _dp_devices(args)
+    tp = getattr(args, "tensor_parallel_size", None) or 1
+    if devices is not None and tp > 1:  # each replica's ranks take tp GPUs of their own
+        devices = [",".join(devices[i : i + tp]) for i in range(0, len(devices) - tp + 1, tp)]
     argv = [sys.executable, "-m", "radixserve", *["-v"] * args.verbose, "serve",
             *_engine_flags(args, devices is not None),
             "--host", "127.0.0.1", "--port", "0", "--drain-timeout", str(args.drain_timeout)]

@@ -117,6 +117,8 @@ def test_every_engine_config_field_has_a_flag_that_reaches_it():
         "overlap_schedule": True, "fused_kernels": False, "cascade_attention": True, "cascade_min_prefix": 32,
         "triton_decode": False, "moe_backend": "loop", "max_logprobs": -1, "seed": 11, "check_invariants": True,
         "show_progress": False,
+        "tensor_parallel_size": 4, "nnodes": 2, "node_rank": 1, "dist_init_addr": "10.0.0.1:29500",
+        "dist_timeout": 12.5,
     }
     assert set(values) == {f.name for f in dataclasses.fields(EngineConfig)}
     p = argparse.ArgumentParser()

@@ -17,9 +17,13 @@ EVICTION_POLICIES = tuple(POLICIES)
 DEVICES = ("cpu", "cuda")
 
 
-def _opt(default: Any, help_text: str, choices: tuple[str, ...] | None = None, *, flag: str | None = None) -> Any:
-    """A field with what the command line shows for it (engine/options.py makes one flag per field)."""
-    return field(default=default, metadata={"help": help_text, "choices": choices, "flag": flag})
+def _opt(
+    default: Any, help_text: str, choices: tuple[str, ...] | None = None, *, flag: str | None = None,
+    aliases: tuple[str, ...] = (),
+) -> Any:
+    """A field with what the command line shows for it (engine/options.py makes one flag per field,
+    plus its `aliases`, each a whole flag such as "--tp")."""
+    return field(default=default, metadata={"help": help_text, "choices": choices, "flag": flag, "aliases": aliases})
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,16 @@ class EngineConfig:
         20, "the most top alternatives a request's logprobs or prompt_logprobs may ask for per position; -1: no "
             "limit (a request may then ask for -1, the whole vocabulary: one float per vocabulary entry and "
             "position in the response)")
+    tensor_parallel_size: int = _opt(
+        1, "ranks (GPUs, or CPU processes) that each hold a share of every layer (Megatron-style); the engine "
+           "starts ranks 1..N-1 on this host itself", aliases=("--tp",))
+    nnodes: int = _opt(1, "hosts the tensor-parallel ranks span (each runs tensor_parallel_size / nnodes of them)")
+    node_rank: int = _opt(0, "this host's index among nnodes; 0 serves, the others run their ranks only")
+    dist_init_addr: str | None = _opt(
+        None, "host:port of rank 0 for the torch.distributed rendezvous; default: a free port on 127.0.0.1 "
+              "(needed with nnodes > 1)")
+    dist_timeout: float = _opt(
+        300.0, "seconds a collective or a rank's start may take before the engine fails (EngineFatalError)")
     seed: int | None = _opt(None, "seeds the per-request seeds drawn for unseeded requests", flag="engine-seed")
     check_invariants: bool = _opt(False, "verify slot ownership and the radix tree after every step (slow)")
     show_progress: bool = _opt(True, "progress bars while converting and loading weights")
@@ -87,6 +101,7 @@ class EngineConfig:
         _check_int(self, "page_size", 1)
         _check_int(self, "lpm_aging_tokens_per_step", 0)
         _check_int(self, "max_logprobs", -1)
+        self._check_distributed()
         if self.kv_cache_tokens is not None:
             _check_int(self, "kv_cache_tokens", 1)
         if self.max_context is not None:
@@ -125,6 +140,25 @@ class EngineConfig:
             _check_choice(self, "dtype", DTYPES)
         if self.device is not None and self.device.split(":")[0] not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES} (optionally 'cuda:N'), got {self.device!r}")
+
+    def _check_distributed(self) -> None:
+        _check_int(self, "tensor_parallel_size", 1)
+        _check_int(self, "nnodes", 1)
+        _check_int(self, "node_rank", 0)
+        if self.tensor_parallel_size % self.nnodes:
+            raise ValueError(
+                f"nnodes ({self.nnodes}) must divide tensor_parallel_size ({self.tensor_parallel_size})")
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank must be in [0, nnodes={self.nnodes}), got {self.node_rank}")
+        if self.dist_init_addr is not None:
+            host, _, port = str(self.dist_init_addr).rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"dist_init_addr must be host:port, got {self.dist_init_addr!r}")
+        elif self.nnodes > 1:
+            raise ValueError("dist_init_addr (rank 0's host:port) is needed when nnodes > 1")
+        timeout = self.dist_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"dist_timeout must be a number of seconds > 0, got {timeout!r}")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:

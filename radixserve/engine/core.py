@@ -13,8 +13,9 @@ from typing import Any, NamedTuple
 import torch
 
 from radixserve.engine.config import EngineConfig, section
-from radixserve.model_runner.config import RunnerConfig
-from radixserve.model_runner.model_runner import TORCH_DTYPES, ForwardOutput, HostSample, ModelRunner
+from radixserve.engine.tp_driver import RankFailure, TPDriver
+from radixserve.engine.tp_worker import resolve_device, resolve_dtype, start_runner
+from radixserve.model_runner.model_runner import ForwardOutput, HostSample
 from radixserve.model_runner.sampler import SamplingBatch
 from radixserve.radix_tree import RadixTree
 from radixserve.scheduler.batch_builder import ScheduledBatch
@@ -49,28 +50,25 @@ class _Sampling(NamedTuple):
     batch: SamplingBatch
 
 
-def resolve_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for, but CUDA is not available here")
-    return device
-
-
-def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    if name is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return TORCH_DTYPES[name]
+__all__ = ["EngineCore", "EngineFatalError", "resolve_device", "resolve_dtype"]
 
 
 class EngineCore:
     def __init__(self, config: EngineConfig, model_path: Path) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
+        # Tensor parallelism: this process is rank 0; the driver starts and feeds the others.
+        self.tp = TPDriver(config, model_path) if config.tensor_parallel_size > 1 else None
+        self.device = resolve_device(config.device) if self.tp is None else self.tp.device
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.runner = ModelRunner(model_path, device=self.device, dtype=self.dtype,
-                                  config=section(config, RunnerConfig))
+        try:
+            self.runner, cascade_min_prefix = start_runner(config, model_path, self.device, self.dtype,
+                                                           None if self.tp is None else self.tp.comm)
+        except BaseException:
+            if self.tp is not None:
+                self.tp.close()
+            raise
+        if self.tp is not None:
+            self.tp.attach(self.runner.req_to_token)
         self.tree = RadixTree(page_size=config.page_size, policy=config.eviction_policy)
         self.cache = KVCacheManager(
             self.tree,
@@ -80,13 +78,10 @@ class EngineCore:
         )
         self.scheduler = Scheduler(
             section(config, SchedulerConfig, max_context=self.runner.max_context,
-                    cascade_min_prefix=config.cascade_min_prefix if self._cascade_on(config) else 0),
+                    cascade_min_prefix=cascade_min_prefix),
             self.cache,
             eos_ids=frozenset(self.runner.model_config.eos_token_ids),
         )
-        if self.scheduler.config.cascade_min_prefix and self.runner.graphs is not None:
-            self.runner.graphs.cascade_graphs()  # capture now: not in the middle of serving
-        self.runner.warm_up(self.scheduler.config.cascade_min_prefix)  # likewise
         # Overlapped scheduling (see step): None means on for CUDA devices.
         self.overlap = config.overlap_schedule if config.overlap_schedule is not None else self.device.type == "cuda"
         self._inflight: _Launched | None = None
@@ -97,18 +92,6 @@ class EngineCore:
         self.generated_tokens = 0
         self.computed_tokens = 0
         self.steps = 0
-
-    def _cascade_on(self, config: EngineConfig) -> bool:
-        """cascade_attention resolved: None is on for CUDA where the backend supports it."""
-        supported = self.runner.backend.supports_cascade
-        if config.cascade_attention is None:
-            return self.device.type == "cuda" and supported
-        if config.cascade_attention and not supported:
-            raise ValueError(
-                f"cascade_attention needs an attention backend that supports it (fa4, torch), "
-                f"got {self.runner.backend.name!r}"
-            )
-        return config.cascade_attention
 
     @property
     def kv_capacity(self) -> int:
@@ -189,6 +172,8 @@ class EngineCore:
                 updates += self._complete(launched)
         elif prev is None:
             updates += self.scheduler.take_updates()
+        if self.tp is not None:  # steps that launch nothing still keep the other ranks from timing out
+            self.tp.heartbeat()
 
     def _recover(self, exc: Exception) -> None:
         """Put the engine back in a state to serve after a step raised, or raise EngineFatalError."""
@@ -196,6 +181,8 @@ class EngineCore:
         self._inflight = None  # its results are recomputed: its requests are reset
         self._last_sampling = None
         self.failed_in_a_row += 1
+        if isinstance(exc, RankFailure):
+            raise EngineFatalError(str(exc)) from exc
         if self._device_lost():
             raise EngineFatalError(f"the {self.device.type} device failed: {exc}") from exc
         if self.failed_in_a_row > MAX_FAILED_STEPS_IN_A_ROW:
@@ -223,14 +210,57 @@ class EngineCore:
         if batch.forward.sourced is not None:
             assert prev is not None and prev.sampled is not None, "sourced ids are the previous step's samples"
             batch.forward.input_source = prev.sampled.device.token_ids
-        out = self.runner.forward(batch.forward)
-        sampled = None
-        if batch.sample_reqs:
-            sampling = self._sampling_batch(batch)
-            sampled = self.runner.to_host(self.runner.sample(out.logits, sampling))
+        if self.tp is None:
+            out, sampled = self._run(batch, None)
+        else:
+            # The sampling tensors first: a request that cannot be sampled fails before the
+            # step is sent (recoverable). Once sent, the other ranks run this step: a failure
+            # leaves them out of step with rank 0 (their collectives wait for its), so it ends
+            # the engine.
+            sampling = self._sampling_batch(batch) if batch.sample_reqs else None
+            self.tp.send_step(batch.forward, len(batch.sample_reqs))
+            try:
+                out, sampled = self._run(batch, sampling)
+            except Exception as exc:
+                self.tp.mark_failed(exc)
+                raise RankFailure(f"a tensor-parallel step failed on rank 0: {exc!r}") from exc
         self.steps += 1
         self.computed_tokens += batch.forward.num_tokens
         return _Launched(batch, out, sampled)
+
+    def _run(self, batch: ScheduledBatch, sampling: SamplingBatch | None) -> tuple[ForwardOutput, HostSample | None]:
+        """The forward and the sampling of a launched step (`sampling`: its tensors, when built
+        already). With tensor parallelism rank 0 samples and its tokens go to every rank."""
+        out = self.runner.forward(batch.forward)
+        if not batch.sample_reqs:
+            return out, None
+        if sampling is None:
+            sampling = self._sampling_batch(batch)
+        sample = self.runner.sample(out.logits, sampling)
+        if self.tp is not None:
+            self.tp.share_tokens(sample.token_ids)
+        return out, self.runner.to_host(sample)
+
+    @property
+    def idle_interval(self) -> float | None:
+        """How long the loop may wait for work before calling `idle()` (None: as long as it likes)."""
+        return None if self.tp is None else self.tp.heartbeat_interval
+
+    def idle(self) -> list[StepUpdate]:
+        """While there is no work: check the other tensor-parallel ranks (EngineFatalError when one
+        is gone) and keep them from timing out. Nothing to do without tensor parallelism."""
+        if self.tp is not None:
+            try:
+                self.tp.heartbeat()
+            except RankFailure as exc:
+                raise EngineFatalError(str(exc)) from exc
+        return []
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing without tensor parallelism). Idempotent."""
+        tp, self.tp = self.tp, None
+        if tp is not None:
+            tp.close()
 
     def _sampling_batch(self, batch: ScheduledBatch) -> SamplingBatch:
         """The step's sampling tensors, built from its rows (a Python loop over requests) only

@@ -100,6 +100,7 @@ class Engine:
         self._aborts: list[str] = []
         self._trackers: dict[str, Tracker] = {}
         self._stopping = False
+        self._shut_down = False  # shutdown() was called (the loop may have stopped before, on a failure)
         self._error: BaseException | None = None
         if self.core.device.type == "cuda":
             # What start-up made (torch, compiled kernels, weights' modules) lives as long as
@@ -121,13 +122,17 @@ class Engine:
     def shutdown(self) -> None:
         """Abort what is in flight and stop the loop thread. Idempotent."""
         with self._cv:
-            if self._stopping:
+            if self._shut_down:
                 return
-            self._stopping = True
-            self._aborts.extend(self._trackers)
-            self._cv.notify_all()
+            self._shut_down = True
+            if not self._stopping:
+                self._stopping = True
+                self._aborts.extend(self._trackers)
+                self._cv.notify_all()
+        # A loop that failed may still be stopping the tensor-parallel ranks: wait for it too.
         self._thread.join(timeout=60)
         if not self._thread.is_alive():  # the loop no longer touches the runner
+            self.core.close()  # the other tensor-parallel ranks, if any
             self.core.runner.release_memory()
         if self.core.device.type == "cuda":
             gc.unfreeze()  # what this engine held may now be collected (cycles included)
@@ -261,12 +266,17 @@ class Engine:
         except BaseException as exc:  # fatal: callers must not be left waiting forever
             logger.critical("the engine loop stopped: %s", exc, exc_info=exc)
             self._fail_all(exc)
+            try:
+                self.core.close()  # no tensor-parallel rank outlives a failed engine
+            except Exception:
+                logger.exception("stopping the tensor-parallel ranks failed")
 
     def _iterate(self) -> bool:
         """One pass: take new requests and aborts, run a step, deliver. False: stop."""
         with self._cv:
             while not (self._inbox or self._aborts or self._stopping or self.core.has_work()):
-                self._cv.wait()
+                if not self._cv.wait(self.core.idle_interval):
+                    break  # idle for a while: core.idle() below
             inbox, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, []
             stopping = self._stopping
@@ -275,7 +285,7 @@ class Engine:
                 self.core.submit(sub)
             for rid in aborts:
                 self.core.abort(rid)
-            updates = self.core.step() if self.core.has_work() else []
+            updates = self.core.step() if self.core.has_work() else self.core.idle()
             self._stats = self.core.stats()
         self._dispatch(updates)
         if stopping and not self.core.has_work():

@@ -35,13 +35,13 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
         default = "" if f.default is None else f" (default: {_shown(f.default)})"
         help_text = f.metadata["help"] + default
         if kind == "bool":
-            group.add_argument(_flag(f), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                               help=help_text)
+            group.add_argument(_flag(f), *f.metadata["aliases"], dest=f.name,
+                               action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             choices = f.metadata.get("choices")
             metavar = None if choices else _METAVARS[kind]
-            group.add_argument(_flag(f), dest=f.name, type=_TYPES[kind], choices=choices, default=None,
-                               metavar=metavar, help=help_text)
+            group.add_argument(_flag(f), *f.metadata["aliases"], dest=f.name, type=_TYPES[kind], choices=choices,
+                               default=None, metavar=metavar, help=help_text)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

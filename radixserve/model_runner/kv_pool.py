@@ -109,6 +109,9 @@ class ReqToTokenPool:
         self.max_context = max_context
         self.table = torch.zeros((max_requests, max_context), dtype=torch.int64, device=device)
         self._free_rows: list[int] = list(range(max_requests - 1, -1, -1))
+        # Tensor parallelism: the writes since the last step was sent to the other ranks, each a
+        # [3, n] host tensor (rows, columns, slots), which they apply to their own table (`apply`).
+        self.log: list[torch.Tensor] | None = None
 
     @property
     def num_free(self) -> int:
@@ -146,5 +149,12 @@ class ReqToTokenPool:
             values = np.concatenate([np.asarray(p, dtype=np.int64) for p in pieces])
         else:  # a decode step's one-slot writes: one pass over the slots (a conversion each costs more)
             values = np.fromiter(chain.from_iterable(pieces), dtype=np.int64, count=total)
-        packed = to_device(torch.from_numpy(np.stack([rows, columns, values])), self.table.device)
+        packed = torch.from_numpy(np.stack([rows, columns, values]))
+        if self.log is not None:
+            self.log.append(packed)
+        self.apply(packed)
+
+    def apply(self, packed: torch.Tensor) -> None:
+        """`table[packed[0], packed[1]] = packed[2]` (a write_many's packed form)."""
+        packed = to_device(packed, self.table.device)
         self.table[packed[0], packed[1]] = packed[2]

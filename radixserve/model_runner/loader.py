@@ -5,7 +5,9 @@ before any data is read, so a missing or unexpected weight fails fast with the
 names; then tensors are copied shard by shard into their (possibly fused)
 parameter rows, converted to the model dtype on the way. Per-expert tensors of
 mixture-of-experts checkpoints land in their expert's slice of a stacked
-[E, ...] parameter (WeightTarget.expert).
+[E, ...] parameter (WeightTarget.expert). With tensor parallelism each rank reads
+only its part of a sharded tensor (WeightTarget.shard), through safetensors' slices:
+the rest of the tensor is never read from the file.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -22,6 +25,7 @@ from tqdm.auto import tqdm
 
 from radixserve.model_runner.model_config import ModelConfig
 from radixserve.model_runner.models import DecoderForCausalLM, WeightTarget, build_model
+from radixserve.model_runner.parallel import TPComm
 
 logger = logging.getLogger(__name__)
 
@@ -36,18 +40,20 @@ def load_model(
     dtype: torch.dtype | None = None,
     progress: bool = True,
     moe_backend: str = "auto",
+    comm: TPComm | None = None,
 ) -> tuple[DecoderForCausalLM, ModelConfig]:
     """Build the model for the checkpoint in `path` and load its weights.
 
     dtype defaults to the checkpoint's (config.json `dtype`/`torch_dtype`);
-    moe_backend picks the expert implementation of MoE models (models.MOE_BACKENDS).
+    moe_backend picks the expert implementation of MoE models (models.MOE_BACKENDS);
+    comm (tensor parallelism) makes the model this rank's share, read as slices.
     Raises ValueError for a missing config.json or weights, an unsupported
     architecture, and missing, unexpected or mis-shaped tensors.
     """
     config = ModelConfig.from_pretrained(path)
     files = weight_files(Path(path))
     start = time.perf_counter()
-    model = build_model(config, device, dtype, moe_backend=moe_backend)
+    model = build_model(config, device, dtype, moe_backend=moe_backend, comm=comm)
     load_weights(model, files, progress=progress)
     logger.info(
         "loaded %s (%s, %.1fM parameters, %s) from %s in %.1fs", config.architecture, model.embed_tokens.weight.dtype,
@@ -91,7 +97,7 @@ def load_weights(model: DecoderForCausalLM, files: list[Path], progress: bool = 
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for name in file_names:
                     target = layout[name]
-                    _copy_into(params[target.param], target, f.get_tensor(name))
+                    _copy_into(params[target.param], target, _read(f, name, target))
                     bar.update(1)
 
 
@@ -130,7 +136,10 @@ def _plan(
                 plan[file].append(name)
                 target = layout[name]
                 shape = tuple(f.get_slice(name).get_shape())
-                expected = (target.rows, *_destination(params[target.param], target).shape[1:])
+                dims = [target.rows, *_destination(params[target.param], target).shape[1:]]
+                if target.shard is not None:  # the checkpoint holds the whole dimension
+                    dims[target.shard.dim] = target.shard.full
+                expected = tuple(dims)
                 if shape != expected:
                     misshaped.append(f"{name!r} has shape {shape}, expected {expected}")
     missing = [name for name in layout if name not in seen]
@@ -153,6 +162,18 @@ def _plan(
 def _destination(param: torch.Tensor, target: WeightTarget) -> torch.Tensor:
     """The tensor whose rows the target fills: the parameter, or one expert's slice of it."""
     return param if target.expert is None else param[target.expert]
+
+
+def _read(f: Any, name: str, target: WeightTarget) -> torch.Tensor:
+    """The tensor `name` of the open file `f`, or only this rank's shard of it (slices: the
+    rest is not read)."""
+    shard = target.shard
+    if shard is None:
+        return f.get_tensor(name)
+    view = f.get_slice(name)
+    lead = (slice(None),) * shard.dim
+    pieces = [view[lead + (slice(start, start + shard.size),)] for start in shard.starts]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=shard.dim)
 
 
 def _copy_into(param: torch.Tensor, target: WeightTarget, tensor: torch.Tensor) -> None:

@@ -29,6 +29,7 @@ from radixserve.model_runner.graphs import DecodeGraphRunner, GraphParts, Piecew
 from radixserve.model_runner.kv_pool import KVPool, ReqToTokenPool, SlotAllocator
 from radixserve.model_runner.loader import load_model
 from radixserve.model_runner.models.kernels import compile_unsupported_reason, compiled_kernels
+from radixserve.model_runner.parallel import TPComm
 from radixserve.model_runner.sampler import SamplingBatch, sample
 from radixserve.sampling_params import SamplingParams, top_count
 
@@ -42,10 +43,17 @@ SCORE_BLOCK_ELEMENTS = 1 << 25
 
 
 class ModelRunner:
+    """With `comm` (tensor parallelism) the runner holds its rank's share of the model and a KV
+    pool of its KV heads; every rank's runner is built in the same order and runs the same
+    forwards (the collectives inside the model pair them up), and every rank's pool has the
+    same slots (the fewest any rank can hold)."""
+
     def __init__(
-        self, model_path: str | Path, *, device: torch.device, dtype: torch.dtype, config: RunnerConfig
+        self, model_path: str | Path, *, device: torch.device, dtype: torch.dtype, config: RunnerConfig,
+        comm: TPComm | None = None,
     ) -> None:
         self.config = config
+        self.comm = comm
         cuda_graphs, piecewise_graphs = config.cuda_graphs, config.piecewise_graphs
         max_running_requests, max_context = config.max_running_requests, config.max_context
         if cuda_graphs and device.type != "cuda":
@@ -53,7 +61,7 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.model, self.model_config = load_model(
-            model_path, device, dtype, progress=config.show_progress, moe_backend=config.moe_backend
+            model_path, device, dtype, progress=config.show_progress, moe_backend=config.moe_backend, comm=comm
         )
         cfg = self.model_config
         self._set_kernels(config.fused_kernels)
@@ -62,7 +70,9 @@ class ModelRunner:
             raise ValueError(f"max_context {max_context} exceeds the model's max_position_embeddings {model_max}")
         self.max_context = max_context or model_max
         num_slots = config.kv_cache_tokens or self._default_kv_tokens(config.gpu_memory_utilization)
-        self.pool = KVPool(cfg.num_layers, num_slots, cfg.num_kv_heads, cfg.head_dim, dtype, device)
+        if comm is not None:  # one allocator (rank 0's) hands out slots that every rank must hold
+            num_slots = comm.min_int(num_slots)
+        self.pool = KVPool(cfg.num_layers, num_slots, self.model.local_kv_heads, cfg.head_dim, dtype, device)
         self.allocator = SlotAllocator(num_slots)
         self.req_to_token = ReqToTokenPool(max_running_requests, self.max_context, device)
         self.backend = create_backend(config.attention_backend, device, dtype, cfg.head_dim, config.triton_decode,
@@ -112,7 +122,7 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(self.device)
         # Keep (1 - utilization) of the card for activations, graphs and the allocator.
         budget = free - (1.0 - utilization) * total
-        per_slot = KVPool.bytes_per_slot(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        per_slot = KVPool.bytes_per_slot(cfg.num_layers, self.model.local_kv_heads, cfg.head_dim, self.dtype)
         slots = int(budget // per_slot)
         if slots < 1024:
             raise ValueError(
@@ -167,7 +177,8 @@ class ModelRunner:
                         logits_rows=torch.empty(0, dtype=torch.int64),
                         cascade=plan,
                     )
-                    q = torch.randn(sum(extend), cfg.num_heads, cfg.head_dim, dtype=self.dtype, device=self.device)
+                    q = torch.randn(sum(extend), self.model.local_heads, cfg.head_dim, dtype=self.dtype,
+                                    device=self.device)
                     self.backend.prepare(batch, self.req_to_token.table)
                     self.backend.attend(q, self.pool.k[0], self.pool.v[0], self.scale)
 

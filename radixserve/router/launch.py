@@ -101,7 +101,8 @@ class ReplicaFleet:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"dp must be an integer >= 1, got {n!r}")
         if devices is not None and len(devices) < n:
-            raise ValueError(f"dp: {n} replicas need {n} GPUs, this host shows {len(devices)}")
+            raise ValueError(f"dp: {n} replicas need {n} GPU groups (one GPU each, or tensor_parallel_size GPUs "
+                             f"each), this host has {len(devices)}")
         self.replicas = [ReplicaProcess(i, list(argv), replica_env(i, n, devices, api_key)) for i in range(n)]
         self.drain_timeout = drain_timeout
 

@@ -31,7 +31,7 @@ def test_one_replica_per_gpu(smollm_path):
     if n < 2:
         proc = subprocess.run([sys.executable, "-m", "radixserve", "serve", "--dp", str(n + 1), "--device", "cuda",
                                "--model", str(smollm_path), "--port", "0"], capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 2 and f"{n + 1} replicas need {n + 1} GPUs" in proc.stderr, proc.stderr
+        assert proc.returncode == 2 and f"{n + 1} replicas need {n + 1} GPU groups" in proc.stderr, proc.stderr
         return
     cmd = [sys.executable, "-m", "radixserve", "serve", "--dp", "2", "--device", "cuda", "--model", str(smollm_path),
            "--port", "0", "--served-model-name", "demo"]

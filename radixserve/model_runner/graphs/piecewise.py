@@ -81,8 +81,9 @@ class PiecewiseGraphRunner:
         top = self.buckets[-1]
         self._ids = torch.zeros(top, dtype=torch.int64, device=dev)
         self._positions = torch.zeros(top, dtype=torch.int64, device=dev)
-        self._q = torch.zeros(top, cfg.num_heads, cfg.head_dim, dtype=dtype, device=dev)
-        self._k = torch.zeros(top, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=dev)
+        # This rank's heads (all of them without tensor parallelism).
+        self._q = torch.zeros(top, parts.model.local_heads, cfg.head_dim, dtype=dtype, device=dev)
+        self._k = torch.zeros(top, parts.model.local_kv_heads, cfg.head_dim, dtype=dtype, device=dev)
         self._v = torch.zeros_like(self._k)
         self._attn = torch.zeros_like(self._q)
         self._residual = torch.zeros(top, cfg.hidden_size, dtype=dtype, device=dev)

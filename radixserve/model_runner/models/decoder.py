@@ -23,6 +23,8 @@ from torch import nn
 from radixserve.model_runner.model_config import ModelConfig
 from radixserve.model_runner.models.kernels import Kernels, UsesKernels
 from radixserve.model_runner.models.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP
+from radixserve.model_runner.models.parallel_layers import VocabParallelEmbedding, row_linear
+from radixserve.model_runner.parallel import TPComm, TPShard
 
 # attn(layer_id, q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]) -> [T, Hq, D], called once per
 # layer in order. q and k are fresh contiguous tensors (normed, rotated); v is a view into the
@@ -30,27 +32,43 @@ from radixserve.model_runner.models.layers import RMSNorm, RotaryEmbedding, SwiG
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class Shard(NamedTuple):
+    """The part of a checkpoint tensor one tensor-parallel rank reads: along dimension `dim`
+    (of `full` entries), the `size` entries from each of `starts`, concatenated in order
+    (two pieces for a stacked gate/up tensor: this rank's gate rows, then its up rows)."""
+
+    dim: int
+    starts: tuple[int, ...]
+    size: int
+    full: int
+
+
 class WeightTarget(NamedTuple):
     """Where one checkpoint tensor goes: rows [row_start, row_start + rows) of `param`,
-    or of `param[expert]` when `expert` is set (one expert's slice of a stacked [E, ...] weight)."""
+    or of `param[expert]` when `expert` is set (one expert's slice of a stacked [E, ...] weight).
+    `shard`, with several tensor-parallel ranks, is the part of the tensor this rank reads."""
 
     param: str
     row_start: int
     rows: int
     expert: int | None = None
+    shard: Shard | None = None
 
 
 class Attention(UsesKernels, nn.Module):
 
-    def __init__(self, config: ModelConfig, layer_id: int, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, layer_id: int, dtype: torch.dtype, comm: TPComm | None = None) -> None:
         super().__init__()
+        shard = TPShard() if comm is None else comm.shard
         self.layer_id = layer_id
-        self.num_heads = config.num_heads
-        self.num_kv_heads = config.num_kv_heads
+        # This rank's heads (all of them with one rank; tensor parallelism: parallel.py).
+        self.num_heads = shard.heads(config)[1]
+        self.num_kv_heads = shard.kv_heads(config)[1]
         self.head_dim = config.head_dim
-        self.split_sizes = [config.q_size, config.kv_size, config.kv_size]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.split_sizes = [q_size, kv_size, kv_size]
         self.qkv_proj = nn.Linear(config.hidden_size, sum(self.split_sizes), bias=config.qkv_bias, dtype=dtype)
-        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=config.o_proj_bias, dtype=dtype)
+        self.o_proj = row_linear(q_size, config.hidden_size, config.o_proj_bias, dtype, comm)
         self.q_norm: RMSNorm | None
         self.k_norm: RMSNorm | None
         if config.qk_norm:
@@ -84,10 +102,12 @@ class Attention(UsesKernels, nn.Module):
 
 class DecoderLayer(UsesKernels, nn.Module):
 
-    def __init__(self, config: ModelConfig, layer_id: int, dtype: torch.dtype, mlp: nn.Module) -> None:
+    def __init__(
+        self, config: ModelConfig, layer_id: int, dtype: torch.dtype, mlp: nn.Module, comm: TPComm | None = None
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.self_attn = Attention(config, layer_id, dtype)
+        self.self_attn = Attention(config, layer_id, dtype, comm)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = mlp  # [T, H] -> [T, H]: the dense SwiGLU, or a mixture of experts
 
@@ -134,26 +154,48 @@ _FUSED = {
 
 
 class DecoderForCausalLM(UsesKernels, nn.Module):
-    """Llama / Qwen2 / Qwen3 causal LM; family differences come from ModelConfig flags."""
+    """Llama / Qwen2 / Qwen3 causal LM; family differences come from ModelConfig flags.
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+    With `comm` (tensor parallelism over comm.shard.size ranks) it holds this rank's share
+    of every sharded weight (parallel.py says which); without, the whole model."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, comm: TPComm | None = None) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.comm = comm
+        self.shard = TPShard() if comm is None else comm.shard
+        self.shard.check(config)
+        vocab_start, vocab_rows = self.shard.split(config.vocab_size, "vocab_size")
+        self.embed_tokens: nn.Embedding
+        if comm is None:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        else:
+            self.embed_tokens = VocabParallelEmbedding(vocab_start, vocab_rows, config.hidden_size, dtype, comm)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, dtype, self.make_mlp(i, dtype)) for i in range(config.num_layers)
+            DecoderLayer(config, i, dtype, self.make_mlp(i, dtype), comm) for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, dtype)
         if config.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+            self.lm_head = nn.Linear(config.hidden_size, vocab_rows, bias=False, dtype=dtype)
 
     def make_mlp(self, layer_id: int, dtype: torch.dtype) -> nn.Module:
         """The MLP of layer `layer_id` (called from __init__; subclasses pick per layer)."""
         c = self.config
-        return SwiGLUMLP(c.hidden_size, c.intermediate_size, c.mlp_bias, dtype)
+        return SwiGLUMLP(c.hidden_size, self.shard.split(c.intermediate_size, "intermediate_size")[1], c.mlp_bias,
+                         dtype, self.comm)
+
+    @property
+    def local_kv_heads(self) -> int:
+        """The KV heads this rank's attention writes and reads (its KV pool's heads)."""
+        return self.shard.kv_heads(self.config)[1]
+
+    @property
+    def local_heads(self) -> int:
+        """The query heads this rank computes."""
+        return self.shard.heads(self.config)[1]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings [T, H] (what forward starts from)."""
@@ -198,6 +240,8 @@ class DecoderForCausalLM(UsesKernels, nn.Module):
         """hidden [N, H] -> float32 logits [N, vocab], written to `out` if given (the cast is the copy)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(hidden, weight)
+        if self.comm is not None:  # this rank's vocabulary columns -> every column, on every rank
+            logits = self.comm.all_gather_last(logits)
         return logits.float() if out is None else out.copy_(logits)
 
     def moe_stats(self) -> dict[str, Any]:
@@ -213,24 +257,52 @@ class DecoderForCausalLM(UsesKernels, nn.Module):
         `available` (the checkpoint's tensor names, when known) lets a model
         accept one of several layouts of the same weights; dense models have one.
         Invariant (checked by the loader): the targets of each parameter tile its
-        rows exactly once, so loading all of them fills every parameter.
+        rows exactly once, so loading all of them fills every parameter. With several
+        tensor-parallel ranks each target's `shard` names the part of the tensor this rank reads.
         """
         layout: dict[str, WeightTarget] = {}
         for name, param in self.named_parameters():
             module_path, _, kind = name.rpartition(".")
             parent, _, leaf = module_path.rpartition(".")
             if leaf in _FUSED:
-                parts = _FUSED[leaf]
-                sizes = self._fused_sizes(leaf)
                 row = 0
-                for part, size in zip(parts, sizes):
-                    layout[f"model.{parent}.{part}.{kind}"] = WeightTarget(name, row, size)
-                    row += size
-            elif name.startswith("lm_head."):
-                layout[name] = WeightTarget(name, 0, param.shape[0])
+                for part, shard in zip(_FUSED[leaf], self._fused_shards(leaf)):
+                    layout[f"model.{parent}.{part}.{kind}"] = WeightTarget(
+                        name, row, shard.size, shard=shard if self.shard.enabled else None)
+                    row += shard.size
             else:
-                layout[f"model.{name}"] = WeightTarget(name, 0, param.shape[0])
+                key = name if name.startswith("lm_head.") else f"model.{name}"
+                layout[key] = WeightTarget(name, 0, param.shape[0], shard=self._shard_of(leaf, kind))
         return layout
+
+    def _shard_of(self, leaf: str, kind: str) -> Shard | None:
+        """The slice of an unfused checkpoint tensor this rank reads (None: all of it)."""
+        if not self.shard.enabled:
+            return None
+        c = self.config
+        if leaf in ("embed_tokens", "lm_head"):  # vocabulary rows
+            start, size = self.shard.split(c.vocab_size, "vocab_size")
+            return Shard(0, (start, ), size, c.vocab_size)
+        if kind == "weight" and leaf == "o_proj":  # row-parallel: the input columns of this rank's heads
+            first, count = self.shard.heads(c)
+            return Shard(1, (first * c.head_dim, ), count * c.head_dim, c.q_size)
+        if kind == "weight" and leaf == "down_proj":
+            start, size = self.shard.split(c.intermediate_size, "intermediate_size")
+            return Shard(1, (start, ), size, c.intermediate_size)
+        return None  # norms, row-parallel biases, the MoE router: whole on every rank
+
+    def _fused_shards(self, leaf: str) -> tuple[Shard, ...]:
+        """Per part of a fused parameter, in row order: the rows of its checkpoint tensor this rank holds."""
+        c = self.config
+        if leaf == "qkv_proj":
+            first, count = self.shard.heads(c)
+            kv_first, kv_count = self.shard.kv_heads(c)
+            d = c.head_dim
+            kv = Shard(0, (kv_first * d, ), kv_count * d, c.kv_size)
+            return Shard(0, (first * d, ), count * d, c.q_size), kv, kv
+        start, size = self.shard.split(c.intermediate_size, "intermediate_size")
+        part = Shard(0, (start, ), size, c.intermediate_size)
+        return part, part
 
     def ignores_checkpoint_tensor(self, name: str) -> bool:
         """Checkpoint tensors that are deliberately not loaded."""
@@ -238,9 +310,3 @@ class DecoderForCausalLM(UsesKernels, nn.Module):
             return True
         # Tied: the output projection is the embedding matrix, as transformers ties it.
         return self.config.tie_word_embeddings and name == "lm_head.weight"
-
-    def _fused_sizes(self, leaf: str) -> tuple[int, ...]:
-        c = self.config
-        if leaf == "qkv_proj":
-            return (c.q_size, c.kv_size, c.kv_size)
-        return (c.intermediate_size, c.intermediate_size)

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from radixserve.model_runner.models.kernels import UsesKernels, rms_norm
+from radixserve.model_runner.models.parallel_layers import row_linear
+from radixserve.model_runner.parallel import TPComm
 
 
 class RMSNorm(nn.Module):
@@ -54,12 +56,17 @@ class RotaryEmbedding(nn.Module):
 
 
 class SwiGLUMLP(UsesKernels, nn.Module):
-    """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul (gate rows first)."""
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul (gate rows first).
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, dtype: torch.dtype) -> None:
+    With `comm`, `intermediate_size` is this rank's share: gate/up column-parallel, down
+    row-parallel (one all-reduce)."""
+
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, bias: bool, dtype: torch.dtype, comm: TPComm | None = None
+    ) -> None:
         super().__init__()
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias, dtype=dtype)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias, dtype=dtype)
+        self.down_proj = row_linear(intermediate_size, hidden_size, bias, dtype, comm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.kernels.silu_and_mul(self.gate_up_proj(x)))

@@ -16,6 +16,11 @@ projection computes every block (`grouped_mm`), or a loop over the experts that
 have tokens does, one matmul pair each (`loop`: exact, any device, one host sync).
 Results go back to (token, slot) order and are summed over the k slots in slot
 order, so a token's output does not depend on what else shares its batch.
+
+Tensor parallelism splits every expert's intermediate dim over the ranks (each rank a
+slice of every expert, so the work stays balanced whatever the routing): the router runs
+whole on every rank (the same routing everywhere), each rank's experts give a partial
+output, and one all-reduce per block sums them.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from torch import nn
 
 from radixserve.model_runner.config import MOE_BACKENDS
 from radixserve.model_runner.model_config import ModelConfig
-from radixserve.model_runner.models.decoder import DecoderForCausalLM, WeightTarget
+from radixserve.model_runner.models.decoder import DecoderForCausalLM, Shard, WeightTarget
+from radixserve.model_runner.parallel import TPComm
 
 logger = logging.getLogger(__name__)
 
@@ -164,9 +170,10 @@ class SparseMoeBlock(nn.Module):
 
     def __init__(
         self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, renormalize: bool,
-        dtype: torch.dtype,
+        dtype: torch.dtype, comm: TPComm | None = None,
     ) -> None:
         super().__init__()
+        self.comm = comm  # intermediate_size is this rank's share when set
         self.num_experts = num_experts
         self.top_k = top_k
         self.renormalize = renormalize
@@ -191,22 +198,24 @@ class SparseMoeBlock(nn.Module):
         ys = ys * routing.weights.reshape(-1, 1).index_select(0, groups.order)
         # Back to (token, slot) order, then the k slots of each token summed in slot order.
         out = torch.empty_like(ys).index_copy_(0, groups.order, ys)
-        return out.view(tokens, self.top_k, x.shape[1]).sum(dim=1)
+        out = out.view(tokens, self.top_k, x.shape[1]).sum(dim=1)
+        return out if self.comm is None else self.comm.all_reduce(out)
 
 
 class Qwen3MoeForCausalLM(DecoderForCausalLM):
     """Qwen3 (q/k norm, GQA) whose `config.moe_layers` have a SparseMoeBlock as MLP."""
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
-        super().__init__(config, dtype)
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, comm: TPComm | None = None) -> None:
+        super().__init__(config, dtype, comm)
         self.moe_backend = "loop"
 
     def make_mlp(self, layer_id: int, dtype: torch.dtype) -> nn.Module:
         c = self.config
         if not c.is_moe_layer(layer_id):
             return super().make_mlp(layer_id, dtype)
+        size = self.shard.split(c.moe_intermediate_size, "moe_intermediate_size")[1]
         return SparseMoeBlock(
-            c.hidden_size, c.moe_intermediate_size, c.num_experts, c.num_experts_per_tok, c.norm_topk_prob, dtype
+            c.hidden_size, size, c.num_experts, c.num_experts_per_tok, c.norm_topk_prob, dtype, self.comm
         )
 
     def moe_blocks(self) -> list[SparseMoeBlock]:
@@ -218,7 +227,8 @@ class Qwen3MoeForCausalLM(DecoderForCausalLM):
         c = self.config
         weight = self.embed_tokens.weight
         self.moe_backend = resolve_moe_backend(
-            name, weight.device, weight.dtype, c.hidden_size, c.moe_intermediate_size
+            name, weight.device, weight.dtype, c.hidden_size,
+            self.shard.split(c.moe_intermediate_size, "moe_intermediate_size")[1],
         )
         for block in self.moe_blocks():
             block.backend = self.moe_backend
@@ -257,15 +267,24 @@ class Qwen3MoeForCausalLM(DecoderForCausalLM):
             if not target.param.endswith((".w_gate_up", ".w_down"))
         }
         c = self.config
-        size = c.moe_intermediate_size
+        full = c.moe_intermediate_size
+        start, size = self.shard.split(full, "moe_intermediate_size")
+        # With several ranks, this rank's slice of each expert's intermediate dim (parallel.py).
+        rows = column = gate_up = None
+        if self.shard.enabled:
+            rows, column = Shard(0, (start, ), size, full), Shard(1, (start, ), size, full)
+            gate_up = Shard(1, (start, full + start), size, 2 * full)
         for layer_id in c.moe_layers:
             prefix, param = f"model.layers.{layer_id}.mlp.experts", f"layers.{layer_id}.mlp"
             if available is not None and f"{prefix}.gate_up_proj" in available:
-                layout[f"{prefix}.gate_up_proj"] = WeightTarget(f"{param}.w_gate_up", 0, c.num_experts)
-                layout[f"{prefix}.down_proj"] = WeightTarget(f"{param}.w_down", 0, c.num_experts)
+                stacked_down = None if column is None else column._replace(dim=2)
+                layout[f"{prefix}.gate_up_proj"] = WeightTarget(f"{param}.w_gate_up", 0, c.num_experts,
+                                                                shard=gate_up)
+                layout[f"{prefix}.down_proj"] = WeightTarget(f"{param}.w_down", 0, c.num_experts, shard=stacked_down)
                 continue
             for e in range(c.num_experts):
-                layout[f"{prefix}.{e}.gate_proj.weight"] = WeightTarget(f"{param}.w_gate_up", 0, size, e)
-                layout[f"{prefix}.{e}.up_proj.weight"] = WeightTarget(f"{param}.w_gate_up", size, size, e)
-                layout[f"{prefix}.{e}.down_proj.weight"] = WeightTarget(f"{param}.w_down", 0, c.hidden_size, e)
+                layout[f"{prefix}.{e}.gate_proj.weight"] = WeightTarget(f"{param}.w_gate_up", 0, size, e, rows)
+                layout[f"{prefix}.{e}.up_proj.weight"] = WeightTarget(f"{param}.w_gate_up", size, size, e, rows)
+                layout[f"{prefix}.{e}.down_proj.weight"] = WeightTarget(f"{param}.w_down", 0, c.hidden_size, e,
+                                                                        column)
         return layout
