@@ -27,9 +27,9 @@ def engine_flag(f: dataclasses.Field) -> str:
     return _flag(f)
 
 
-def add_engine_options(p: argparse.ArgumentParser) -> None:
-    """Add a flag for every EngineConfig field to `p` (in a group of its own)."""
-    group = p.add_argument_group("engine options")
+def add_engine_options(p: argparse.ArgumentParser, title: str = "engine options") -> None:
+    """Add a flag for every EngineConfig field to `p` (in a group of its own, named `title`)."""
+    group = p.add_argument_group(title)
     for f in dataclasses.fields(EngineConfig):
         kind = str(f.type).replace(" | None", "")
         default = "" if f.default is None else f" (default: {_shown(f.default)})"

@@ -92,7 +92,7 @@ def _add_replay(sub: Any) -> None:
     live.add_argument("--content-seed", type=int, default=0, help="seed of the tokens made from hash ids")
     from radixserve.engine.options import add_engine_options
 
-    add_engine_options(live)
+    add_engine_options(p, title="engine options (with --live)")
     p.set_defaults(func=run_replay)
 
 

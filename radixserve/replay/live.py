@@ -59,7 +59,7 @@ class EngineTarget:
         self.name = f"engine {getattr(engine, 'model_path', '')}".strip()
 
     async def send(self, prompt: list[int], max_tokens: int) -> Sent:
-        from radixserve import SamplingParams
+        from radixserve.sampling_params import SamplingParams
 
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
         t0 = time.perf_counter()

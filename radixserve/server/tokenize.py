@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib.metadata
 from typing import Any
 
 from aiohttp import web
 
-import radixserve
 from radixserve.server.openai_api import (
     CHAT_TEMPLATE_FIELDS,
     bad_request,
@@ -102,7 +102,7 @@ async def detokenize(request: web.Request) -> web.Response:
 
 
 async def version(request: web.Request) -> web.Response:
-    return json_response({"version": radixserve.__version__})
+    return json_response({"version": importlib.metadata.version("radixserve")})
 
 
 ROUTES = (
