@@ -13,9 +13,11 @@ from typing import Any, NamedTuple
 import torch
 
 from radixserve.engine.config import EngineConfig, section
+from radixserve.engine.structured import fill_bitmask
 from radixserve.model_runner.config import RunnerConfig
 from radixserve.model_runner.model_runner import TORCH_DTYPES, ForwardOutput, HostSample, ModelRunner
-from radixserve.model_runner.sampler import SamplingBatch
+from radixserve.model_runner.sampler import SamplingBatch, TokenBitmask
+from radixserve.model_runner.transfer import to_device
 from radixserve.radix_tree import RadixTree
 from radixserve.scheduler.batch_builder import ScheduledBatch
 from radixserve.scheduler.kv_cache import KVCacheManager
@@ -40,6 +42,10 @@ class _Launched(NamedTuple):
     batch: ScheduledBatch
     out: ForwardOutput
     sampled: HostSample | None
+    # A step with structured-output rows launched before the previous step was processed: its
+    # sampling waits for that (the grammar masks need the previous tokens) and is queued by
+    # `_sample_deferred`, while the forward already runs.
+    deferred: SamplingBatch | None = None
 
 
 class _Sampling(NamedTuple):
@@ -179,6 +185,8 @@ class EngineCore:
         if prev is not None:
             self._inflight = None
             updates += self._complete(prev)
+        if launched is not None and launched.deferred is not None:
+            launched = self._sample_deferred(launched)
         if launched is not None:
             if self.overlap:
                 self._inflight = launched
@@ -225,12 +233,34 @@ class EngineCore:
             batch.forward.input_source = prev.sampled.device.token_ids
         out = self.runner.forward(batch.forward)
         sampled = None
+        deferred = None
         if batch.sample_reqs:
+            # Built now, while the rows' steps count the previous step's tokens as ahead.
             sampling = self._sampling_batch(batch)
-            sampled = self.runner.to_host(self.runner.sample(out.logits, sampling))
+            if prev is not None and any(r.grammar is not None for r in batch.sample_reqs):
+                deferred = sampling  # the masks need prev's tokens on the host: see _step
+            else:
+                sampled = self._sample(batch, out, sampling)
         self.steps += 1
         self.computed_tokens += batch.forward.num_tokens
-        return _Launched(batch, out, sampled)
+        return _Launched(batch, out, sampled, deferred)
+
+    def _sample_deferred(self, launched: _Launched) -> _Launched:
+        """Queue the sampling of a launched step whose grammar masks waited for the previous
+        step's tokens (now processed: each matcher has accepted its request's output)."""
+        assert launched.deferred is not None, "only a deferred step samples here"
+        return launched._replace(sampled=self._sample(launched.batch, launched.out, launched.deferred), deferred=None)
+
+    def _sample(self, batch: ScheduledBatch, out: ForwardOutput, sampling: SamplingBatch) -> HostSample:
+        """Queue the sampling of the step's rows (with their grammar masks) and the copy to the host."""
+        bitmask = None
+        if any(r.grammar is not None for r in batch.sample_reqs):
+            # A request that ended after this step was built decodes once more and its token is
+            # dropped (Scheduler.process): its row is left unconstrained.
+            grammars = [None if r.finished else r.grammar for r in batch.sample_reqs]
+            bits, rows = fill_bitmask(grammars, [r.output_ids for r in batch.sample_reqs], self.runner.vocab_size)
+            bitmask = TokenBitmask(to_device(bits, self.device), rows)
+        return self.runner.to_host(self.runner.sample(out.logits, sampling, bitmask))
 
     def _sampling_batch(self, batch: ScheduledBatch) -> SamplingBatch:
         """The step's sampling tensors, built from its rows (a Python loop over requests) only
