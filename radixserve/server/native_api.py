@@ -2,6 +2,9 @@
 
     {"text" | "input_ids", "sampling_params": {...}, "stream": bool}
 
+`sampling_params` also takes SGLang's structured-output names (`json_schema`, `regex`,
+`ebnf`) and `structured` as an object (server/structured.py).
+
 The answer carries what the engine reports and OpenAI's shapes have no room
 for: token ids, stop reasons, cached tokens, raw logprobs by token id, and
 `folded_tokens` (prompt tokens computed by another sequence of the batch). Streamed, each
@@ -13,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from radixserve.engine.outputs import StreamDelta, TokenLogprob
+from radixserve.server import structured
 from radixserve.server.openai_api import (
     SAMPLING_FIELDS,
     GenerateRequest,
@@ -45,14 +49,17 @@ def parse_generate(body: Any) -> GenerateRequest:
     sp = body.get("sampling_params") or {}
     if not isinstance(sp, dict):
         raise bad_request("sampling_params must be an object", param="sampling_params")
-    known = {f"sampling_params.{k}" for k in (*SAMPLING_FIELDS, "max_new_tokens")}
+    known = {f"sampling_params.{k}" for k in (*SAMPLING_FIELDS, *structured.SGLANG_FIELDS, "max_new_tokens")}
     check_known({f"sampling_params.{k}": v for k, v in sp.items()}, known)
+    constraints, constraint_names = structured.parse_sglang(sp)
     # SGLang's name for max_tokens; one of the two.
     if "max_new_tokens" in sp and "max_tokens" in sp:
         raise bad_request("give sampling_params.max_tokens or max_new_tokens, not both",
                           param="sampling_params.max_new_tokens")
     length = "max_new_tokens" if "max_new_tokens" in sp else "max_tokens"
-    sampling = {k: (tuple(v) if isinstance(v, list) else v) for k, v in sp.items() if k not in ("max_tokens", length)}
+    sampling = {k: (tuple(v) if isinstance(v, list) else v) for k, v in sp.items()
+                if k not in ("max_tokens", length) and k not in structured.SGLANG_FIELDS}
+    sampling.update(constraints)
     max_tokens = get_int(sp, length, 1)
     return GenerateRequest(
         route="generate",
@@ -63,7 +70,7 @@ def parse_generate(body: Any) -> GenerateRequest:
         max_tokens_param=f"sampling_params.{length}",
         stream=get_bool(body, "stream"),
         logprobs=None,  # carried in sampling["logprobs"]
-        names={k: f"sampling_params.{k}" for k in SAMPLING_FIELDS},
+        names={**{k: f"sampling_params.{k}" for k in SAMPLING_FIELDS}, **constraint_names},
     )
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from radixserve.sampling_params import MAX_LOGPROBS, SamplingParams
 from radixserve.scheduler.request import POOLINGS
+from radixserve.server import structured
 
 MAX_N = 128  # OpenAI's limit on `n`
 MAX_STOP = 4  # OpenAI's limit on `stop` sequences
@@ -274,31 +275,34 @@ def _stream_options(body: dict[str, Any], stream: bool) -> bool:
 
 _COMMON = {
     "model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "presence_penalty",
-    "frequency_penalty", "logit_bias", "user", "seed", *EXTENSIONS,
+    "frequency_penalty", "user", "seed", *EXTENSIONS, *structured.OPENAI_FIELDS,
 }
 COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"}
 CHAT_FIELDS = _COMMON | {
-    "messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "tools", "tool_choice",
+    "messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",
     "parallel_tool_calls", "store", *CHAT_TEMPLATE_FIELDS,
 }
 
 
-def _common(body: dict[str, Any], served: str, fields: set[str]) -> tuple[dict[str, Any], bool, bool, str | None]:
+def _common(
+    body: dict[str, Any], served: str, fields: set[str]
+) -> tuple[dict[str, Any], bool, bool, str | None, dict[str, str]]:
+    """(SamplingParams kwargs, stream, include_usage, user, field -> the client's name)."""
     check_known(body, fields)
     check_model(body, served)
-    refuse_unless(body, "logit_bias", lambda v: v == {}, "logit_bias is not implemented")
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise bad_request("user must be a string", param="user")
     stream = get_bool(body, "stream")
     include_usage = _stream_options(body, stream)
-    return _sampling(body), stream, include_usage, user
+    constraints, names = structured.parse_openai(body)  # structured output and logit controls
+    return {**_sampling(body), **constraints}, stream, include_usage, user, names
 
 
 def parse_completion(body: Any, served: str) -> GenerateRequest:
     """POST /v1/completions."""
     body = check_object(body)
-    sampling, stream, include_usage, user = _common(body, served, COMPLETION_FIELDS)
+    sampling, stream, include_usage, user, names = _common(body, served, COMPLETION_FIELDS)
     refuse_unless(body, "suffix", lambda v: v == "", "insertion (suffix) is not implemented")
     n = sampling.get("n", 1)
     refuse_unless(body, "best_of", lambda v: v == n, "best_of must equal n (no server-side ranking)")
@@ -319,17 +323,17 @@ def parse_completion(body: Any, served: str) -> GenerateRequest:
         echo=echo,
         logprobs=logprobs,
         user=user,
+        names=names,
     )
 
 
 def parse_chat(body: Any, served: str) -> GenerateRequest:
     """POST /v1/chat/completions."""
     body = check_object(body)
-    sampling, stream, include_usage, user = _common(body, served, CHAT_FIELDS)
+    sampling, stream, include_usage, user, names = _common(body, served, CHAT_FIELDS)
     refuse_unless(body, "tools", lambda v: v == [], "tool calling is not implemented")
     refuse_unless(body, "tool_choice", lambda v: v in ("none", "auto"), "tool calling is not implemented")
     refuse_unless(body, "parallel_tool_calls", lambda v: isinstance(v, bool), "it must be a boolean")
-    refuse_unless(body, "response_format", lambda v: v == {"type": "text"}, "only {'type': 'text'} is implemented")
     refuse_unless(body, "store", lambda v: v is False, "stored completions are not implemented")
     max_tokens = get_int(body, "max_tokens", 1)
     max_completion = get_int(body, "max_completion_tokens", 1)
@@ -350,7 +354,7 @@ def parse_chat(body: Any, served: str) -> GenerateRequest:
         include_usage=include_usage,
         logprobs=(top or 0) if logprobs else None,
         user=user,
-        names={"logprobs": "top_logprobs"},
+        names={"logprobs": "top_logprobs", **names},
         chat_options=parse_chat_options(body),
     )
 
@@ -455,12 +459,16 @@ def build_sampling_params(
 
 
 def sampling_error(req: GenerateRequest, exc: Exception) -> ApiError:
-    """A 400 for a sampling parameter the engine refused; its message starts with the field's name."""
-    field_name = str(exc).split(" ", 1)[0]
+    """A 400 for a sampling parameter the engine refused; its message starts with the field's name
+    (`structured.json ...`: the field is `structured`)."""
+    field_name = str(exc).split(" ", 1)[0].split(".", 1)[0]
     param = req.names.get(field_name, field_name if field_name in SAMPLING_FIELDS else None)
     if field_name == "max_tokens":
         param = req.max_tokens_param
-    return bad_request(str(exc), param=param)
+    message = str(exc)
+    if field_name == "structured" and param not in (None, "structured"):  # the client's name for it first
+        message = f"{param}: {message}"
+    return bad_request(message, param=param)
 
 
 # -- embeddings ------------------------------------------------------------------------------
