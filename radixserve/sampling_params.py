@@ -166,11 +166,16 @@ class SamplingParams:
         set_field(self, "stop_token_ids", _normalize_stop_token_ids(self.stop_token_ids))
         if self.structured is not None and not isinstance(self.structured, StructuredOutput):
             raise ValueError(f"structured must be None or a StructuredOutput, got {type(self.structured).__name__}")
-        if self.structured is not None and self.min_tokens:
-            raise ValueError("min_tokens cannot be combined with structured: the grammar decides where the output ends")
         set_field(self, "logit_bias", _normalize_logit_bias(self.logit_bias))
         set_field(self, "allowed_token_ids", _normalize_allowed(self.allowed_token_ids))
         set_field(self, "bad_words", _normalize_bad_words(self.bad_words))
+        if self.structured is not None:
+            # Each of these can forbid every token the grammar allows at some point (the grammar
+            # decides where the output ends, and which tokens may come).
+            for name in ("min_tokens", "allowed_token_ids", "bad_words"):
+                if getattr(self, name):
+                    raise ValueError(f"{name} cannot be combined with structured: it could forbid every token "
+                                     "the grammar allows")
         for name in ("max_tokens", "top_k", "min_tokens", "n", "seed", "logprobs"):
             value = getattr(self, name)
             set_field(self, name, None if value is None else int(value))  # numpy ints -> int

@@ -145,5 +145,6 @@ def test_structured_output_takes_exactly_one_constraint():
     ]:
         with pytest.raises(ValueError, match=message):
             StructuredOutput(**kwargs)
-    with pytest.raises(ValueError, match=r"^min_tokens cannot be combined with structured"):
-        SamplingParams(structured=s, min_tokens=2)
+    for kwargs in ({"min_tokens": 2}, {"allowed_token_ids": [1, 2]}, {"bad_words": ["x"]}):
+        with pytest.raises(ValueError, match=rf"^{next(iter(kwargs))} cannot be combined with structured"):
+            SamplingParams(structured=s, **kwargs)

@@ -196,6 +196,10 @@ class Engine:
             raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
         if params.bad_words and self.tokenizer is None:
             raise ValueError("bad_words need a tokenizer; this model has none")
+        if params.bad_words and params.allowed_token_ids is not None:
+            always = {seq[0] for seq in bad_word_ids(self.tokenizer, params.bad_words) if len(seq) == 1}
+            if always >= set(params.allowed_token_ids):
+                raise ValueError("bad_words forbid every token of allowed_token_ids")
         if params.structured is not None:
             self._grammar_compilers("structured").compile(params.structured)
 

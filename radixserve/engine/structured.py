@@ -72,8 +72,8 @@ class GrammarCompilers:
         try:
             if kind == "json":
                 return c.compile_json_schema(text, any_whitespace=False)
-            if kind == "json_object":
-                return c.compile_builtin_json_grammar()
+            if kind == "json_object":  # any object, without free whitespace (small models loop on it)
+                return c.compile_json_schema('{"type": "object"}', any_whitespace=False)
             if kind == "regex":
                 return c.compile_regex(text)
             if kind == "choice":
