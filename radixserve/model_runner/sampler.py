@@ -6,7 +6,8 @@ work: no loop over rows, no host sync. The caller copies `SampleOutput` to the
 host when it needs the tokens. For the next step of the same rows, or of some
 of them, `SamplingBatch.next_step` moves the batch on without the loop: only the
 noise depends on the step, unless a row's penalties or suppressed ids depend on
-its tokens.
+its tokens. A structured-output mask changes every step: it is an argument of
+`sample`, not part of the batch.
 
 Order of processing, per row (greedy rows stop after step 3):
 
@@ -199,7 +200,8 @@ class SamplingBatch:
         """This batch one step later, each row having drawn one more token: every row, or the
         rows `keep` (indices into this batch) in that order. The tensors move on the device
         (an add, a gather each), with no loop over the rows' inputs. None when a row's
-        sampling depends on its tokens (penalties, suppressed ids): only `build` knows those."""
+        sampling depends on its tokens (penalties, suppressed ids): only `build` knows those;
+        also for a subset of rows with an offset (logit_bias, allowed_token_ids)."""
         if self.penalties is not None or self.suppress is not None:
             return None
         if keep is None:
