@@ -15,10 +15,12 @@ request: two (say `response_format` and `guided_json`) are a 400.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from radixserve.sampling_params import STRUCTURED_KINDS, StructuredOutput
-from radixserve.server import openai_api  # its errors; a module import, as openai_api imports this one
+
+if TYPE_CHECKING:
+    from radixserve.server.openai_api import ApiError
 
 # vLLM's older names, each one structured kind.
 GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
@@ -34,12 +36,19 @@ BACKENDS = ("xgrammar", "auto")
 Parsed = tuple[dict[str, Any], dict[str, str]]  # (SamplingParams kwargs, field -> the client's name)
 
 
-def _bad(message: str, param: str, code: str | None = None) -> openai_api.ApiError:
-    return openai_api.bad_request(message, param=param, code=code)
+# openai_api imports this module: its helpers are imported where they are called.
+
+
+def _bad(message: str, param: str, code: str | None = None) -> ApiError:
+    from radixserve.server.openai_api import bad_request
+
+    return bad_request(message, param=param, code=code)
 
 
 def _known(fields: dict[str, Any], known: set[str]) -> None:
-    openai_api.check_known(fields, known)
+    from radixserve.server.openai_api import check_known
+
+    check_known(fields, known)
 
 
 def parse_openai(body: dict[str, Any]) -> Parsed:
