@@ -76,10 +76,10 @@ def test_sampler_failure_fails_only_its_cause(make_engine, tiny_qwen3_path, monk
     expected = _reference(make_engine, tiny_qwen3_path, opts)
     real_sample = runner_module.sample
 
-    def sample(logits, batch):
+    def sample(logits, batch, bitmask=None):
         if any(p.top_k == 7 for p in batch.params):
             raise IndexError("injected failure in the sampler")
-        return real_sample(logits, batch)
+        return real_sample(logits, batch, bitmask)
 
     monkeypatch.setattr(runner_module, "sample", sample)
     engine = make_engine(tiny_qwen3_path, **opts)

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from radixserve import SamplingParams
+from radixserve.sampling_params import StructuredOutput
 
 M = "smollm2-135m-instruct"
 V = 49152  # the built-in model's vocabulary
@@ -77,14 +78,31 @@ SAMPLING = {
     "logprobs": st.sampled_from([None, True, False, 0, 1, 5, 20, 21, -1]),
     "prompt_logprobs": st.sampled_from([None, True, 0, 1, 5, 20, 21, -1, -2, "1", 1.5]),
     "include_stop_str_in_output": BOOL, "skip_special_tokens": BOOL,
+    "logit_bias": st.sampled_from([{}, {"1": 5}, {"1": 100}, {"1": 101}, {"x": 1}, {str(V): 1}, {"-1": 2}, {1: 3},
+                                   {"2": math.nan}, {"3": "1"}, [1], None]),
+    "allowed_token_ids": ID_LISTS,
+    "bad_words": st.one_of(st.lists(TEXT, max_size=2), st.sampled_from([None, "x", 5, [5]])),
 }
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+STRUCTURED_DICTS = st.sampled_from([{"regex": "[ab]+"}, {"choice": ["x", "y"]}, {"json": SCHEMA}, {"json": "{"},
+                                    {"grammar": 'root ::= "a"'}, {"regex": "(("}, {}, 5, {"json_object": True},
+                                    {"regex": "a", "choice": ["b"]}, {"bogus": 1}, {"json": {"type": "nope"}}])
+REGEX = st.sampled_from(["[ab]+", "((", "", 5, None, "\\d{2}"])
 OPENAI_EXTRA = {
     "stream": BOOL, "stream_options": st.sampled_from([
         None, {}, {"include_usage": True}, {"bogus": 1}, 5, {"continuous_usage_stats": True},
         {"continuous_usage_stats": True, "include_usage": False}, {"continuous_usage_stats": "yes"}]),
-    "user": st.sampled_from(["u", 5, None, "\ud800"]), "logit_bias": st.sampled_from([{}, {"1": 5}, None]),
+    "user": st.sampled_from(["u", 5, None, "\ud800"]),
     "echo": BOOL, "best_of": INT, "suffix": st.sampled_from(["", "x", None]),
-    "top_logprobs": INT, "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}, None]),
+    "top_logprobs": INT, "response_format": st.sampled_from([
+        {"type": "text"}, {"type": "json_object"}, None, {"type": "xml"}, 5, {"type": "json_schema"},
+        {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA, "strict": True}},
+        {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "nope"}}},
+        {"type": "json_schema", "json_schema": {"schema": SCHEMA}}]),
+    "structured_outputs": STRUCTURED_DICTS, "guided_json": st.sampled_from([SCHEMA, "{", 5, {"type": "nope"}, None]),
+    "guided_regex": REGEX, "guided_choice": st.sampled_from([["x", "y"], [], "x", [5], None]),
+    "guided_grammar": st.sampled_from(['root ::= "a"', "root ::= ", 5, None]),
+    "guided_decoding_backend": st.sampled_from(["xgrammar", "auto", "outlines", 5, None]),
     "bogus_field": st.just(1),
     "add_generation_prompt": BOOL, "continue_final_message": BOOL,
     "chat_template_kwargs": st.sampled_from([{}, {"enable_thinking": False}, {"tokenize": True}, {"x": "\ud800"}, 5,
@@ -158,7 +176,9 @@ def _fields(pool: dict, *required: str) -> st.SearchStrategy[dict]:
 
 def _request(route: str) -> st.SearchStrategy[tuple[str, dict]]:
     if route == "/generate":
-        body = st.fixed_dictionaries({"sampling_params": _fields({**SAMPLING, **SGLANG}).map(_bounded)}, optional={
+        pool = {**SAMPLING, **SGLANG, "regex": REGEX, "ebnf": st.sampled_from(['root ::= "a" | "b"', "root ::= ", 5]),
+                "json_schema": st.sampled_from([json.dumps(SCHEMA), "{", 5, SCHEMA]), "structured": STRUCTURED_DICTS}
+        body = st.fixed_dictionaries({"sampling_params": _fields(pool).map(_bounded)}, optional={
             "text": TEXT, "input_ids": ID_LISTS, "stream": BOOL, "return_logprob": BOOL,
             "logprob_start_len": INT, "top_logprobs_num": INT, "return_text_in_logprobs": BOOL})
     elif route == "/v1/responses":
@@ -221,11 +241,25 @@ def test_no_request_makes_a_5xx_or_stops_the_server(server, engine, drawn):
     _healthy(server, engine)
 
 
-ENGINE_FIELDS = {k: v for k, v in SAMPLING.items()}
+ENGINE_FIELDS = {
+    **SAMPLING,
+    "logit_bias": st.sampled_from([{}, {1: 5}, {1: 101}, {V: 1}, {-1: 2}, {"1": 3}, {2: math.nan}, None, [1]]),
+    "structured": st.sampled_from([None, StructuredOutput(regex="[ab]+"), StructuredOutput(choice=["x", "y"]),
+                                   StructuredOutput(json=SCHEMA), StructuredOutput(regex="(("),
+                                   StructuredOutput(grammar="root ::= "), {"json": {}}, "x"]),
+}
+
+
+def _bounded_engine(kw: dict) -> dict:
+    """As _bounded; and a request whose tokens are constrained (allowed ids that may leave out EOS, a
+    grammar that may go on) gets 2 tokens rather than 10**9, which the engine would run to the context."""
+    if (kw.get("allowed_token_ids") or kw.get("structured")) and kw.get("max_tokens") == 10**9:
+        kw["max_tokens"] = 2
+    return kw
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(prompt=TEXTS, kw=_fields(ENGINE_FIELDS).map(_bounded))
+@given(prompt=TEXTS, kw=_fields(ENGINE_FIELDS).map(_bounded).map(_bounded_engine))
 def test_engine_refuses_or_serves_every_drawn_request(engine, prompt, kw):
     """Through Engine: a ValueError at submission, or a result that ended normally."""
     try:

@@ -31,6 +31,10 @@ BAD_VALUES = {
     "prompt_logprobs": [-2, -100, 1.0, True, "5"],
     "include_stop_str_in_output": [1, None],
     "skip_special_tokens": [0, "true"],
+    "structured": [{"json": {}}, "x", 5],
+    "logit_bias": [{1: 101}, {1: -100.5}, {-1: 1}, {"a": 1}, {1: NAN}, {1: True}, {1.0: 1}, [1], "x"],
+    "allowed_token_ids": [[], [-1], [1.5], [True], "12", 5],
+    "bad_words": [[""], ["  "], [5], 5, {"a": 1}],
 }
 
 
@@ -105,3 +109,44 @@ def test_frozen_hashable_and_replace_revalidates():
         p.replace(top_p=2.0)
     with pytest.raises(TypeError):
         SamplingParams(best_of=2)  # type: ignore[call-arg]
+
+
+def test_logit_controls_are_normalized():
+    p = SamplingParams(logit_bias={np.int64(5): 3, 7: -100}, allowed_token_ids=[9, 3, 3], bad_words="word")
+    assert dict(p.logit_bias) == {5: 3.0, 7: -100.0}
+    assert all(type(k) is int for k in p.logit_bias)
+    assert p.allowed_token_ids == (3, 9)
+    assert p.bad_words == ("word",)
+    with pytest.raises(TypeError):
+        p.logit_bias[5] = 1.0  # type: ignore[index]  # read-only: params never share mutable state
+    assert hash(p) == hash(p.replace()) and p == p.replace()
+
+
+def test_structured_output_takes_exactly_one_constraint():
+    from radixserve.sampling_params import StructuredOutput
+
+    schema = {"type": "object", "properties": {"b": {"type": "string"}, "a": {"type": "integer"}}}
+    s = StructuredOutput(json=schema)
+    assert (s.kind, s.text) == ("json", '{"type": "object", "properties": {"b": {"type": "string"}, '
+                                        '"a": {"type": "integer"}}}')
+    assert StructuredOutput(json='{"type": "object"}') == StructuredOutput(json={"type": "object"})
+    assert StructuredOutput(choice=["x", "y"]).choice == ("x", "y")
+    assert StructuredOutput(json_object=True).kind == "json_object"
+    assert SamplingParams(structured=s).structured == s
+    for kwargs, message in [
+        ({}, r"^structured must set exactly one"),
+        ({"json": schema, "regex": "a+"}, r"^structured must set exactly one .* got json, regex"),
+        ({"json": "{oops"}, r"^structured\.json is not valid JSON"),
+        ({"json": [1, 2]}, r"^structured\.json must be a JSON schema"),
+        ({"json": {"a": {1, 2}}}, r"^structured\.json must be JSON-serializable"),
+        ({"regex": ""}, r"^structured\.regex must be a non-empty string"),
+        ({"grammar": 5}, r"^structured\.grammar must be a non-empty string"),
+        ({"choice": "ab"}, r"^structured\.choice must be"),
+        ({"choice": []}, r"^structured\.choice must be"),
+        ({"json_object": "yes"}, r"^structured\.json_object must be a bool"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            StructuredOutput(**kwargs)
+    for kwargs in ({"min_tokens": 2}, {"allowed_token_ids": [1, 2]}, {"bad_words": ["x"]}):
+        with pytest.raises(ValueError, match=rf"^{next(iter(kwargs))} cannot be combined with structured"):
+            SamplingParams(structured=s, **kwargs)

@@ -21,7 +21,6 @@ from helpers.tool_templates import TOOLS_CHAT_TEMPLATE
 
 from radixserve.engine.outputs import StreamDelta
 from radixserve.server import BackgroundServer, ServerConfig
-from radixserve.server.tools import structured_output_available
 
 M = "smollm2-135m-instruct"
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -193,14 +192,31 @@ def test_bad_tool_fields_are_a_400_naming_the_field(server, fields, param):
     assert err["error"]["param"] == param, err
 
 
-def test_forced_tool_choices_need_structured_output(server):
-    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
-        status, _, body = _chat(server, tools=[WEATHER], tool_choice=choice)
-        if not structured_output_available():
-            assert status == 400 and body["error"]["param"] == "tool_choice", body
-            assert "structured output" in body["error"]["message"]
-        else:  # the reply is forced into a call
-            assert status == 200 and body["choices"][0]["message"]["tool_calls"], body
+def test_forced_tool_choices_always_give_calls(server):
+    """required and a named function hold the real model's reply to the calls' schema: at
+    temperature 1, with several seeds, every reply parses into calls of the given tools."""
+    for seed in range(3):
+        for choice, names in (("required", {"get_weather", "get_time"}),
+                              ({"type": "function", "function": {"name": "get_weather"}}, {"get_weather"})):
+            status, _, body = _chat(server, tools=[WEATHER, TIME], tool_choice=choice, temperature=1.0, seed=seed,
+                                    max_tokens=96, parallel_tool_calls=False)
+            assert status == 200, body
+            choice_body = body["choices"][0]
+            if choice_body["finish_reason"] == "length":
+                continue  # cut off inside the call: not a whole call to parse
+            calls = choice_body["message"]["tool_calls"]
+            assert len(calls) == 1 and choice_body["finish_reason"] == "tool_calls", body
+            assert calls[0]["function"]["name"] in names
+            arguments = json.loads(calls[0]["function"]["arguments"])
+            assert isinstance(arguments, dict)
+            if calls[0]["function"]["name"] == "get_weather":
+                assert isinstance(arguments["city"], str)
+
+
+def test_forced_tool_choice_and_another_constraint_are_a_400(server):
+    status, _, err = _chat(server, tools=[WEATHER], tool_choice="required", response_format={"type": "json_object"})
+    assert status == 400 and err["error"]["param"] == "tool_choice", err
+    assert "response_format" in err["error"]["message"]
 
 
 def test_templates_without_tools_or_a_known_format(server, engine):

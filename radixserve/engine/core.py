@@ -13,10 +13,12 @@ from typing import Any, NamedTuple
 import torch
 
 from radixserve.engine.config import EngineConfig, section
+from radixserve.engine.structured import fill_bitmask
 from radixserve.engine.tp_driver import RankFailure, TPDriver
 from radixserve.engine.tp_worker import resolve_device, resolve_dtype, start_runner
 from radixserve.model_runner.model_runner import ForwardOutput, HostSample
-from radixserve.model_runner.sampler import SamplingBatch
+from radixserve.model_runner.sampler import SamplingBatch, TokenBitmask
+from radixserve.model_runner.transfer import to_device
 from radixserve.radix_tree import RadixTree
 from radixserve.scheduler.batch_builder import ScheduledBatch
 from radixserve.scheduler.kv_cache import KVCacheManager
@@ -41,6 +43,10 @@ class _Launched(NamedTuple):
     batch: ScheduledBatch
     out: ForwardOutput
     sampled: HostSample | None
+    # A step with structured-output rows launched before the previous step was processed: its
+    # sampling waits for that (the grammar masks need the previous tokens) and is queued by
+    # `_sample_deferred`, while the forward already runs.
+    deferred: SamplingBatch | None = None
 
 
 class _Sampling(NamedTuple):
@@ -162,6 +168,8 @@ class EngineCore:
         if prev is not None:
             self._inflight = None
             updates += self._complete(prev)
+        if launched is not None and launched.deferred is not None:
+            launched = self._sample_deferred(launched)
         if launched is not None:
             if self.overlap:
                 self._inflight = launched
@@ -210,36 +218,55 @@ class EngineCore:
         if batch.forward.sourced is not None:
             assert prev is not None and prev.sampled is not None, "sourced ids are the previous step's samples"
             batch.forward.input_source = prev.sampled.device.token_ids
+        sampling = self._sampling_batch(batch) if batch.sample_reqs else None
+        # A grammar's mask needs the previous step's tokens on the host: this step's sampling
+        # waits until that step is processed (_step), while its forward runs.
+        defer = sampling is not None and prev is not None and any(r.grammar is not None for r in batch.sample_reqs)
         if self.tp is None:
-            out, sampled = self._run(batch, None)
+            out = self.runner.forward(batch.forward)
+            sampled = None if sampling is None or defer else self._sample(batch, out, sampling)
         else:
             # The sampling tensors first: a request that cannot be sampled fails before the
             # step is sent (recoverable). Once sent, the other ranks run this step: a failure
             # leaves them out of step with rank 0 (their collectives wait for its), so it ends
             # the engine.
-            sampling = self._sampling_batch(batch) if batch.sample_reqs else None
             self.tp.send_step(batch.forward, len(batch.sample_reqs))
             try:
-                out, sampled = self._run(batch, sampling)
+                out = self.runner.forward(batch.forward)
+                sampled = None if sampling is None or defer else self._sample(batch, out, sampling)
             except Exception as exc:
                 self.tp.mark_failed(exc)
                 raise RankFailure(f"a tensor-parallel step failed on rank 0: {exc!r}") from exc
         self.steps += 1
         self.computed_tokens += batch.forward.num_tokens
-        return _Launched(batch, out, sampled)
+        return _Launched(batch, out, sampled, sampling if defer else None)
 
-    def _run(self, batch: ScheduledBatch, sampling: SamplingBatch | None) -> tuple[ForwardOutput, HostSample | None]:
-        """The forward and the sampling of a launched step (`sampling`: its tensors, when built
-        already). With tensor parallelism rank 0 samples and its tokens go to every rank."""
-        out = self.runner.forward(batch.forward)
-        if not batch.sample_reqs:
-            return out, None
-        if sampling is None:
-            sampling = self._sampling_batch(batch)
-        sample = self.runner.sample(out.logits, sampling)
-        if self.tp is not None:
+    def _sample_deferred(self, launched: _Launched) -> _Launched:
+        """Queue the sampling of a launched step whose grammar masks waited for the previous
+        step's tokens (now processed: each matcher has accepted its request's output)."""
+        assert launched.deferred is not None, "only a deferred step samples here"
+        try:
+            sampled = self._sample(launched.batch, launched.out, launched.deferred)
+        except Exception as exc:
+            if self.tp is None:
+                raise
+            self.tp.mark_failed(exc)  # the other ranks wait for these tokens: as in _launch
+            raise RankFailure(f"a tensor-parallel step failed on rank 0: {exc!r}") from exc
+        return launched._replace(sampled=sampled, deferred=None)
+
+    def _sample(self, batch: ScheduledBatch, out: ForwardOutput, sampling: SamplingBatch) -> HostSample:
+        """Queue the sampling of the step's rows (with their grammar masks) and the copy to the host."""
+        bitmask = None
+        if any(r.grammar is not None for r in batch.sample_reqs):
+            # A request that ended after this step was built decodes once more and its token is
+            # dropped (Scheduler.process): its row is left unconstrained.
+            grammars = [None if r.finished else r.grammar for r in batch.sample_reqs]
+            bits, rows = fill_bitmask(grammars, [r.output_ids for r in batch.sample_reqs], self.runner.vocab_size)
+            bitmask = TokenBitmask(to_device(bits, self.device), rows)
+        sample = self.runner.sample(out.logits, sampling, bitmask)
+        if self.tp is not None:  # rank 0 samples; every rank keeps the tokens (overlapped steps read them)
             self.tp.share_tokens(sample.token_ids)
-        return out, self.runner.to_host(sample)
+        return self.runner.to_host(sample)
 
     @property
     def idle_interval(self) -> float | None:

@@ -28,6 +28,7 @@ from radixserve.engine.core import EngineCore
 from radixserve.engine.detokenizer import IncrementalDetokenizer
 from radixserve.engine.model_files import load_tokenizer, resolve_model_path
 from radixserve.engine.outputs import RequestOutput, StreamDelta
+from radixserve.engine.structured import GrammarCompilers, RequestGrammar, bad_word_ids
 from radixserve.engine.tracker import DONE, Tracker, drain, next_delta
 from radixserve.sampling_params import SamplingParams, top_count
 from radixserve.scheduler.request import POOLINGS, PrefillTask, Submission
@@ -102,6 +103,8 @@ class Engine:
         self._stopping = False
         self._shut_down = False  # shutdown() was called (the loop may have stopped before, on a failure)
         self._error: BaseException | None = None
+        self._grammars: GrammarCompilers | None = None  # structured output (built on first use)
+        self._grammar_lock = threading.Lock()
         if self.core.device.type == "cuda":
             # What start-up made (torch, compiled kernels, weights' modules) lives as long as
             # the engine: out of the collector's full passes, which otherwise walk it all and
@@ -189,11 +192,15 @@ class Engine:
 
     def check_params(self, params: SamplingParams) -> None:
         """What SamplingParams cannot check alone, against this model: token ids inside its
-        vocabulary, stop strings only with a tokenizer. Raises ValueError naming the field."""
+        vocabulary, stop strings and bad words only with a tokenizer, a structured output that
+        compiles (it is compiled here, once: later requests reuse it). Raises ValueError
+        naming the field."""
         vocab = self.core.runner.vocab_size
-        bad_stops = [t for t in params.stop_token_ids if t >= vocab]
-        if bad_stops:
-            raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {bad_stops[:5]}")
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias),
+                          ("allowed_token_ids", params.allowed_token_ids or ())):
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise ValueError(f"{name} token ids must be in [0, {vocab}), got {bad[:5]}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
         cap = self.config.max_logprobs
@@ -203,6 +210,34 @@ class Engine:
             if k is not None and top_count(k, vocab) > limit:
                 raise ValueError(f"{name} asks for {'the whole vocabulary' if k == -1 else k} per position; this "
                                  f"engine's max_logprobs allows at most {limit}")
+        if params.bad_words and self.tokenizer is None:
+            raise ValueError("bad_words need a tokenizer; this model has none")
+        if params.bad_words and params.allowed_token_ids is not None:
+            always = {seq[0] for seq in bad_word_ids(self.tokenizer, params.bad_words) if len(seq) == 1}
+            if always >= set(params.allowed_token_ids):
+                raise ValueError("bad_words forbid every token of allowed_token_ids")
+        if params.structured is not None:
+            self._grammar_compilers("structured").compile(params.structured)
+
+    def _grammar_compilers(self, what: str) -> GrammarCompilers:
+        """The engine's grammar compiler, built on first use (it reads the whole vocabulary)."""
+        with self._grammar_lock:
+            if self._grammars is None:
+                tok = self._require_tokenizer(what)
+                eos = self.core.runner.model_config.eos_token_ids
+                self._grammars = GrammarCompilers(tok, self.core.runner.vocab_size, eos)
+            return self._grammars
+
+    def _constraints(self, params: SamplingParams) -> dict[str, Any]:
+        """The Submission's grammar factory and bad-word token sequences for `params`."""
+        out: dict[str, Any] = {}
+        if params.structured is not None:
+            compilers = self._grammar_compilers("structured")
+            compiled = compilers.compile(params.structured)  # cached by check_params
+            out["grammar"] = functools.partial(RequestGrammar, compiled, compilers.vocab_size)
+        if params.bad_words:
+            out["bad_words_ids"] = bad_word_ids(self._require_tokenizer("bad_words"), params.bad_words)
+        return out
 
     def _detokenizer(self, ids: Sequence[int], params: SamplingParams) -> IncrementalDetokenizer | None:
         if self.tokenizer is None:
@@ -238,7 +273,7 @@ class Engine:
             ids = tuple(prompt_ids)
             seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
             sub = Submission(rid, ids, params, seed, functools.partial(self._detokenizer, ids, params),
-                             None if prefill is None else prefill())
+                             None if prefill is None else prefill(), **self._constraints(params))
             tracker = Tracker(rid, text, ids, params.n, sink_for(rid), stream=stream, prefill=sub.prefill)
             trackers.append(tracker)
             batch.append((tracker, sub))

@@ -157,7 +157,7 @@ class SamplingRow(NamedTuple):
     output_ids: Sequence[int]  # output ids so far (presence/frequency penalties)
     seed: int  # always set: the scheduler draws one for unseeded requests
     step: int  # tokens generated so far
-    suppress_ids: Sequence[int] = ()  # ids forbidden this step (EOS/stop ids below min_tokens)
+    suppress_ids: Sequence[int] = ()  # ids forbidden this step (EOS/stop ids below min_tokens, bad words)
 
 
 class SampleOutput(NamedTuple):

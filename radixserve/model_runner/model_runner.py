@@ -30,7 +30,7 @@ from radixserve.model_runner.kv_pool import KVPool, ReqToTokenPool, SlotAllocato
 from radixserve.model_runner.loader import load_model
 from radixserve.model_runner.models.kernels import compile_unsupported_reason, compiled_kernels
 from radixserve.model_runner.parallel import TPComm
-from radixserve.model_runner.sampler import SamplingBatch, sample
+from radixserve.model_runner.sampler import SamplingBatch, TokenBitmask, sample
 from radixserve.sampling_params import SamplingParams, top_count
 
 logger = logging.getLogger(__name__)
@@ -305,8 +305,8 @@ class ModelRunner:
         return self.model.compute_logits(hidden[rows])
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
-        return sample(logits, batch)
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch, bitmask: TokenBitmask | None = None) -> SampleOutput:
+        return sample(logits, batch, bitmask)
 
     def to_host(self, out: SampleOutput) -> HostSample:
         """Start copying a sample to the host without waiting for it (pinned memory, an

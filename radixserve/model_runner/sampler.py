@@ -6,15 +6,21 @@ work: no loop over rows, no host sync. The caller copies `SampleOutput` to the
 host when it needs the tokens. For the next step of the same rows, or of some
 of them, `SamplingBatch.next_step` moves the batch on without the loop: only the
 noise depends on the step, unless a row's penalties or suppressed ids depend on
-its tokens.
+its tokens. A structured-output mask changes every step: it is an argument of
+`sample`, not part of the batch.
 
 Order of processing, per row (greedy rows stop after step 3):
 
+0. the structured-output mask (tokens the row's grammar forbids are -inf, packed
+   bits from xgrammar, given per step: `TokenBitmask`), then allowed_token_ids
+   (the others -inf) and logit_bias (added), both one [R, V] offset added to
+   the rows that use them;
 1. repetition penalty over prompt + output tokens (HF/vLLM: a logit < 0 is
    multiplied by the penalty, a logit >= 0 divided by it);
 2. presence and frequency penalties over output tokens only (OpenAI:
    `logit -= frequency * count + presence * (count > 0)`);
-3. suppressed ids (EOS/stop ids below min_tokens) set to -inf;
+3. suppressed ids (EOS/stop ids below min_tokens, the last token of a bad word
+   the output is about to complete) set to -inf;
    greedy rows (temperature 0) take the argmax here;
 4. temperature (`logits / T`);
 5. top-k (ties with the k-th logit are kept), then top-p on the renormalized
@@ -46,6 +52,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import xgrammar as xg
 
 from radixserve.model_runner.forward_batch import SampleOutput, SamplingRow
 from radixserve.model_runner.transfer import to_device
@@ -71,6 +78,23 @@ class _Penalties:
     counts: torch.Tensor | None  # [R, V] float32 output-token counts; None: no presence/frequency
     presence: torch.Tensor  # [R] float32
     frequency: torch.Tensor  # [R] float32
+
+
+class TokenBitmask(NamedTuple):
+    """One step's structured-output mask: xgrammar's packed int32 bits, [B, ceil(V/32)] on the
+    logits' device (bit set: allowed), and the rows it constrains (the others are left alone)."""
+
+    bits: torch.Tensor  # rows without a grammar have every bit set
+    rows: list[int]
+
+
+@dataclass(frozen=True)
+class _Offset:
+    """allowed_token_ids (-inf outside) and logit_bias (added) of the R rows that use either,
+    as one dense [R, V] float32 tensor added to the logits."""
+
+    rows: torch.Tensor | None  # [R] int64 rows of the batch; None means all rows, in order
+    values: torch.Tensor  # [R, V] float32
 
 
 class _Columns(NamedTuple):
@@ -132,6 +156,7 @@ class SamplingBatch:
     log_min_p: torch.Tensor | None  # [B] float32 log(min_p); -inf where disabled
     penalties: _Penalties | None
     suppress: tuple[torch.Tensor, torch.Tensor] | None  # (rows, ids), both [S] int64
+    offset: _Offset | None  # allowed_token_ids and logit_bias
     seed_keys: torch.Tensor | None  # [B] int64, each row's seed hashed (32 bits); None if all greedy
     steps: torch.Tensor | None  # [B] int64, each row's step; None if all greedy
     num_logprobs: int | None  # top alternatives to return (max over rows); None: no logprobs
@@ -165,6 +190,7 @@ class SamplingBatch:
             log_min_p=floats[2].log() if cols.uses_min_p else None,
             penalties=_build_penalties(rows, vocab_size, device),
             suppress=_build_suppress(rows, vocab_size, device),
+            offset=_build_offset(params, vocab_size, device),
             seed_keys=None if cols.all_greedy else ints[2],
             steps=None if cols.all_greedy else ints[3],
             num_logprobs=cols.num_logprobs,
@@ -174,13 +200,16 @@ class SamplingBatch:
         """This batch one step later, each row having drawn one more token: every row, or the
         rows `keep` (indices into this batch) in that order. The tensors move on the device
         (an add, a gather each), with no loop over the rows' inputs. None when a row's
-        sampling depends on its tokens (penalties, suppressed ids): only `build` knows those."""
+        sampling depends on its tokens (penalties, suppressed ids): only `build` knows those;
+        also for a subset of rows with an offset (logit_bias, allowed_token_ids)."""
         if self.penalties is not None or self.suppress is not None:
             return None
         if keep is None:
             return self if self.steps is None else dataclasses.replace(self, steps=self.steps + 1)
         if not keep:
             raise ValueError("keep must hold at least one row")
+        if self.offset is not None:  # static, but its rows are batch rows: a subset is rebuilt
+            return None
         params = tuple(self.params[i] for i in keep)
         cols = _columns(params, self.vocab_size)
         index = to_device(torch.tensor(keep, dtype=torch.int64), self.greedy.device)
@@ -206,20 +235,33 @@ class SamplingBatch:
             log_min_p=pick(self.log_min_p, cols.uses_min_p),
             penalties=None,
             suppress=None,
+            offset=None,
             seed_keys=pick(self.seed_keys, not cols.all_greedy),
             steps=None if cols.all_greedy else subset(self.steps) + 1,
             num_logprobs=cols.num_logprobs,
         )
 
 
-def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """The float32 [B, V] logits each row draws from (steps 1-5 of the module docstring).
+def process_logits(logits: torch.Tensor, batch: SamplingBatch, bitmask: TokenBitmask | None = None) -> torch.Tensor:
+    """The float32 [B, V] logits each row draws from (steps 0-5 of the module docstring).
 
     Removed tokens are -inf. Greedy rows stop after suppression (temperature 1, no
     filters): their token is the argmax of this. `logits` itself is never modified."""
     if logits.dim() != 2 or tuple(logits.shape) != (batch.size, batch.vocab_size):
         raise ValueError(f"logits must have shape ({batch.size}, {batch.vocab_size}), got {tuple(logits.shape)}")
     x = logits.float()
+    if (bitmask is not None and bitmask.rows) or batch.offset is not None:
+        if x.data_ptr() == logits.data_ptr():
+            x = x.clone()  # changed in place below; the raw logits are the logprobs' source
+        if bitmask is not None and bitmask.rows:
+            # Every row: the unconstrained rows' bits are all set (a no-op), and a list of indices
+            # would be copied to the device from pageable memory, which waits for the GPU.
+            xg.apply_token_bitmask_inplace(x, bitmask.bits, vocab_size=batch.vocab_size)
+        if batch.offset is not None:
+            if batch.offset.rows is None:
+                x += batch.offset.values
+            else:
+                x.index_add_(0, batch.offset.rows, batch.offset.values)
     if batch.penalties is not None:
         x = _apply_penalties(x, batch.penalties)
     if batch.suppress is not None:
@@ -229,9 +271,9 @@ def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return _filter(x / batch.temperature[:, None], batch)
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
+def sample(logits: torch.Tensor, batch: SamplingBatch, bitmask: TokenBitmask | None = None) -> SampleOutput:
     """Pick one token per row of `logits` [B, V] (see the module docstring for the order)."""
-    x = process_logits(logits, batch)
+    x = process_logits(logits, batch, bitmask)
     if batch.all_greedy:
         token_ids = x.argmax(dim=-1)
     else:
@@ -376,8 +418,29 @@ def _build_suppress(
     return _flat_index(with_ids, [rows[i].suppress_ids for i in with_ids], vocab_size, device)
 
 
+def _build_offset(params: Sequence[SamplingParams], vocab_size: int, device: torch.device) -> _Offset | None:
+    """The [R, V] offset of the rows with allowed_token_ids or logit_bias (a loop over rows and
+    their ids, never over the vocabulary)."""
+    used = [i for i, p in enumerate(params) if p.allowed_token_ids is not None or p.logit_bias]
+    if not used:
+        return None
+    values = torch.zeros((len(used), vocab_size), dtype=torch.float32, device=device)
+    restricted = [j for j, i in enumerate(used) if params[i].allowed_token_ids is not None]
+    if restricted:
+        values[to_device(torch.tensor(restricted, dtype=torch.int64), device)] = float("-inf")
+        allowed = [params[used[j]].allowed_token_ids or () for j in restricted]
+        values.index_put_(_flat_index(restricted, allowed, vocab_size, device), torch.zeros((), device=device))
+    biased = [j for j, i in enumerate(used) if params[i].logit_bias]
+    if biased:
+        ids = [list(params[used[j]].logit_bias) for j in biased]
+        bias = torch.tensor([v for j in biased for v in params[used[j]].logit_bias.values()], dtype=torch.float32)
+        values.index_put_(_flat_index(biased, ids, vocab_size, device), to_device(bias, device), accumulate=True)
+    rows = None if len(used) == len(params) else to_device(torch.tensor(used, dtype=torch.int64), device)
+    return _Offset(rows, values)
+
+
 def _flat_index(
-    row_ids: list[int], seqs: list[Sequence[int]], vocab_size: int, device: torch.device
+    row_ids: Sequence[int], seqs: Sequence[Sequence[int]], vocab_size: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, ids) index pair for `tensor[rows, ids]`: row_ids[j] repeated once per id of seqs[j]."""
     ids = [_int64_tensor(s) for s in seqs]
@@ -386,7 +449,7 @@ def _flat_index(
         low, high = torch.aminmax(flat)
         if int(low) < 0 or int(high) >= vocab_size:
             raise ValueError(f"token ids must lie in [0, {vocab_size}) for the sampler")
-    rows_and_lengths = to_device(torch.tensor([row_ids, [t.numel() for t in ids]], dtype=torch.int64), device)
+    rows_and_lengths = to_device(torch.tensor([list(row_ids), [t.numel() for t in ids]], dtype=torch.int64), device)
     # Expanded on the device; output_size spares the device->host read of the total.
     row_index = torch.repeat_interleave(rows_and_lengths[0], rows_and_lengths[1], output_size=flat.numel())
     return row_index, to_device(flat, device)

@@ -69,6 +69,21 @@ class Detokenizer(Protocol):
     def flush(self) -> Any: ...  # -> (delta_text, stopped)
 
 
+class Grammar(Protocol):
+    """What the scheduler needs of a request's structured-output matcher (engine.structured).
+
+    Invariant: it has accepted exactly the request's `output_ids`. The scheduler keeps it
+    by accepting each token right before appending it (Scheduler._append_token)."""
+
+    def accept(self, token_id: int) -> None: ...  # raises ValueError if the grammar forbids it
+
+    def is_terminated(self) -> bool: ...
+
+    def sync(self, output_ids: Sequence[int]) -> None: ...  # restore the invariant (roll back, accept)
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None: ...  # the tokens allowed next, packed bits
+
+
 @dataclass
 class PrefillTask:
     """A request that only prefills: an embedding pooled from the final hidden states
@@ -95,6 +110,9 @@ class Submission(NamedTuple):
     seed: int  # completion 0's; the others derive theirs from it
     detokenizer: Callable[[], Detokenizer | None]  # a fresh one per completion
     prefill: PrefillTask | None = None  # an embed or score request (n is 1): where its results go
+    grammar: Callable[[], Grammar | None] = lambda: None  # a fresh matcher per completion (structured)
+    # params.bad_words as token sequences (each completed sequence is forbidden).
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
 
 
 class Req:
@@ -112,6 +130,8 @@ class Req:
         namespace: Hashable = None,
         wait_for: Req | None = None,
         prefill: PrefillTask | None = None,
+        grammar: Grammar | None = None,
+        bad_words_ids: tuple[tuple[int, ...], ...] = (),
     ) -> None:
         self.rid = rid
         self.index = index  # which of the n completions of its prompt
@@ -128,6 +148,9 @@ class Req:
         self.wait_for = wait_for
         # None: the request samples tokens ("generate"); else it only prefills (embed, score).
         self.prefill = prefill
+        # The structured output's matcher (see Grammar for its invariant); None: unconstrained.
+        self.grammar = grammar
+        self.bad_words_ids = bad_words_ids
 
         self.output_ids = token_array()
         # prompt + output, kept as one growing array: read several times per step.

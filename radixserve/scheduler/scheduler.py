@@ -14,6 +14,7 @@ the device, and the rest is planned as above.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -54,6 +55,18 @@ def _describe(exc: BaseException) -> str:
     """A failure as a request's error message: its type and first 300 characters."""
     text = str(exc)
     return f"{type(exc).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
+
+
+def banned_by_bad_words(seqs: Sequence[Sequence[int]], output_ids: Sequence[int]) -> list[int]:
+    """The last token of each bad word whose other tokens end `output_ids` (vLLM's rule: a bad
+    word may not be completed); a one-token word is always banned."""
+    banned = []
+    n = len(output_ids)
+    for seq in seqs:
+        k = len(seq) - 1
+        if k == 0 or (n >= k and all(output_ids[n - k + j] == seq[j] for j in range(k))):
+            banned.append(seq[-1])
+    return banned
 
 
 def _ends_by_length(req: Req, fill_limit: int, pending: int = 0) -> bool:
@@ -119,7 +132,8 @@ class Scheduler:
             seed = sub.seed if i == 0 else (sub.seed * 1_000_003 + i) & (2**62 - 1)
             first = reqs[0] if reqs and self.cache.enable_prefix_cache else None
             reqs.append(Req(sub.rid, sub.prompt_ids, sub.params, seed=seed, index=i, detokenizer=sub.detokenizer(),
-                            wait_for=first, prefill=sub.prefill))
+                            wait_for=first, prefill=sub.prefill, grammar=sub.grammar(),
+                            bad_words_ids=sub.bad_words_ids))
         self.add(reqs)
         return reqs
 
@@ -230,6 +244,8 @@ class Scheduler:
             if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
                 return False
             if len(req.output_ids) + 1 < p.min_tokens:
+                return False
+            if any(len(w) > 1 for w in req.bad_words_ids):  # which words are banned depends on that token
                 return False
         return self.cache.available() >= len(self.running)
 
@@ -349,12 +365,14 @@ class Scheduler:
         for req in batch.sample_reqs:
             ahead = id(req) in batch.ahead
             p = req.params
-            suppress: tuple[int, ...] = ()
+            suppressed: set[int] = set()
             if len(req.output_ids) + ahead < p.min_tokens:
-                stops = set(p.stop_token_ids)
+                suppressed.update(p.stop_token_ids)
                 if not p.ignore_eos:
-                    stops |= self.eos_ids
-                suppress = tuple(sorted(stops))
+                    suppressed |= self.eos_ids
+            if req.bad_words_ids:  # multi-token words are never ahead (can_schedule_ahead)
+                suppressed.update(banned_by_bad_words(req.bad_words_ids, req.output_ids))
+            suppress = tuple(sorted(suppressed))
             rows.append(
                 SamplingRow(
                     params=p,
@@ -427,6 +445,8 @@ class Scheduler:
         self, req: Req, tok: int, i: int, logprobs: list | None, top_ids: list | None, top_lps: list | None,
         fill_limit: int, finishing: list[tuple[Req, str]],
     ) -> StepUpdate:
+        if req.grammar is not None:  # before appending: the matcher holds exactly output_ids
+            req.grammar.accept(tok)
         req.append_output(tok)
         lp: list = []
         if req.params.logprobs is not None and logprobs is not None:
@@ -505,6 +525,8 @@ class Scheduler:
         if stopped_by_string:
             assert req.detokenizer is not None, "stop strings are matched by the detokenizer"
             req.stop_reason = req.detokenizer.matched_stop
+            return "stop"
+        if req.grammar is not None and req.grammar.is_terminated():  # its end-of-sequence token was accepted
             return "stop"
         if _ends_by_length(req, fill_limit):
             return "length"

@@ -32,3 +32,10 @@ class ApiError(Exception):
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, param=param, code=code or "invalid_value")
+
+
+def check_known(body: dict[str, Any], known: set[str]) -> None:
+    """A 400 naming the first field of `body` that is not in `known` (OpenAI's wording)."""
+    for key in body:
+        if key not in known:
+            raise bad_request(f"Unrecognized request argument supplied: {key}", param=key, code="unknown_parameter")

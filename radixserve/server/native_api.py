@@ -2,6 +2,9 @@
 
     {"text" | "input_ids", "sampling_params": {...}, "stream": bool}
 
+`sampling_params` also takes SGLang's structured-output names (`json_schema`, `regex`,
+`ebnf`) and `structured` as an object (server/structured.py).
+
 The answer carries what the engine reports and OpenAI's shapes have no room
 for: token ids, stop reasons, cached tokens, raw logprobs by token id, and
 `folded_tokens` (prompt tokens computed by another sequence of the batch). Streamed, each
@@ -14,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from radixserve.engine.outputs import StreamDelta, TokenLogprob
+from radixserve.server import structured
 from radixserve.server.openai_api import (
     SAMPLING_FIELDS,
     ApiError,
@@ -59,24 +63,29 @@ def parse_generate(body: Any) -> GenerateRequest:
     sp = body.get("sampling_params") or {}
     if not isinstance(sp, dict):
         raise bad_request("sampling_params must be an object", param="sampling_params")
-    known = {f"sampling_params.{k}" for k in (*SAMPLING_FIELDS, *SGLANG_NAMES, "spaces_between_special_tokens")}
+    known = {f"sampling_params.{k}" for k in
+             (*SAMPLING_FIELDS, *SGLANG_NAMES, *structured.SGLANG_FIELDS, "spaces_between_special_tokens")}
     check_known({f"sampling_params.{k}": v for k, v in sp.items()}, known)
     refuse_unless({f"sampling_params.{k}": v for k, v in sp.items()}, "sampling_params.spaces_between_special_tokens",
                   lambda v: v is True, "special tokens are decoded as the tokenizer joins them")
+    constraints, constraint_names = structured.parse_sglang(sp)  # structured output and logit controls
     names = {k: f"sampling_params.{k}" for k in SAMPLING_FIELDS}
     for alias, name in SGLANG_NAMES.items():  # SGLang's names; one of the two
         if alias in sp and name in sp:
             raise bad_request(f"give sampling_params.{name} or {alias}, not both", param=f"sampling_params.{alias}")
         if alias in sp:
             names[name] = f"sampling_params.{alias}"
+    names.update(constraint_names)
     length = names["max_tokens"]
     try:
         max_tokens = get_int(sp, length.removeprefix("sampling_params."), 0)
     except ApiError as exc:
         exc.param = length
         raise
-    sp = {SGLANG_NAMES.get(k, k): v for k, v in sp.items() if k != "spaces_between_special_tokens"}
+    sp = {SGLANG_NAMES.get(k, k): v for k, v in sp.items()
+          if k != "spaces_between_special_tokens" and k not in structured.SGLANG_FIELDS}
     sampling = {k: (tuple(v) if isinstance(v, list) else v) for k, v in sp.items() if k != "max_tokens"}
+    sampling.update(constraints)
     if body.get("return_logprob"):  # these two come from its fields
         names.update(logprobs="top_logprobs_num", prompt_logprobs="top_logprobs_num")
     sglang = _sglang_logprobs(body, sampling)

@@ -15,7 +15,8 @@ from typing import Any
 
 from radixserve.sampling_params import SamplingParams, widest
 from radixserve.scheduler.request import POOLINGS
-from radixserve.server.errors import ApiError, bad_request
+from radixserve.server import structured
+from radixserve.server.errors import ApiError, bad_request, check_known
 from radixserve.server.tools import ToolRequest, parse_tool_calls, parse_tool_request
 
 MAX_N = 128  # OpenAI's limit on `n`
@@ -139,12 +140,6 @@ def check_object(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
     return body
-
-
-def check_known(body: dict[str, Any], known: set[str]) -> None:
-    for key in body:
-        if key not in known:
-            raise bad_request(f"Unrecognized request argument supplied: {key}", param=key, code="unknown_parameter")
 
 
 def check_model(body: dict[str, Any], served: str) -> None:
@@ -330,11 +325,11 @@ def _vllm_options(body: dict[str, Any], logprobs: bool) -> dict[str, Any]:
 
 _COMMON = {
     "model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "presence_penalty",
-    "frequency_penalty", "logit_bias", "user", "seed", PROMPT_LOGPROBS, *EXTENSIONS, *VLLM_FIELDS,
+    "frequency_penalty", "user", "seed", PROMPT_LOGPROBS, *EXTENSIONS, *VLLM_FIELDS, *structured.OPENAI_FIELDS,
 }
 COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"}
 CHAT_FIELDS = _COMMON | {
-    "messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "tools", "tool_choice",
+    "messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",
     "parallel_tool_calls", "store", "echo", *CHAT_TEMPLATE_FIELDS,
 }
 
@@ -343,14 +338,14 @@ def _common(body: dict[str, Any], served: str, fields: set[str], logprobs: bool)
     """What completions and chat share, as GenerateRequest fields."""
     check_known(body, fields)
     check_model(body, served)
-    refuse_unless(body, "logit_bias", lambda v: v == {}, "logit_bias is not implemented")
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise bad_request("user must be a string", param="user")
     stream = get_bool(body, "stream")
     include_usage, continuous = _stream_options(body, stream)
-    return dict(sampling=_sampling(body), stream=stream, include_usage=include_usage, continuous_usage=continuous,
-                user=user, **_vllm_options(body, logprobs))
+    constraints, names = structured.parse_openai(body)  # structured output and logit controls
+    return dict(sampling={**_sampling(body), **constraints}, stream=stream, include_usage=include_usage,
+                continuous_usage=continuous, user=user, names=names, **_vllm_options(body, logprobs))
 
 
 def parse_completion(body: Any, served: str) -> GenerateRequest:
@@ -379,7 +374,8 @@ def parse_chat(body: Any, served: str) -> GenerateRequest:
     """POST /v1/chat/completions."""
     body = check_object(body)
     common = _common(body, served, CHAT_FIELDS, logprobs=body.get("logprobs") is True)
-    refuse_unless(body, "response_format", lambda v: v == {"type": "text"}, "only {'type': 'text'} is implemented")
+    # A forced tool call's schema is the structured constraint when no other is given.
+    common["names"] = {"logprobs": "top_logprobs", "structured": "tool_choice", **common["names"]}
     refuse_unless(body, "store", lambda v: v is False, "stored completions are not implemented")
     max_tokens = get_int(body, "max_tokens", 0)
     max_completion = get_int(body, "max_completion_tokens", 0)
@@ -398,7 +394,6 @@ def parse_chat(body: Any, served: str) -> GenerateRequest:
         echo=get_bool(body, "echo"),
         logprobs=(top or 0) if logprobs else None,
         prompt_logprobs=_prompt_logprobs(body, common["stream"]),
-        names={"logprobs": "top_logprobs", "structured": "tool_choice"},
         chat_options=parse_chat_options(body),
         tools=parse_tool_request(body),
         **common,
@@ -517,6 +512,10 @@ def build_sampling_params(
             param=req.max_tokens_param,
             code="context_length_exceeded",
         )
+    both = sorted(set(req.sampling) & set(extra or {}))
+    if both:  # e.g. response_format and a forced tool call: each would constrain the reply
+        raise bad_request(f"tool_choice forces the reply's form, which {', '.join(req.names.get(k, k) for k in both)} "
+                          "also sets: give one of them", param="tool_choice")
     kw = dict(req.sampling, max_tokens=max_tokens, **(extra or {}))
     if req.logprobs is not None:
         kw["logprobs"] = req.logprobs
@@ -532,12 +531,16 @@ def build_sampling_params(
 
 
 def sampling_error(req: GenerateRequest, exc: Exception) -> ApiError:
-    """A 400 for a sampling parameter the engine refused; its message starts with the field's name."""
-    field_name = str(exc).split(" ", 1)[0]
+    """A 400 for a sampling parameter the engine refused; its message starts with the field's name
+    (`structured.json ...`: the field is `structured`)."""
+    field_name = str(exc).split(" ", 1)[0].split(".", 1)[0]
     param = req.names.get(field_name, field_name if field_name in SAMPLING_FIELDS else None)
     if field_name == "max_tokens":
         param = req.max_tokens_param
-    return bad_request(str(exc), param=param)
+    message = str(exc)
+    if field_name == "structured" and param not in (None, "structured"):  # the client's name for it first
+        message = f"{param}: {message}"
+    return bad_request(message, param=param)
 
 
 # -- embeddings ------------------------------------------------------------------------------

@@ -312,7 +312,9 @@ async def _generate(request: web.Request, req: GenerateRequest) -> web.StreamRes
     params = build_sampling_params(req, [len(p) for p in prompts], state.context_limit,
                                    _DEFAULT_MAX_TOKENS[req.route], extra)
     try:
-        state.engine.check_params(params)  # what only the model can tell (token ids past its vocabulary)
+        # What only the model can tell (token ids past its vocabulary, a grammar that does not compile:
+        # compiling takes a while, so in a worker thread).
+        await asyncio.to_thread(state.engine.check_params, params)
     except ValueError as exc:
         raise sampling_error(req, exc) from None
     if req.sglang is not None and req.sglang.start >= len(prompts[0]):

@@ -19,11 +19,11 @@ which is what transformers' templates expect (Llama's `tojson`s them; Qwen's tak
 
 from __future__ import annotations
 
-import importlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from radixserve.sampling_params import StructuredOutput
 from radixserve.server.errors import bad_request
 from radixserve.server.tool_formats import PARSERS
 
@@ -266,23 +266,10 @@ def forced_format(tools: ToolRequest) -> str:
     return f"named:{tools.name}" if tools.choice == "named" else "required"
 
 
-def _structured_output_class() -> Any:
-    return getattr(importlib.import_module("radixserve.sampling_params"), "StructuredOutput", None)
-
-
-def structured_output_available() -> bool:
-    """Whether SamplingParams can hold a reply to a JSON schema (`StructuredOutput`)."""
-    return _structured_output_class() is not None
-
-
 def structured_output(schema: dict[str, Any]) -> dict[str, Any]:
     """SamplingParams fields that hold the reply to `schema`: the one place a forced tool choice
-    becomes structured output. A 400 naming tool_choice where structured output is missing."""
-    structured = _structured_output_class()
-    if structured is None:
-        raise bad_request("tool_choice 'required' or a named function needs structured output, which this server "
-                          "lacks; use tool_choice 'auto'", param="tool_choice", code="unsupported_value")
-    return {"structured": structured(json=schema)}
+    becomes structured output."""
+    return {"structured": StructuredOutput(json=schema)}
 
 
 def tool_output(tools: ToolRequest, configured: str, template: str) -> tuple[str | None, int | None, dict[str, Any]]:
