@@ -427,7 +427,8 @@ def _build_offset(params: Sequence[SamplingParams], vocab_size: int, device: tor
     values = torch.zeros((len(used), vocab_size), dtype=torch.float32, device=device)
     restricted = [j for j, i in enumerate(used) if params[i].allowed_token_ids is not None]
     if restricted:
-        values[to_device(torch.tensor(restricted, dtype=torch.int64), device)] = float("-inf")
+        # index_fill_ takes the value as a kernel argument; `values[idx] = x` would copy x to the device.
+        values.index_fill_(0, to_device(torch.tensor(restricted, dtype=torch.int64), device), float("-inf"))
         allowed = [params[used[j]].allowed_token_ids or () for j in restricted]
         values.index_put_(_flat_index(restricted, allowed, vocab_size, device), torch.zeros((), device=device))
     biased = [j for j, i in enumerate(used) if params[i].logit_bias]
