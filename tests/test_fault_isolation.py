@@ -190,8 +190,8 @@ def test_server_exits_non_zero_once_the_engine_failed(make_engine, tiny_qwen3_pa
             assert status == 500 and body["error"]["code"] == "engine_error", body
             if i == 1:  # the first two ended with finish_reason error, each counted once
                 scrape = parse_metrics(http(srv.url + "/metrics")[2])
-                assert scrape.get("radixserve:request_errors_total") == 2
-                assert scrape.get("radixserve:engine_failed_steps_total") == 2
+                assert scrape.get("radixserve_request_errors_total") == 2
+                assert scrape.get("radixserve_engine_failed_steps_total") == 2
         health = http(srv.url + "/health")
         assert health[0] == 503 and health[2]["status"] in ("engine failed", "draining"), health
         deadline = time.monotonic() + 10

@@ -203,10 +203,10 @@ def test_other_routes(router, replicas, model):
     status, _, flushed = post(router.url, "/flush_cache", {})
     assert status == 200 and flushed["flushed"] and len(flushed["replicas"]) == 2
     status, _, text = http(router.url + "/metrics", headers=AUTH)
-    assert all(metric(text, "radixserve:router_replica_healthy", replica=s.url) == 1.0 for s in replicas)
-    assert metric(text, "radixserve:router_requests_total") >= 3
-    assert metric(text, "radixserve:router_responses_total", route="/v1/completions", status="400") >= 2
-    assert metric(text, "radixserve:router_decisions_total", policy="cache_aware") >= 3
+    assert all(metric(text, "radixserve_router_replica_healthy", replica=s.url) == 1.0 for s in replicas)
+    assert metric(text, "radixserve_router_requests_total") >= 3
+    assert metric(text, "radixserve_router_responses_total", route="/v1/completions", status="400") >= 2
+    assert metric(text, "radixserve_router_decisions_total", policy="cache_aware") >= 3
 
 
 def test_replicas_join_and_leave_at_run_time(router, replicas, model):
@@ -255,8 +255,8 @@ def test_a_failed_replica_leaves_and_its_requests_are_retried(engines, replicas,
             # The 503 had the health checks run at once: the draining replica is out too.
             wait_for(lambda: not replicas_of(router)[draining.url]["healthy"])
             text = http(router.url + "/metrics", headers=AUTH)[2]
-            assert metric(text, "radixserve:router_retries_total", reason="connection") == 1
-            assert metric(text, "radixserve:router_retries_total", reason="status") == 1
+            assert metric(text, "radixserve_router_retries_total", reason="connection") == 1
+            assert metric(text, "radixserve_router_retries_total", reason="status") == 1
             # No healthy replica left: a 503 of the router's own, and its /health says so.
             http(router.url + "/router/replicas?url=" + replicas[0].url, "DELETE", headers=AUTH)
             status, _, err = post(router.url, "/v1/completions", body)

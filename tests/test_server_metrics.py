@@ -37,34 +37,34 @@ def test_metrics_move_after_a_cached_request(server, engine):
     prompt = usages[0]["prompt_tokens"]
     cached = usages[1]["prompt_tokens_details"]["cached_tokens"]
     assert cached == prompt - 1
-    assert delta("radixserve:prefix_cache_queries_total") == 2 * prompt
-    assert delta("radixserve:prefix_cache_hits_total") == cached
-    assert delta("radixserve:usage_cached_tokens_total") == cached
-    assert delta("radixserve:usage_prompt_tokens_total") == 2 * prompt
-    assert delta("radixserve:usage_completion_tokens_total") == 8
-    assert delta("radixserve:generation_tokens_total") == 8
-    assert delta("radixserve:time_to_first_token_seconds_count") == 2
-    assert delta("radixserve:e2e_request_latency_seconds_count") == 2
-    assert 1 <= delta("radixserve:inter_token_latency_seconds_count") <= 6
-    assert delta("radixserve:request_success_total", finished_reason="length") == 2
-    assert delta("radixserve:request_prompt_tokens_sum") == 2 * prompt
-    assert delta("radixserve:request_generation_tokens_sum") == 8
+    assert delta("radixserve_prefix_cache_queries_total") == 2 * prompt
+    assert delta("radixserve_prefix_cache_hits_total") == cached
+    assert delta("radixserve_usage_cached_tokens_total") == cached
+    assert delta("radixserve_usage_prompt_tokens_total") == 2 * prompt
+    assert delta("radixserve_usage_completion_tokens_total") == 8
+    assert delta("radixserve_generation_tokens_total") == 8
+    assert delta("radixserve_time_to_first_token_seconds_count") == 2
+    assert delta("radixserve_e2e_request_latency_seconds_count") == 2
+    assert 1 <= delta("radixserve_inter_token_latency_seconds_count") <= 6
+    assert delta("radixserve_request_success_total", finished_reason="length") == 2
+    assert delta("radixserve_request_prompt_tokens_sum") == 2 * prompt
+    assert delta("radixserve_request_generation_tokens_sum") == 8
     # A prompt of `prompt` tokens lands in the first bucket at or above it.
     bound = next(b for b in token_buckets(server.state.context_limit) if b >= prompt)
-    assert delta("radixserve:request_prompt_tokens_bucket", le=f"{float(bound)}") == 2
-    assert delta("radixserve:http_requests_total", method="POST", route="/v1/completions", status="200") == 2
-    assert after.get("radixserve:num_requests_running") == after.get("radixserve:num_requests_waiting") == 0
-    assert 0 < after.get("radixserve:kv_cache_usage_perc") < 1
-    assert after.has("radixserve:prefix_cache_evicted_tokens_total")
+    assert delta("radixserve_request_prompt_tokens_bucket", le=f"{float(bound)}") == 2
+    assert delta("radixserve_http_requests_total", method="POST", route="/v1/completions", status="200") == 2
+    assert after.get("radixserve_num_requests_running") == after.get("radixserve_num_requests_waiting") == 0
+    assert 0 < after.get("radixserve_kv_cache_usage_perc") < 1
+    assert after.has("radixserve_prefix_cache_evicted_tokens_total")
     stats = engine.stats()  # folding metrics appear exactly when the engine reports them
-    assert after.has("radixserve:folded_tokens_total") == ("folded_tokens" in stats)
-    assert after.has("radixserve:fold_ratio") == ("fold_ratio" in stats)
-    assert after.get("radixserve:attention_kernel_compiles_total") == stats["attention_compiles"] == 0  # CPU: none
+    assert after.has("radixserve_folded_tokens_total") == ("folded_tokens" in stats)
+    assert after.has("radixserve_fold_ratio") == ("fold_ratio" in stats)
+    assert after.get("radixserve_attention_kernel_compiles_total") == stats["attention_compiles"] == 0  # CPU: none
     # Two requests of 4 tokens: a prefill step and up to 3 decode steps each; no graphs on the CPU.
-    assert 2 <= delta("radixserve:engine_steps_total") <= 8
-    assert after.get("radixserve:engine_steps_total") == stats["steps"]
-    assert after.get("radixserve:decode_graph_steps_total") == after.get("radixserve:piecewise_graph_steps_total") == 0
-    assert after.get("radixserve:engine_failed_steps_total") == stats["failed_steps"] == 0
+    assert 2 <= delta("radixserve_engine_steps_total") <= 8
+    assert after.get("radixserve_engine_steps_total") == stats["steps"]
+    assert after.get("radixserve_decode_graph_steps_total") == after.get("radixserve_piecewise_graph_steps_total") == 0
+    assert after.get("radixserve_engine_failed_steps_total") == stats["failed_steps"] == 0
 
 
 def test_every_engine_metric_has_the_model_name_and_the_process_collectors_are_there(server, engine):
@@ -76,8 +76,8 @@ def test_every_engine_metric_has_the_model_name_and_the_process_collectors_are_t
         series = PREFIX + name + ("_total" if kind == "counter" else "")
         assert got.get(series, model_name=server.state.model_name) == pytest.approx(float(stats[key])), series
         assert [ls for n, ls, _ in got.samples if n == series] == [(("model_name", M),)], series
-    for name in ("radixserve:time_to_first_token_seconds_count", "radixserve:pending_requests",
-                 "radixserve:http_inflight_requests", "radixserve:request_errors_total"):
+    for name in ("radixserve_time_to_first_token_seconds_count", "radixserve_pending_requests",
+                 "radixserve_http_inflight_requests", "radixserve_request_errors_total"):
         assert [ls for n, ls, _ in got.samples if n == name] == [(("model_name", M),)], name
     assert got.has("process_resident_memory_bytes") and got.has("python_info")
     # Prometheus naming: counters end in _total, durations in _seconds.
@@ -88,7 +88,7 @@ def test_every_engine_metric_has_the_model_name_and_the_process_collectors_are_t
 
 def test_the_text_format_whatever_the_accept_header(server):
     accept = "application/openmetrics-text; version=1.0.0; charset=utf-8"
-    assert scrape(server.url, headers={"Accept": accept}).has("radixserve:prompt_tokens_total")
+    assert scrape(server.url, headers={"Accept": accept}).has("radixserve_prompt_tokens_total")
 
 
 def test_two_servers_in_one_process_keep_their_own_series(engine, server):
@@ -101,10 +101,10 @@ def test_two_servers_in_one_process_keep_their_own_series(engine, server):
         mine = scrape(other.url, headers={"Authorization": "Bearer k"})
         theirs = scrape(server.url)
         assert http(other.url + "/metrics")[0] == 401  # the API key rules hold for /metrics
-    assert mine.get("radixserve:request_success_total", model_name="other") == 1
-    assert mine.get("radixserve:http_requests_total", route="/v1/completions") == 1
-    assert mine.get("radixserve:prompt_tokens_total", model_name="other") > 0  # the shared engine's counters
-    assert theirs.get("radixserve:request_success_total") == before.get("radixserve:request_success_total")
+    assert mine.get("radixserve_request_success_total", model_name="other") == 1
+    assert mine.get("radixserve_http_requests_total", route="/v1/completions") == 1
+    assert mine.get("radixserve_prompt_tokens_total", model_name="other") > 0  # the shared engine's counters
+    assert theirs.get("radixserve_request_success_total") == before.get("radixserve_request_success_total")
     assert {dict(ls).get("model_name") for n, ls, _ in mine.samples if n.startswith(PREFIX)} <= {"other", None}
 
 

@@ -254,7 +254,7 @@ def test_full_queue_answers_503_with_retry_after(engine):
             time.sleep(0.05)
         assert srv.state.pending == 0
         _good_request_succeeds(srv.url)
-        assert parse_metrics(http(srv.url + "/metrics")[2]).get("radixserve:rejected_requests_total") == 1
+        assert parse_metrics(http(srv.url + "/metrics")[2]).get("radixserve_rejected_requests_total") == 1
 
 
 def test_disconnect_aborts_a_non_streaming_request(server, engine):
@@ -317,7 +317,7 @@ def test_concurrent_streams_with_random_disconnects(server, engine):
             return await asyncio.gather(*jobs, return_exceptions=True)
 
     generated = engine.stats()["generated_tokens"]
-    aborted = parse_metrics(http(server.url + "/metrics")[2]).get("radixserve:aborted_requests_total")
+    aborted = parse_metrics(http(server.url + "/metrics")[2]).get("radixserve_aborted_requests_total")
     results = asyncio.run(scenario())
     assert engine.wait_idle(60)
     generated = engine.stats()["generated_tokens"] - generated
@@ -334,7 +334,7 @@ def test_concurrent_streams_with_random_disconnects(server, engine):
     while (server.state.pending or server.state.inflight) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.state.pending == 0 and server.state.inflight == 0
-    aborted = parse_metrics(http(server.url + "/metrics")[2]).get("radixserve:aborted_requests_total") - aborted
+    aborted = parse_metrics(http(server.url + "/metrics")[2]).get("radixserve_aborted_requests_total") - aborted
     left = sum(1 for _, leave in plan if leave is not None)
     assert left // 2 <= aborted <= left + 6
     assert_no_leak(engine)  # every KV slot is back on the free list after a flush

@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 
 from radixserve.router.replicas import ReplicaSet
 
-PREFIX = "radixserve:router_"  # the server's prefix (vLLM-style names), then router_
+PREFIX = "radixserve_router_"  # the server's prefix (vLLM-style names), then router_
 _RATIO_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 _LENGTH_BUCKETS = (0, 16, 64, 256, 1024, 4096, 16384, 65536, 262144)
 

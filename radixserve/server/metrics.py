@@ -4,9 +4,9 @@ Each server has its own `CollectorRegistry` (two servers in one process never
 share a series): the process and platform collectors, the server's own counters
 and histograms (updated on its event loop thread), and a collector that reads
 `Engine.stats()` at scrape time, so the engine's counters never drift from the
-engine. Names follow vLLM's under the prefix `radixserve:` (a vLLM dashboard
-reads them with the prefix swapped), and every engine and request metric has a
-`model_name` label, as vLLM's do.
+engine. Names start with `radixserve_`; the request histograms take vLLM's names
+and buckets, and every engine and request metric has a `model_name` label, as
+vLLM's do.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-PREFIX = "radixserve:"
+PREFIX = "radixserve_"
 
 # Seconds. vLLM's buckets, with finer ones at the low end of TTFT and ITL (a GPU decode step is a few ms).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
@@ -41,14 +41,14 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 
 # (stats key, metric name, type, help): the engine's counters and gauges, read at scrape time.
 ENGINE_METRICS = (
-    ("queried_tokens", "prefix_cache_queries", "counter", "Prompt tokens looked up in the radix tree."),
-    ("hit_tokens", "prefix_cache_hits", "counter", "Prompt tokens served from the radix tree."),
+    ("queried_tokens", "prefix_cache_queried_tokens", "counter", "Prompt tokens looked up in the radix tree."),
+    ("hit_tokens", "prefix_cache_hit_tokens", "counter", "Prompt tokens served from the radix tree."),
     ("inserted_tokens", "prefix_cache_inserted_tokens", "counter", "Tokens inserted into the radix tree."),
     ("evicted_tokens", "prefix_cache_evicted_tokens", "counter", "Tokens evicted from the radix tree."),
     ("prompt_tokens", "prompt_tokens", "counter", "Prompt tokens submitted to the engine."),
     ("generated_tokens", "generation_tokens", "counter", "Tokens sampled by the engine."),
     ("computed_tokens", "computed_tokens", "counter", "Tokens run through the model."),
-    ("retractions", "num_preemptions", "counter", "Running requests retracted (preempted) for lack of KV memory."),
+    ("retractions", "retractions", "counter", "Running requests retracted (preempted) for lack of KV memory."),
     ("folded_tokens", "folded_tokens", "counter", "Prompt tokens computed once for several sequences of a batch."),
     ("attention_compiles", "attention_kernel_compiles", "counter",
      "Attention kernel variants compiled after start (each stalls a step for seconds)."),
@@ -61,9 +61,9 @@ ENGINE_METRICS = (
     ("cache_tokens", "prefix_cache_tokens", "gauge", "Tokens held in the radix tree."),
     ("running", "num_requests_running", "gauge", "Sequences running in the engine."),
     ("waiting", "num_requests_waiting", "gauge", "Sequences waiting in the engine's queue."),
-    ("kv_usage", "kv_cache_usage_perc", "gauge", "KV-cache usage: the share of KV slots in use (1 means full)."),
+    ("kv_usage", "kv_cache_usage_ratio", "gauge", "KV-cache usage: the share of KV slots in use (1 means full)."),
     ("kv_capacity_tokens", "kv_cache_capacity_tokens", "gauge", "KV pool size in tokens."),
-    ("hit_rate", "prefix_cache_hit_rate", "gauge", "prefix_cache_hits / prefix_cache_queries since start."),
+    ("hit_rate", "prefix_cache_hit_rate", "gauge", "Hit tokens / queried tokens since start."),
     ("fold_ratio", "fold_ratio", "gauge", "Rows computed / tokens planned since start (1: nothing folded)."),
 )
 
@@ -170,8 +170,7 @@ class ServerMetrics:
 
     def exposition(self) -> tuple[bytes, str]:
         """The body and content type of a scrape: Prometheus text format 0.0.4, whatever the
-        Accept header (prometheus_client's OpenMetrics output rewrites the colons of vLLM-style
-        names). Calls the engine: run it off the event loop."""
+        Accept header. Calls the engine: run it off the event loop."""
         return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
 
 
