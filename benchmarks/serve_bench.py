@@ -133,7 +133,7 @@ def summarize(results: list[dict[str, Any]], wall: float, before: Scrape,
     def moved(name: str) -> float:
         return after.get(name) - before.get(name)
 
-    queried = moved("radixserve_prefix_cache_queries_total")
+    queried = moved("radixserve_prefix_cache_queried_tokens_total")
     return {
         "requests": len(results),
         "errors": len(results) - len(ok),
@@ -147,7 +147,7 @@ def summarize(results: list[dict[str, Any]], wall: float, before: Scrape,
         "output_tokens_per_s": round(out_tokens / wall, 2),
         "input_tokens_per_s": round(in_tokens / wall, 2),
         "cached_token_share": round(sum(r.get("cached_tokens", 0) for r in ok) / max(1, in_tokens), 4),
-        "server_hit_rate": round(moved("radixserve_prefix_cache_hits_total") / queried, 4) if queried else 0.0,
+        "server_hit_rate": round(moved("radixserve_prefix_cache_hit_tokens_total") / queried, 4) if queried else 0.0,
         # The engine's steps over the run: decode graph replays, graph-piece (prefill, mixed)
         # steps, and the rest (eager); and the offered load, to tell a saturated server.
         "steps": {kind: int(moved(f"radixserve:{name}_total")) for kind, name in (

@@ -37,8 +37,8 @@ def test_metrics_move_after_a_cached_request(server, engine):
     prompt = usages[0]["prompt_tokens"]
     cached = usages[1]["prompt_tokens_details"]["cached_tokens"]
     assert cached == prompt - 1
-    assert delta("radixserve_prefix_cache_queries_total") == 2 * prompt
-    assert delta("radixserve_prefix_cache_hits_total") == cached
+    assert delta("radixserve_prefix_cache_queried_tokens_total") == 2 * prompt
+    assert delta("radixserve_prefix_cache_hit_tokens_total") == cached
     assert delta("radixserve_usage_cached_tokens_total") == cached
     assert delta("radixserve_usage_prompt_tokens_total") == 2 * prompt
     assert delta("radixserve_usage_completion_tokens_total") == 8
@@ -54,7 +54,7 @@ def test_metrics_move_after_a_cached_request(server, engine):
     assert delta("radixserve_request_prompt_tokens_bucket", le=f"{float(bound)}") == 2
     assert delta("radixserve_http_requests_total", method="POST", route="/v1/completions", status="200") == 2
     assert after.get("radixserve_num_requests_running") == after.get("radixserve_num_requests_waiting") == 0
-    assert 0 < after.get("radixserve_kv_cache_usage_perc") < 1
+    assert 0 < after.get("radixserve_kv_cache_usage_ratio") < 1
     assert after.has("radixserve_prefix_cache_evicted_tokens_total")
     stats = engine.stats()  # folding metrics appear exactly when the engine reports them
     assert after.has("radixserve_folded_tokens_total") == ("folded_tokens" in stats)

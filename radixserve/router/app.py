@@ -20,7 +20,6 @@ import contextlib
 import functools
 import logging
 import signal
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
@@ -34,7 +33,7 @@ from radixserve.router.proxy import forward
 from radixserve.router.state import ROUTER, RouterConfig, RouterState
 from radixserve.server.auth import check_api_key
 from radixserve.server.openai_api import ApiError
-from radixserve.server.transport import AccessLogger, TimedAppRunner, arm_body_deadline, escape_log
+from radixserve.server.transport import AccessLogger, BackgroundLoop, TimedAppRunner, arm_body_deadline, escape_log
 
 logger = logging.getLogger(__name__)
 
@@ -200,30 +199,24 @@ def serve_router(config: RouterConfig, on_ready: Callable[[str], None] | None = 
     return asyncio.run(main())
 
 
-class BackgroundRouter:
+class BackgroundRouter(BackgroundLoop):
     """The router on its own thread and event loop (tests, notebooks, `serve --dp`)."""
 
     def __init__(self, config: RouterConfig) -> None:
+        super().__init__("router", "radixserve-router")
         self.config = config
         self.app = build_router_app(config)
-        self.url = ""
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._run, name="radixserve-router", daemon=True)
 
     @property
     def state(self) -> RouterState:
         return self.app[ROUTER]
 
     def start(self, timeout: float = 60.0) -> BackgroundRouter:
-        self._thread.start()
-        if not self._ready.wait(timeout):
-            raise RuntimeError("the router did not start in time")
-        if self._error is not None:
-            raise RuntimeError("the router failed to start") from self._error
+        self._start(timeout)
         return self
+
+    def __enter__(self) -> BackgroundRouter:
+        return self.start()
 
     def call(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
         """Run `fn` on the router's loop (the state is touched only there); its result as a future."""
@@ -235,31 +228,5 @@ class BackgroundRouter:
 
         return asyncio.run_coroutine_threadsafe(run(), self._loop)
 
-    def stop(self, timeout: float = 60.0) -> None:
-        if self._loop is not None and self._stop is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout)
-
-    def __enter__(self) -> BackgroundRouter:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _run(self) -> None:
-        async def main() -> None:
-            self._loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-            await run_router(self.app, self._stop, self._on_ready)
-
-        try:
-            asyncio.run(main())
-        except BaseException as exc:
-            self._error = exc
-            logger.exception("router thread failed")
-        finally:
-            self._ready.set()
-
-    def _on_ready(self, url: str) -> None:
-        self.url = url
-        self._ready.set()
+    async def serve(self, stop: asyncio.Event, on_ready: Callable[[str], None]) -> None:
+        await run_router(self.app, stop, on_ready)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -34,7 +33,7 @@ from radixserve.server.responses_api import ROUTES as RESPONSES_ROUTES
 from radixserve.server.routes import ROUTES, json_response
 from radixserve.server.state import STATE, ServerConfig, ServerState
 from radixserve.server.tokenize import ROUTES as TOKENIZE_ROUTES
-from radixserve.server.transport import AccessLogger, TimedAppRunner, arm_body_deadline, escape_log
+from radixserve.server.transport import AccessLogger, BackgroundLoop, TimedAppRunner, arm_body_deadline, escape_log
 
 if TYPE_CHECKING:
     from radixserve.engine.engine import Engine
@@ -217,7 +216,7 @@ def serve(engine: Engine, config: ServerConfig | None = None, on_ready: Callable
     return asyncio.run(main())
 
 
-class BackgroundServer:
+class BackgroundServer(BackgroundLoop):
     """The server on its own thread and event loop, for tests and notebooks.
 
     >>> with BackgroundServer(engine, ServerConfig(port=0)) as srv:
@@ -225,14 +224,9 @@ class BackgroundServer:
     """
 
     def __init__(self, engine: Engine, config: ServerConfig | None = None) -> None:
+        super().__init__("HTTP server", "radixserve-http")
         self.app = build_app(engine, config or ServerConfig(port=0))
         self.config = self.app[STATE].config
-        self.url = ""
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._run, name="radixserve-http", daemon=True)
         self.exit_status: int | None = None  # run_app's, once the server has stopped
 
     @property
@@ -240,42 +234,14 @@ class BackgroundServer:
         return self.app[STATE]
 
     def start(self, timeout: float = 60.0) -> BackgroundServer:
-        self._thread.start()
-        if not self._ready.wait(timeout):
-            raise RuntimeError("the HTTP server did not start in time")
-        if self._error is not None:
-            raise RuntimeError("the HTTP server failed to start") from self._error
+        self._start(timeout)
         return self
-
-    def stop(self, timeout: float = 120.0) -> None:
-        """Drain and stop, as SIGTERM does. Idempotent."""
-        if self._loop is not None and self._stop is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout)
 
     def __enter__(self) -> BackgroundServer:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _run(self) -> None:
-        async def main() -> None:
-            self._loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-            self.exit_status = await run_app(self.app, self.config, self._stop, self._on_ready)
-
-        try:
-            asyncio.run(main())
-        except BaseException as exc:  # surfaced by start()
-            self._error = exc
-            logger.exception("HTTP server thread failed")
-        finally:
-            self._ready.set()
-
-    def _on_ready(self, url: str) -> None:
-        self.url = url
-        self._ready.set()
+    async def serve(self, stop: asyncio.Event, on_ready: Callable[[str], None]) -> None:
+        self.exit_status = await run_app(self.app, self.config, stop, on_ready)
 
 
 def curl_example(url: str, model: str, api_key: bool = False) -> str:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
@@ -195,3 +197,57 @@ class AccessLogger(AbstractAccessLogger):
     @property
     def enabled(self) -> bool:
         return self.logger.isEnabledFor(logging.INFO)
+
+
+class BackgroundLoop:
+    """An app served on its own thread and event loop (tests, notebooks, `serve --dp`'s router).
+
+    `serve(stop, on_ready)` runs until `stop` is set and calls `on_ready(url)` once listening;
+    `start` waits for that and raises what made the thread fail. `what` names the app in errors.
+    """
+
+    def __init__(self, what: str, thread_name: str) -> None:
+        self.url = ""
+        self._what = what
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
+
+    def serve(self, stop: asyncio.Event, on_ready: Callable[[str], None]) -> Coroutine[Any, Any, None]:
+        raise NotImplementedError
+
+    def _start(self, timeout: float) -> None:
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise RuntimeError(f"the {self._what} did not start in time")
+        if self._error is not None:
+            raise RuntimeError(f"the {self._what} failed to start") from self._error
+
+    def stop(self, timeout: float = 120.0) -> None:
+        """Drain and stop, as SIGTERM does. Idempotent."""
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            await self.serve(self._stop, self._on_ready)
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # surfaced by start()
+            self._error = exc
+            logger.exception("%s thread failed", self._what)
+        finally:
+            self._ready.set()
+
+    def _on_ready(self, url: str) -> None:
+        self.url = url
+        self._ready.set()
