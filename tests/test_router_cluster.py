@@ -97,7 +97,7 @@ TOPICS = ("shipping containers between Rotterdam and Singapore", "orchard soil, 
 
 
 def _workload() -> list[str]:
-    """GROUPS long shared prefixes (about 150 tokens each), PER_GROUP short questions on each, shuffled."""
+    """GROUPS long shared prefixes (over 100 tokens each), PER_GROUP short questions on each, shuffled."""
     prompts = []
     for g, topic in enumerate(TOPICS[:GROUPS]):
         head = (f"Manual {g}. You are an assistant who answers questions about {topic}. Keep every answer "
