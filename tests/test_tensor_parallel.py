@@ -148,15 +148,16 @@ def test_two_ranks_sample_as_one_with_overlap_and_mlp_fold(models):
     assert got == want
 
 
-def test_retraction_and_abort_with_two_ranks(models):
+@pytest.mark.parametrize("model", ["qwen3", "llama", "qwen3_moe"])
+def test_retraction_and_abort_with_two_ranks(models, model):
     """A KV pool too small for every request's output: requests are retracted and resumed
     (the same tokens as one rank); a streamed request aborted mid-way frees its slots."""
     prompts = [[(13 * i + j) % 250 for i in range(24)] for j in range(6)]
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     options = dict(kv_cache_tokens=100, max_prefill_tokens=16)
-    with Engine(str(models["qwen3"]), **{**COMMON, **options}) as one:
+    with Engine(str(models[model]), **{**COMMON, **options}) as one:
         want = [o.token_ids for o in one.generate(prompts, params, progress=False)]
-    two = _engine(models["qwen3"], tensor_parallel_size=2, **options)
+    two = _engine(models[model], tensor_parallel_size=2, **options)
     got = [o.token_ids for o in two.generate(prompts, params, progress=False)]
     assert got == want
     assert two.stats()["retractions"] > 0
