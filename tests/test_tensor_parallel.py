@@ -82,11 +82,29 @@ def _assert_logprobs_close(want: list[list[Any]], got: list[list[Any]]) -> None:
                 assert max(abs(x - y) for (_, x), (_, y) in zip(a.top, b.top)) <= 1e-5
 
 
+def _record_logits(engine: Engine) -> list[torch.Tensor]:
+    """Every logits tensor rank 0's model computes from now on (all-gathered over the ranks: the
+    whole vocabulary), copied as it is made."""
+    model = engine.core.runner.model
+    compute = model.compute_logits
+    seen: list[torch.Tensor] = []
+
+    def recording(hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        logits = compute(hidden, out)
+        seen.append(logits.detach().clone())
+        return logits
+
+    model.compute_logits = recording  # type: ignore[method-assign]
+    return seen
+
+
 @pytest.mark.parametrize("model", ["qwen3", "qwen3_kv1", "llama", "qwen3_moe"])
 def test_two_ranks_match_one(models, model):
     """Greedy tokens identical to one rank, logprobs (the sampled token's and the top 20 per
     step) within 1e-5; with folding in the batch, chunked prefill and prefix-cache hits.
-    Embeddings (final hidden states) and scores (completion logprobs) agree as closely."""
+    The raw logits of every step (rank 0's, gathered from both ranks' vocabulary shares) are
+    within 1e-5 of one rank's. Embeddings (final hidden states) and scores (completion
+    logprobs) agree as closely."""
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=20)
 
     def extras(engine: Engine) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,15 +113,21 @@ def test_two_ranks_match_one(models, model):
         return embedded, scored
 
     with Engine(str(models[model]), **COMMON) as one:
+        want_logits = _record_logits(one)
         want = _rounds(one, params)
         want_extras = extras(one)
     two = _engine(models[model], tensor_parallel_size=2)
+    got_logits = _record_logits(two)
     got = _rounds(two, params)
     got_extras = extras(two)
     stats = two.stats()
     _close(two)
     assert _tokens(got) == _tokens(want)
     _assert_logprobs_close(want, got)
+    assert len(got_logits) == len(want_logits) > len(PROMPTS)  # the same steps, each with its logits
+    for w, g in zip(want_logits, got_logits):
+        assert w.shape == g.shape and w.shape[-1] == 512  # every vocabulary entry (TINY_VOCAB)
+        assert (w - g).abs().max().item() <= 1e-5
     for w, g in zip(want_extras, got_extras):
         assert w.shape == g.shape and torch.allclose(w, g, atol=1e-5, rtol=0)
     assert stats["hit_tokens"] > 0 and stats["folded_tokens"] > 0  # cache and folding were exercised
@@ -124,15 +148,16 @@ def test_two_ranks_sample_as_one_with_overlap_and_mlp_fold(models):
     assert got == want
 
 
-def test_retraction_and_abort_with_two_ranks(models):
+@pytest.mark.parametrize("model", ["qwen3", "llama", "qwen3_moe"])
+def test_retraction_and_abort_with_two_ranks(models, model):
     """A KV pool too small for every request's output: requests are retracted and resumed
     (the same tokens as one rank); a streamed request aborted mid-way frees its slots."""
     prompts = [[(13 * i + j) % 250 for i in range(24)] for j in range(6)]
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     options = dict(kv_cache_tokens=100, max_prefill_tokens=16)
-    with Engine(str(models["qwen3"]), **{**COMMON, **options}) as one:
+    with Engine(str(models[model]), **{**COMMON, **options}) as one:
         want = [o.token_ids for o in one.generate(prompts, params, progress=False)]
-    two = _engine(models["qwen3"], tensor_parallel_size=2, **options)
+    two = _engine(models[model], tensor_parallel_size=2, **options)
     got = [o.token_ids for o in two.generate(prompts, params, progress=False)]
     assert got == want
     assert two.stats()["retractions"] > 0
