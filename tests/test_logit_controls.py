@@ -142,6 +142,23 @@ def test_bad_words_never_appear_in_the_output_tokens(make_engine, smollm_path, o
             assert not any(_contains(c.token_ids, s) for s in seqs), (c.text, seqs)
 
 
+def test_a_word_of_several_tokens_alone_is_banned_on_later_steps(smollm_engine):
+    """Only multi-token words: the first steps suppress nothing, and the ban still comes once
+    the word's other tokens are out (each step's sampling tensors are rebuilt, not carried over)."""
+    from radixserve.engine.structured import bad_word_ids
+
+    prompt = "Count: 1, 2, 3,"
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    (plain,) = smollm_engine.generate([prompt], greedy, progress=False)
+    word = plain.text.split()[1]  # "5,": a digit and a comma, two tokens
+    seqs = bad_word_ids(smollm_engine.tokenizer, [word])
+    assert all(len(s) > 1 for s in seqs) and any(_contains(plain.token_ids, s) for s in seqs), (word, seqs)
+    for params in (greedy, SamplingParams(max_tokens=8, temperature=1, seed=5, n=2, top_k=3, ignore_eos=True)):
+        (out,) = smollm_engine.generate([prompt], params.replace(bad_words=[word]), progress=False)
+        for c in out.outputs:
+            assert not any(_contains(c.token_ids, s) for s in seqs), (c.text, seqs)
+
+
 def test_controlled_requests_leave_their_neighbours_unchanged(smollm_engine):
     prompts = ["The capital of France is", "Once upon a time", "def add(a, b):"]
     greedy = SamplingParams(max_tokens=10, temperature=0)

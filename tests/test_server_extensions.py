@@ -207,6 +207,47 @@ def test_ignore_eos_top_k_min_p_and_repetition_penalty_change_the_output(server)
     assert complete(server, COUNT, ignore_eos=True, repetition_penalty=2.0)["choices"][0]["text"] != greedy
 
 
+def _repeats(prompt_ids: list[int], ids: list[int]) -> int:
+    """How many generated tokens already stood in the prompt or earlier in the output."""
+    return sum(1 for i, t in enumerate(ids) if t in prompt_ids or t in ids[:i])
+
+
+def test_repetition_penalty_works_the_way_vllm_documents_it(server, engine):
+    """Above 1 the reply turns to new tokens, below 1 it repeats (greedy, 16 tokens)."""
+    ids = engine.tokenizer.encode(COUNT)
+    repeats = {}
+    for penalty in (0.5, 1.0, 1.5):
+        got = complete(server, COUNT, ignore_eos=True, max_tokens=16, return_token_ids=True,
+                       repetition_penalty=penalty)["choices"][0]
+        repeats[penalty] = _repeats(ids, got["token_ids"])
+    assert repeats[1.5] < repeats[1.0] < repeats[0.5] == 16, repeats
+    chat_ids = engine.apply_chat_template(MSGS)
+    free = chat(server, ignore_eos=True, max_tokens=16, return_token_ids=True)["choices"][0]["token_ids"]
+    fresh = chat(server, ignore_eos=True, max_tokens=16, return_token_ids=True,
+                 repetition_penalty=1.5)["choices"][0]["token_ids"]
+    assert _repeats(chat_ids, fresh) < _repeats(chat_ids, free)
+
+
+def test_allowed_token_ids_and_bad_words_on_completions_and_chat(server, engine):
+    """allowed_token_ids: every token from the list; bad_words: the word's tokens never in a row."""
+    tok = engine.tokenizer
+    allowed = sorted(set(tok.encode(" red green blue, and", add_special_tokens=False)))
+    body = complete(server, COUNT, allowed_token_ids=allowed, return_token_ids=True, ignore_eos=True,
+                    temperature=1.0, seed=3, n=2)
+    for c in body["choices"]:
+        assert len(c["token_ids"]) == 8 and set(c["token_ids"]) <= set(allowed), c
+    got = chat(server, allowed_token_ids=allowed, return_token_ids=True, temperature=0)["choices"][0]
+    assert got["token_ids"] and set(got["token_ids"]) <= set(allowed), got  # may end at once: EOS is allowed
+    free = complete(server, COUNT, return_token_ids=True, ignore_eos=True)["choices"][0]
+    word = free["text"].split()[1]  # a word of the free greedy reply, e.g. "5,"
+    banned = complete(server, COUNT, return_token_ids=True, ignore_eos=True, bad_words=[word])["choices"][0]
+    assert banned["token_ids"] != free["token_ids"]
+    for spelling in (word, " " + word):
+        seq = tok.encode(spelling, add_special_tokens=False)
+        ids = banned["token_ids"]
+        assert not any(ids[i:i + len(seq)] == seq for i in range(len(ids))), (spelling, banned)
+
+
 def test_beam_search_fields_and_spaces_between_special_tokens_only_as_implemented(server):
     assert complete(server, COUNT, length_penalty=1.0, use_beam_search=False, spaces_between_special_tokens=True,
                     priority=0, max_tokens=1)["usage"]["completion_tokens"] == 1

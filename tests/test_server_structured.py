@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import jsonschema
 import pytest
 from helpers.server import engine, http, leak_check, server, sse_events  # noqa: F401 (fixtures)
 
@@ -20,10 +21,7 @@ MESSAGES = [{"role": "user", "content": "Name a city and its population as JSON.
 
 
 def check_city(text: str) -> bool:
-    obj = json.loads(text)
-    assert isinstance(obj, dict) and set(obj) == {"city", "population"}, obj
-    assert isinstance(obj["city"], str) and 1 <= len(obj["city"]) <= 15, obj
-    assert type(obj["population"]) is int and obj["population"] >= 0, obj
+    jsonschema.validate(json.loads(text), SCHEMA)
     return True
 
 
@@ -56,7 +54,8 @@ def test_streamed_json_schema_concatenates_to_valid_json(server):
 
 
 @pytest.mark.parametrize("fields, check", [
-    ({"response_format": {"type": "json_object"}}, lambda t: isinstance(json.loads(t), dict)),
+    ({"response_format": {"type": "json_object"}}, lambda t: jsonschema.validate(json.loads(t), {"type": "object"})
+     is None),
     ({"structured_outputs": {"json": SCHEMA}}, check_city),
     ({"guided_json": SCHEMA, "guided_decoding_backend": "xgrammar"}, check_city),
     ({"structured_outputs": {"regex": r"[A-Z][a-z]{2,9}, [0-9]{3,7}"}},

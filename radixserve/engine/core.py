@@ -301,6 +301,10 @@ class EngineCore:
         or suppressed ids) means a build."""
         last, reqs = self._last_sampling, batch.sample_reqs
         sampling = None
+        if any(len(w) > 1 for r in reqs for w in r.bad_words_ids):
+            # A multi-token bad word bans its last token only after the others: which ids a row
+            # suppresses depends on the tokens drawn since, though no id may be suppressed now.
+            last = None
         if last is not None and last.reqs == reqs:  # the common case: one add on the device
             sampling = last.batch.next_step()
         elif last is not None:
