@@ -134,8 +134,9 @@ def mode_server(request, smollm_path) -> Iterator[tuple[Any, BackgroundServer]]:
 @pytest.mark.parametrize("stream", STREAM)
 @pytest.mark.parametrize("api", API)
 def test_json_schema_output_validates(mode_server, api, stream):
-    """Three requests with one prompt (concurrent on the async client: one batch, folded), greedy
-    and sampled; each reply closes the object and validates against the schema."""
+    """Three requests with one prompt, greedy and sampled (concurrent on the async client, so they
+    can share a batch and fold, or find the first one's prefix cached); each reply closes the
+    object and validates against the schema."""
     eng, srv = mode_server
     model = srv.state.model_name
     requests = [{"model": model, "messages": CITY, "max_tokens": 48, "response_format": RESPONSE_FORMAT,
