@@ -251,11 +251,10 @@ ENGINE_FIELDS = {
 
 
 def _bounded_engine(kw: dict) -> dict:
-    """As _bounded; and a request whose tokens are constrained (allowed ids that may leave out EOS, a
-    grammar that may go on, bad words that turn the reply from where it would end) gets 2 tokens
-    rather than 10**9, which the engine would run to the context."""
-    constrained = kw.get("allowed_token_ids") or kw.get("structured") or kw.get("bad_words")
-    if constrained and kw.get("max_tokens") == 10**9:
+    """As _bounded; and max_tokens 10**9 (valid for Engine: it ends at the context) becomes 2, since
+    a request that ignores EOS, is constrained or samples freely could run for minutes on the CPU to
+    reach the context. The HTTP draws keep 10**9, which the server refuses past the context."""
+    if kw.get("max_tokens") == 10**9:
         kw["max_tokens"] = 2
     return kw
 
