@@ -19,12 +19,9 @@ from radixserve.router.proxy import fan_out, read_body
 from radixserve.router.replicas import Replica, check_health
 from radixserve.router.state import RouterState, router_of
 from radixserve.server.openai_api import ApiError, bad_request
+from radixserve.server.transport import json_response
 
 logger = logging.getLogger(__name__)
-
-
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(text=json.dumps(body), status=status, content_type="application/json", headers=headers)
 
 
 # -- health checks ---------------------------------------------------------------------------

@@ -28,12 +28,21 @@ import aiohttp
 from aiohttp import web
 
 from radixserve.router.admin import ROUTES as ADMIN_ROUTES
-from radixserve.router.admin import check_all, health_loop, json_response
+from radixserve.router.admin import check_all, health_loop
 from radixserve.router.proxy import forward
 from radixserve.router.state import ROUTER, RouterConfig, RouterState
 from radixserve.server.auth import check_api_key
 from radixserve.server.openai_api import ApiError
-from radixserve.server.transport import AccessLogger, BackgroundLoop, TimedAppRunner, arm_body_deadline, escape_log
+from radixserve.server.transport import (
+    AccessLogger,
+    BackgroundLoop,
+    TimedAppRunner,
+    arm_body_deadline,
+    escape_log,
+    http_error,
+    json_response,
+    listening_url,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -105,10 +114,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
-        err = ApiError(exc.status, exc.reason, code=codes.get(exc.status))
-        resp = json_response(err.body(), status=exc.status,
-                             headers={k: v for k, v in exc.headers.items() if k == "Allow"})
+        resp = http_error(exc)
     except asyncio.CancelledError:
         state.metrics.responses.labels(route, "499").inc()
         raise
@@ -165,8 +171,7 @@ async def run_router(
     try:
         site = web.TCPSite(runner, config.host, config.port)
         await site.start()
-        host, port = runner.addresses[0][:2]
-        url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        url = listening_url(runner)
         logger.info("routing at %s over %d replicas (%s)", url, len(state.replicas), state.policy.name)
         if on_ready is not None:
             on_ready(url)

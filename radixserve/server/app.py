@@ -30,10 +30,19 @@ from aiohttp import web
 from radixserve.server.auth import check_api_key
 from radixserve.server.openai_api import ApiError
 from radixserve.server.responses_api import ROUTES as RESPONSES_ROUTES
-from radixserve.server.routes import ROUTES, json_response
+from radixserve.server.routes import ROUTES
 from radixserve.server.state import STATE, ServerConfig, ServerState
 from radixserve.server.tokenize import ROUTES as TOKENIZE_ROUTES
-from radixserve.server.transport import AccessLogger, BackgroundLoop, TimedAppRunner, arm_body_deadline, escape_log
+from radixserve.server.transport import (
+    AccessLogger,
+    BackgroundLoop,
+    TimedAppRunner,
+    arm_body_deadline,
+    escape_log,
+    http_error,
+    json_response,
+    listening_url,
+)
 
 if TYPE_CHECKING:
     from radixserve.engine.engine import Engine
@@ -78,7 +87,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        resp = _http_error(exc)
+        resp = http_error(exc)
     except asyncio.CancelledError:
         # The client closed the connection (499 is nginx's code for it; it only appears in the metrics).
         state.metrics.count_http(request.method, route, 499)
@@ -90,14 +99,6 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         state.inflight -= 1
     state.metrics.count_http(request.method, route, resp.status)
     return resp
-
-
-def _http_error(exc: web.HTTPException) -> web.Response:
-    codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
-    message = f"the request body is too large: {exc.text}" if exc.status == 413 else exc.reason
-    err = ApiError(exc.status, message, code=codes.get(exc.status))
-    headers = {k: v for k, v in exc.headers.items() if k in ("Allow",)}
-    return json_response(err.body(), status=exc.status, headers=headers)
 
 
 @web.middleware
@@ -172,8 +173,7 @@ async def _listen(
     try:
         site = web.TCPSite(runner, config.host, config.port)
         await site.start()
-        host, port = runner.addresses[0][:2]
-        url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        url = listening_url(runner)
         logger.info("serving %s at %s", state.model_name, url)
         if on_ready is not None:
             on_ready(url)

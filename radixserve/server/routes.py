@@ -44,7 +44,7 @@ from radixserve.server.openai_api import (
 from radixserve.server.responses import ResponseBuilder
 from radixserve.server.state import ServerState, state_of
 from radixserve.server.tools import template_text, tool_output
-from radixserve.server.transport import BodyTimeout
+from radixserve.server.transport import BodyTimeout, json_response
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +85,6 @@ async def read_json(request: web.Request) -> Any:
         raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
     check_unicode(body, text)
     return body
-
-
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(text=json.dumps(body), status=status, content_type="application/json", headers=headers)
 
 
 # -- generation ------------------------------------------------------------------------------

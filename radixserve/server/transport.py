@@ -20,6 +20,7 @@ a handler's read and aiohttp's lingering read of a body nobody read.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 from collections.abc import Callable, Coroutine
@@ -29,6 +30,8 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
+
+from radixserve.server.errors import ApiError
 
 logger = logging.getLogger(__name__)
 
@@ -251,3 +254,23 @@ class BackgroundLoop:
     def _on_ready(self, url: str) -> None:
         self.url = url
         self._ready.set()
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(text=json.dumps(body), status=status, content_type="application/json", headers=headers)
+
+
+def http_error(exc: web.HTTPException) -> web.Response:
+    """aiohttp's own refusals (no route, wrong method, body too large) as an OpenAI-style error body,
+    keeping the `Allow` header of a 405."""
+    codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+    message = f"the request body is too large: {exc.text}" if exc.status == 413 else exc.reason
+    err = ApiError(exc.status, message, code=codes.get(exc.status))
+    headers = {k: v for k, v in exc.headers.items() if k == "Allow"}
+    return json_response(err.body(), status=exc.status, headers=headers)
+
+
+def listening_url(runner: web.AppRunner) -> str:
+    """The URL a started runner's first site listens at (IPv6 hosts in brackets)."""
+    host, port = runner.addresses[0][:2]
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
