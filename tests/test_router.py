@@ -228,6 +228,22 @@ def test_replicas_join_and_leave_at_run_time(router, replicas, model):
     assert set(replicas_of(router)) == {s.url for s in replicas}
 
 
+def test_replicas_are_checked_once_at_start(engines):
+    """The startup check is the health checker's first round: the next waits for `health_interval` (or a
+    failed request), so that no check races the first requests."""
+    server = BackgroundServer(engines[0], ServerConfig(port=0)).start()
+
+    def checks() -> float:
+        return metric(http(server.url + "/metrics")[2], "radixserve_http_requests_total", route="/health")
+
+    try:
+        with BackgroundRouter(RouterConfig(replicas=(server.url,), health_interval=60.0)):
+            time.sleep(0.5)
+            assert checks() == 1
+    finally:
+        server.stop()
+
+
 def test_a_failed_replica_leaves_and_its_requests_are_retried(engines, replicas, model):
     """A replica that stops answering (its server closed) or answers 503 (draining): the request goes to
     another replica before anything reached the client, and the replica leaves the rotation."""
