@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from radixserve.router.proxy import fan_out, read_body
+from radixserve.router.proxy import fan_out
 from radixserve.router.replicas import Replica, check_health
 from radixserve.router.state import RouterState, router_of
 from radixserve.server.openai_api import ApiError, bad_request
@@ -101,7 +101,7 @@ async def list_replicas(request: web.Request) -> web.Response:
 async def _url_param(request: web.Request) -> str:
     url = request.query.get("url")
     if url is None:
-        raw = await read_body(request)
+        raw = await request.read()
         try:
             body = json.loads(raw) if raw else None
         except ValueError:
