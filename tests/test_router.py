@@ -8,9 +8,11 @@ replica that stops answering leaves the rotation and its requests go to another.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -226,6 +228,41 @@ def test_replicas_join_and_leave_at_run_time(router, replicas, model):
         assert status == 400 and err["error"]["param"] == "url"
     assert post(router.url, "/router/replicas", {"url": gone}, headers={})[0] == 401
     assert set(replicas_of(router)) == {s.url for s in replicas}
+
+
+def test_a_late_body_gets_the_routers_own_408(replicas):
+    config = RouterConfig(replicas=(replicas[0].url,), health_interval=60.0,
+                          server=ServerConfig(port=0, body_timeout=1.0))
+    with BackgroundRouter(config) as router:
+        host, port = router.url.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            started = time.monotonic()
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{")  # 99 bytes of the body never come
+            got = b""
+            while chunk := sock.recv(65536):  # until the router closes the connection
+                got += chunk
+        head, _, payload = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408") and b"Connection: close" in head, got
+        assert json.loads(payload)["error"]["code"] == "request_timeout"
+        assert time.monotonic() - started < 9
+        assert metric(http(router.url + "/metrics")[2], "radixserve_router_responses_total", status="408") == 1
+
+
+def test_replicas_are_checked_once_at_start(engines):
+    """The startup check is the health checker's first round: the next waits for `health_interval` (or a
+    failed request), so that no check races the first requests."""
+    server = BackgroundServer(engines[0], ServerConfig(port=0)).start()
+
+    def checks() -> float:
+        return metric(http(server.url + "/metrics")[2], "radixserve_http_requests_total", route="/health")
+
+    try:
+        with BackgroundRouter(RouterConfig(replicas=(server.url,), health_interval=60.0)):
+            time.sleep(0.5)
+            assert checks() == 1
+    finally:
+        server.stop()
 
 
 def test_a_failed_replica_leaves_and_its_requests_are_retried(engines, replicas, model):

@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from radixserve.router.proxy import fan_out, read_body
+from radixserve.router.proxy import fan_out
 from radixserve.router.replicas import Replica, check_health
 from radixserve.router.state import RouterState, router_of
 from radixserve.server.openai_api import ApiError, bad_request
@@ -42,14 +42,18 @@ async def check_all(state: RouterState) -> None:
 
 
 async def health_loop(state: RouterState) -> None:
-    """Check every replica each `health_interval` seconds, or at once when `state.wake` is set."""
+    """Check every replica each `health_interval` seconds, or at once when `state.wake` is set.
+
+    The application's startup has just checked them all (`check_all`), so the first round here
+    waits its interval too: a second round at once would only race the first requests.
+    """
     while True:
-        state.wake.clear()
-        await check_all(state)
         try:
             await asyncio.wait_for(state.wake.wait(), state.config.health_interval)
         except asyncio.TimeoutError:
             pass
+        state.wake.clear()  # a wake set while the checks below run asks for another round at once
+        await check_all(state)
 
 
 # -- routes ----------------------------------------------------------------------------------
@@ -97,7 +101,7 @@ async def list_replicas(request: web.Request) -> web.Response:
 async def _url_param(request: web.Request) -> str:
     url = request.query.get("url")
     if url is None:
-        raw = await read_body(request)
+        raw = await request.read()
         try:
             body = json.loads(raw) if raw else None
         except ValueError:

@@ -20,8 +20,7 @@ import contextlib
 import functools
 import logging
 import signal
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 import aiohttp
@@ -31,22 +30,11 @@ from radixserve.router.admin import ROUTES as ADMIN_ROUTES
 from radixserve.router.admin import check_all, health_loop
 from radixserve.router.proxy import forward
 from radixserve.router.state import ROUTER, RouterConfig, RouterState
-from radixserve.server.auth import check_api_key
-from radixserve.server.openai_api import ApiError
-from radixserve.server.transport import (
-    AccessLogger,
-    BackgroundLoop,
-    TimedAppRunner,
-    arm_body_deadline,
-    escape_log,
-    http_error,
-    json_response,
-    listening_url,
-)
+from radixserve.server.middleware import middlewares
+from radixserve.server.transport import BackgroundLoop, drain, listening, listening_url
 
 logger = logging.getLogger(__name__)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 T = TypeVar("T")
 
 # (method, path, the body's kind for request_key, or None: no prompt to route by)
@@ -63,14 +51,18 @@ FORWARDED = (
     ("GET", "/v1/models/{model}", None),
     ("GET", "/version", None),
 )
-_OPEN_PATHS = ("/health",)
 _CUT_GRACE_S = 1.0
 
 
 def build_router_app(config: RouterConfig) -> web.Application:
-    app = web.Application(middlewares=[_errors, _body_deadline, _draining, _auth],
+    state = RouterState(config)
+
+    def count(request: web.Request, route: str, status: int) -> None:
+        state.metrics.responses.labels(route, str(status)).inc()
+
+    app = web.Application(middlewares=middlewares(config.server, "router", state, count),
                           client_max_size=config.server.max_body_bytes)
-    state = app[ROUTER] = RouterState(config)
+    app[ROUTER] = state
     for method, path, route in FORWARDED:
         app.router.add_route(method, path, functools.partial(_forward, route=route))
     for method, path, handler in ADMIN_ROUTES:
@@ -98,60 +90,6 @@ async def _forward(request: web.Request, route: str | None) -> web.StreamRespons
     return await forward(request, route)
 
 
-# -- middlewares ---------------------------------------------------------------------------
-
-
-@web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    state = request.app[ROUTER]
-    state.inflight += 1
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else "unmatched"
-    try:
-        resp = await handler(request)
-    except ApiError as exc:
-        resp = json_response(exc.body(), status=exc.status, headers=exc.headers)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        resp = http_error(exc)
-    except asyncio.CancelledError:
-        state.metrics.responses.labels(route, "499").inc()
-        raise
-    except Exception:
-        logger.exception("unhandled error in %s %s", request.method, escape_log(request.path))
-        resp = json_response(ApiError(500, "internal server error").body(), status=500)
-    finally:
-        state.inflight -= 1
-    state.metrics.responses.labels(route, str(resp.status)).inc()
-    return resp
-
-
-@web.middleware
-async def _body_deadline(request: web.Request, handler: Handler) -> web.StreamResponse:
-    timer = arm_body_deadline(request, request.app[ROUTER].config.server.body_timeout)
-    try:
-        return await handler(request)
-    finally:
-        if timer is not None and request.content.is_eof():
-            timer.cancel()
-
-
-@web.middleware
-async def _draining(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.app[ROUTER].draining and request.path not in ("/health", "/metrics"):
-        raise ApiError(503, "the router is shutting down", code="shutting_down", headers={"Connection": "close"})
-    return await handler(request)
-
-
-@web.middleware
-async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    key = request.app[ROUTER].config.server.api_key
-    if key is not None and request.path not in _OPEN_PATHS:
-        check_api_key(request, key)
-    return await handler(request)
-
-
 # -- lifecycle -----------------------------------------------------------------------------
 
 
@@ -162,31 +100,15 @@ async def run_router(
     (up to the drain timeout; then their connections are closed), close. Returns 0."""
     state = app[ROUTER]
     config = state.config.server
-    runner = TimedAppRunner(
-        app, header_timeout=config.header_timeout, send_timeout=config.send_timeout,
-        keepalive_timeout=config.keep_alive_timeout, handler_cancellation=True, shutdown_timeout=_CUT_GRACE_S,
-        access_log_class=AccessLogger,
-    )
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, config.host, config.port)
-        await site.start()
+    async with listening(app, config, _CUT_GRACE_S) as runner:
         url = listening_url(runner)
         logger.info("routing at %s over %d replicas (%s)", url, len(state.replicas), state.policy.name)
         if on_ready is not None:
             on_ready(url)
         await stop.wait()
-        state.draining = True
-        for s in list(runner.sites):
-            await s.stop()
-        deadline = time.monotonic() + config.drain_timeout
-        while state.inflight and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        if state.inflight:
+        if not await drain(runner, state, config.drain_timeout):
             logger.warning("drain timeout (%g s): closing %d requests still in flight", config.drain_timeout,
                            state.inflight)
-    finally:
-        await runner.cleanup()
     return 0
 
 
@@ -215,13 +137,6 @@ class BackgroundRouter(BackgroundLoop):
     @property
     def state(self) -> RouterState:
         return self.app[ROUTER]
-
-    def start(self, timeout: float = 60.0) -> BackgroundRouter:
-        self._start(timeout)
-        return self
-
-    def __enter__(self) -> BackgroundRouter:
-        return self.start()
 
     def call(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
         """Run `fn` on the router's loop (the state is touched only there); its result as a future."""

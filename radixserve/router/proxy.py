@@ -33,7 +33,6 @@ from radixserve.router.policy import PromptKey, RouteChoice
 from radixserve.router.replicas import Replica
 from radixserve.router.state import RouterState, router_of
 from radixserve.server.openai_api import ApiError
-from radixserve.server.transport import BodyTimeout
 
 logger = logging.getLogger(__name__)
 
@@ -48,15 +47,6 @@ _JSON_IN_THREAD = 1 << 18  # bodies larger than this are parsed in a worker thre
 class _Failed(NamedTuple):
     reason: str  # "connection" or "status"
     answer: web.Response | None  # the replica's own error answer, returned when no retry is left
-
-
-async def read_body(request: web.Request) -> bytes:
-    config = router_of(request).config.server
-    try:
-        return await request.read()
-    except BodyTimeout:
-        raise ApiError(408, f"the request body did not arrive within {config.body_timeout:g} s",
-                       code="request_timeout", headers={"Connection": "close"}) from None
 
 
 def _event_data(event: bytes) -> Any:
@@ -140,7 +130,7 @@ async def _parse(route: str | None, body: bytes) -> tuple[Any, PromptKey | None]
 async def forward(request: web.Request, route: str | None) -> web.StreamResponse:
     """Send `request` to a replica chosen by the policy (by the prompt of a `route` body)."""
     state = router_of(request)
-    body = await read_body(request)
+    body = await request.read()  # a late body: the middleware's 408
     parsed, key = await _parse(route, body)
     tried: set[str] = set()
     failed: _Failed | None = None

@@ -4,15 +4,15 @@
     with BackgroundServer(engine, ServerConfig(port=0)) as srv:   # its own thread and loop
         ...
 
-`app.py` (the application, middlewares, lifecycle), `routes.py` (handlers), `openai_api.py`
+`app.py` (the application, lifecycle), `routes.py` (handlers), `openai_api.py`
 (request parsing), `responses.py` (response bodies), `native_api.py` (/generate), `responses_api.py` and
 `response_store.py` (/v1/responses), `tools.py`, `tool_parser.py`, `tool_formats.py`, `reasoning.py` and
 `chat_output.py` (tool calls and reasoning in chat), `tokenize.py` (/tokenize, /detokenize), `metrics.py`
-(prometheus_client), `transport.py` (connection timeouts, access log), `auth.py` (the API key check),
-`state.py` (config and shared state).
+(prometheus_client), `middleware.py` (errors, body deadline, drain, API key), `transport.py` (connection
+timeouts, access log, listening and draining), `state.py` (config and shared state).
 
 The names below load on first use, so that the router (radixserve.router), which shares
-`transport.py` and `state.ServerConfig`, imports neither the engine nor torch.
+`middleware.py`, `transport.py` and `state.ServerConfig`, imports neither the engine nor torch.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The aiohttp HTTP server: configuration, middlewares, lifecycle (graceful drain), background mode.
+"""The aiohttp HTTP server: the application, its lifecycle (graceful drain), background mode.
 
 The engine runs its loop on its own thread (`Engine`), so a slow step never
 blocks the event loop; anything that takes the engine's step lock (stats,
@@ -21,110 +21,43 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from radixserve.server.auth import check_api_key
-from radixserve.server.openai_api import ApiError
+from radixserve.server.middleware import middlewares
 from radixserve.server.responses_api import ROUTES as RESPONSES_ROUTES
 from radixserve.server.routes import ROUTES
 from radixserve.server.state import STATE, ServerConfig, ServerState
 from radixserve.server.tokenize import ROUTES as TOKENIZE_ROUTES
-from radixserve.server.transport import (
-    AccessLogger,
-    BackgroundLoop,
-    TimedAppRunner,
-    arm_body_deadline,
-    escape_log,
-    http_error,
-    json_response,
-    listening_url,
-)
+from radixserve.server.transport import BackgroundLoop, drain, listening, listening_url, requests_done
 
 if TYPE_CHECKING:
     from radixserve.engine.engine import Engine
 
 logger = logging.getLogger(__name__)
 
-_OPEN_PATHS = ("/health",)  # answered without the API key (load balancers' probes)
 # After the drain timeout, how long cut requests get to send their last bytes, and then how long
 # aiohttp waits for any other handler before cancelling it.
 _CUT_GRACE_S = 1.0
 _ENGINE_CHECK_S = 0.5  # how often the server checks that the engine's loop still runs
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
 def build_app(engine: Engine, config: ServerConfig | None = None) -> web.Application:
     """The aiohttp application over a running `Engine` (which it does not own)."""
     config = config or ServerConfig()
-    app = web.Application(middlewares=[_errors, _body_deadline, _draining, _auth],
+    state = ServerState(engine, config)
+
+    def count(request: web.Request, route: str, status: int) -> None:
+        state.metrics.count_http(request.method, route, status)
+
+    app = web.Application(middlewares=middlewares(config, "server", state, count),
                           client_max_size=config.max_body_bytes)
-    app[STATE] = ServerState(engine, config)
+    app[STATE] = state
     for method, path, handler in ROUTES + TOKENIZE_ROUTES + RESPONSES_ROUTES:
         app.router.add_route(method, path, handler)
     return app
-
-
-# -- middlewares ---------------------------------------------------------------------------
-
-
-@web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error as an OpenAI-style JSON body; counts requests per route and status."""
-    state = request.app[STATE]
-    state.inflight += 1
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else "unmatched"
-    try:
-        resp = await handler(request)
-    except ApiError as exc:
-        resp = json_response(exc.body(), status=exc.status, headers=exc.headers)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        resp = http_error(exc)
-    except asyncio.CancelledError:
-        # The client closed the connection (499 is nginx's code for it; it only appears in the metrics).
-        state.metrics.count_http(request.method, route, 499)
-        raise
-    except Exception:
-        logger.exception("unhandled error in %s %s", request.method, escape_log(request.path))
-        resp = json_response(ApiError(500, "internal server error").body(), status=500)
-    finally:
-        state.inflight -= 1
-    state.metrics.count_http(request.method, route, resp.status)
-    return resp
-
-
-@web.middleware
-async def _body_deadline(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """A body that has not all arrived within `body_timeout` fails its reader (read_json answers 408)."""
-    timer = arm_body_deadline(request, request.app[STATE].config.body_timeout)
-    try:
-        return await handler(request)
-    finally:
-        if timer is not None and request.content.is_eof():
-            timer.cancel()  # else it stays armed for aiohttp's read of the unread rest of the body
-
-
-@web.middleware
-async def _draining(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.app[STATE].draining and request.path not in ("/health", "/metrics"):
-        raise ApiError(503, "the server is shutting down", code="shutting_down", headers={"Connection": "close"})
-    return await handler(request)
-
-
-@web.middleware
-async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    key = request.app[STATE].config.api_key
-    if key is not None and request.path not in _OPEN_PATHS:
-        check_api_key(request, key)
-    return await handler(request)
 
 
 # -- lifecycle -----------------------------------------------------------------------------
@@ -164,41 +97,22 @@ async def _listen(
     app: web.Application, config: ServerConfig, stop: asyncio.Event, on_ready: Callable[[str], None] | None
 ) -> None:
     state = app[STATE]
-    runner = TimedAppRunner(
-        app, header_timeout=config.header_timeout, send_timeout=config.send_timeout,
-        keepalive_timeout=config.keep_alive_timeout,
-        handler_cancellation=True, shutdown_timeout=_CUT_GRACE_S, access_log_class=AccessLogger,
-    )
-    await runner.setup()
     try:
-        site = web.TCPSite(runner, config.host, config.port)
-        await site.start()
-        url = listening_url(runner)
-        logger.info("serving %s at %s", state.model_name, url)
-        if on_ready is not None:
-            on_ready(url)
-        await stop.wait()
-        state.draining = True
-        for s in list(runner.sites):
-            await s.stop()  # no new connections
-        if not await _requests_done(state, config.drain_timeout):
-            logger.warning("drain timeout (%g s): cutting %d requests still in flight", config.drain_timeout,
-                           state.inflight)
-            for gen in list(state.generations):
-                gen.cut(config.drain_timeout)
-            await _requests_done(state, _CUT_GRACE_S)
+        async with listening(app, config, _CUT_GRACE_S) as runner:
+            url = listening_url(runner)
+            logger.info("serving %s at %s", state.model_name, url)
+            if on_ready is not None:
+                on_ready(url)
+            await stop.wait()
+            if not await drain(runner, state, config.drain_timeout):
+                logger.warning("drain timeout (%g s): cutting %d requests still in flight", config.drain_timeout,
+                               state.inflight)
+                for gen in list(state.generations):
+                    gen.cut(config.drain_timeout)
+                await requests_done(state, _CUT_GRACE_S)
     finally:
-        await runner.cleanup()
         # Aborted requests' last deltas are posted to this loop: let them land before it closes.
         await asyncio.to_thread(state.engine.wait_idle, 30.0)
-
-
-async def _requests_done(state: ServerState, timeout: float) -> bool:
-    """Wait up to `timeout` seconds for every HTTP request in flight to finish; whether they did."""
-    deadline = time.monotonic() + timeout
-    while state.inflight and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
-    return not state.inflight
 
 
 def serve(engine: Engine, config: ServerConfig | None = None, on_ready: Callable[[str], None] | None = None) -> int:
@@ -232,13 +146,6 @@ class BackgroundServer(BackgroundLoop):
     @property
     def state(self) -> ServerState:
         return self.app[STATE]
-
-    def start(self, timeout: float = 60.0) -> BackgroundServer:
-        self._start(timeout)
-        return self
-
-    def __enter__(self) -> BackgroundServer:
-        return self.start()
 
     async def serve(self, stop: asyncio.Event, on_ready: Callable[[str], None]) -> None:
         self.exit_status = await run_app(self.app, self.config, stop, on_ready)

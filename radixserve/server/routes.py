@@ -44,7 +44,7 @@ from radixserve.server.openai_api import (
 from radixserve.server.responses import ResponseBuilder
 from radixserve.server.state import ServerState, state_of
 from radixserve.server.tools import template_text, tool_output
-from radixserve.server.transport import BodyTimeout, json_response
+from radixserve.server.transport import json_response
 
 logger = logging.getLogger(__name__)
 
@@ -55,23 +55,18 @@ _DEFAULT_MAX_TOKENS = {"completions": 16, "chat": None, "responses": None, "gene
 
 async def read_json(request: web.Request) -> Any:
     """The body of a JSON route: `application/json` (else 415), UTF-8 text (else 400), JSON whose
-    strings are all valid Unicode (else 400 naming the field), arrived in time (else 408)."""
-    config = state_of(request).config
+    strings are all valid Unicode (else 400 naming the field); a late body is the middleware's 408."""
     # Only JSON: a web page can make a browser post text/plain, form data or an untyped body to any
     # address without asking it first (a CORS "simple request"); application/json it cannot.
     if request.content_type != "application/json" or (request.charset or "utf-8").lower() not in ("utf-8", "utf8"):
         sent = request.headers.get("Content-Type")
         raise ApiError(415, f"the request body must be JSON sent with 'Content-Type: application/json', got "
                             f"{'no Content-Type' if sent is None else repr(sent)}", code="unsupported_media_type")
-    limit = config.max_body_bytes  # aiohttp enforces it while reading; checked early here
+    limit = state_of(request).config.max_body_bytes  # aiohttp enforces it while reading; checked early here
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, f"the request body is {request.content_length} bytes; the limit is {limit}",
                        code="request_too_large")
-    try:
-        raw = await request.read()
-    except BodyTimeout:
-        raise ApiError(408, f"the request body did not arrive within {config.body_timeout:g} s",
-                       code="request_timeout", headers={"Connection": "close"}) from None
+    raw = await request.read()
     if not raw:
         raise bad_request("the request body is empty; send a JSON object", code="invalid_json")
     try:

@@ -1,4 +1,5 @@
-"""Below the routes: deadlines on reading a request, and an access log line a client cannot forge.
+"""Below the routes: deadlines on reading a request, an access log line a client cannot forge, and
+an application's life (listening, draining, on a thread of its own), for the server and the router.
 
 A connection may take at most
 
@@ -20,11 +21,13 @@ a handler's read and aiohttp's lingering read of a body nobody read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
-from collections.abc import Callable, Coroutine
-from typing import Any
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -32,6 +35,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
 from radixserve.server.errors import ApiError
+
+if TYPE_CHECKING:
+    from radixserve.server.state import ServerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +208,54 @@ class AccessLogger(AbstractAccessLogger):
         return self.logger.isEnabledFor(logging.INFO)
 
 
+# -- an application's life -----------------------------------------------------------------
+
+
+class HttpState(Protocol):
+    """What the middlewares and the drain keep in an application's state (touched only on its event loop)."""
+
+    inflight: int  # requests inside a handler
+    draining: bool  # set at shutdown: new requests are refused with a 503
+
+
+@contextlib.asynccontextmanager
+async def listening(app: web.Application, config: ServerConfig, cut_grace: float) -> AsyncIterator[web.AppRunner]:
+    """`app` listening at `config.host`:`config.port` (`listening_url(runner)`) with `config`'s connection
+    deadlines and the access log. Leaving closes it: a handler still running gets `cut_grace` seconds,
+    then is cancelled."""
+    runner = TimedAppRunner(
+        app, header_timeout=config.header_timeout, send_timeout=config.send_timeout,
+        keepalive_timeout=config.keep_alive_timeout, handler_cancellation=True, shutdown_timeout=cut_grace,
+        access_log_class=AccessLogger,
+    )
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, config.host, config.port).start()
+        yield runner
+    finally:
+        await runner.cleanup()
+
+
+async def drain(runner: web.AppRunner, state: HttpState, timeout: float) -> bool:
+    """Refuse new connections and requests, and wait up to `timeout` seconds for the requests in flight;
+    whether they all finished."""
+    state.draining = True
+    for site in list(runner.sites):
+        await site.stop()
+    return await requests_done(state, timeout)
+
+
+async def requests_done(state: HttpState, timeout: float) -> bool:
+    """Wait up to `timeout` seconds for every request in flight to finish; whether they did."""
+    deadline = time.monotonic() + timeout
+    while state.inflight and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return not state.inflight
+
+
+Loop = TypeVar("Loop", bound="BackgroundLoop")
+
+
 class BackgroundLoop:
     """An app served on its own thread and event loop (tests, notebooks, `serve --dp`'s router).
 
@@ -221,12 +275,16 @@ class BackgroundLoop:
     def serve(self, stop: asyncio.Event, on_ready: Callable[[str], None]) -> Coroutine[Any, Any, None]:
         raise NotImplementedError
 
-    def _start(self, timeout: float) -> None:
+    def start(self: Loop, timeout: float = 60.0) -> Loop:
         self._thread.start()
         if not self._ready.wait(timeout):
             raise RuntimeError(f"the {self._what} did not start in time")
         if self._error is not None:
             raise RuntimeError(f"the {self._what} failed to start") from self._error
+        return self
+
+    def __enter__(self: Loop) -> Loop:
+        return self.start()
 
     def stop(self, timeout: float = 120.0) -> None:
         """Drain and stop, as SIGTERM does. Idempotent."""
