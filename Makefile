@@ -26,7 +26,7 @@ generate: install
 
 # The Triton kernel tests run on the CPU under Triton's interpreter, in a pytest run of
 # their own so that TRITON_INTERPRET=1 reaches no other test.
-KERNEL_TESTS := tests/test_triton_decode.py tests/test_triton_group.py
+KERNEL_TESTS := tests/test_triton_decode.py tests/test_triton_group.py tests/test_kv_store.py
 
 # Lint and type check first (ruff and mypy, configured in pyproject.toml): either failing fails CI.
 test: install

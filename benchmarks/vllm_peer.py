@@ -44,19 +44,20 @@ PEER_ENV = {"VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_NO_USAGE_STATS": "1", "HF_
 def run_peer(
     ckpt: Path, prompts: Sequence[Sequence[int]], max_tokens: Sequence[int], *, temperature: float,
     dtype: str, vllm_path: str, check_prompts: Sequence[Sequence[int]] = (), check_tokens: int = 32,
-    log_path: Path | None = None, timeout_s: float = 1800,
+    log_path: Path | None = None, timeout_s: float = 1800, kv_cache_dtype: str = "auto",
 ) -> dict[str, Any]:
     """Run the prompts through vLLM in a subprocess whose PYTHONPATH is `vllm_path` alone.
     Returns the peer's result (see `main`), plus the log's attention-backend lines; on any
     failure, {"error": ..., "log_tail": ...} instead of raising, so that a benchmark still
-    reports our own numbers."""
+    reports our own numbers. `kv_cache_dtype` is vLLM's own option ("auto", "fp8_e4m3"):
+    an fp8 run of ours meets an fp8 run of vLLM's."""
     if len(prompts) != len(max_tokens):
         raise ValueError(f"prompts ({len(prompts)}) and max_tokens ({len(max_tokens)}) differ in length")
     with tempfile.TemporaryDirectory(prefix="vllm-peer-") as tmp:
         job, result = Path(tmp) / "job.json", Path(tmp) / "result.json"
         log = log_path or Path(tmp) / "vllm.log"
         job.write_text(json.dumps({
-            "model": str(ckpt), "dtype": dtype, "temperature": temperature,
+            "model": str(ckpt), "dtype": dtype, "temperature": temperature, "kv_cache_dtype": kv_cache_dtype,
             "prompts": [list(map(int, p)) for p in prompts], "max_tokens": [int(n) for n in max_tokens],
             "check_prompts": [list(map(int, p)) for p in check_prompts], "check_tokens": check_tokens,
         }))
@@ -111,7 +112,8 @@ def main() -> None:
     from vllm.inputs import TokensPrompt
 
     started = time.perf_counter()
-    llm = LLM(model=job["model"], dtype=job["dtype"], skip_tokenizer_init=True, enable_prefix_caching=True)
+    llm = LLM(model=job["model"], dtype=job["dtype"], skip_tokenizer_init=True, enable_prefix_caching=True,
+              kv_cache_dtype=job.get("kv_cache_dtype", "auto"))
     start_s = time.perf_counter() - started
     prompts = [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]]
 
@@ -137,6 +139,7 @@ def main() -> None:
     scheduler = llm.llm_engine.vllm_config.scheduler_config
     record = {
         "engine": f"vllm {vllm.__version__}",
+        "kv_cache_dtype": str(getattr(llm.llm_engine.vllm_config.cache_config, "cache_dtype", None)),
         "max_num_seqs": getattr(scheduler, "max_num_seqs", None),
         "max_num_batched_tokens": getattr(scheduler, "max_num_batched_tokens", None),
         "start_s": start_s,

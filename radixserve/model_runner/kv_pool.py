@@ -20,6 +20,7 @@ from itertools import chain
 import numpy as np
 import torch
 
+from radixserve.model_runner.kv_store import store_kv
 from radixserve.model_runner.transfer import to_device
 
 
@@ -54,9 +55,9 @@ class KVPool:
         return 2 * num_layers * kv_heads * head_dim * itemsize
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v `[T, kv_heads, head_dim]` at `slots` `[T]` (one indexed copy, no loops)."""
-        self.k[layer][slots] = k.to(self.dtype)
-        self.v[layer][slots] = v.to(self.dtype)
+        """Store k, v `[T, kv_heads, head_dim]` at `slots` `[T]` (kv_store.store_kv: one Triton
+        launch for both on the GPU, indexed copies elsewhere)."""
+        store_kv(self.k[layer], self.v[layer], slots, k, v)
 
 
 class SlotAllocator:
