@@ -4,11 +4,13 @@ cascade still never change outputs."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import statistics
 
 import pytest
 import torch
+from helpers.cascade_cases import CASES, make_cascade_case
 from helpers.kv_fp8 import agreement, rollout
 from helpers.runner import make_runner
 from helpers.tiny_models import make_tiny_llama, make_tiny_qwen3
@@ -18,6 +20,8 @@ from test_engine_cache import run_core
 from radixserve import SamplingParams
 from radixserve.engine.config import EngineConfig
 from radixserve.engine.options import add_engine_options, engine_kwargs
+from radixserve.model_runner.attention.cpu_backend import CPUAttention
+from radixserve.model_runner.attention.torch_backend import TorchAttention
 from radixserve.model_runner.kv_pool import (
     FP8_KV_DTYPE,
     FP8_MAX,
@@ -34,8 +38,9 @@ CPU = dict(device="cpu", dtype=torch.float32, kv_cache_tokens=4096)
 
 def _pair(path, backend: str = "cpu", **options):
     """A model-dtype (fp32) runner and an fp8 one of the same checkpoint."""
-    ref = make_runner(path, attention_backend=backend, **CPU, **options)
-    return ref, make_runner(path, attention_backend=backend, kv_cache_dtype="fp8_e4m3", **CPU, **options)
+    options = {**CPU, **options}
+    ref = make_runner(path, attention_backend=backend, **options)
+    return ref, make_runner(path, attention_backend=backend, kv_cache_dtype="fp8_e4m3", **options)
 
 
 def _random_prompts(seed: int, n: int) -> list[list[int]]:
@@ -208,10 +213,11 @@ def test_tiny_models_fp8_greedy_close_to_fp32_kv(tmp_path, backend):
     assert llama.forced_match >= 0.9 and llama.max_logit_error < 0.3, llama
 
 
-# SmolLM2-135M-Instruct, 6 English/code prompts, 24 greedy tokens, scales 1.0 (the built-in model
-# has none): first divergence at 22, 6, 8, 24, 12, 5; teacher-forced argmax agreement 94.4%; max
-# |logit error| 2.96 with logits up to 44.7 (6.6%). Layer 0's V values are mostly below e4m3's
-# normal range at scale 1.0, so a checkpoint with calibrated scales does better.
+# SmolLM2-135M-Instruct, 6 English/code prompts, 16 greedy tokens, scales 1.0 (the built-in model
+# has none): first divergence at 16 (none), 6, 8, 16, 12, 5; teacher-forced argmax agreement 92.7%;
+# max |logit error| 2.96 with logits up to 42.5 (7.0%). Over 24 tokens: 22, 6, 8, 24, 12, 5 and
+# 94.4%. Layer 0's V values are mostly below e4m3's normal range at scale 1.0, so a checkpoint with
+# calibrated scales does better.
 SMOLLM_PROMPTS = [
     "The history of the Roman Empire spans", "def fibonacci(n):\n    ", "Photosynthesis is the process by which",
     "My favourite recipe for pancakes is", "The three laws of motion are", "Once upon a time, in a small village,",
@@ -223,9 +229,9 @@ def test_smollm_fp8_greedy_close_to_fp32_kv(smollm_path):
 
     tok = AutoTokenizer.from_pretrained(smollm_path)
     prompts = [tok(text)["input_ids"] for text in SMOLLM_PROMPTS]
-    got = agreement(*_pair(smollm_path), prompts, 24)
+    got = agreement(*_pair(smollm_path, kv_cache_tokens=512), prompts, 16)
     assert min(got.first_divergence) >= 4 and statistics.median(got.first_divergence) >= 6, got
-    assert got.forced_match >= 0.9, got
+    assert got.forced_match >= 0.85, got
     assert got.max_logit_error < 0.1 * got.max_logit, got
 
 
@@ -260,3 +266,40 @@ def test_fp8_cache_folding_and_cascade_do_not_change_outputs(tiny_qwen3_path):
         err = max(abs(x - y) for a, b in zip(reqs, want_reqs)
                   for (_, x, _), (_, y, _) in zip(a.output_logprobs, b.output_logprobs))
         assert err < 1e-4, options
+
+
+def test_two_ranks_match_one_with_per_head_checkpoint_scales(make_engine, tmp_path):
+    """Tensor parallelism: each rank's pool holds its KV head with that head's scale (the
+    checkpoint's per-head scales sliced), so two ranks decode as one."""
+    path = make_tiny_qwen3(tmp_path / "tp")
+    _add_scales(path, {f"model.layers.{i}.self_attn.{w}_scale": torch.tensor([0.02, 0.09]) * (i + 1)
+                       for i in range(2) for w in "kv"})
+    prompts = _random_prompts(6, 4)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=0)
+    outs = {}
+    for tp in (1, 2):
+        engine = make_engine(path, kv_cache_dtype="fp8", tensor_parallel_size=tp, max_prefill_tokens=48)
+        outs[tp] = engine.generate(prompts, params, progress=False)
+    assert [o.outputs[0].token_ids for o in outs[1]] == [o.outputs[0].token_ids for o in outs[2]]
+    err = max(abs(a.logprob - b.logprob) for x, y in zip(outs[1], outs[2])
+              for a, b in zip(x.outputs[0].logprobs, y.outputs[0].logprobs))
+    assert err <= 1e-5
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_backends_read_fp8_as_its_dequantized_values(case):
+    """torch (dequantizing reads) and cpu (scales folded into q and the output), with the cascade
+    plan and without, equal the reference over the dequantized float pool."""
+    q, k, v, table, batch = make_cascade_case(CASES[case], 8, 2, 16, seed=len(case))
+    ks, vs = torch.tensor([0.02, 0.3]), torch.tensor([0.5, 0.01])
+    k8, v8 = quantize_kv(k, ks), quantize_kv(v, vs)  # unused slots hold garbage: saturated
+    kr, vr = dequantize_kv(k8, ks, torch.float32), dequantize_kv(v8, vs, torch.float32)
+    scale = 0.25
+    for plan in (batch, dataclasses.replace(batch, cascade=None)):
+        ref = TorchAttention()
+        ref.prepare(plan, table)
+        want = ref.attend(q, kr, vr, scale)
+        for backend in (TorchAttention(), CPUAttention()):
+            backend.prepare(plan, table)
+            got = backend.attend(q, k8, v8, scale, k_scale=ks, v_scale=vs)
+            assert got.dtype == q.dtype and torch.allclose(got, want, atol=1e-5), (backend.name, plan.cascade)
