@@ -303,3 +303,52 @@ def test_backends_read_fp8_as_its_dequantized_values(case):
             backend.prepare(plan, table)
             got = backend.attend(q, k8, v8, scale, k_scale=ks, v_scale=vs)
             assert got.dtype == q.dtype and torch.allclose(got, want, atol=1e-5), (backend.name, plan.cascade)
+
+
+def _varlen_reference(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                      return_lse, **paged):
+    """Stands in for FA4's varlen call without a page table (what the fp8 gather path makes):
+    contiguous bf16 K/V, causal masking aligned to each sequence's end; (out, lse)."""
+    assert not paged and k.dtype == q.dtype == torch.bfloat16 and k.shape[0] == int(cu_seqlens_k[-1])
+    out = torch.zeros_like(q)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"))
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    group = q.shape[1] // k.shape[1]
+    for i in range(len(cq) - 1):
+        n, keys = cq[i + 1] - cq[i], ck[i + 1] - ck[i]
+        if n == 0 or keys == 0:
+            continue
+        qi = q[cq[i] : cq[i + 1]].float()
+        ki = k[ck[i] : ck[i + 1]].float().repeat_interleave(group, 1)
+        vi = v[ck[i] : ck[i + 1]].float().repeat_interleave(group, 1)
+        s = torch.einsum("nhd,lhd->hnl", qi, ki) * softmax_scale
+        if causal:
+            last = torch.arange(n).unsqueeze(1) + (keys - n)
+            s = s.masked_fill(torch.arange(keys).unsqueeze(0) > last, float("-inf"))
+        lse[:, cq[i] : cq[i + 1]] = torch.logsumexp(s, -1)
+        out[cq[i] : cq[i + 1]] = torch.einsum("hnl,lhd->nhd", s.softmax(-1), vi).to(q.dtype)
+    return out, (lse if return_lse else None)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fa4_backend_gathers_dequantized_kv_for_an_fp8_pool(monkeypatch, case):
+    """The fa4 backend's routing on the CPU, FA4 replaced by a reference of its varlen call: with
+    an fp8 pool and no Triton kernels, every pass (cascade or plain) gathers the real bf16 values."""
+    from radixserve.model_runner.attention import fa4_backend
+
+    monkeypatch.setattr(fa4_backend, "load_fa4", lambda: _varlen_reference)
+    monkeypatch.setattr(fa4_backend, "_compiled_merge", lambda: fa4_backend.merge_states)
+    q, k, v, table, batch = make_cascade_case(CASES[case], 8, 2, 16, seed=len(case))
+    q = q.bfloat16()
+    ks, vs = torch.tensor([0.02, 0.3]), torch.tensor([0.5, 0.01])
+    k8, v8 = quantize_kv(k, ks), quantize_kv(v, vs)
+    backend = fa4_backend.FA4Attention(triton_decode=False, kv_dtype=FP8_KV_DTYPE)
+    assert not backend.runs_in_graphs(torch.bfloat16, 16)  # the gather is sized on the host
+    for plan in (batch, dataclasses.replace(batch, cascade=None)):
+        ref = TorchAttention()
+        ref.prepare(plan, table)
+        want = ref.attend(q.float(), k8, v8, 0.25, k_scale=ks, v_scale=vs)
+        backend.prepare(plan, table)
+        got = backend.attend(q, k8, v8, 0.25, k_scale=ks, v_scale=vs)
+        assert got.dtype == torch.bfloat16
+        assert torch.allclose(got.float(), want, atol=2e-2, rtol=2e-2), float((got.float() - want).abs().max())

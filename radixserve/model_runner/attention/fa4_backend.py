@@ -119,9 +119,7 @@ class FA4Attention(AttentionBackend):
         if triton_decode and not triton_available():
             raise ValueError("triton_decode=True needs the triton package")
         self.triton_decode = triton_available() if triton_decode is None else triton_decode
-        self.kv_fp8 = kv_dtype == FP8_KV_DTYPE
-        # Passes the Triton kernels serve read the pool in place (an fp8 one with its scales).
-        self._triton_reads_pool = self.triton_decode and (SCALED_TRITON or not self.kv_fp8)
+        self.kv_fp8 = kv_dtype == FP8_KV_DTYPE  # the pool the runner will hand over
         # Per batch: the flat slot index of each pass that gathers K/V (an fp8 pool's FA4 passes).
         self._gather_index: dict[int, torch.Tensor] = {}
         self._num_sms: int | None = None
@@ -146,7 +144,7 @@ class FA4Attention(AttentionBackend):
     def runs_in_graphs(self, dtype: torch.dtype, head_dim: int) -> bool:
         # The kernel path; the reference fallback is not capturable, nor is an fp8 pool's
         # gather (its size is the batch's key count, a host value).
-        return fa4_supports(dtype, head_dim) and (not self.kv_fp8 or self._triton_reads_pool)
+        return fa4_supports(dtype, head_dim) and (not self.kv_fp8 or (self.triton_decode and SCALED_TRITON))
 
     def prepare_graph(self, meta: VarlenMetadata | None, cascade: CascadeMetadata | None = None) -> None:
         """Use metadata built on the device (`decode_graph_metadata`, or with a cascade plan
@@ -186,12 +184,13 @@ class FA4Attention(AttentionBackend):
         meta: VarlenMetadata, causal: bool, return_lse: bool,
         k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # The Triton kernels' scale arguments, passed only for an fp8 pool.
+        # The Triton kernels' scale arguments, passed only for an fp8 pool (read in place, with them).
         scales: dict[str, Any] = {} if k_scale is None else {"k_scale": k_scale, "v_scale": v_scale}
-        if self._triton_reads_pool and meta.max_seqlen_q == 1 and q.shape[0] == meta.seqused_k.shape[0]:
+        triton = self.triton_decode and (k_scale is None or SCALED_TRITON)
+        if triton and meta.max_seqlen_q == 1 and q.shape[0] == meta.seqused_k.shape[0]:
             # One query row per sequence, the last position: causal or not attends to every key.
             return self._decode(q, k_cache, v_cache, scale, meta, return_lse, scales)
-        if self._triton_reads_pool and meta.decode_rows and not causal:
+        if triton and meta.decode_rows and not causal:
             # A decode step's cascade prefix pass: a group's members x G heads form one tile.
             return self._group(q, k_cache, v_cache, scale, meta, return_lse, scales)
         if meta.table_rows is not None:
