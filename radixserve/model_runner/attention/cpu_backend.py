@@ -300,11 +300,15 @@ class CPUAttention(AttentionBackend):
     ) -> torch.Tensor:
         # An fp8 pool is read as raw e4m3 values: its scales ride on q and on the output.
         dtype, (q, out_scale) = q.dtype, fold_kv_scales(q, k_scale, v_scale)
+        out = self._attend(q, k_cache, v_cache, scale)
+        return out if out_scale is None else (out * out_scale).to(dtype)
+
+    def _attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
+    ) -> torch.Tensor:
         c = self._cascade
         if c is None:
-            out = run_passes(q, k_cache, v_cache, scale, self._passes)[0]
-        else:
-            o_prefix, lse_prefix = run_passes(q, k_cache, v_cache, scale, c.prefix)
-            o_suffix, lse_suffix = run_passes(q, k_cache, v_cache, scale, c.suffix)
-            out = merge_states(o_prefix, lse_prefix, o_suffix, lse_suffix, c.shared)
-        return out if out_scale is None else (out * out_scale).to(dtype)
+            return run_passes(q, k_cache, v_cache, scale, self._passes)[0]
+        o_prefix, lse_prefix = run_passes(q, k_cache, v_cache, scale, c.prefix)
+        o_suffix, lse_suffix = run_passes(q, k_cache, v_cache, scale, c.suffix)
+        return merge_states(o_prefix, lse_prefix, o_suffix, lse_suffix, c.shared)
