@@ -111,6 +111,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="see EngineConfig.batch_order")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--kv-cache-tokens", type=int)
+    p.add_argument("--kv-cache-dtype", default="auto",
+                   help="see EngineConfig.kv_cache_dtype: auto (the model dtype) or fp8_e4m3")
 
 
 def add_profile_args(p: argparse.ArgumentParser) -> None:
@@ -147,6 +149,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         device=args.device, dtype=args.dtype, max_running_requests=args.max_running,
         max_prefill_tokens=args.max_prefill_tokens, attention_backend=args.attention_backend,
         gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_tokens=args.kv_cache_tokens,
+        kv_cache_dtype=args.kv_cache_dtype,
         cuda_graphs=False if args.no_cuda_graphs else None,
         piecewise_graphs=False if args.no_piecewise_graphs else None, piecewise_max_rows=args.piecewise_max_rows,
         fused_kernels=False if args.no_fused_kernels else None, batch_order=args.batch_order,
@@ -251,6 +254,7 @@ def model_bytes(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def kv_bytes_per_token(model_config: Any, dtype: torch.dtype) -> int:
+    """K and V of one token in every layer, stored as `dtype` (the KV pool's: fp8 is one byte)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     return 2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim * itemsize
 

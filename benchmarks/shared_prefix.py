@@ -340,7 +340,7 @@ def model_shape(engine: Engine) -> dict[str, int]:
     head = cfg.vocab_size * cfg.hidden_size  # the output head, tied to the embedding or not
     embeddings = head * (1 if cfg.tie_word_embeddings else 2)
     return {
-        "weight_bytes_per_step": per_step, "kv_bytes_per_token": kv_bytes_per_token(cfg, runner.dtype),
+        "weight_bytes_per_step": per_step, "kv_bytes_per_token": kv_bytes_per_token(cfg, runner.pool.dtype),
         "layer_params": weights // itemsize - embeddings, "head_params": head,
         "num_layers": cfg.num_layers, "num_heads": cfg.num_heads, "head_dim": cfg.head_dim,
     }

@@ -21,12 +21,18 @@ Peers (`--peer`):
   `--hf-seqs` prompts with `--hf-new-tokens` each, in this process; our engine
   runs that same subset for the ratio.
 
+--kv-cache-dtype takes a comma-separated list (`auto,fp8_e4m3`): our engine then
+runs the workload once per KV dtype, in turn, each with its own floor (the K/V
+bytes of the dtype in use), and the record adds each run's output tokens/s over
+the first's (`ratio_vs_first_kv_cache_dtype`). `radixserve` holds the first run.
+
 --profile-steps N adds a decode-step breakdown (torch.profiler, see profile_decode).
 
     python benchmarks/throughput.py                       # Qwen3-0.6B shape on cuda
     python benchmarks/throughput.py --peer vllm --vllm-path /tmp/vl
     python benchmarks/throughput.py --shape qwen3-8b --hf-seqs 16
     python benchmarks/throughput.py --no-cuda-graphs       # eager decode (graphs are the engine's default)
+    python benchmarks/throughput.py --peer none --kv-cache-dtype auto,fp8_e4m3   # bf16 vs fp8 KV cache
     python benchmarks/throughput.py --shape tiny --device cpu --dtype float32 --num-seqs 4 \\
         --input-len 10 20 --output-len 5 10 --hf-seqs 2 --hf-new-tokens 4   # smoke test
 """
@@ -34,6 +40,7 @@ Peers (`--peer`):
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -163,12 +170,36 @@ def run_ours(
         if check:
             result["check_greedy_tokens"] = greedy_outputs(engine, [s.prompt for s in check], args.check_tokens)
         result["weight_bytes"], result["weight_bytes_per_step"] = model_bytes(core.runner.model)
-        result["kv_bytes_per_token"] = kv_bytes_per_token(core.runner.model_config, core.runner.dtype)
+        result["kv_cache_dtype"] = str(core.runner.pool.dtype).removeprefix("torch.")
+        result["kv_bytes_per_token"] = kv_bytes_per_token(core.runner.model_config, core.runner.pool.dtype)
         result["_config"] = core.runner.model_config
     finally:
         engine.shutdown()
         del engine, core
         free_memory()
+    return result
+
+
+def floor(
+    seqs: list[Seq], ours: dict[str, Any], config: Any, args: argparse.Namespace, bandwidth: float, tflops: float,
+    peer: dict[str, Any],
+) -> dict[str, Any]:
+    """The run's floor: decode reads the weights and the K/V (in the pool's dtype) once per step,
+    prefill at the matmul peak; and the fraction of it our run (and vLLM's) achieved."""
+    kv_tok = ours["kv_bytes_per_token"]
+    w_step = ours["weight_bytes_per_step"]
+    ideal = decode_floor(seqs, w_step, kv_tok, bandwidth)
+    actual_steps = decode_floor(seqs, w_step, kv_tok, bandwidth, steps=ours["steps"])
+    matmul_params = w_step // torch.empty((), dtype=DTYPES[args.dtype]).element_size()
+    prefill = prefill_floor_s(seqs, matmul_params, config, tflops)
+    floor_s = ideal["floor_s"] + prefill
+    result = {
+        "decode_memory_floor": ideal, "decode_floor_at_our_step_count": actual_steps,
+        "prefill_compute_floor_s": prefill, "floor_s": floor_s,
+        "achieved_fraction": floor_s / ours["time_s"],
+    }
+    if "time_s" in peer:
+        result["vllm_achieved_fraction"] = floor_s / peer["time_s"]
     return result
 
 
@@ -198,35 +229,43 @@ def main() -> None:
         record["transformers"] = run_hf(ckpt, subset, args.hf_new_tokens, args)
     if args.peer == "vllm":  # first, while this process holds no GPU memory beyond its context
         record["vllm"] = run_vllm(ckpt, seqs, check, args)
-    ours = run_ours(ckpt, seqs, subset, args, check)
-    config = ours.pop("_config")
-    record["radixserve"] = ours
-    requested = record["workload"]["output_tokens"]
-    record["output_tokens_as_requested"] = {"radixserve": ours["output_tokens"] == requested}
-    greedy = ours.pop("check_greedy_tokens", None)
+    kv_dtypes = args.kv_cache_dtype.split(",")
+    runs = []
+    for kv_dtype in kv_dtypes:  # one engine at a time: each run frees its engine before the next
+        run_args = copy.copy(args)
+        run_args.kv_cache_dtype = kv_dtype
+        runs.append(run_ours(ckpt, seqs, subset, run_args, check))
     peer = record.get("vllm", {})
+    peer_greedy = peer.pop("check_greedy_tokens", None)
+    for kv_dtype, ours in zip(kv_dtypes, runs):
+        config = ours.pop("_config")
+        requested = record["workload"]["output_tokens"]
+        ours["output_tokens_as_requested"] = ours["output_tokens"] == requested
+        greedy = ours.pop("check_greedy_tokens", None)
+        if "time_s" in peer:
+            ours["ratio_vs_vllm"] = ours["output_tok_s"] / peer["output_tok_s"]
+            if greedy is not None and peer_greedy is not None:
+                ours["greedy_agreement_vs_vllm"] = token_agreement(greedy, peer_greedy)
+        if subset:
+            ours["ratio_vs_transformers_same_subset"] = ours["same_subset_tok_s"] / record["transformers"]["tok_s"]
+            ours["ratio_full_run_vs_transformers_subset"] = ours["output_tok_s"] / record["transformers"]["tok_s"]
+        ours["floor"] = floor(seqs, ours, config, args, bandwidth, tflops, peer)
+        ours["kv_cache_dtype_option"] = kv_dtype
+    first = runs[0]
+    record["radixserve"] = first
+    # The first run's comparisons at the top level too, where they always were.
+    record["output_tokens_as_requested"] = {"radixserve": first.pop("output_tokens_as_requested")}
     if "time_s" in peer:
-        record["output_tokens_as_requested"]["vllm"] = peer["output_tokens"] == requested
-        record["ratio_vs_vllm"] = ours["output_tok_s"] / peer["output_tok_s"]
-        if greedy is not None:
-            record["greedy_agreement_vs_vllm"] = token_agreement(greedy, peer.pop("check_greedy_tokens"))
-    if subset:
-        record["ratio_vs_transformers_same_subset"] = ours["same_subset_tok_s"] / record["transformers"]["tok_s"]
-        record["ratio_full_run_vs_transformers_subset"] = ours["output_tok_s"] / record["transformers"]["tok_s"]
-    kv_tok = ours["kv_bytes_per_token"]
-    w_step = ours["weight_bytes_per_step"]
-    ideal = decode_floor(seqs, w_step, kv_tok, bandwidth)
-    actual_steps = decode_floor(seqs, w_step, kv_tok, bandwidth, steps=ours["steps"])
-    matmul_params = w_step // torch.empty((), dtype=DTYPES[args.dtype]).element_size()
-    prefill = prefill_floor_s(seqs, matmul_params, config, tflops)
-    floor_s = ideal["floor_s"] + prefill
-    record["floor"] = {
-        "decode_memory_floor": ideal, "decode_floor_at_our_step_count": actual_steps,
-        "prefill_compute_floor_s": prefill, "floor_s": floor_s,
-        "achieved_fraction": floor_s / ours["time_s"],
-    }
-    if "time_s" in peer:
-        record["floor"]["vllm_achieved_fraction"] = floor_s / peer["time_s"]
+        record["output_tokens_as_requested"]["vllm"] = peer["output_tokens"] == record["workload"]["output_tokens"]
+    for key in ("ratio_vs_vllm", "greedy_agreement_vs_vllm", "ratio_vs_transformers_same_subset",
+                "ratio_full_run_vs_transformers_subset", "floor"):
+        if key in first:
+            record[key] = first.pop(key)
+    if len(runs) > 1:
+        record["radixserve_by_kv_cache_dtype"] = dict(zip(kv_dtypes[1:], runs[1:]))
+        record["ratio_vs_first_kv_cache_dtype"] = {
+            kv_dtype: run["output_tok_s"] / first["output_tok_s"] for kv_dtype, run in zip(kv_dtypes[1:], runs[1:])
+        }
     emit(record)
     if args.profile_steps:
         emit({"bench": "decode_profile", "shape": record["shape"], **profile_decode(ckpt, seqs, args)})

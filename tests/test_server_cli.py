@@ -111,6 +111,7 @@ def test_every_engine_config_field_has_a_flag_that_reaches_it():
     values = {  # a valid value other than the default, for every field
         "model": "/models/x", "device": "cpu", "dtype": "bfloat16", "enable_prefix_cache": False,
         "max_running_requests": 7, "max_prefill_tokens": 99, "kv_cache_tokens": 1234, "gpu_memory_utilization": 0.5,
+        "kv_cache_dtype": "fp8_e4m3",
         "max_context": 300, "eviction_policy": "lfu", "schedule_policy": "lpm", "lpm_aging_tokens_per_step": 3,
         "page_size": 4, "fold_mode": "mlp", "fold_threshold": 0.5, "batch_order": "arrival",
         "attention_backend": "torch", "cuda_graphs": False, "piecewise_graphs": False, "piecewise_max_rows": 64,

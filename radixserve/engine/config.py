@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from radixserve.model_runner.config import DTYPES, MOE_BACKENDS
+from radixserve.model_runner.config import DTYPES, KV_CACHE_DTYPE_ALIASES, KV_CACHE_DTYPES, MOE_BACKENDS
 from radixserve.radix_tree.policies import POLICIES
 from radixserve.scheduler.fold_plan import FOLD_MODES
 from radixserve.scheduler.policy import BATCH_ORDERS, SCHEDULE_POLICIES
@@ -39,6 +39,10 @@ class EngineConfig:
     max_running_requests: int = _opt(64, "sequences running at once (decode batch size)")
     max_prefill_tokens: int = _opt(2048, "prefill tokens per step; longer prompts are computed in chunks")
     kv_cache_tokens: int | None = _opt(None, "KV pool size in tokens; default: 16384 on CPU, from free memory on GPU")
+    kv_cache_dtype: str = _opt(
+        "auto", "KV cache storage: auto (the model dtype) or fp8_e4m3 (alias fp8: one byte per value, twice the "
+                "cached tokens in the same memory; scales from the checkpoint's k_scale/v_scale, else 1.0)",
+        (*KV_CACHE_DTYPES, *KV_CACHE_DTYPE_ALIASES))
     gpu_memory_utilization: float = _opt(0.85, "share of GPU memory the engine may hold (weights, KV pool, graphs)")
     max_context: int | None = _opt(None, "the longest prompt + output; default: the model's max_position_embeddings")
     eviction_policy: str = _opt("lru", "which cached prefixes go first when the KV pool is full", EVICTION_POLICIES)
@@ -106,6 +110,9 @@ class EngineConfig:
             _check_int(self, "kv_cache_tokens", 1)
         if self.max_context is not None:
             _check_int(self, "max_context", 2)
+        if isinstance(self.kv_cache_dtype, str) and self.kv_cache_dtype in KV_CACHE_DTYPE_ALIASES:
+            object.__setattr__(self, "kv_cache_dtype", KV_CACHE_DTYPE_ALIASES[self.kv_cache_dtype])
+        _check_choice(self, "kv_cache_dtype", KV_CACHE_DTYPES)
         if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be None (auto), True or False, got {self.cuda_graphs!r}")
         if self.piecewise_graphs is not None and not isinstance(self.piecewise_graphs, bool):

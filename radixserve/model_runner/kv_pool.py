@@ -9,6 +9,14 @@ Ownership (kept by the scheduler, checked by `Scheduler.check_invariants`):
       - the allocator's free list,
       - the radix tree (evictable or protected),
       - one running request's private tail (allocated, not yet inserted).
+
+FP8 storage (`kv_dtype` float8_e4m3fn, written by kv_store.py): each layer has a K and a V scale per KV head
+(`k_scale[layer]`, `v_scale[layer]`, `[kv_heads]` float32), and
+
+    stored = e4m3(clamp(x / scale, -448, 448))      real = float(stored) * scale
+
+The scales are fixed for the pool's life: the radix tree hands one request's slots to
+later ones, so a slot must mean the same values whatever was written after it.
 """
 
 from __future__ import annotations
@@ -16,16 +24,59 @@ from __future__ import annotations
 from array import array
 from collections.abc import Sequence
 from itertools import chain
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from radixserve.model_runner.kv_store import store_kv
+from radixserve.model_runner.kv_store import FP8_KV_DTYPE, store_kv
 from radixserve.model_runner.transfer import to_device
 
 
+class KVScales(NamedTuple):
+    """Per layer and KV head scales of an fp8 pool, `[num_layers, kv_heads]` float32 each."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+def dequantize_kv(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Stored `[..., H, D]` values -> real values in `dtype` (`scale` None: a plain cast)."""
+    if scale is None:
+        return x.to(dtype)
+    return (x.float() * scale.unsqueeze(-1)).to(dtype)
+
+
+def gather_kv(cache: torch.Tensor, slots: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The real values `[n, H, D]` in `dtype` of the pool's `slots` `[n]`. One-byte caches are
+    gathered as bytes (every device indexes uint8; not every one indexes float8)."""
+    if cache.element_size() == 1:
+        rows = cache.view(torch.uint8).index_select(0, slots).view(cache.dtype)
+    else:
+        rows = cache.index_select(0, slots)
+    return dequantize_kv(rows, scale, dtype)
+
+
+def fold_kv_scales(
+    q: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention over an fp8 pool read as raw e4m3 values: q `[T, Hq, D]` times its KV head's
+    K scale (q . (k s) = (q s) . k), in float32, and the `[Hq, 1]` factor that the output
+    then takes (softmax weights sum to one, so sum p (v s) = s sum p v). None: no scales."""
+    if k_scale is None or v_scale is None:
+        return q, None
+    group = q.shape[1] // k_scale.shape[0]
+    q = q.float() * k_scale.repeat_interleave(group).unsqueeze(-1)
+    return q, v_scale.repeat_interleave(group).unsqueeze(-1)
+
+
 class KVPool:
-    """Per layer K and V tensors of shape `[num_slots + 1, kv_heads, head_dim]`."""
+    """Per layer K and V tensors of shape `[num_slots + 1, kv_heads, head_dim]`.
+
+    `dtype` is the model's (what K/V arrive in); `kv_dtype` what the pool stores (None:
+    `dtype`). For an fp8 pool `scales` are the per layer and head scales (None: 1.0,
+    vLLM's default where a checkpoint has none); for others `k_scale`/`v_scale` are None.
+    """
 
     def __init__(
         self,
@@ -35,6 +86,8 @@ class KVPool:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        kv_dtype: torch.dtype | None = None,
+        scales: KVScales | None = None,
     ) -> None:
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
@@ -42,11 +95,33 @@ class KVPool:
         self.num_slots = num_slots
         self.kv_heads = kv_heads
         self.head_dim = head_dim
-        self.dtype = dtype
+        self.model_dtype = dtype
+        self.dtype = dtype if kv_dtype is None else kv_dtype  # the storage dtype
         self.device = torch.device(device)
         shape = (num_slots + 1, kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(num_layers)]
+        self.k_scale: list[torch.Tensor] | None = None
+        self.v_scale: list[torch.Tensor] | None = None
+        if self.dtype == FP8_KV_DTYPE:
+            if scales is None:
+                ones = torch.ones(num_layers, kv_heads)
+                scales = KVScales(ones, ones)
+            for name, t in zip(("k", "v"), scales):
+                if tuple(t.shape) != (num_layers, kv_heads):
+                    raise ValueError(f"{name} scales have shape {tuple(t.shape)}, expected {(num_layers, kv_heads)}")
+                if not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
+                    raise ValueError(f"{name} scales must be finite and > 0")
+            k_all, v_all = (t.to(device=self.device, dtype=torch.float32).contiguous() for t in scales)
+            self.k_scale, self.v_scale = list(k_all), list(v_all)
+        elif scales is not None:
+            raise ValueError(f"KV scales are for an fp8 pool, this one stores {self.dtype}")
+
+    def scales(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The layer's (K, V) scales `[kv_heads]`, or (None, None) for a pool of real values."""
+        if self.k_scale is None or self.v_scale is None:
+            return None, None
+        return self.k_scale[layer], self.v_scale[layer]
 
     @staticmethod
     def bytes_per_slot(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -54,10 +129,16 @@ class KVPool:
         itemsize = torch.empty((), dtype=dtype).element_size()
         return 2 * num_layers * kv_heads * head_dim * itemsize
 
+    @staticmethod
+    def slots_for(budget_bytes: float, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """How many slots of `dtype` (the storage dtype: fp8 holds twice bf16's) fit in `budget_bytes`."""
+        return max(0, int(budget_bytes // KVPool.bytes_per_slot(num_layers, kv_heads, head_dim, dtype)))
+
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v `[T, kv_heads, head_dim]` at `slots` `[T]` (kv_store.store_kv: one Triton
-        launch for both on the GPU, indexed copies elsewhere)."""
-        store_kv(self.k[layer], self.v[layer], slots, k, v)
+        launch for both on the GPU, indexed copies elsewhere). An fp8 pool quantizes them with
+        the layer's fixed scales, on the device (no host sync: decode graphs capture this)."""
+        store_kv(self.k[layer], self.v[layer], slots, k, v, *self.scales(layer))
 
 
 class SlotAllocator:

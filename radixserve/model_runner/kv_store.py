@@ -3,6 +3,7 @@
 `store_kv` is the pool's only write. On CUDA where triton is installed it launches
 kv_store_kernels.store_kv_kernel (one program per token, both tensors, the fp8
 quantization fused in); elsewhere, and for the reference in tests, `cache[slots] = x`.
+An fp8 pool's format (stored = e4m3(clamp(x / scale, -448, 448))) is kv_pool.py's.
 Both write the same bytes: for an fp8 pool each value is saturate(x / scale[h]) rounded to
 the nearest e4m3, the scale per KV head.
 """
@@ -10,23 +11,29 @@ the nearest e4m3, the scale per KV head.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+from functools import cache
 
 import torch
 
-from radixserve.model_runner.attention.triton_decode import triton_available
-
-FP8_E4M3_MAX = 448.0
-
-
-def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x `[T, Hkv, D]` as e4m3: x / scale (`[Hkv]`, per KV head), saturated to +-448."""
-    scaled = x.float() / scale.view(1, -1, 1)
-    return scaled.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+FP8_KV_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_KV_DTYPE).max)  # 448: larger magnitudes saturate
 
 
-def kernel_available(cache: torch.Tensor) -> bool:
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`[T, H, D]` values -> e4m3 with the per-head `scale` `[H]`, saturating at +-448.
+    Device ops only: it runs inside captured CUDA graphs."""
+    return (x.float() / scale.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX).to(FP8_KV_DTYPE)
+
+
+@cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def kernel_available(pool_tensor: torch.Tensor) -> bool:
     """Whether `store_kv` launches the Triton kernel for a pool tensor (on CUDA, with triton)."""
-    return cache.is_cuda and triton_available()
+    return pool_tensor.is_cuda and _triton_installed()
 
 
 def store_kv(
@@ -45,15 +52,15 @@ def store_kv(
     `kernel_available`; True forces it (tests run it under Triton's interpreter); False never.
 
     Nothing here reads a tensor's contents on the host, so a call is CUDA-graph capturable."""
-    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    fp8 = k_cache.dtype == FP8_KV_DTYPE
     if fp8 and (k_scale is None or v_scale is None):
         raise ValueError("an fp8 KV pool needs k_scale and v_scale")
     use_kernel = kernel_available(k_cache) if kernel is None else kernel
     if not use_kernel or k.shape[0] == 0:
-        if fp8:
+        if fp8:  # written as bytes: not every device indexes float8
             assert k_scale is not None and v_scale is not None  # checked above
-            k_cache[slots] = quantize(k, k_scale)
-            v_cache[slots] = quantize(v, v_scale)
+            k_cache.view(torch.uint8)[slots] = quantize_kv(k, k_scale).view(torch.uint8)
+            v_cache.view(torch.uint8)[slots] = quantize_kv(v, v_scale).view(torch.uint8)
         else:
             k_cache[slots] = k.to(k_cache.dtype)
             v_cache[slots] = v.to(v_cache.dtype)

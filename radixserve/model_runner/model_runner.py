@@ -26,8 +26,9 @@ from radixserve.model_runner.forward_batch import (
 )
 from radixserve.model_runner.graphs import MAX_ROWS as PIECEWISE_MAX_ROWS
 from radixserve.model_runner.graphs import DecodeGraphRunner, GraphParts, PiecewiseGraphRunner, unsupported_reason
-from radixserve.model_runner.kv_pool import KVPool, ReqToTokenPool, SlotAllocator
-from radixserve.model_runner.loader import load_model
+from radixserve.model_runner.kv_pool import FP8_KV_DTYPE, KVPool, KVScales, ReqToTokenPool, SlotAllocator
+from radixserve.model_runner.kv_scales import load_kv_scales
+from radixserve.model_runner.loader import load_model, weight_files
 from radixserve.model_runner.models.kernels import compile_unsupported_reason, compiled_kernels
 from radixserve.model_runner.parallel import TPComm
 from radixserve.model_runner.sampler import SamplingBatch, TokenBitmask, sample
@@ -69,18 +70,20 @@ class ModelRunner:
         if max_context is not None and max_context > model_max:
             raise ValueError(f"max_context {max_context} exceeds the model's max_position_embeddings {model_max}")
         self.max_context = max_context or model_max
+        self.kv_dtype = FP8_KV_DTYPE if config.kv_cache_dtype == "fp8_e4m3" else dtype
         num_slots = config.kv_cache_tokens or self._default_kv_tokens(config.gpu_memory_utilization)
         if comm is not None:  # one allocator (rank 0's) hands out slots that every rank must hold
             num_slots = comm.min_int(num_slots)
-        self.pool = KVPool(cfg.num_layers, num_slots, self.model.local_kv_heads, cfg.head_dim, dtype, device)
+        self.pool = KVPool(cfg.num_layers, num_slots, self.model.local_kv_heads, cfg.head_dim, dtype, device,
+                           kv_dtype=self.kv_dtype, scales=self._kv_scales(model_path))
         self.allocator = SlotAllocator(num_slots)
         self.req_to_token = ReqToTokenPool(max_running_requests, self.max_context, device)
         self.backend = create_backend(config.attention_backend, device, dtype, cfg.head_dim, config.triton_decode,
-                                      cascade=config.cascade_attention is not False)
+                                      cascade=config.cascade_attention is not False, kv_dtype=self.kv_dtype)
         self.scale = cfg.softmax_scale
         logger.info(
-            "model %s on %s (%s): %d KV slots, attention %s",
-            cfg.architecture, device, dtype, num_slots, self.backend.name,
+            "model %s on %s (%s): %d KV slots (%s), attention %s",
+            cfg.architecture, device, dtype, num_slots, self.kv_dtype, self.backend.name,
         )
         # Decode batches of up to max_running_requests replay captured graphs (graphs/decode.py).
         # None: on wherever they are supported; True: required (a ValueError says why not).
@@ -103,6 +106,19 @@ class ModelRunner:
         self.pieces = PiecewiseGraphRunner(parts, max_rows) if use_pieces else None
         self.piecewise_batches = 0  # forwards that replayed graph pieces
 
+    def _kv_scales(self, model_path: str | Path) -> KVScales | None:
+        """An fp8 pool's scales from the checkpoint, for this rank's KV heads (None: it stores
+        none, and the pool takes 1.0). A model-dtype pool ignores them."""
+        cfg = self.model_config
+        first, count = self.model.shard.kv_heads(cfg)
+        scales = load_kv_scales(weight_files(Path(model_path)), cfg.num_layers, cfg.num_kv_heads, first, count)
+        if self.kv_dtype != FP8_KV_DTYPE:
+            if scales is not None:
+                logger.info("the checkpoint's KV cache scales are unused: the KV cache stores %s", self.kv_dtype)
+            return None
+        logger.info("fp8 KV cache scales: %s", "from the checkpoint" if scales is not None else "1.0 (none stored)")
+        return scales
+
     def _set_kernels(self, fused: bool | None) -> None:
         """Fused (torch.compile) position-wise kernels. None: on for CUDA devices where they
         can run (on the CPU compiling costs more than it saves); True: required."""
@@ -122,8 +138,7 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(self.device)
         # Keep (1 - utilization) of the card for activations, graphs and the allocator.
         budget = free - (1.0 - utilization) * total
-        per_slot = KVPool.bytes_per_slot(cfg.num_layers, self.model.local_kv_heads, cfg.head_dim, self.dtype)
-        slots = int(budget // per_slot)
+        slots = KVPool.slots_for(budget, cfg.num_layers, self.model.local_kv_heads, cfg.head_dim, self.kv_dtype)
         if slots < 1024:
             raise ValueError(
                 f"too little GPU memory for the KV cache: {budget / 2**30:.2f} GiB gives {slots} slots; "
@@ -180,7 +195,9 @@ class ModelRunner:
                     q = torch.randn(sum(extend), self.model.local_heads, cfg.head_dim, dtype=self.dtype,
                                     device=self.device)
                     self.backend.prepare(batch, self.req_to_token.table)
-                    self.backend.attend(q, self.pool.k[0], self.pool.v[0], self.scale)
+                    k_scale, v_scale = self.pool.scales(0)
+                    self.backend.attend(q, self.pool.k[0], self.pool.v[0], self.scale, k_scale=k_scale,
+                                        v_scale=v_scale)
 
     @torch.inference_mode()
     def _warm_up_step(self) -> None:
@@ -294,7 +311,8 @@ class ModelRunner:
             if unfold is not None:  # mlp fold: attention runs on every sequence's tokens
                 q, k, v = q[unfold], k[unfold], v[unfold]
             pool.write(layer, slots, k, v)
-            out = backend.attend(q, pool.k[layer], pool.v[layer], scale)
+            k_scale, v_scale = pool.scales(layer)  # fp8 pool: fixed device tensors (graph-safe)
+            out = backend.attend(q, pool.k[layer], pool.v[layer], scale, k_scale=k_scale, v_scale=v_scale)
             return out if fold is None else out[fold]
 
         return attn

@@ -78,11 +78,14 @@ def create_backend(
     head_dim: int | None = None,
     triton_decode: bool | None = None,
     cascade: bool = True,
+    kv_dtype: torch.dtype | None = None,
 ) -> AttentionBackend:
     """Build the backend `name`; "auto" picks the fastest available on `device`.
 
     `cascade` False (the engine's cascade_attention=False) keeps the CPU backend from
     grouping shared prefixes on its own (it attends to each sequence's whole context).
+    `kv_dtype` is what the KV pool stores (None: `dtype`); every backend reads an fp8
+    pool (float8_e4m3fn with per-head scales, kv_pool.py).
 
     With `dtype` and `head_dim` given, "auto" skips backends whose kernels do
     not run them (an fp32 model on the GPU gets `torch`). Forcing a backend that
@@ -105,7 +108,7 @@ def create_backend(
     if name != "fa4" and triton_decode:
         raise ValueError(f"triton_decode=True needs attention_backend 'fa4', got {name!r}")
     if name == "fa4":
-        backend: AttentionBackend = FA4Attention(triton_decode)
+        backend: AttentionBackend = FA4Attention(triton_decode, kv_dtype)
     elif name == "cpu":
         backend = CPUAttention(AUTO_CASCADE_MIN_PREFIX if cascade else 0)
     else:

@@ -37,9 +37,13 @@ class AttentionBackend:
         raise NotImplementedError
 
     def attend(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, *,
+        k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """q `[T, Hq, D]` for the batch's new tokens; caches `[slots, Hkv, D]`; returns `[T, Hq, D]`."""
+        """q `[T, Hq, D]` for the batch's new tokens; caches `[slots, Hkv, D]`; returns `[T, Hq, D]`.
+
+        An fp8 pool's caches come with its layer's scales `[Hkv]` float32 (real value =
+        stored * scale, kv_pool.py); None for a pool of real values."""
         raise NotImplementedError
 
     def runs_in_graphs(self, dtype: torch.dtype, head_dim: int) -> bool:

@@ -35,6 +35,7 @@ import torch
 
 from radixserve.model_runner.attention.metadata import VarlenMetadata, cumulative_lens
 from radixserve.model_runner.forward_batch import ForwardBatch
+from radixserve.model_runner.kv_pool import gather_kv
 from radixserve.model_runner.transfer import to_device
 
 # (q, k_cache, v_cache, scale, metadata, causal) -> (out [T, Hq, D], lse [Hq, T] float32)
@@ -199,9 +200,11 @@ def cascade_attend(
 
 
 def reference_attend_lse(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, meta: VarlenMetadata, causal: bool
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, meta: VarlenMetadata, causal: bool,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The torch reference of one varlen pass with its lse, in float32, per sequence.
+    """The torch reference of one varlen pass with its lse, in float32, per sequence (an fp8
+    pool's values dequantized with `k_scale`/`v_scale`).
 
     Causal masking is aligned to the end: query t of n sees keys j <= L - n + t.
     A sequence with no keys gets output 0 and lse -inf."""
@@ -217,8 +220,8 @@ def reference_attend_lse(
         slots = meta.page_table[i, :n_keys].long()
         qi = q[start:end].float()  # [n, Hq, D]
         group = heads // k_cache.shape[1]
-        ki = k_cache[slots].float().repeat_interleave(group, dim=1)  # [L, Hq, D]
-        vi = v_cache[slots].float().repeat_interleave(group, dim=1)
+        ki = gather_kv(k_cache, slots, k_scale, torch.float32).repeat_interleave(group, dim=1)  # [L, Hq, D]
+        vi = gather_kv(v_cache, slots, v_scale, torch.float32).repeat_interleave(group, dim=1)
         s = torch.einsum("nhd,lhd->hnl", qi, ki) * scale
         if causal:
             n = end - start

@@ -37,6 +37,7 @@ import torch
 from radixserve.model_runner.attention.base import AttentionBackend
 from radixserve.model_runner.attention.cascade import merge_states
 from radixserve.model_runner.forward_batch import CascadePlan, ForwardBatch
+from radixserve.model_runner.kv_pool import fold_kv_scales
 
 # Sequences of several new tokens share one padded pass when it computes at most this many
 # times the scores they need; otherwise each runs alone.
@@ -294,6 +295,15 @@ class CPUAttention(AttentionBackend):
         )
 
     def attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, *,
+        k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # An fp8 pool is read as raw e4m3 values: its scales ride on q and on the output.
+        dtype, (q, out_scale) = q.dtype, fold_kv_scales(q, k_scale, v_scale)
+        out = self._attend(q, k_cache, v_cache, scale)
+        return out if out_scale is None else (out * out_scale).to(dtype)
+
+    def _attend(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
     ) -> torch.Tensor:
         c = self._cascade

@@ -21,14 +21,24 @@ Under CUDA graphs both read the request table in place (metadata.py, indirect ta
 FA4 runs bf16/fp16 with head_dim in 8..256 (a multiple of 8) on SM 8.x-12.x.
 Other calls (fp32 engines, used by the CPU/GPU parity tests) go to the torch
 reference, logged once, so forcing `fa4` never changes what a model computes.
+
+An fp8 pool (kv_pool.py): the Triton kernels read it in place and dequantize on
+load (the layer's `k_scale`/`v_scale`). FA4 reads bf16/fp16 only, so a pass that
+goes to FA4 (prefill chunks, mixed steps, decode passes without Triton) gathers its
+sequences' K/V, dequantized to the model dtype, into a contiguous buffer and makes
+FA4's varlen call without a page table (`cu_seqlens_k`). That gather needs the
+batch's key count on the host, so CUDA graphs run with an fp8 pool only where the
+Triton kernels serve every captured pass (`runs_in_graphs`).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -40,7 +50,7 @@ from radixserve.model_runner.attention.cascade import (
     merge_states,
 )
 from radixserve.model_runner.attention.fallback import ReferenceFallback
-from radixserve.model_runner.attention.metadata import VarlenMetadata, build_varlen_metadata
+from radixserve.model_runner.attention.metadata import VarlenMetadata, build_varlen_metadata, flat_kv_slots
 from radixserve.model_runner.attention.triton_decode import (
     KernelConfig,
     choose_num_splits,
@@ -49,10 +59,15 @@ from radixserve.model_runner.attention.triton_decode import (
 )
 from radixserve.model_runner.attention.triton_group import GroupKernelConfig, choose_group_splits, paged_group_attend
 from radixserve.model_runner.forward_batch import ForwardBatch
+from radixserve.model_runner.kv_pool import gather_kv
+from radixserve.model_runner.kv_store import FP8_KV_DTYPE
 
 logger = logging.getLogger(__name__)
 
 FA4_DTYPES = (torch.bfloat16, torch.float16)
+# The Triton kernels take an fp8 pool's scales (k_scale/v_scale, dequantized on load); where
+# they do not, an fp8 pool's decode passes take the gather path too.
+SCALED_TRITON = all("k_scale" in inspect.signature(f).parameters for f in (paged_decode, paged_group_attend))
 
 
 def fa4_supports(dtype: torch.dtype, head_dim: int) -> bool:
@@ -98,13 +113,16 @@ class FA4Attention(AttentionBackend):
     name = "fa4"
     supports_cascade = True
 
-    def __init__(self, triton_decode: bool | None = None) -> None:
+    def __init__(self, triton_decode: bool | None = None, kv_dtype: torch.dtype | None = None) -> None:
         fn = load_fa4()
         if fn is None:
             raise ValueError("attention backend 'fa4' needs the flash-attn-4 package (flash_attn.cute)")
         if triton_decode and not triton_available():
             raise ValueError("triton_decode=True needs the triton package")
         self.triton_decode = triton_available() if triton_decode is None else triton_decode
+        self.kv_fp8 = kv_dtype == FP8_KV_DTYPE  # the pool the runner will hand over
+        # Per batch: the flat slot index of each pass that gathers K/V (an fp8 pool's FA4 passes).
+        self._gather_index: dict[int, torch.Tensor] = {}
         self._num_sms: int | None = None
         self._fn = fn
         self._meta: VarlenMetadata | None = None
@@ -117,6 +135,7 @@ class FA4Attention(AttentionBackend):
         self.compiles = 0  # variants compiled after warm-up
 
     def prepare(self, batch: ForwardBatch, req_to_token: torch.Tensor) -> None:
+        self._gather_index = {}
         if batch.cascade is not None:
             self._meta, self._cascade = None, build_cascade_metadata(batch, req_to_token)
         else:
@@ -124,63 +143,77 @@ class FA4Attention(AttentionBackend):
         self._fallback.prepare(batch, req_to_token)
 
     def runs_in_graphs(self, dtype: torch.dtype, head_dim: int) -> bool:
-        return fa4_supports(dtype, head_dim)  # the kernel path; the reference fallback is not capturable
+        # The kernel path; the reference fallback is not capturable, nor is an fp8 pool's
+        # gather (its size is the batch's key count, a host value).
+        return fa4_supports(dtype, head_dim) and (not self.kv_fp8 or (self.triton_decode and SCALED_TRITON))
 
     def prepare_graph(self, meta: VarlenMetadata | None, cascade: CascadeMetadata | None = None) -> None:
         """Use metadata built on the device (`decode_graph_metadata`, or with a cascade plan
         `graph_cascade_metadata`) for a captured decode step."""
         self._meta, self._cascade = meta, cascade
+        self._gather_index = {}
 
     def finish_warm_up(self) -> None:
         self.warmed = True
 
     def attend(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, *,
+        k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if not fa4_supports(q.dtype, q.shape[-1]) or k_cache.dtype != q.dtype:
-            return self._fallback.attend(q, k_cache, v_cache, scale)
+        if not fa4_supports(q.dtype, q.shape[-1]) or (k_scale is None and k_cache.dtype != q.dtype):
+            return self._fallback.attend(q, k_cache, v_cache, scale, k_scale=k_scale, v_scale=v_scale)
         if self._cascade is not None:
-            return cascade_attend(self._call_lse, _compiled_merge(), q, k_cache, v_cache, scale, self._cascade)
+            attend_lse = functools.partial(self._call_lse, k_scale=k_scale, v_scale=v_scale)
+            return cascade_attend(attend_lse, _compiled_merge(), q, k_cache, v_cache, scale, self._cascade)
         assert self._meta is not None, "prepare() comes before attend()"
-        out, _ = self._call(q, k_cache, v_cache, scale, self._meta, causal=True, return_lse=False)
+        out, _ = self._call(q, k_cache, v_cache, scale, self._meta, causal=True, return_lse=False,
+                            k_scale=k_scale, v_scale=v_scale)
         return out
 
     def _call_lse(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
-        meta: VarlenMetadata, causal: bool,
+        meta: VarlenMetadata, causal: bool, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`_call` with the lse (cascade_attend's pass function)."""
-        out, lse = self._call(q, k_cache, v_cache, scale, meta, causal, return_lse=True)
+        out, lse = self._call(q, k_cache, v_cache, scale, meta, causal, return_lse=True, k_scale=k_scale,
+                              v_scale=v_scale)
         assert lse is not None
         return out, lse
 
     def _call(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
         meta: VarlenMetadata, causal: bool, return_lse: bool,
+        k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.triton_decode and meta.max_seqlen_q == 1 and q.shape[0] == meta.seqused_k.shape[0]:
+        # The Triton kernels' scale arguments, passed only for an fp8 pool (read in place, with them).
+        scales: dict[str, Any] = {} if k_scale is None else {"k_scale": k_scale, "v_scale": v_scale}
+        triton = self.triton_decode and (k_scale is None or SCALED_TRITON)
+        if triton and meta.max_seqlen_q == 1 and q.shape[0] == meta.seqused_k.shape[0]:
             # One query row per sequence, the last position: causal or not attends to every key.
-            return self._decode(q, k_cache, v_cache, scale, meta, return_lse)
-        if self.triton_decode and meta.decode_rows and not causal:
+            return self._decode(q, k_cache, v_cache, scale, meta, return_lse, scales)
+        if triton and meta.decode_rows and not causal:
             # A decode step's cascade prefix pass: a group's members x G heads form one tile.
-            return self._group(q, k_cache, v_cache, scale, meta, return_lse)
+            return self._group(q, k_cache, v_cache, scale, meta, return_lse, scales)
         if meta.table_rows is not None:
             raise RuntimeError("an indirect page table reached FA4, which takes gathered tables only")
         known = len(self._variants) if self._variants is not None else 0
         start = time.perf_counter()
-        result = self._fn(
-            q,
-            k_cache.unsqueeze(1),  # [pages, page_size = 1, Hkv, D], a view
-            v_cache.unsqueeze(1),
-            cu_seqlens_q=meta.cu_seqlens_q,
-            max_seqlen_q=meta.max_seqlen_q,
-            max_seqlen_k=meta.max_seqlen_k,
-            seqused_k=meta.seqused_k,
-            page_table=meta.page_table,
-            softmax_scale=scale,
-            causal=causal,
-            return_lse=return_lse,
-        )
+        if k_scale is None:
+            result = self._fn(
+                q,
+                k_cache.unsqueeze(1),  # [pages, page_size = 1, Hkv, D], a view
+                v_cache.unsqueeze(1),
+                cu_seqlens_q=meta.cu_seqlens_q,
+                max_seqlen_q=meta.max_seqlen_q,
+                max_seqlen_k=meta.max_seqlen_k,
+                seqused_k=meta.seqused_k,
+                page_table=meta.page_table,
+                softmax_scale=scale,
+                causal=causal,
+                return_lse=return_lse,
+            )
+        else:
+            result = self._gathered(q, k_cache, v_cache, scale, meta, causal, return_lse, k_scale, v_scale)
         if self._variants is not None and len(self._variants) > known:
             seconds = time.perf_counter() - start
             if self.warmed:
@@ -194,6 +227,31 @@ class FA4Attention(AttentionBackend):
             )
         return result
 
+    def _gathered(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, meta: VarlenMetadata,
+        causal: bool, return_lse: bool, k_scale: torch.Tensor, v_scale: torch.Tensor | None,
+    ) -> Any:
+        """FA4 over an fp8 pool: the pass's K/V `[total_k, Hkv, D]` gathered in sequence order
+        and dequantized to q's dtype (a scratch buffer per layer), one varlen call with
+        `cu_seqlens_k`. The slot index is built once per pass and batch."""
+        if meta.total_k < 0:
+            raise RuntimeError("an fp8 pool's FA4 pass needs the batch's key count, which graph metadata lacks")
+        index = self._gather_index.get(id(meta))
+        if index is None:
+            index = self._gather_index[id(meta)] = flat_kv_slots(meta)
+        return self._fn(
+            q,
+            gather_kv(k_cache, index, k_scale, q.dtype),
+            gather_kv(v_cache, index, v_scale, q.dtype),
+            cu_seqlens_q=meta.cu_seqlens_q,
+            cu_seqlens_k=meta.cu_seqlens_k,
+            max_seqlen_q=meta.max_seqlen_q,
+            max_seqlen_k=meta.max_seqlen_k,
+            softmax_scale=scale,
+            causal=causal,
+            return_lse=return_lse,
+        )
+
     def _sms(self, device: torch.device) -> int:
         if self._num_sms is None:
             self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -201,19 +259,20 @@ class FA4Attention(AttentionBackend):
 
     def _decode(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
-        meta: VarlenMetadata, return_lse: bool,
+        meta: VarlenMetadata, return_lse: bool, scales: dict[str, Any],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The Triton split-KV kernel; the split count depends on shapes only (graph-safe)."""
         splits = choose_num_splits(q.shape[0], k_cache.shape[1], self._sms(q.device))
         result = paged_decode(
             q, k_cache, v_cache, meta.page_table, meta.seqused_k, scale, splits,
             return_lse=return_lse, config=DECODE_CONFIG, table_rows=meta.table_rows, table_start=meta.table_start,
+            **scales,
         )
         return result if isinstance(result, tuple) else (result, None)  # a tuple with return_lse
 
     def _group(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
-        meta: VarlenMetadata, return_lse: bool,
+        meta: VarlenMetadata, return_lse: bool, scales: dict[str, Any],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The Triton group kernel over a decode step's prefix pass (shape-only splits)."""
         rows, groups = q.shape[0], meta.seqused_k.shape[0]
@@ -222,6 +281,6 @@ class FA4Attention(AttentionBackend):
         )
         result = paged_group_attend(
             q, k_cache, v_cache, meta.page_table, meta.seqused_k, meta.cu_seqlens_q, scale, splits,
-            return_lse=return_lse, config=GROUP_CONFIG, table_rows=meta.table_rows,
+            return_lse=return_lse, config=GROUP_CONFIG, table_rows=meta.table_rows, **scales,
         )
         return result if isinstance(result, tuple) else (result, None)  # a tuple with return_lse

@@ -28,7 +28,10 @@ class ReferenceFallback:
         """Remember the batch; the reference builds its per-sequence state only if called."""
         self._pending = (batch, req_to_token)
 
-    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, *,
+        k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if not self._logged:
             logger.info(
                 "%s does not run dtype %s / head_dim %d: the torch reference serves these calls",
@@ -38,4 +41,4 @@ class ReferenceFallback:
         if self._pending is not None:
             self._ref.prepare(*self._pending)
             self._pending = None
-        return self._ref.attend(q, k_cache, v_cache, scale)
+        return self._ref.attend(q, k_cache, v_cache, scale, k_scale=k_scale, v_scale=v_scale)

@@ -9,6 +9,8 @@ cascade algebra the GPU kernels run.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -21,6 +23,7 @@ from radixserve.model_runner.attention.cascade import (
     reference_attend_lse,
 )
 from radixserve.model_runner.forward_batch import ForwardBatch
+from radixserve.model_runner.kv_pool import gather_kv
 
 
 class TorchAttention(AttentionBackend):
@@ -52,17 +55,17 @@ class TorchAttention(AttentionBackend):
             start += extend
 
     def attend(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, *,
+        k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self._cascade is not None:
-            return cascade_attend(reference_attend_lse, merge_states, q, k_cache, v_cache, scale, self._cascade)
+            attend_lse = functools.partial(reference_attend_lse, k_scale=k_scale, v_scale=v_scale)
+            return cascade_attend(attend_lse, merge_states, q, k_cache, v_cache, scale, self._cascade)
         out = torch.empty_like(q)
         for start, extend, slots, mask in self._seqs:
             qi = q[start : start + extend].transpose(0, 1)  # [Hq, n, D]
-            ki = k_cache[slots].transpose(0, 1)  # [Hkv, L, D]
-            vi = v_cache[slots].transpose(0, 1)
-            oi = F.scaled_dot_product_attention(
-                qi, ki.to(q.dtype), vi.to(q.dtype), attn_mask=mask, scale=scale, enable_gqa=True
-            )
+            ki = gather_kv(k_cache, slots, k_scale, q.dtype).transpose(0, 1)  # [Hkv, L, D], real values
+            vi = gather_kv(v_cache, slots, v_scale, q.dtype).transpose(0, 1)
+            oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=True)
             out[start : start + extend] = oi.transpose(0, 1)
         return out

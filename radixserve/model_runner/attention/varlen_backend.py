@@ -27,6 +27,7 @@ from radixserve.model_runner.attention.base import AttentionBackend
 from radixserve.model_runner.attention.fallback import ReferenceFallback
 from radixserve.model_runner.attention.metadata import VarlenMetadata, build_varlen_metadata, flat_kv_slots
 from radixserve.model_runner.forward_batch import ForwardBatch
+from radixserve.model_runner.kv_pool import gather_kv
 
 logger = logging.getLogger(__name__)
 
@@ -72,14 +73,16 @@ class TorchVarlenAttention(AttentionBackend):
         self._fallback.prepare(batch, req_to_token)
 
     def attend(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, *,
+        k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if not varlen_supports(q.dtype, q.shape[-1]) or k_cache.dtype != q.dtype:
-            return self._fallback.attend(q, k_cache, v_cache, scale)
+        if not varlen_supports(q.dtype, q.shape[-1]) or (k_scale is None and k_cache.dtype != q.dtype):
+            return self._fallback.attend(q, k_cache, v_cache, scale, k_scale=k_scale, v_scale=v_scale)
         m, kv_index = self._meta, self._kv_index
         assert m is not None and kv_index is not None, "prepare() comes before attend()"
-        k = k_cache.index_select(0, kv_index)
-        v = v_cache.index_select(0, kv_index)
+        # The gather every layer makes anyway dequantizes an fp8 pool on the way.
+        k = gather_kv(k_cache, kv_index, k_scale, q.dtype)
+        v = gather_kv(v_cache, kv_index, v_scale, q.dtype)
         kwargs = dict(self._causal_kw)
         if self._has_gqa_flag:
             kwargs["enable_gqa"] = q.shape[1] != k.shape[1]

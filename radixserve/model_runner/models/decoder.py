@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radixserve.model_runner.kv_scales import is_kv_scale
 from radixserve.model_runner.model_config import ModelConfig
 from radixserve.model_runner.models.kernels import Kernels, UsesKernels
 from radixserve.model_runner.models.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP
@@ -307,6 +308,8 @@ class DecoderForCausalLM(UsesKernels, nn.Module):
     def ignores_checkpoint_tensor(self, name: str) -> bool:
         """Checkpoint tensors that are deliberately not loaded."""
         if name.endswith("rotary_emb.inv_freq"):  # old checkpoints saved the RoPE buffer
+            return True
+        if is_kv_scale(name):  # an fp8 KV pool's scales, read by the runner (kv_scales.py)
             return True
         # Tied: the output projection is the embedding matrix, as transformers ties it.
         return self.config.tie_word_embeddings and name == "lm_head.weight"
