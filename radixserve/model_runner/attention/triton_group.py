@@ -63,6 +63,12 @@ class GroupKernelConfig(NamedTuple):
     num_stages: int = 2  # K/V tiles in flight = num_stages - 1
 
 
+# The tile config for an fp8 cache (fa4_backend's GROUP_CONFIG is (64, 32, 4, 3) for
+# bf16): an e4m3 tile of 64 keys is the bytes of a bf16 tile of 32, so the keys per
+# iteration double at the bf16 config's bytes in flight and shared memory (~64 KB).
+FP8_GROUP_CONFIG = GroupKernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
+
+
 def max_chunks(rows: int, groups: int, group_size: int, block_m: int) -> int:
     """The grid's bound Z on the row chunks of T = `rows` query rows in `groups` groups.
 
