@@ -300,10 +300,11 @@ def _attend_keys(
 
     KV_FP8: the K and V rows are float8_e4m3fn, this head's real keys stored * k_scale
     (*k_scale_ptr) and values stored * v_scale. Tiles are loaded as fp8 (half the bytes)
-    and widened to q's dtype for tl.dot (exact: every e4m3 value is a bf16, fp16 and fp32
-    value). k_scale is folded into the score scale, so the scores, and from them m, l and
-    the lse, are those of the real keys; v_scale multiplies the normalized output once,
-    before any store, so the split merge sees real partial outputs."""
+    and widened for tl.dot, K to q's dtype and V to fp16 (fp32 for fp32 q): exact, every
+    e4m3 value is a bf16, fp16 and fp32 value. k_scale is folded into the score scale, so
+    the scores, and from them m, l and the lse, are those of the real keys; v_scale
+    multiplies the normalized output once, before any store, so the split merge sees
+    real partial outputs."""
     if KV_FP8:
         scale_log2 = scale_log2 * tl.load(k_scale_ptr)
     offs_d = tl.arange(0, BLOCK_D)
