@@ -22,9 +22,19 @@ Ours is swept in two stages to keep compiles few: split counts at the default
 tile config, then tile configs (BLOCK_N, num_warps, num_stages; for the prefix pass
 also BLOCK_M) at the best split count.
 
+With `--kv-dtype fp8_e4m3` each case also runs ours over an fp8 copy of the pool
+(float8_e4m3fn, per-head scales amax / 448) in the same run: the same sweep (from the
+fp8 config, FP8_DECODE_CONFIG / FP8_GROUP_CONFIG, with the fp8 tile candidates added),
+rows tagged "triton-fp8" whose kv_tb_s counts the fp8 bytes read (1 byte a value) and
+whose max_abs_err is against the bf16 reference (the quantization error), and in the
+summary: the fp8 best, the engine's configs (fa4_backend's DECODE_CONFIG / GROUP_CONFIG
+over bf16, the fp8 config over fp8, both at the rule's split count) and the speedups
+of fp8 over bf16 (best over best, engine config over engine config).
+
     python benchmarks/decode_kernel_bench.py                 # all cases; mostly Triton compiles
     python benchmarks/decode_kernel_bench.py --quick         # fewer configs
     python benchmarks/decode_kernel_bench.py --pass prefix   # only the prefix pass
+    python benchmarks/decode_kernel_bench.py --quick --kv-dtype fp8_e4m3   # fp8 against bf16
 """
 
 from __future__ import annotations
@@ -33,24 +43,28 @@ import argparse
 import json
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from triton.runtime.errors import OutOfResources
 
-from radixserve.model_runner.attention.fa4_backend import load_fa4
+from radixserve.model_runner.attention.fa4_backend import DECODE_CONFIG, GROUP_CONFIG, load_fa4
 from radixserve.model_runner.attention.triton_decode import (
+    FP8_DECODE_CONFIG,
     KernelConfig,
     choose_num_splits,
     make_workspace,
     paged_decode,
 )
 from radixserve.model_runner.attention.triton_group import (
+    FP8_GROUP_CONFIG,
     GroupKernelConfig,
     choose_group_splits,
     paged_group_attend,
 )
 
 POOL_SLOTS = 1 << 20
+FP8_MAX = 448.0  # the largest float8_e4m3fn
 HEADS = [(16, 8, 128), (32, 8, 128)]  # Qwen3-0.6B, Qwen3-8B
 SPLITS = [1, 2, 4, 8, 16]
 # (BLOCK_N, num_warps, num_stages); num_stages - 1 K/V tiles are in flight per program,
@@ -68,6 +82,35 @@ GROUP_TILES = [GroupKernelConfig(*c) for c in [
     (128, 64, 8, 2), (64, 128, 8, 2), (16, 64, 4, 3),
 ]]  # and the default, GroupKernelConfig()
 QUICK_GROUP_TILES = [GroupKernelConfig(64, 32, 4, 3), GroupKernelConfig(32, 64, 4, 2), GroupKernelConfig(128, 64, 8, 2)]
+# Added for an fp8 cache, whose tiles take half the shared memory of bf16 ones: longer
+# tiles and deeper pipelines at the bf16 configs' bytes in flight.
+FP8_TILES = [KernelConfig(*c) for c in [(128, 4, 2), (128, 4, 4), (256, 4, 2), (256, 8, 2), (256, 8, 3)]]
+FP8_GROUP_TILES = [GroupKernelConfig(*c) for c in [(64, 64, 4, 4), (64, 128, 4, 2), (64, 128, 4, 3)]]
+
+
+class Fp8Pool(NamedTuple):
+    """An fp8 copy of a bf16 pool: stored = saturate(x / scale[h]) as float8_e4m3fn."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_scale: torch.Tensor  # [Hkv] float32
+    v_scale: torch.Tensor
+
+
+def to_fp8(k: torch.Tensor, v: torch.Tensor) -> Fp8Pool:
+    """Per-head scales amax / 448, as a per-head calibration would choose them."""
+
+    def one(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = (x.abs().amax(dim=(0, 2)).float() / FP8_MAX).clamp_min(1e-12)
+        stored = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+        for i in range(0, x.shape[0], 1 << 18):  # in chunks: the float copy of a pool is 4 GB
+            part = x[i : i + (1 << 18)].float() / scale[None, :, None]
+            stored[i : i + (1 << 18)] = part.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return stored, scale
+
+    k8, k_scale = one(k)
+    v8, v_scale = one(v)
+    return Fp8Pool(k8, v8, k_scale, v_scale)
 
 
 def workloads(g: torch.Generator) -> dict[str, list[int]]:
@@ -125,6 +168,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--quick", action="store_true", help="fewer tile configs")
     ap.add_argument("--pass", dest="passes", choices=["decode", "prefix", "all"], default="all")
+    ap.add_argument("--kv-dtype", choices=["bf16", "fp8_e4m3"], default="bf16",
+                    help="fp8_e4m3: also run ours over an fp8 copy of the pool, against bf16")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("decode_kernel_bench needs a CUDA GPU")
@@ -133,33 +178,38 @@ def main() -> None:
     fa4 = load_fa4()
     tiles = QUICK_TILES if args.quick else TILES
     group_tiles = QUICK_GROUP_TILES if args.quick else GROUP_TILES
-    print(json.dumps({"device": props.name, "sms": num_sms, "fa4": fa4 is not None, "pool_slots": POOL_SLOTS}))
+    fp8_tiles = tiles + FP8_TILES
+    fp8_group_tiles = group_tiles + FP8_GROUP_TILES
+    print(json.dumps({"device": props.name, "sms": num_sms, "fa4": fa4 is not None, "pool_slots": POOL_SLOTS,
+                      "kv_dtype": args.kv_dtype}))
 
     g = torch.Generator().manual_seed(0)
     for hq, hkv, d in HEADS:
         k = torch.randn(POOL_SLOTS + 1, hkv, d, dtype=torch.bfloat16, device="cuda")
         v = torch.randn(POOL_SLOTS + 1, hkv, d, dtype=torch.bfloat16, device="cuda")
+        fp8 = to_fp8(k, v) if args.kv_dtype == "fp8_e4m3" else None
         if args.passes in ("decode", "all"):
             for name, lens in workloads(g).items():
-                run_case(name, lens, (hq, hkv, d), k, v, fa4, tiles, num_sms, args.iters, g)
+                run_case(name, lens, (hq, hkv, d), k, v, fa4, tiles, num_sms, args.iters, g, fp8, fp8_tiles)
         if args.passes in ("prefix", "all"):
             for name, (members, prefixes) in prefix_workloads(g).items():
                 for padded in (False, True):
                     run_prefix_case(name, members, prefixes, padded, (hq, hkv, d), k, v, fa4, group_tiles, num_sms,
-                                    args.iters, g)
-        del k, v
+                                    args.iters, g, fp8, fp8_group_tiles)
+        del k, v, fp8
         torch.cuda.empty_cache()
 
 
-def run_case(name, lens, heads, k, v, fa4, tiles, num_sms, iters, g) -> None:
+def run_case(name, lens, heads, k, v, fa4, tiles, num_sms, iters, g, fp8=None, fp8_tiles=()) -> None:
     hq, hkv, d = heads
     b = len(lens)
     q, table, seqused = make_inputs(lens, hq, hkv, d, k, v, g)
     scale = 1 / math.sqrt(d)
-    kv_bytes = 2 * sum(lens) * hkv * d * k.element_size()
+    values = 2 * sum(lens) * hkv * d  # K and V values read
     case = {"case": name, "heads": f"{hq}/{hkv}/{d}", "batch": b}
 
     def report(kernel: str, ms: float, out: torch.Tensor, ref: torch.Tensor | None, **extra) -> dict:
+        kv_bytes = values * (1 if kernel == "triton-fp8" else k.element_size())
         row = {**case, "kernel": kernel, **extra, "ms": round(ms, 4), "kv_tb_s": round(kv_bytes / ms / 1e9, 3)}
         if ref is not None:
             row["max_abs_err"] = float((out.float() - ref.float()).abs().max())
@@ -181,38 +231,64 @@ def run_case(name, lens, heads, k, v, fa4, tiles, num_sms, iters, g) -> None:
 
     out = torch.empty_like(q)
 
-    def ours(num_splits: int, config: KernelConfig) -> dict | None:
+    def ours(num_splits: int, config: KernelConfig, pool: Fp8Pool | None = None) -> dict | None:
         ws = make_workspace(b, hq, d, num_splits, "cuda")
+        kernel = "triton" if pool is None else "triton-fp8"
+        cache = (k, v, {}) if pool is None else (pool.k, pool.v, dict(k_scale=pool.k_scale, v_scale=pool.v_scale))
 
         def call() -> object:
-            return paged_decode(q, k, v, table, seqused, scale, num_splits, out=out, workspace=ws, config=config)
+            return paged_decode(q, cache[0], cache[1], table, seqused, scale, num_splits, out=out, workspace=ws,
+                                config=config, **cache[2])
 
         tag = dict(splits=num_splits, block_n=config.block_n, warps=config.num_warps, stages=config.num_stages)
         try:
             call()
         except OutOfResources as exc:  # a config past the SM's shared memory: report it, go on
-            print(json.dumps({**case, "kernel": "triton", **tag, "error": f"{type(exc).__name__}: {exc}"[:300]}))
+            print(json.dumps({**case, "kernel": kernel, **tag, "error": f"{type(exc).__name__}: {exc}"[:300]}))
             return None
         nonlocal ref
         if ref is None:
             ref = out.clone()
-        return report("triton", time_ms(call, iters), out, ref, **tag)
+        return report(kernel, time_ms(call, iters), out, ref, **tag)
 
     auto = choose_num_splits(b, hkv, num_sms)
     rows = [ours(s, KernelConfig()) for s in sorted(set(SPLITS) | {auto})]
     best_splits = min((r for r in rows if r), key=lambda r: r["ms"])["splits"]
     rows += [ours(best_splits, t) for t in tiles if t != KernelConfig()]
     best = min((r for r in rows if r), key=lambda r: r["ms"])
-    summary = {**case, "summary": True, "auto_splits": auto, "best": {k_: best[k_] for k_ in
-               ("splits", "block_n", "warps", "stages", "ms", "kv_tb_s")}}
+    fields = ("splits", "block_n", "warps", "stages", "ms", "kv_tb_s")
+    summary = {**case, "summary": True, "auto_splits": auto, "best": {k_: best[k_] for k_ in fields}}
     if fa4_row is not None:
         summary["fa4_ms"] = fa4_row["ms"]
         summary["fa4_tb_s"] = fa4_row["kv_tb_s"]
         summary["speedup_vs_fa4"] = round(fa4_row["ms"] / best["ms"], 3)
+    if fp8 is not None:
+        engine = ours(auto, DECODE_CONFIG)
+        fp8_by_splits = {s: ours(s, FP8_DECODE_CONFIG, fp8) for s in sorted(set(SPLITS) | {auto})}
+        fp8_rows = [r for r in fp8_by_splits.values() if r]
+        fp8_splits = min(fp8_rows, key=lambda r: r["ms"])["splits"]
+        fp8_rows += [r for r in (ours(fp8_splits, t, fp8) for t in dict.fromkeys(fp8_tiles)
+                                 if t != FP8_DECODE_CONFIG) if r]
+        fp8_best = min(fp8_rows, key=lambda r: r["ms"])
+        summary["fp8"] = fp8_summary(fields, best, fp8_best, engine, fp8_by_splits[auto])
     print(json.dumps(summary), flush=True)
 
 
-def run_prefix_case(name, members, prefixes, padded, heads, k, v, fa4, tiles, num_sms, iters, g) -> None:
+def fp8_summary(fields, best: dict, fp8_best: dict, engine: dict | None, fp8_engine: dict | None) -> dict:
+    """The fp8 part of a case's summary: fp8's best config, and fp8 against bf16 best for
+    best and at the engine's configs (the rule's splits)."""
+    out = {"best": {k_: fp8_best[k_] for k_ in fields}, "speedup_vs_bf16": round(best["ms"] / fp8_best["ms"], 3),
+           "max_abs_err_vs_bf16": fp8_best.get("max_abs_err")}
+    if engine is not None and fp8_engine is not None:
+        out["engine_bf16_ms"] = engine["ms"]
+        out["engine_fp8_ms"] = fp8_engine["ms"]
+        out["engine_fp8_tb_s"] = fp8_engine["kv_tb_s"]
+        out["engine_speedup_vs_bf16"] = round(engine["ms"] / fp8_engine["ms"], 3)
+    return out
+
+
+def run_prefix_case(name, members, prefixes, padded, heads, k, v, fa4, tiles, num_sms, iters, g, fp8=None,
+                    fp8_tiles=()) -> None:
     """Cascade's prefix pass over groups of `members` rows and `prefixes` keys; `padded` as a
     graph step: one group per row (G = T), those past the real ones with no rows, no keys."""
     hq, hkv, d = heads
@@ -227,11 +303,12 @@ def run_prefix_case(name, members, prefixes, padded, heads, k, v, fa4, tiles, nu
     groups = len(seqused)
     max_rows = rows if padded else max(members)  # graph_cascade_metadata's max_seqlen_q is the row count
     scale = 1 / math.sqrt(d)
-    kv_bytes = 2 * sum(prefixes) * hkv * d * k.element_size()
+    values = 2 * sum(prefixes) * hkv * d  # K and V values read
     case = {"case": f"prefix {name}" + (" graph-padded" if padded else ""), "heads": f"{hq}/{hkv}/{d}",
             "rows": rows, "groups": groups}
 
     def report(kernel: str, ms: float, out, lse, ref, **extra) -> dict:
+        kv_bytes = values * (1 if kernel == "triton-fp8" else k.element_size())
         row = {**case, "kernel": kernel, **extra, "ms": round(ms, 4), "kv_tb_s": round(kv_bytes / ms / 1e9, 3)}
         if ref is not None:
             row["max_abs_err"] = float((out.float() - ref[0].float()).abs().max())
@@ -254,24 +331,26 @@ def run_prefix_case(name, members, prefixes, padded, heads, k, v, fa4, tiles, nu
 
     out = torch.empty_like(q)
 
-    def ours(num_splits: int, config: GroupKernelConfig) -> dict | None:
+    def ours(num_splits: int, config: GroupKernelConfig, pool: Fp8Pool | None = None) -> dict | None:
         ws = make_workspace(rows, hq, d, num_splits, "cuda")
+        kernel = "triton" if pool is None else "triton-fp8"
+        cache = (k, v, {}) if pool is None else (pool.k, pool.v, dict(k_scale=pool.k_scale, v_scale=pool.v_scale))
 
         def call() -> object:
-            return paged_group_attend(q, k, v, table, seqused, cu, scale, num_splits, out=out, workspace=ws,
-                                      return_lse=True, config=config)
+            return paged_group_attend(q, cache[0], cache[1], table, seqused, cu, scale, num_splits, out=out,
+                                      workspace=ws, return_lse=True, config=config, **cache[2])
 
         tag = dict(splits=num_splits, block_m=config.block_m, block_n=config.block_n, warps=config.num_warps,
                    stages=config.num_stages)
         try:
             _, lse = call()
         except OutOfResources as exc:  # a config past the SM's shared memory: report it, go on
-            print(json.dumps({**case, "kernel": "triton", **tag, "error": f"{type(exc).__name__}: {exc}"[:300]}))
+            print(json.dumps({**case, "kernel": kernel, **tag, "error": f"{type(exc).__name__}: {exc}"[:300]}))
             return None
         nonlocal ref
         if ref is None:
             ref = (out.clone(), lse.clone())
-        return report("triton", time_ms(call, iters), out, lse, ref, **tag)
+        return report(kernel, time_ms(call, iters), out, lse, ref, **tag)
 
     default = GroupKernelConfig()
     auto = choose_group_splits(rows, groups, hq, hkv, num_sms, default)
@@ -280,8 +359,8 @@ def run_prefix_case(name, members, prefixes, padded, heads, k, v, fa4, tiles, nu
     best_splits = min(measured, key=lambda r: r["ms"])["splits"]
     measured += [r for r in (ours(best_splits, t) for t in tiles if t != default) if r]
     best = min(measured, key=lambda r: r["ms"])
-    summary = {**case, "summary": True, "auto_splits": auto,
-               "best": {k_: best[k_] for k_ in ("splits", "block_m", "block_n", "warps", "stages", "ms", "kv_tb_s")}}
+    fields = ("splits", "block_m", "block_n", "warps", "stages", "ms", "kv_tb_s")
+    summary = {**case, "summary": True, "auto_splits": auto, "best": {k_: best[k_] for k_ in fields}}
     if by_splits[auto] is not None:
         summary["auto_ms"] = by_splits[auto]["ms"]
     if fa4_row is not None:
@@ -290,6 +369,17 @@ def run_prefix_case(name, members, prefixes, padded, heads, k, v, fa4, tiles, nu
         summary["speedup_vs_fa4"] = round(fa4_row["ms"] / best["ms"], 3)
         if by_splits[auto] is not None:
             summary["auto_speedup_vs_fa4"] = round(fa4_row["ms"] / by_splits[auto]["ms"], 3)
+    if fp8 is not None:
+        engine_auto = choose_group_splits(rows, groups, hq, hkv, num_sms, GROUP_CONFIG)
+        engine = ours(engine_auto, GROUP_CONFIG)
+        fp8_auto = choose_group_splits(rows, groups, hq, hkv, num_sms, FP8_GROUP_CONFIG)
+        fp8_by_splits = {s: ours(s, FP8_GROUP_CONFIG, fp8) for s in sorted(set(PREFIX_SPLITS) | {fp8_auto})}
+        fp8_measured = [r for r in fp8_by_splits.values() if r]
+        fp8_splits = min(fp8_measured, key=lambda r: r["ms"])["splits"]
+        fp8_measured += [r for r in (ours(fp8_splits, t, fp8) for t in dict.fromkeys(fp8_tiles)
+                                     if t != FP8_GROUP_CONFIG) if r]
+        fp8_best = min(fp8_measured, key=lambda r: r["ms"])
+        summary["fp8"] = fp8_summary(fields, best, fp8_best, engine, fp8_by_splits[fp8_auto])
     print(json.dumps(summary), flush=True)
 
 

@@ -17,15 +17,19 @@ import sys
 import pytest
 import torch
 from helpers.triton_cases import (
+    FP8_MAX,
     compile_check_outside_interpreter,
     compile_for_hopper,
+    dequantize_fp8,
     make_decode_case,
     rel_err,
+    to_fp8_case,
 )
 
 from radixserve.model_runner.attention.cascade import merge_states, reference_attend_lse
 from radixserve.model_runner.attention.metadata import VarlenMetadata, cumulative_lens
 from radixserve.model_runner.attention.triton_decode import (
+    FP8_DECODE_CONFIG,
     KernelConfig,
     choose_num_splits,
     make_workspace,
@@ -159,6 +163,74 @@ def test_lse_merges_like_cascade(device):
     torch.testing.assert_close(merged, reference(q, k, v, table, seqused, 0.3)[0], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("heads", [(4, 4, 32), (8, 4, 32), (8, 2, 32), (16, 8, 32)],
+                         ids=lambda h: "h{}-{}-d{}".format(*h))
+def test_fp8_cache_matches_dequantized_reference(device, heads, num_splits):
+    """An fp8 cache with per-head scales that differ (and heads of different magnitudes),
+    some keys saturated at +-448: out and lse equal the reference over the dequantized
+    cache (stored.float() * scale[h]). fp32 q makes the products exact, so the tolerance
+    is the fp32 one: a scale applied twice, to the wrong head or not at all fails."""
+    hq, hkv, d = heads
+    q, k, v, table, seqused = make_decode_case(LENS, hq, hkv, d, seed=20 + hq + hkv + num_splits, device=device)
+    k8, v8, k_scale, v_scale = to_fp8_case(k, v)
+    assert (k8.float().abs() == FP8_MAX).any() and k8.isnan().any()  # saturated keys, and the NaN poison
+    scale = 1 / math.sqrt(d)
+    out, lse = paged_decode(q, k8, v8, table, seqused, scale, num_splits, return_lse=True, config=SMALL,
+                            k_scale=k_scale, v_scale=v_scale)
+    ref_out, ref_lse = reference(q, dequantize_fp8(k8, k_scale), dequantize_fp8(v8, v_scale), table, seqused, scale)
+    assert out.dtype == q.dtype and torch.isfinite(out).all() and torch.isfinite(lse).all()
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-4)
+
+
+def test_fp8_cache_with_half_precision_q(device):
+    """q in fp16 over an fp8 cache (the interpreter computes bf16 tl.dot wrongly; the gpu
+    tests run bf16 q): out in fp16, close to the reference over the dequantized cache."""
+    q, k, v, table, seqused = make_decode_case(LENS, 8, 4, 32, seed=21, device=device)
+    k8, v8, k_scale, v_scale = to_fp8_case(k, v)
+    q = q.half()
+    out, lse = paged_decode(q, k8, v8, table, seqused, 0.2, 3, return_lse=True, config=SMALL,
+                            k_scale=k_scale, v_scale=v_scale)
+    ref_out, ref_lse = reference(q, dequantize_fp8(k8, k_scale), dequantize_fp8(v8, v_scale), table, seqused, 0.2)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert rel_err(out, ref_out) < 1e-2
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-2, atol=2e-2)
+
+
+def test_fp8_cache_empty_sequences_splits_and_cascade_merge(device):
+    """fp8: rows without keys give out 0 and lse -inf with 16 mostly empty splits; and keys
+    cut in two calls merged by cascade.merge_states equal one call (the lse is that of the
+    real, scaled scores). The per-tensor form of the scales (one value expanded to every
+    head, a stride-0 view) gives what the materialized scales give."""
+    lens = [0, 1, 3, 0, 40, 130]
+    q, k, v, table, seqused = make_decode_case(lens, 8, 2, 16, seed=12, device=device)
+    k8, v8, k_scale, v_scale = to_fp8_case(k, v)
+    kd, vd = dequantize_fp8(k8, k_scale), dequantize_fp8(v8, v_scale)
+    scales = dict(k_scale=k_scale, v_scale=v_scale)
+    ref_out, ref_lse = reference(q, kd, vd, table, seqused, 0.25)
+    out, lse = paged_decode(q, k8, v8, table, seqused, 0.25, 16, return_lse=True, config=SMALL, **scales)
+    assert (out[[0, 3]] == 0).all() and (lse[:, [0, 3]] == float("-inf")).all()
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-4)
+
+    cut = torch.tensor([0, 1, 2, 0, 17, 77], dtype=torch.int32, device=device)
+    o1, l1 = paged_decode(q, k8, v8, table, cut, 0.25, 2, return_lse=True, config=SMALL, **scales)
+    rest = torch.stack([torch.roll(table[i], -int(cut[i])) for i in range(len(lens))])
+    o2, l2 = paged_decode(q, k8, v8, rest, seqused - cut, 0.25, 3, return_lse=True, config=SMALL, **scales)
+    merged = merge_states(o1, l1, o2, l2, torch.ones(len(lens), dtype=torch.bool, device=device))
+    keyed = seqused > 0
+    torch.testing.assert_close(merged[keyed], ref_out[keyed], rtol=1e-4, atol=1e-4)
+
+    one_k, one_v = k_scale[:1].expand(2), v_scale[1:].expand(2)  # per-tensor scales as stride-0 views
+    got = paged_decode(q, k8, v8, table, seqused, 0.25, 3, config=SMALL, k_scale=one_k, v_scale=one_v)
+    want = paged_decode(q, k8, v8, table, seqused, 0.25, 3, config=SMALL, k_scale=one_k.contiguous(),
+                        v_scale=one_v.contiguous())
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got, reference(q, dequantize_fp8(k8, one_k), dequantize_fp8(v8, one_v), table,
+                                              seqused, 0.25)[0], rtol=1e-4, atol=1e-4)
+
+
 def test_preallocated_out_and_workspace(device):
     """Buffers passed in are used as given: out is filled in place, and a workspace sized for
     a larger batch serves a smaller one (the graph runner's static buffers)."""
@@ -173,18 +245,21 @@ def test_preallocated_out_and_workspace(device):
 
 
 def check_hopper_compile(group: int) -> None:
-    """The split and merge kernels compile for SM 9.0, and the default config fits an SM."""
+    """The split and merge kernels compile for SM 9.0 over a bf16 cache (the default config)
+    and an fp8 one (the fp8 config; tiles loaded as e4m3 and widened in registers), and
+    fit an SM."""
     from radixserve.model_runner.attention import triton_decode_kernels as kernels
 
-    config = KernelConfig()
-    for direct in (False, True):
-        split = compile_for_hopper(
-            kernels.split_kv_kernel,
-            dict(GROUP=group, HEAD_DIM=128, BLOCK_H=16, BLOCK_D=128, BLOCK_N=config.block_n,
-                 DIRECT=direct, WRITE_LSE=True, DOT_PRECISION="tf32"),
-            "bf16", config.num_warps, config.num_stages,
-        )
-        assert 0 < split.metadata.shared <= 227 * 1024, split.metadata.shared
+    for fp8, config in ((False, KernelConfig()), (True, FP8_DECODE_CONFIG)):
+        for direct in (False, True):
+            split = compile_for_hopper(
+                kernels.split_kv_kernel,
+                dict(GROUP=group, HEAD_DIM=128, BLOCK_H=16, BLOCK_D=128, BLOCK_N=config.block_n,
+                     DIRECT=direct, WRITE_LSE=True, DOT_PRECISION="tf32", KV_FP8=fp8),
+                "bf16", config.num_warps, config.num_stages, kv_dtype="fp8e4nv" if fp8 else None,
+            )
+            assert 0 < split.metadata.shared <= 227 * 1024, split.metadata.shared
+            assert ("cvt.rn.f16x2.e4m3x2" in split.asm["ptx"]) == fp8
     merge = compile_for_hopper(
         kernels.merge_splits_kernel, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_S=16, WRITE_LSE=True), "bf16", 4
     )
@@ -225,6 +300,36 @@ def test_invalid_inputs_name_the_field():
         paged_decode(q, k, v, table, seqused, 0.1, 2, config=KernelConfig(block_n=24))
     with pytest.raises(ValueError, match="workspace"):
         paged_decode(q, k, v, table, seqused, 0.1, 2, workspace=make_workspace(2, 8, 16, 3, "cpu"))
+
+
+def test_fp8_cache_arguments_are_checked():
+    """An fp8 cache needs both scales, float32 [Hkv] on its device; another cache takes none;
+    K and V are both fp8 or neither; q stays a float type. Each a ValueError naming the field."""
+    q, k, v, table, seqused = make_decode_case([3, 4], 8, 4, 16, seed=0)
+    k8, v8, ks, vs = to_fp8_case(k, v)
+    call = dict(page_table=table, seqused_k=seqused, scale=0.1, num_splits=2)
+    with pytest.raises(ValueError, match="needs k_scale"):
+        paged_decode(q, k8, v8, v_scale=vs, **call)
+    with pytest.raises(ValueError, match="needs v_scale"):
+        paged_decode(q, k8, v8, k_scale=ks, **call)
+    with pytest.raises(ValueError, match="k_scale must be float32 \\[Hkv=4\\]"):
+        paged_decode(q, k8, v8, k_scale=ks[:3], v_scale=vs, **call)
+    with pytest.raises(ValueError, match="k_scale must be"):
+        paged_decode(q, k8, v8, k_scale=ks[None], v_scale=vs, **call)
+    with pytest.raises(ValueError, match="v_scale must be"):
+        paged_decode(q, k8, v8, k_scale=ks, v_scale=vs.double(), **call)
+    with pytest.raises(ValueError, match="v_scale must be .* on cpu"):
+        paged_decode(q, k8, v8, k_scale=ks, v_scale=torch.empty(4, device="meta"), **call)
+    with pytest.raises(ValueError, match="k_scale is for"):
+        paged_decode(q, k, v, k_scale=ks, **call)
+    with pytest.raises(ValueError, match="v_scale is for"):
+        paged_decode(q, k, v, v_scale=vs, **call)
+    with pytest.raises(ValueError, match="share a dtype"):
+        paged_decode(q, k8, v, k_scale=ks, v_scale=vs, **call)
+    with pytest.raises(ValueError, match="share a dtype"):  # e5m2 is not the fp8 these kernels read
+        paged_decode(q, k.to(torch.float8_e5m2), v.to(torch.float8_e5m2), **call)
+    with pytest.raises(ValueError, match="q must be"):
+        paged_decode(q.to(torch.float8_e4m3fn), k8, v8, k_scale=ks, v_scale=vs, **call)
 
 
 def test_empty_batch_launches_nothing():

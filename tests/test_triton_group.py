@@ -20,10 +20,13 @@ import pytest
 import torch
 from helpers.cascade_cases import CASES, make_cascade_case
 from helpers.triton_cases import (
+    FP8_MAX,
     compile_check_outside_interpreter,
     compile_for_hopper,
+    dequantize_fp8,
     make_decode_case,
     rel_err,
+    to_fp8_case,
 )
 from hypothesis import given
 from hypothesis import strategies as st
@@ -37,6 +40,7 @@ from radixserve.model_runner.attention.cascade import (
 from radixserve.model_runner.attention.metadata import VarlenMetadata, build_varlen_metadata, cumulative_lens
 from radixserve.model_runner.attention.triton_decode import make_workspace, paged_decode
 from radixserve.model_runner.attention.triton_group import (
+    FP8_GROUP_CONFIG,
     SCAN_BLOCK,
     GroupKernelConfig,
     choose_group_splits,
@@ -183,6 +187,25 @@ def test_half_precision(device, dtype):
     torch.testing.assert_close(lse, ref_lse, rtol=1e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("heads", [(8, 4, 32), (6, 2, 32), (16, 4, 32)], ids=lambda h: "h{}-{}-d{}".format(*h))
+def test_fp8_cache_matches_dequantized_reference(device, heads, num_splits):
+    """An fp8 cache (per-head scales that differ, heads of different magnitudes, saturated
+    keys): out and lse equal the reference over the dequantized cache at the fp32
+    tolerance (fp32 q), with groups spanning chunks, keyless groups and rowless ones."""
+    hq, hkv, d = heads
+    q, k, v, table, seqused, cu = make_group_case(ROWS, KEYS, hq, hkv, d, seed=30 + hq + num_splits, device=device)
+    k8, v8, k_scale, v_scale = to_fp8_case(k, v)
+    assert (k8.float().abs() == FP8_MAX).any()
+    scale = 1 / math.sqrt(d)
+    out, ws = nan_buffers(q, num_splits)
+    _, lse = paged_group_attend(q, k8, v8, table, seqused, cu, scale, num_splits, out=out, workspace=ws,
+                                return_lse=True, config=SMALL, k_scale=k_scale, v_scale=v_scale)
+    ref = reference(q, dequantize_fp8(k8, k_scale), dequantize_fp8(v8, v_scale), table, seqused, cu, scale)
+    assert out.dtype == q.dtype
+    assert_matches(out, lse, *ref, seqused, cu)
+
+
 def test_workspace_for_more_rows(device):
     """A workspace sized for more rows serves fewer (the graph runner's static buffers)."""
     q, k, v, table, seqused, cu = make_group_case([1, 17, 0, 5], [5, 130, 30, 0], 8, 4, 32, seed=4, device=device)
@@ -262,20 +285,49 @@ def test_graph_padded_cascade_step_merges_to_plain_attention(device, num_splits,
     torch.testing.assert_close(merged, want, rtol=1e-4, atol=1e-4)
 
 
+def test_fp8_graph_padded_cascade_step_merges_to_plain_attention(device):
+    """test_graph_padded_cascade_step_merges_to_plain_attention over an fp8 cache, indirect
+    tables and 4 splits: the prefix pass (this kernel) and the suffix pass (paged_decode),
+    both with the scales, merged by their lse, equal plain attention over the dequantized
+    cache on the real rows."""
+    q, k, v, table, batch = make_cascade_case(CASES["decode_groups"], 8, 4, 32, seed=10, device=device)
+    k8, v8, k_scale, v_scale = to_fp8_case(k, v)
+    kd, vd = dequantize_fp8(k8, k_scale), dequantize_fp8(v8, v_scale)
+    scales = dict(k_scale=k_scale, v_scale=v_scale)
+    bs, n = 10, batch.batch_size
+    meta = graph_step(batch, table, bs)
+    run = graph_step(batch, table, bs, indirect=True)
+    padding = torch.randn(bs - n, *q.shape[1:], generator=torch.Generator().manual_seed(2))
+    q_pad = torch.cat([q, padding.to(device, q.dtype)])
+    scale = 1 / math.sqrt(32)
+    prefix = meta.prefix
+    o_p, l_p = paged_group_attend(q_pad, k8, v8, run.prefix.page_table, prefix.seqused_k, prefix.cu_seqlens_q, scale,
+                                  4, return_lse=True, config=SMALL, table_rows=run.prefix.table_rows, **scales)
+    assert_matches(o_p, l_p, *reference_attend_lse(q_pad, kd, vd, scale, prefix, False), prefix.seqused_k,
+                   prefix.cu_seqlens_q)
+    o_s, l_s = paged_decode(q_pad, k8, v8, run.suffix.page_table, meta.suffix.seqused_k, scale, 4, return_lse=True,
+                            table_rows=run.suffix.table_rows, table_start=run.suffix.table_start, **scales)
+    plain = build_varlen_metadata(dataclasses.replace(batch, cascade=None), table)
+    want = reference_attend_lse(q, kd, vd, scale, plain, True)[0]
+    torch.testing.assert_close(merge_states(o_p, l_p, o_s, l_s, meta.shared)[:n], want, rtol=1e-4, atol=1e-4)
+
+
 def check_hopper_compile(group: int) -> None:
     """The group kernel compiles for SM 9.0 with and without splits (its loop nest, the
-    chunk scan, the dot shapes), and the default config fits an SM."""
+    chunk scan, the dot shapes), over a bf16 cache (the default config) and an fp8 one
+    (the fp8 config), and fits an SM."""
     from radixserve.model_runner.attention import triton_decode_kernels as kernels
 
-    config = GroupKernelConfig()
-    for direct in (False, True):
-        compiled = compile_for_hopper(
-            kernels.group_split_kv_kernel,
-            dict(GROUP=group, HEAD_DIM=128, BLOCK_M=config.block_m, BLOCK_D=128, BLOCK_N=config.block_n,
-                 BLOCK_G=SCAN_BLOCK, DIRECT=direct, WRITE_LSE=True, DOT_PRECISION="tf32"),
-            "bf16", config.num_warps, config.num_stages,
-        )
-        assert 0 < compiled.metadata.shared <= 227 * 1024, compiled.metadata.shared
+    for fp8, config in ((False, GroupKernelConfig()), (True, FP8_GROUP_CONFIG)):
+        for direct in (False, True):
+            compiled = compile_for_hopper(
+                kernels.group_split_kv_kernel,
+                dict(GROUP=group, HEAD_DIM=128, BLOCK_M=config.block_m, BLOCK_D=128, BLOCK_N=config.block_n,
+                     BLOCK_G=SCAN_BLOCK, DIRECT=direct, WRITE_LSE=True, DOT_PRECISION="tf32", KV_FP8=fp8),
+                "bf16", config.num_warps, config.num_stages, kv_dtype="fp8e4nv" if fp8 else None,
+            )
+            assert 0 < compiled.metadata.shared <= 227 * 1024, compiled.metadata.shared
+            assert ("cvt.rn.f16x2.e4m3x2" in compiled.asm["ptx"]) == fp8
 
 
 @pytest.mark.parametrize("group", [1, 2, 4])
@@ -321,6 +373,13 @@ def test_invalid_inputs_name_the_field():
     big = torch.zeros(65536, 8, 16)
     with pytest.raises(ValueError, match="rows T"):
         paged_group_attend(big, k, v, table, seqused, cu, 0.1, 2)
+    k8, v8, ks, vs = to_fp8_case(k, v)  # the fp8 checks are paged_decode's (test_triton_decode)
+    with pytest.raises(ValueError, match="needs k_scale"):
+        paged_group_attend(q, k8, v8, table, seqused, cu, 0.1, 2, v_scale=vs)
+    with pytest.raises(ValueError, match="v_scale must be"):
+        paged_group_attend(q, k8, v8, table, seqused, cu, 0.1, 2, k_scale=ks, v_scale=vs[:1])
+    with pytest.raises(ValueError, match="k_scale is for"):
+        paged_group_attend(q, k, v, table, seqused, cu, 0.1, 2, k_scale=ks)
 
 
 def test_nothing_to_attend_launches_nothing(monkeypatch):

@@ -1,6 +1,7 @@
 """Split-KV paged decode in Triton on the GPU: bf16 at model sizes, a pool past int32
-element offsets, and inside a CUDA graph (the CPU cases, under Triton's interpreter,
-are in tests/test_triton_decode.py, whose torch reference these share)."""
+element offsets, and inside a CUDA graph, over bf16 and fp8 (float8_e4m3fn) caches (the
+CPU cases, under Triton's interpreter, are in tests/test_triton_decode.py, whose torch
+reference these share)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import math
 
 import pytest
 import torch
-from helpers.triton_cases import gpu_case, random_lens, rel_err
+from helpers.triton_cases import dequantize_fp8, gpu_case, quantize_fp8, random_lens, rel_err, to_fp8_case
 from test_triton_decode import reference
 
 from radixserve.model_runner.attention.triton_decode import (
+    FP8_DECODE_CONFIG,
     KernelConfig,
     choose_num_splits,
     make_workspace,
@@ -95,3 +97,99 @@ def test_gpu_cuda_graph_replay(device):
         ref_out, ref_lse = reference(s_q, k, v, s_table, s_used, 0.1)
         assert rel_err(out, ref_out) < 1e-2
         torch.testing.assert_close(lse, ref_lse, rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads", [(16, 8), (32, 8)], ids=["qwen3-0.6b", "qwen3-8b"])
+@pytest.mark.parametrize("batch", [1, 64, 256])
+def test_gpu_fp8_matches_reference(device, heads, batch):
+    """bf16 q over an fp8 cache (per-head scales, saturated keys, NaN outside the sequences'
+    slots): the reference over the dequantized cache, at the split counts and tile configs
+    of the bf16 test plus the fp8 config."""
+    if device != "cuda":
+        pytest.skip("needs the GPU without the interpreter")
+    q, k, v, table, seqused = gpu_case(random_lens(batch, 1, 2048, batch), *heads, seed=batch, num_slots=1 << 19)
+    k8, v8, k_scale, v_scale = to_fp8_case(k, v)
+    del k, v
+    scale = 1 / math.sqrt(128)
+    ref_out, ref_lse = reference(q, dequantize_fp8(k8, k_scale), dequantize_fp8(v8, v_scale), table, seqused, scale)
+    auto = choose_num_splits(batch, heads[1], torch.cuda.get_device_properties(0).multi_processor_count)
+    for num_splits in sorted({auto, 1, 5}):
+        for config in (FP8_DECODE_CONFIG, KernelConfig(), KernelConfig(32, 4, 4), KernelConfig(256, 4, 2)):
+            out, lse = paged_decode(q, k8, v8, table, seqused, scale, num_splits, return_lse=True, config=config,
+                                    k_scale=k_scale, v_scale=v_scale)
+            assert out.dtype == torch.bfloat16 and torch.isfinite(out).all(), (num_splits, config)
+            assert rel_err(out, ref_out) < 1e-2, (num_splits, config)
+            torch.testing.assert_close(lse, ref_lse, rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_cuda_graph_replay(device):
+    """An fp8 cache in a captured graph, replayed with new lengths, slots, queries and new
+    scale values written into the same scale tensors (read on the device at replay),
+    then with a per-tensor scale expanded to every head (a stride-0 view, copied inside
+    the graph)."""
+    if device != "cuda":
+        pytest.skip("needs the GPU without the interpreter")
+    batch, hq, hkv, width = 32, 32, 8, 4096
+    q, k, v, _, _ = gpu_case(random_lens(batch, 1, width, 0), hq, hkv, seed=0, num_slots=1 << 18)
+    valid = torch.isfinite(k[:, 0, 0]).nonzero().flatten().to(torch.int32)
+    k_real, v_real = k.float(), v.float()
+    del k, v
+    k_scale = torch.empty(hkv, dtype=torch.float32, device="cuda")
+    v_scale = torch.empty_like(k_scale)
+    k8 = torch.empty(k_real.shape, dtype=torch.float8_e4m3fn, device="cuda")
+    v8 = torch.empty_like(k8)
+    s_table = torch.zeros(batch, width, dtype=torch.int32, device="cuda")
+    s_used = torch.zeros(batch, dtype=torch.int32, device="cuda")
+    s_q = torch.empty_like(q)
+    num_splits = 8
+    ws = make_workspace(batch, hq, 128, num_splits, "cuda")
+    out = torch.empty_like(q)
+
+    def fill(seed: int, ks: torch.Tensor, vs: torch.Tensor) -> None:
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        s_q.normal_(generator=g)
+        s_used.copy_(torch.randint(1, width + 1, (batch,), generator=g, device="cuda"))
+        picks = valid[torch.randint(0, len(valid), (batch, width), generator=g, device="cuda")]
+        s_table.copy_(picks.masked_fill(torch.arange(width, device="cuda") >= s_used[:, None], 0))
+        k_scale.copy_(ks)
+        v_scale.copy_(vs)
+        k8.copy_(quantize_fp8(k_real, ks))  # the pool rewritten with the new scales
+        v8.copy_(quantize_fp8(v_real, vs))
+
+    def capture(ks: torch.Tensor, vs: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        def call():
+            return paged_decode(s_q, k8, v8, s_table, s_used, 0.1, num_splits, out=out, workspace=ws,
+                                return_lse=True, config=FP8_DECODE_CONFIG, k_scale=ks, v_scale=vs)
+
+        call()  # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            _, lse = call()
+        return graph, lse
+
+    heads = torch.arange(1, hkv + 1, dtype=torch.float32, device="cuda")
+    fill(1, heads / 200, heads / 150)
+    graph, lse = capture(k_scale, v_scale)
+    for seed, ks, vs in ((2, heads / 100, heads / 300), (3, heads.flip(0) / 150, heads.flip(0) / 100)):
+        fill(seed, ks, vs)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_out, ref_lse = reference(s_q, dequantize_fp8(k8, ks), dequantize_fp8(v8, vs), s_table, s_used, 0.1)
+        assert rel_err(out, ref_out) < 1e-2, seed
+        torch.testing.assert_close(lse, ref_lse, rtol=1e-2, atol=2e-2)
+
+    one = torch.full((1,), 0.02, device="cuda")  # a per-tensor scale, expanded to every head
+    graph, lse = capture(one.expand(hkv), one.expand(hkv))
+    fill(4, one.expand(hkv), one.expand(hkv))
+    one.fill_(0.03)  # the graph's copy of the expanded view reads it at replay
+    k8.copy_(quantize_fp8(k_real, one.expand(hkv)))
+    v8.copy_(quantize_fp8(v_real, one.expand(hkv)))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_out, ref_lse = reference(s_q, dequantize_fp8(k8, one.expand(hkv)), dequantize_fp8(v8, one.expand(hkv)),
+                                 s_table, s_used, 0.1)
+    assert rel_err(out, ref_out) < 1e-2
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-2, atol=2e-2)

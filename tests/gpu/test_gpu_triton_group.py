@@ -1,7 +1,7 @@
 """Cascade's prefix pass in Triton on the GPU: bf16 at model sizes, a pool past int32
 element offsets, and inside a CUDA graph with the groups padded as the engine's graphs pad
-them (the CPU cases, under Triton's interpreter, are in tests/test_triton_group.py, whose
-torch reference these share)."""
+them, over bf16 and fp8 (float8_e4m3fn) caches (the CPU cases, under Triton's interpreter,
+are in tests/test_triton_group.py, whose torch reference these share)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,17 @@ from itertools import accumulate
 
 import pytest
 import torch
-from helpers.triton_cases import gpu_case, random_lens, rel_err
+from helpers.triton_cases import dequantize_fp8, gpu_case, random_lens, rel_err, to_fp8_case
 from test_triton_group import reference
 
 from radixserve.model_runner.attention.metadata import cumulative_lens
 from radixserve.model_runner.attention.triton_decode import make_workspace
-from radixserve.model_runner.attention.triton_group import GroupKernelConfig, choose_group_splits, paged_group_attend
+from radixserve.model_runner.attention.triton_group import (
+    FP8_GROUP_CONFIG,
+    GroupKernelConfig,
+    choose_group_splits,
+    paged_group_attend,
+)
 
 
 def gpu_group_case(rows, keys, hq, hkv, seed, **pool):
@@ -61,6 +66,35 @@ def test_gpu_bf16_matches_reference(device, case, heads):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("heads", [(16, 8), (32, 8)], ids=["qwen3-0.6b", "qwen3-8b"])
+@pytest.mark.parametrize("case", sorted(GPU_CASES))
+def test_gpu_fp8_matches_reference(device, case, heads):
+    """bf16 q over an fp8 cache (per-head scales, saturated keys): out and lse against the
+    reference over the dequantized cache, at the split count the rule picks and others,
+    with the fp8 config and the bf16 ones."""
+    if device != "cuda":
+        pytest.skip("needs the GPU without the interpreter")
+    rows, keys = GPU_CASES[case]
+    hq, hkv = heads
+    q, k, v, table, seqused, cu = gpu_group_case(rows, keys, hq, hkv, seed=len(rows) + 1, num_slots=1 << 19)
+    k8, v8, k_scale, v_scale = to_fp8_case(k, v)
+    del k, v
+    scale = 1 / math.sqrt(128)
+    ref_out, ref_lse = reference(q, dequantize_fp8(k8, k_scale), dequantize_fp8(v8, v_scale), table, seqused, cu,
+                                 scale)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    auto = choose_group_splits(len(q), len(rows), hq, hkv, sms, FP8_GROUP_CONFIG)
+    for num_splits in sorted({auto, 1, 5}):
+        for config in (FP8_GROUP_CONFIG, GroupKernelConfig(), GroupKernelConfig(64, 32, 4, 3),
+                       GroupKernelConfig(128, 64, 8, 2)):
+            out, lse = paged_group_attend(q, k8, v8, table, seqused, cu, scale, num_splits, return_lse=True,
+                                          config=config, k_scale=k_scale, v_scale=v_scale)
+            assert out.dtype == torch.bfloat16 and torch.isfinite(out).all(), (num_splits, config)
+            assert rel_err(out, ref_out) < 1e-2, (num_splits, config)
+            torch.testing.assert_close(lse, ref_lse, rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
 def test_gpu_pool_past_int32_offsets(device):
     """Slots whose element offset slot * Hkv * D passes 2^31: the offsets are int64."""
     if device != "cuda":
@@ -75,16 +109,24 @@ def test_gpu_pool_past_int32_offsets(device):
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_replay(device):
+@pytest.mark.parametrize("kv_dtype", ["bf16", "fp8"])
+def test_gpu_cuda_graph_replay(device, kv_dtype):
     """Captured once for 128 rows with the groups padded to 128 (graph_cascade_metadata's
     layout), replayed in the same buffers with new layouts, prefix lengths, slots and
     queries: 16 groups of 8; one group of all 128 rows (8 chunks at G = 4); 40 groups of 3,
-    a group of the 8 padding rows without keys, then 87 empty groups."""
+    a group of the 8 padding rows without keys, then 87 empty groups. fp8: the cache in
+    float8_e4m3fn with per-head scales, against the reference over its dequantized values."""
     if device != "cuda":
         pytest.skip("needs the GPU without the interpreter")
     bs, hq, hkv, d, width = 128, 32, 8, 128, 4096
     _, k, v, _, _ = gpu_case([width] * 8, hq, hkv, seed=0)
     valid = torch.isfinite(k[:, 0, 0]).nonzero().flatten().to(torch.int32)
+    scales: dict[str, object] = {}
+    ref_k, ref_v = k, v
+    if kv_dtype == "fp8":
+        k, v, k_scale, v_scale = to_fp8_case(k, v)
+        scales = dict(k_scale=k_scale, v_scale=v_scale, config=FP8_GROUP_CONFIG)
+        ref_k, ref_v = dequantize_fp8(k, k_scale), dequantize_fp8(v, v_scale)
     cuda = dict(device="cuda")
     s_q = torch.empty(bs, hq, d, dtype=torch.bfloat16, **cuda)
     s_table = torch.zeros(bs, width, dtype=torch.int32, **cuda)
@@ -110,7 +152,7 @@ def test_gpu_cuda_graph_replay(device):
 
     def call():
         return paged_group_attend(s_q, k, v, s_table, s_used, s_cu, 0.1, num_splits, out=out, workspace=ws,
-                                  return_lse=True)
+                                  return_lse=True, **scales)
 
     fill([8] * 16, 1)
     call()  # compile outside the capture
@@ -122,7 +164,7 @@ def test_gpu_cuda_graph_replay(device):
         fill(sizes, seed)
         graph.replay()
         torch.cuda.synchronize()
-        ref_out, ref_lse = reference(s_q, k, v, s_table, s_used, s_cu, 0.1)
+        ref_out, ref_lse = reference(s_q, ref_k, ref_v, s_table, s_used, s_cu, 0.1)
         assert torch.isfinite(out).all(), sizes
         assert rel_err(out, ref_out) < 1e-2, sizes
         torch.testing.assert_close(lse, ref_lse, rtol=1e-2, atol=2e-2)

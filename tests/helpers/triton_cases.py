@@ -55,19 +55,22 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref).norm() / ref.norm())
 
 
-def compile_for_hopper(kernel, constexprs: dict, dtype: str, num_warps: int, num_stages: int = 1):
+def compile_for_hopper(kernel, constexprs: dict, dtype: str, num_warps: int, num_stages: int = 1,
+                       kv_dtype: str | None = None):
     """Compile a kernel of the module for SM 9.0 on this machine (no GPU needed), with its
     pointers 16-byte aligned as the JIT specializes them at run time (so loads vectorize
-    and K/V tiles go through shared memory as on the GPU)."""
+    and K/V tiles go through shared memory as on the GPU). `kv_dtype` (e.g. "fp8e4nv"):
+    the K and V pointers' type, where it is not `dtype`."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
     fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)  # interpreted: rewrap
-    pointers = {"Q": dtype, "K": dtype, "V": dtype, "Out": dtype, "PageTable": "i32", "SeqUsed": "i32",
+    kv = kv_dtype or dtype
+    pointers = {"Q": dtype, "K": kv, "V": kv, "Out": dtype, "PageTable": "i32", "SeqUsed": "i32",
                 "CuSeqlensQ": "i32", "TableRows": "i64", "TableStart": "i64", "PartOut": "fp32", "PartLse": "fp32",
-                "Lse": "fp32"}
+                "Lse": "fp32", "KScale": "fp32", "VScale": "fp32"}
     signature = {
         name: "constexpr" if name in constexprs else f"*{pointers[name]}" if name in pointers
         else "fp32" if name == "scale_log2" else "i32"
@@ -115,3 +118,32 @@ def compile_check_outside_interpreter(check, test_file: str, group: int) -> None
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     child = subprocess.run([sys.executable, test_file, str(group)], env=env, capture_output=True, text=True)
     assert child.returncode == 0, child.stderr[-3000:]
+
+
+
+FP8_MAX = 448.0  # the largest float8_e4m3fn
+
+
+def quantize_fp8(cache: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The pool's fp8 write: saturate(x / scale[h]) cast to float8_e4m3fn (NaN stays NaN)."""
+    return (cache.float() / scales[None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def dequantize_fp8(stored: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The real values an fp8 cache holds: stored.float() * scale[h]."""
+    return stored.float() * scales[None, :, None]
+
+
+def to_fp8_case(k: torch.Tensor, v: torch.Tensor, saturate_at: float = 2.0):
+    """An fp8 cache from a case's K and V (unit-variance values): head h's values are
+    scaled by (1 + h) (heads of different magnitudes), then stored with per-head scales
+    k_scale[h] = saturate_at * (1 + h) / 448 (keys past `saturate_at` standard deviations
+    saturate at +-448: a few percent) and v_scale 1.5 times that. A kernel that applies
+    one head's scale to another's values is off by a factor. Returns k8, v8, k_scale,
+    v_scale (float32 [Hkv] on the cache's device)."""
+    spread = 1 + torch.arange(k.shape[1], dtype=torch.float32, device=k.device)
+    k_scale = saturate_at * spread / FP8_MAX
+    v_scale = 1.5 * k_scale
+    k8 = quantize_fp8(k.float() * spread[None, :, None], k_scale)
+    v8 = quantize_fp8(v.float() * spread[None, :, None], v_scale)
+    return k8, v8, k_scale, v_scale

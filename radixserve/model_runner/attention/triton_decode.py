@@ -21,6 +21,7 @@ Triton is optional: this module imports without it; a call raises ImportError.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from types import ModuleType
@@ -29,6 +30,7 @@ from typing import NamedTuple, Protocol
 import torch
 
 LOG2E = 1.4426950408889634
+FP8 = torch.float8_e4m3fn  # the one fp8 KV cache dtype the kernels read
 MAX_SPLITS = 64  # the merge kernel holds one [S, D] tile
 MAX_GRID_YZ = 65535  # the batch is the split grid's z dimension
 
@@ -59,6 +61,14 @@ class KernelConfig(NamedTuple):
     block_n: int = 64  # keys per loop iteration
     num_warps: int = 4
     num_stages: int = 3  # K/V tiles in flight = num_stages - 1
+
+
+# The tile config for an fp8 cache (fa4_backend's DECODE_CONFIG is (128, 4, 2) for bf16):
+# an e4m3 tile is half the bytes, so one more stage keeps the bytes in flight per program
+# (two 32 KB K+V tiles) and the shared memory per program (~72 KB: three programs per
+# H100 SM) of the bf16 config. The split count is chosen as for bf16 (choose_num_splits
+# counts programs, not bytes).
+FP8_DECODE_CONFIG = KernelConfig(block_n=128, num_warps=4, num_stages=3)
 
 
 def triton_available() -> bool:
@@ -115,6 +125,8 @@ def paged_decode(
     config: KernelConfig = KernelConfig(),
     table_rows: torch.Tensor | None = None,
     table_start: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of each sequence's one query token over its `seqused_k[i]` keys.
 
@@ -125,12 +137,17 @@ def paged_decode(
     seqused_k `[B]` int32. Returns out `[B, Hq, D]` in q's dtype, and with
     `return_lse` also lse `[Hq, B]` float32, natural log, -inf for a sequence with no
     keys (whose output is 0): the layout cascade.merge_states takes.
+
+    An fp8 cache: k_cache, v_cache float8_e4m3fn with `k_scale`, `v_scale` float32 `[Hkv]`
+    on their device (real key = stored.float() * k_scale[h]); q stays bf16, fp16 or fp32
+    and out takes its dtype. Other caches share q's dtype and take no scales.
     """
     batch = _check_inputs(q, k_cache, v_cache, page_table, seqused_k, num_splits, config, table_rows, table_start)
+    scales = check_kv_scales(k_cache, k_scale, v_scale)
     out, lse, workspace = prepare_outputs(q, out, workspace, return_lse, num_splits)
     if batch > 0:
         _launch(q, k_cache, v_cache, TableRef.of(page_table, seqused_k, table_rows, table_start), seqused_k, scale,
-                num_splits, out, lse, workspace, config)
+                num_splits, out, lse, workspace, config, scales)
     return out if lse is None else (out, lse)  # lse is None unless return_lse
 
 
@@ -166,13 +183,14 @@ def _launch(
     lse: torch.Tensor | None,
     workspace: DecodeWorkspace | None,
     config: KernelConfig,
+    scales: KVScales | None,
 ) -> None:
     """The split kernel, then (S > 1) the merge."""
     kv_heads = k_cache.shape[1]
     group = q.shape[1] // kv_heads
     launch_split(
         "split_kv_kernel", (kv_heads, num_splits, q.shape[0]), (seqused_k,), (num_splits,),
-        q, k_cache, v_cache, table, scale, out, KernelOutputs.of(out, lse, workspace), num_splits, config,
+        q, k_cache, v_cache, table, scale, out, KernelOutputs.of(out, lse, workspace), num_splits, config, scales,
         GROUP=group,
         BLOCK_H=max(16, next_pow2(group)),  # tl.dot needs 16 rows; rows >= G are padding
     )
@@ -192,6 +210,7 @@ def launch_split(
     dest: KernelOutputs,
     num_splits: int,
     config: TileConfig,
+    scales: KVScales | None,
     **constexprs: object,
 ) -> None:
     """Launch a split kernel of triton_decode_kernels (decode or group), then (S > 1) the
@@ -199,14 +218,17 @@ def launch_split(
 
     Both take one argument layout: Q, K, V, the page table, `lengths` (seqused_k, and the
     group kernel's cu_seqlens_q), the table's row and start pointers, the four outputs,
-    the softmax scale, `scalars` (ending with num_splits), the strides, the shared
-    constexprs; `constexprs` holds each kernel's own (GROUP and its tile rows)."""
+    the K and V scales (an fp8 cache; else seqused_k stands in, never read), the softmax
+    scale, `scalars` (ending with num_splits), the strides, the shared constexprs;
+    `constexprs` holds each kernel's own (GROUP and its tile rows)."""
     kernels = load_kernels()
     head_dim = q.shape[2]
     direct = num_splits == 1
+    k_scale, v_scale = (lengths[0], lengths[0]) if scales is None else scales
     getattr(kernels, kernel_name)[grid](
         q, k_cache, v_cache, table.table, *lengths, table.rows, table.start,
         dest.part_out, dest.part_lse, out, dest.lse,
+        k_scale, v_scale,
         scale * LOG2E,
         *scalars,
         q.stride(0), q.stride(1),
@@ -224,6 +246,7 @@ def launch_split(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         INDIRECT=table.indirect,
         OFFSET=table.offset,
+        KV_FP8=scales is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **constexprs,
@@ -329,8 +352,14 @@ def check_qkv(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, row
     kv_heads = k_cache.shape[1]
     if k_cache.shape[2] != head_dim or q_heads % kv_heads != 0:
         raise ValueError(f"q heads {q_heads} must be a multiple of KV heads {kv_heads}, with equal head_dim")
-    if not (k_cache.dtype == v_cache.dtype == q.dtype):
-        raise ValueError(f"q, k_cache, v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if k_cache.dtype == v_cache.dtype == FP8:
+        if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(f"q must be bfloat16, float16 or float32 over an fp8 cache, got {q.dtype}")
+    elif not (k_cache.dtype == v_cache.dtype == q.dtype):
+        raise ValueError(
+            f"q, k_cache, v_cache must share a dtype (or k_cache, v_cache both {FP8}), got "
+            f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+        )
     if min(q.stride(-1), k_cache.stride(-1), v_cache.stride(-1)) != 1:
         raise ValueError("q, k_cache and v_cache need a unit stride on head_dim")
     if q.shape[0] > MAX_GRID_YZ:  # q's rows bound the grid's z dimension (sequences or row chunks)
@@ -368,6 +397,45 @@ def check_table(
         raise ValueError(
             f"seqused_k must be [{name}={seqs}] int32, contiguous, got {tuple(seqused_k.shape)} {seqused_k.dtype}"
         )
+
+
+class KVScales(NamedTuple):
+    """The dequantization scales of an fp8 cache: real = stored.float() * scale[h]."""
+
+    k_scale: torch.Tensor  # [Hkv] float32, unit stride, on the cache's device
+    v_scale: torch.Tensor
+
+
+def check_kv_scales(
+    k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None
+) -> KVScales | None:
+    """The scales an fp8 cache needs (`[Hkv]` float32 on its device), or None for another
+    cache, which takes none. A scale with a non-unit stride (a per-tensor scale expanded
+    to every head) is copied to a contiguous one. Host metadata only: no device sync."""
+    if k_cache.dtype != FP8:
+        for name, given in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if given is not None:
+                raise ValueError(f"{name} is for an {FP8} cache; this cache is {k_cache.dtype}")
+        return None
+    kv_heads = k_cache.shape[1]
+    checked = []
+    for name, given in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if given is None:
+            raise ValueError(f"an {FP8} cache needs {name} (float32 [Hkv={kv_heads}])")
+        if given.dtype != torch.float32 or given.shape != (kv_heads,) or given.device != k_cache.device:
+            raise ValueError(
+                f"{name} must be float32 [Hkv={kv_heads}] on {k_cache.device}, got "
+                f"{given.dtype} {tuple(given.shape)} on {given.device}"
+            )
+        checked.append(given if given.stride(0) == 1 else given.contiguous())
+    if k_cache.is_cuda and _capability(k_cache.device) < (8, 9):
+        raise ValueError(f"an {FP8} cache needs a GPU of compute capability 8.9 or newer (Triton's fp8e4nv)")
+    return KVScales(*checked)
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 def check_tiling(num_splits: int, block_n: int) -> None:

@@ -22,6 +22,13 @@ Both attend a tile of query rows over one sequence's keys, cut into S splits:
                    (and lse) directly.
     merge kernel   grid (Hq, rows). Merges the S partial outputs by their log-sum-exp.
 
+An fp8 cache (KV_FP8, a constexpr: the bf16 kernels compile as without it): K and V
+are float8_e4m3fn, head h's real rows stored * KScale[h] (VScale[h]). Tiles are loaded
+as e4m3 (half the bytes of bf16) and widened in registers: K to q's dtype for Q K^T,
+V to fp16 for P V (fp32 for fp32 q). KScale[h] is folded into the score scale and
+VScale[h] multiplies each program's normalized output, so lse, partials and merge are
+those of the real values.
+
 Page tables are gathered (`[B, W]`, row b is sequence b's) or indirect (the request
 table itself, row b at `PageTable[TableRows[b], TableStart[b]:]`: no per-step gather
 under CUDA graphs); int32 or int64 entries.
@@ -49,6 +56,7 @@ LN2 = tl.constexpr(0.6931471805599453)  # globals read by a kernel must be const
 def split_kv_kernel(
     Q, K, V, PageTable, SeqUsed, TableRows, TableStart,
     PartOut, PartLse, Out, Lse,
+    KScale, VScale,  # [Hkv] float32 with KV_FP8 (stand-ins otherwise, never read)
     scale_log2,  # softmax scale * log2(e): scores live in base 2 for exp2
     num_splits,  # a runtime value: one compiled kernel serves every split count
     stride_qb, stride_qh,
@@ -69,6 +77,7 @@ def split_kv_kernel(
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (tests); bf16/fp16 ignore it
     INDIRECT: tl.constexpr = False,  # row b of the table is PageTable[TableRows[b], TableStart[b]:]
     OFFSET: tl.constexpr = False,  # with INDIRECT: TableStart holds column offsets (else 0)
+    KV_FP8: tl.constexpr = False,  # K, V are float8_e4m3fn: real = stored * KScale[h] (VScale[h])
 ):
     # KV heads vary fastest in launch order: the Hkv programs of one (sequence, split) run
     # side by side and read the Hkv adjacent 256-byte pieces of the same slot rows together.
@@ -92,7 +101,8 @@ def split_kv_kernel(
     out, lse = _attend_keys(
         q, K + kv_head * stride_kh, V + kv_head * stride_vh,
         _table_row(PageTable, TableRows, TableStart, b, stride_pb, True, INDIRECT, OFFSET), lo, hi,
-        stride_ks, stride_vs, scale_log2, HEAD_DIM, BLOCK_H, BLOCK_D, BLOCK_N, DOT_PRECISION,
+        stride_ks, stride_vs, scale_log2, KScale + kv_head, VScale + kv_head,
+        HEAD_DIM, BLOCK_H, BLOCK_D, BLOCK_N, DOT_PRECISION, KV_FP8,
     )
     if DIRECT:
         tl.store(
@@ -117,6 +127,7 @@ def split_kv_kernel(
 def group_split_kv_kernel(
     Q, K, V, PageTable, SeqUsed, CuSeqlensQ, TableRows, TableStart,
     PartOut, PartLse, Out, Lse,
+    KScale, VScale,
     scale_log2,
     num_groups,
     num_splits,
@@ -139,6 +150,7 @@ def group_split_kv_kernel(
     DOT_PRECISION: tl.constexpr,
     INDIRECT: tl.constexpr = False,  # as split_kv_kernel's, per group
     OFFSET: tl.constexpr = False,
+    KV_FP8: tl.constexpr = False,
 ):
     # KV heads fastest, then splits, then chunks: the programs of one group's chunks run
     # side by side, so a group with several chunks reads its keys from L2 after the first.
@@ -169,7 +181,8 @@ def group_split_kv_kernel(
     out, lse = _attend_keys(
         q, K + kv_head * stride_kh, V + kv_head * stride_vh,
         _table_row(PageTable, TableRows, TableStart, group.to(tl.int64), stride_pb, real, INDIRECT, OFFSET),
-        lo, hi, stride_ks, stride_vs, scale_log2, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, DOT_PRECISION,
+        lo, hi, stride_ks, stride_vs, scale_log2, KScale + kv_head, VScale + kv_head,
+        HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, DOT_PRECISION, KV_FP8,
     )
     if DIRECT:
         tl.store(
@@ -273,16 +286,27 @@ def _find_chunk(CuSeqlensQ, num_groups, chunk_id, ROWS: tl.constexpr, BLOCK_G: t
 
 @triton.jit
 def _attend_keys(
-    q, k_head, v_head, table, lo, hi, stride_ks, stride_vs, scale_log2,
+    q, k_head, v_head, table, lo, hi, stride_ks, stride_vs, scale_log2, k_scale_ptr, v_scale_ptr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     """Attention of the [BLOCK_M, BLOCK_D] query tile over keys [lo, hi) of one KV head (its
     slots at table[lo:hi]): (out [BLOCK_M, BLOCK_D] fp32, lse [BLOCK_M] natural log), with
-    out 0 and lse -inf where there are no keys. Inlined into each kernel."""
+    out 0 and lse -inf where there are no keys. Inlined into each kernel.
+
+    KV_FP8: the K and V rows are float8_e4m3fn, this head's real keys stored * k_scale
+    (*k_scale_ptr) and values stored * v_scale. Tiles are loaded as fp8 (half the bytes)
+    and widened for tl.dot, K to q's dtype and V to fp16 (fp32 for fp32 q): exact, every
+    e4m3 value is a bf16, fp16 and fp32 value. k_scale is folded into the score scale, so
+    the scores, and from them m, l and the lse, are those of the real keys; v_scale
+    multiplies the normalized output once, before any store, so the split merge sees
+    real partial outputs."""
+    if KV_FP8:
+        scale_log2 = scale_log2 * tl.load(k_scale_ptr)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     d_mask = offs_d < HEAD_DIM
@@ -302,6 +326,8 @@ def _attend_keys(
         next_slots = tl.load(table + pos + BLOCK_N, mask=pos + BLOCK_N < hi, other=0)
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_head + slots[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+        if KV_FP8:
+            k = k.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N], fp32
         s = tl.where(n_mask[None, :], s, float("-inf"))
         # Every tile holds at least one key (start < hi), so m_new is finite.
@@ -310,11 +336,17 @@ def _attend_keys(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_head + slots[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        if KV_FP8:
+            # fp16 for P.V whatever q's dtype: e4m3 -> fp16 is one instruction per pair on
+            # SM 8.9+ (-> bf16 takes two more), and P (in [0, 1]) is finer in fp16 than bf16.
+            v = v.to(tl.float32 if q.dtype == tl.float32 else tl.float16)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     has_keys = l_i > 0.0
     l_safe = tl.where(has_keys, l_i, 1.0)
     out = acc / l_safe[:, None]
+    if KV_FP8:
+        out = out * tl.load(v_scale_ptr)
     lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))  # natural log
     return out, lse

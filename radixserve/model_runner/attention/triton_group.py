@@ -38,7 +38,9 @@ import torch
 from radixserve.model_runner.attention.triton_decode import (
     DecodeWorkspace,
     KernelOutputs,
+    KVScales,
     TableRef,
+    check_kv_scales,
     check_qkv,
     check_table,
     check_tiling,
@@ -59,6 +61,12 @@ class GroupKernelConfig(NamedTuple):
     block_n: int = 64  # keys per loop iteration
     num_warps: int = 4
     num_stages: int = 2  # K/V tiles in flight = num_stages - 1
+
+
+# The tile config for an fp8 cache (fa4_backend's GROUP_CONFIG is (64, 32, 4, 3) for
+# bf16): an e4m3 tile of 64 keys is the bytes of a bf16 tile of 32, so the keys per
+# iteration double at the bf16 config's bytes in flight and shared memory (~64 KB).
+FP8_GROUP_CONFIG = GroupKernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
 
 
 def max_chunks(rows: int, groups: int, group_size: int, block_m: int) -> int:
@@ -116,6 +124,8 @@ def paged_group_attend(
     return_lse: bool = False,
     config: GroupKernelConfig = GroupKernelConfig(),
     table_rows: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of every query row of group g over all of the group's `seqused_k[g]` keys.
 
@@ -129,14 +139,17 @@ def paged_group_attend(
     `workspace` (for num_splits > 1) is `make_workspace(>= T, Hq, D, num_splits)`.
     With `table_rows` `[G]`, page_table is any `[R, W]` table (int32 or int64) read in
     place: group g's slots are `page_table[table_rows[g]]` (no gathered copy).
+    An fp8 cache (float8_e4m3fn) takes `k_scale`, `v_scale` as paged_decode does.
     """
     rows, groups = _check_inputs(
         q, k_cache, v_cache, page_table, seqused_k, cu_seqlens_q, num_splits, config, table_rows
     )
+    scales = check_kv_scales(k_cache, k_scale, v_scale)
     out, lse, workspace = prepare_outputs(q, out, workspace, return_lse, num_splits)
     if rows > 0 and groups > 0:
         table = TableRef.of(page_table, seqused_k, table_rows, None)
-        _launch(q, k_cache, v_cache, table, seqused_k, cu_seqlens_q, scale, num_splits, out, lse, workspace, config)
+        _launch(q, k_cache, v_cache, table, seqused_k, cu_seqlens_q, scale, num_splits, out, lse, workspace, config,
+                scales)
     return out if lse is None else (out, lse)  # lse is None unless return_lse
 
 
@@ -153,6 +166,7 @@ def _launch(
     lse: torch.Tensor | None,
     workspace: DecodeWorkspace | None,
     config: GroupKernelConfig,
+    scales: KVScales | None,
 ) -> None:
     """The group kernel, then (S > 1) the merge over every row."""
     rows, q_heads, _ = q.shape
@@ -162,7 +176,7 @@ def _launch(
     chunks = max_chunks(rows, groups, group_size, config.block_m)
     launch_split(
         "group_split_kv_kernel", (kv_heads, num_splits, chunks), (seqused_k, cu_seqlens_q), (groups, num_splits),
-        q, k_cache, v_cache, table, scale, out, KernelOutputs.of(out, lse, workspace), num_splits, config,
+        q, k_cache, v_cache, table, scale, out, KernelOutputs.of(out, lse, workspace), num_splits, config, scales,
         GROUP=group_size,
         BLOCK_M=config.block_m,
         BLOCK_G=SCAN_BLOCK,
