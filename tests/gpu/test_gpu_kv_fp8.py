@@ -13,8 +13,6 @@ from helpers.kv_fp8 import agreement, rollout
 from helpers.runner import make_runner
 from helpers.tiny_models import runner_batch
 
-from radixserve.model_runner.attention.fa4_backend import SCALED_TRITON
-
 gpu = pytest.mark.gpu
 FP8 = dict(device="cuda", dtype=torch.bfloat16, kv_cache_tokens=16384, kv_cache_dtype="fp8_e4m3",
            max_running_requests=16)
@@ -31,8 +29,6 @@ def test_fp8_fa4_matches_torch_reference_on_the_same_pool(needs_fa4, qwen3_d64, 
     """Teacher-forced on the reference's tokens, the fa4 engine's logits stay within bf16 noise of
     the torch reference reading the same fp8 values; triton_decode=False runs every pass through
     the gather path (FA4 on dequantized K/V)."""
-    if triton_decode and not SCALED_TRITON:
-        pytest.skip("the Triton kernels here take no k_scale/v_scale")
     prompts = _prompts(0, 12)
     ref = make_runner(qwen3_d64, attention_backend="torch", cuda_graphs=False, **FP8)
     fa4 = make_runner(qwen3_d64, attention_backend="fa4", cuda_graphs=False, triton_decode=triton_decode, **FP8)
@@ -45,13 +41,10 @@ def test_fp8_fa4_matches_torch_reference_on_the_same_pool(needs_fa4, qwen3_d64, 
 
 @gpu
 def test_fp8_graphs_capture_and_match_eager(needs_fa4, qwen3_d64):
-    """Decode graphs (and graph pieces) capture with an fp8 pool where the Triton kernels take
-    the scales, and replay the eager logits; without them, graphs are off with a reason."""
+    """Decode graphs (and graph pieces) capture with an fp8 pool (the Triton kernels read it with
+    its scales) and replay the eager logits."""
     eager = make_runner(qwen3_d64, attention_backend="fa4", cuda_graphs=False, **FP8)
     graphs = make_runner(qwen3_d64, attention_backend="fa4", **FP8)
-    if not SCALED_TRITON:
-        assert graphs.graphs is None
-        return
     assert graphs.graphs is not None and graphs.pieces is not None
     prompts = _prompts(1, 16)
     want_tokens, want = rollout(eager, prompts, 12)

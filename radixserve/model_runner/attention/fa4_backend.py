@@ -34,7 +34,6 @@ Triton kernels serve every captured pass (`runs_in_graphs`).
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -65,9 +64,6 @@ from radixserve.model_runner.kv_store import FP8_KV_DTYPE
 logger = logging.getLogger(__name__)
 
 FA4_DTYPES = (torch.bfloat16, torch.float16)
-# The Triton kernels take an fp8 pool's scales (k_scale/v_scale, dequantized on load); where
-# they do not, an fp8 pool's decode passes take the gather path too.
-SCALED_TRITON = all("k_scale" in inspect.signature(f).parameters for f in (paged_decode, paged_group_attend))
 
 
 def fa4_supports(dtype: torch.dtype, head_dim: int) -> bool:
@@ -145,7 +141,7 @@ class FA4Attention(AttentionBackend):
     def runs_in_graphs(self, dtype: torch.dtype, head_dim: int) -> bool:
         # The kernel path; the reference fallback is not capturable, nor is an fp8 pool's
         # gather (its size is the batch's key count, a host value).
-        return fa4_supports(dtype, head_dim) and (not self.kv_fp8 or (self.triton_decode and SCALED_TRITON))
+        return fa4_supports(dtype, head_dim) and (not self.kv_fp8 or self.triton_decode)
 
     def prepare_graph(self, meta: VarlenMetadata | None, cascade: CascadeMetadata | None = None) -> None:
         """Use metadata built on the device (`decode_graph_metadata`, or with a cascade plan
@@ -187,7 +183,7 @@ class FA4Attention(AttentionBackend):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # The Triton kernels' scale arguments, passed only for an fp8 pool (read in place, with them).
         scales: dict[str, Any] = {} if k_scale is None else {"k_scale": k_scale, "v_scale": v_scale}
-        triton = self.triton_decode and (k_scale is None or SCALED_TRITON)
+        triton = self.triton_decode
         if triton and meta.max_seqlen_q == 1 and q.shape[0] == meta.seqused_k.shape[0]:
             # One query row per sequence, the last position: causal or not attends to every key.
             return self._decode(q, k_cache, v_cache, scale, meta, return_lse, scales)
