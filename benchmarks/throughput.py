@@ -128,11 +128,15 @@ def warm_up(engine: Engine, seqs: list[Seq]) -> None:
     engine.flush_cache()
 
 
-def run_vllm(ckpt: Path, seqs: list[Seq], check: list[Seq], args: argparse.Namespace) -> dict[str, Any]:
-    """vLLM on the whole workload (vllm_peer.py), at the same temperature and output lengths."""
+def run_vllm(
+    ckpt: Path, seqs: list[Seq], check: list[Seq], args: argparse.Namespace, kv_cache_dtype: str = "auto"
+) -> dict[str, Any]:
+    """vLLM on the whole workload (vllm_peer.py), at the same temperature and output lengths,
+    with its KV cache in `kv_cache_dtype` (vLLM's option of the same name)."""
     return run_peer(
         ckpt, [s.prompt for s in seqs], [s.output_len for s in seqs], temperature=0.6, dtype=args.dtype,
         vllm_path=args.vllm_path, check_prompts=[s.prompt for s in check], check_tokens=args.check_tokens,
+        kv_cache_dtype=kv_cache_dtype,
         log_path=Path(args.vllm_log) if args.vllm_log else None, timeout_s=args.vllm_timeout,
     )
 
@@ -227,17 +231,22 @@ def main() -> None:
     }
     if subset:
         record["transformers"] = run_hf(ckpt, subset, args.hf_new_tokens, args)
-    if args.peer == "vllm":  # first, while this process holds no GPU memory beyond its context
-        record["vllm"] = run_vllm(ckpt, seqs, check, args)
     kv_dtypes = args.kv_cache_dtype.split(",")
+    # vLLM first, while this process holds no GPU memory beyond its context: one run per KV
+    # dtype, so that each of ours meets vLLM's with the same cache format.
+    peers = {kv: run_vllm(ckpt, seqs, check, args, kv) for kv in kv_dtypes} if args.peer == "vllm" else {}
+    if peers:
+        record["vllm"] = peers[kv_dtypes[0]]
+        if len(kv_dtypes) > 1:
+            record["vllm_by_kv_cache_dtype"] = {kv: peers[kv] for kv in kv_dtypes[1:]}
     runs = []
     for kv_dtype in kv_dtypes:  # one engine at a time: each run frees its engine before the next
         run_args = copy.copy(args)
         run_args.kv_cache_dtype = kv_dtype
         runs.append(run_ours(ckpt, seqs, subset, run_args, check))
-    peer = record.get("vllm", {})
-    peer_greedy = peer.pop("check_greedy_tokens", None)
     for kv_dtype, ours in zip(kv_dtypes, runs):
+        peer = peers.get(kv_dtype, {})
+        peer_greedy = peer.pop("check_greedy_tokens", None)
         config = ours.pop("_config")
         requested = record["workload"]["output_tokens"]
         ours["output_tokens_as_requested"] = ours["output_tokens"] == requested
@@ -255,6 +264,7 @@ def main() -> None:
     record["radixserve"] = first
     # The first run's comparisons at the top level too, where they always were.
     record["output_tokens_as_requested"] = {"radixserve": first.pop("output_tokens_as_requested")}
+    peer = peers.get(kv_dtypes[0], {})
     if "time_s" in peer:
         record["output_tokens_as_requested"]["vllm"] = peer["output_tokens"] == record["workload"]["output_tokens"]
     for key in ("ratio_vs_vllm", "greedy_agreement_vs_vllm", "ratio_vs_transformers_same_subset",
