@@ -19,9 +19,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-FP8_E4M3_MAX = 448.0
-E4M3_MIN_NORMAL = 0.015625  # 2^-6; below it e4m3 steps by 2^-9
-SUBNORMAL_ROUNDER = 24576.0  # 1.5 * 2^14: fp32's step between 2^14 and 2^15 is 2^-9
+FP8_E4M3_MAX = tl.constexpr(448.0)
+E4M3_MIN_NORMAL = tl.constexpr(0.015625)  # 2^-6; below it e4m3 steps by 2^-9
+SUBNORMAL_ROUNDER = tl.constexpr(24576.0)  # 1.5 * 2^14: fp32's step between 2^14 and 2^15 is 2^-9
 
 
 @triton.jit
@@ -35,6 +35,13 @@ def round_to_e4m3(y):
     magnitude = (tl.abs(y) + SUBNORMAL_ROUNDER) - SUBNORMAL_ROUNDER
     subnormal = tl.where(bits < 0, -magnitude, magnitude)  # the sign bit: -0.0 stays -0.0, as in torch
     return tl.where(tl.abs(y) < E4M3_MIN_NORMAL, subnormal, normal)
+
+
+@triton.jit
+def quantize_e4m3(x, scale):
+    """saturate(x / scale) on the e4m3 grid, in fp32; the division IEEE-rounded (div_rn), as torch's."""
+    scaled = tl.math.div_rn(x.to(tl.float32), scale)
+    return round_to_e4m3(tl.minimum(tl.maximum(scaled, -FP8_E4M3_MAX), FP8_E4M3_MAX))
 
 
 @triton.jit
@@ -54,8 +61,8 @@ def store_kv_kernel(
     if FP8:
         k_scale = tl.load(KScale + heads, mask=heads < HKV, other=1.0)
         v_scale = tl.load(VScale + heads, mask=heads < HKV, other=1.0)
-        k = round_to_e4m3(tl.minimum(tl.maximum(k.to(tl.float32) / k_scale, -FP8_E4M3_MAX), FP8_E4M3_MAX))
-        v = round_to_e4m3(tl.minimum(tl.maximum(v.to(tl.float32) / v_scale, -FP8_E4M3_MAX), FP8_E4M3_MAX))
+        k = quantize_e4m3(k, k_scale)
+        v = quantize_e4m3(v, v_scale)
     offsets = slot * stride_ct + heads * stride_ch + dims
     tl.store(KCache + offsets, k.to(KCache.dtype.element_ty), mask=mask)
     tl.store(VCache + offsets, v.to(VCache.dtype.element_ty), mask=mask)

@@ -51,12 +51,18 @@ from radixserve.model_runner.attention.cascade import (
 from radixserve.model_runner.attention.fallback import ReferenceFallback
 from radixserve.model_runner.attention.metadata import VarlenMetadata, build_varlen_metadata, flat_kv_slots
 from radixserve.model_runner.attention.triton_decode import (
+    FP8_DECODE_CONFIG,
     KernelConfig,
     choose_num_splits,
     paged_decode,
     triton_available,
 )
-from radixserve.model_runner.attention.triton_group import GroupKernelConfig, choose_group_splits, paged_group_attend
+from radixserve.model_runner.attention.triton_group import (
+    FP8_GROUP_CONFIG,
+    GroupKernelConfig,
+    choose_group_splits,
+    paged_group_attend,
+)
 from radixserve.model_runner.forward_batch import ForwardBatch
 from radixserve.model_runner.kv_pool import gather_kv
 from radixserve.model_runner.kv_store import FP8_KV_DTYPE
@@ -259,9 +265,10 @@ class FA4Attention(AttentionBackend):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The Triton split-KV kernel; the split count depends on shapes only (graph-safe)."""
         splits = choose_num_splits(q.shape[0], k_cache.shape[1], self._sms(q.device))
+        config = FP8_DECODE_CONFIG if scales else DECODE_CONFIG  # fp8: the same bytes in flight
         result = paged_decode(
             q, k_cache, v_cache, meta.page_table, meta.seqused_k, scale, splits,
-            return_lse=return_lse, config=DECODE_CONFIG, table_rows=meta.table_rows, table_start=meta.table_start,
+            return_lse=return_lse, config=config, table_rows=meta.table_rows, table_start=meta.table_start,
             **scales,
         )
         return result if isinstance(result, tuple) else (result, None)  # a tuple with return_lse
@@ -272,11 +279,10 @@ class FA4Attention(AttentionBackend):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The Triton group kernel over a decode step's prefix pass (shape-only splits)."""
         rows, groups = q.shape[0], meta.seqused_k.shape[0]
-        splits = choose_group_splits(
-            rows, groups, q.shape[1], k_cache.shape[1], self._sms(q.device), GROUP_CONFIG
-        )
+        config = FP8_GROUP_CONFIG if scales else GROUP_CONFIG
+        splits = choose_group_splits(rows, groups, q.shape[1], k_cache.shape[1], self._sms(q.device), config)
         result = paged_group_attend(
             q, k_cache, v_cache, meta.page_table, meta.seqused_k, meta.cu_seqlens_q, scale, splits,
-            return_lse=return_lse, config=GROUP_CONFIG, table_rows=meta.table_rows, **scales,
+            return_lse=return_lse, config=config, table_rows=meta.table_rows, **scales,
         )
         return result if isinstance(result, tuple) else (result, None)  # a tuple with return_lse
