@@ -9,10 +9,13 @@ batch's sequences are laid out once per batch as a padded pass:
     slots    [B * L]    the slot of key j of sequence i (padding: the dummy slot 0)
     bias     [B, N, L]  0 where query t sees key j, -inf elsewhere (padding, causality)
 
-and each layer gathers K/V `[B * L, Hkv, D]` in one index_select (slot order:
-the pool is read row by row) and makes one call of PyTorch's fused CPU
-attention kernel on the strided heads; it takes grouped-query heads without
-copies of K/V and returns the log-sum-exp a cascade merges by.
+and each layer makes one call of PyTorch's fused CPU attention kernel on K/V
+laid out `[B, Hkv, L, D]`; it takes grouped-query heads without copies of K/V
+and returns the log-sum-exp a cascade merges by. The passes that recur from step
+to step (the decodes, a cascade's shared prefixes and its decoding suffixes) read
+a kept copy of that layout (kv_mirror.py), into which each step copies only the
+positions whose slot changed (in steady decode, one token per sequence); the
+others gather K/V `[B * L, Hkv, D]` from the pool in one index_select per layer.
 
 Padding costs work, so sequences are split into passes of like shapes: the
 decodes (one query row each) form one pass; sequences with several new tokens
@@ -36,6 +39,7 @@ import torch
 
 from radixserve.model_runner.attention.base import AttentionBackend
 from radixserve.model_runner.attention.cascade import merge_states
+from radixserve.model_runner.attention.kv_mirror import KVMirror, MirrorPlan
 from radixserve.model_runner.forward_batch import CascadePlan, ForwardBatch
 
 # Sequences of several new tokens share one padded pass when it computes at most this many
@@ -59,6 +63,7 @@ class PaddedPass(NamedTuple):
     b: int
     n: int
     l: int
+    mirror: tuple[KVMirror, MirrorPlan] | None = None  # K/V read from a kept copy (kv_mirror.py)
 
 
 def build_pass(
@@ -118,10 +123,14 @@ def padded_attend(
     _, hq, d = q.shape
     hkv = k_cache.shape[1]
     b, n, l = p.b, p.n, p.l
-    # Whole slots in key order (the pool is read row by row); a head's keys are then a
-    # strided view, which the kernel reads as it is.
-    k = k_cache.index_select(0, p.slots).float().view(b, l, hkv, d).transpose(1, 2)  # [B, Hkv, L, D]
-    v = v_cache.index_select(0, p.slots).float().view(b, l, hkv, d).transpose(1, 2)
+    kv = None if p.mirror is None else p.mirror[0].read(p.mirror[1], k_cache, v_cache)
+    if kv is not None:
+        k, v = kv  # [B, Hkv, L, D] views of the kept copy
+    else:
+        # Whole slots in key order (the pool is read row by row); a head's keys are then a
+        # strided view, which the kernel reads as it is.
+        k = k_cache.index_select(0, p.slots).float().view(b, l, hkv, d).transpose(1, 2)  # [B, Hkv, L, D]
+        v = v_cache.index_select(0, p.slots).float().view(b, l, hkv, d).transpose(1, 2)
     qs = q if p.q_index is None else q.index_select(0, p.q_index)  # [B * N, Hq, D]
     qs = qs.float().view(b, n, hq, d).transpose(1, 2)  # [B, Hq, N, D]
     mask = None if p.bias is None else p.bias.view(b, 1, n, l)
@@ -273,10 +282,13 @@ class CPUAttention(AttentionBackend):
     name = "cpu"
     supports_cascade = True
 
-    def __init__(self, auto_cascade_min_prefix: int = AUTO_CASCADE_MIN_PREFIX) -> None:
+    def __init__(self, auto_cascade_min_prefix: int = AUTO_CASCADE_MIN_PREFIX, mirrors: bool = True) -> None:
         self.auto_cascade_min_prefix = auto_cascade_min_prefix
         self._passes: list[PaddedPass] = []
         self._cascade: CascadePasses | None = None
+        # Kept K/V copies of the passes that recur from step to step (kv_mirror.py), by role.
+        self.use_mirrors = mirrors
+        self._mirrors: dict[str, KVMirror] = {}
 
     def prepare(self, batch: ForwardBatch, req_to_token: torch.Tensor) -> None:
         """The batch's passes; a shared prefix (planned, or found here) becomes a cascade."""
@@ -285,13 +297,39 @@ class CPUAttention(AttentionBackend):
         if plan is None and self.auto_cascade_min_prefix > 0:
             plan = auto_cascade_plan(batch, req_to_token, self.auto_cascade_min_prefix)
         if plan is not None:
-            self._cascade = build_cascade_passes(batch, plan, req_to_token)
-            return
-        cu_q = list(accumulate(batch.extend_lens, initial=0))
-        self._passes = split_passes(
-            req_to_token, batch.req_rows, [0] * batch.batch_size, batch.seq_lens, cu_q[:-1], batch.extend_lens,
-            causal=True, total_q=cu_q[-1],
-        )
+            c = build_cascade_passes(batch, plan, req_to_token)
+            used: set[str] = set()
+            self._cascade = c._replace(
+                prefix=self._mirrored(c.prefix, "prefix", batch.out_slots, used, every=True),
+                suffix=self._mirrored(c.suffix, "suffix", batch.out_slots, used),
+            )
+        else:
+            cu_q = list(accumulate(batch.extend_lens, initial=0))
+            used = set()
+            self._passes = self._mirrored(split_passes(
+                req_to_token, batch.req_rows, [0] * batch.batch_size, batch.seq_lens, cu_q[:-1], batch.extend_lens,
+                causal=True, total_q=cu_q[-1],
+            ), "plain", batch.out_slots, used)
+        for role, mirror in self._mirrors.items():
+            if role not in used:
+                mirror.forget()  # this batch's writes never reached it
+
+    def _mirrored(
+        self, passes: list[PaddedPass], kind: str, written: torch.Tensor, used: set[str], every: bool = False
+    ) -> list[PaddedPass]:
+        """The passes, those that recur step to step reading kept K/V copies: the one-row
+        (decode) passes, and with `every` all of them (a cascade's shared prefixes)."""
+        if not self.use_mirrors:
+            return passes
+        out = []
+        for i, p in enumerate(passes):
+            if p.n == 1 or every:
+                role = f"{kind}/{i}/{p.n == 1}"
+                mirror = self._mirrors.setdefault(role, KVMirror())
+                used.add(role)
+                p = p._replace(mirror=(mirror, mirror.plan(p.slots.view(p.b, p.l), written)))
+            out.append(p)
+        return out
 
     def attend(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
