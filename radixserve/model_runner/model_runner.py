@@ -28,6 +28,7 @@ from radixserve.model_runner.graphs import MAX_ROWS as PIECEWISE_MAX_ROWS
 from radixserve.model_runner.graphs import DecodeGraphRunner, GraphParts, PiecewiseGraphRunner, unsupported_reason
 from radixserve.model_runner.kv_pool import KVPool, ReqToTokenPool, SlotAllocator
 from radixserve.model_runner.loader import load_model
+from radixserve.model_runner.models.cpu_linear import packing_supported
 from radixserve.model_runner.models.kernels import compile_unsupported_reason, compiled_kernels
 from radixserve.model_runner.parallel import TPComm
 from radixserve.model_runner.sampler import SamplingBatch, TokenBitmask, sample
@@ -65,6 +66,8 @@ class ModelRunner:
         )
         cfg = self.model_config
         self._set_kernels(config.fused_kernels)
+        if packing_supported(device, dtype):  # decode-sized matmuls through oneDNN (models/cpu_linear.py)
+            self.model.pack_cpu_weights()
         model_max = cfg.max_position_embeddings
         if max_context is not None and max_context > model_max:
             raise ValueError(f"max_context {max_context} exceeds the model's max_position_embeddings {model_max}")
