@@ -64,6 +64,9 @@ class PaddedPass(NamedTuple):
     n: int
     l: int
     mirror: tuple[KVMirror, MirrorPlan] | None = None  # K/V read from a kept copy (kv_mirror.py)
+    # The kernel's own causal mask (query t sees keys j <= t, N == L), in place of `bias`: every
+    # sequence's keys are its new tokens alone, and the kernel skips the blocks above the diagonal.
+    causal: bool = False
 
 
 def build_pass(
@@ -78,8 +81,11 @@ def build_pass(
 ) -> PaddedPass:
     """Sequence i: q rows `q_starts[i] .. + q_lens[i]` against the slots
     `req_to_token[rows[i], key_starts[i] : key_starts[i] + key_lens[i]]`. Causal masking is
-    aligned to the end: query t of n sees keys j <= key_len - n + t."""
+    aligned to the end: query t of n sees keys j <= key_len - n + t. Where every sequence's
+    keys are its queries (a fresh prompt's chunk), that is the kernel's own causal mask: a
+    real query t sees keys 0..t, never the padding past its sequence's end."""
     b, n, l = len(rows), max(q_lens), max(key_lens)
+    own_causal = causal and n > 1 and list(key_lens) == list(q_lens)
     device = req_to_token.device
     key_len = torch.tensor(key_lens, dtype=torch.int64)
     q_len = torch.tensor(q_lens, dtype=torch.int64)
@@ -97,7 +103,7 @@ def build_pass(
             last = (key_len - q_len).view(b, 1, 1) + t.view(1, n, 1)  # the last key query t sees
             visible = visible & (j.view(1, 1, l) <= last)
     bias = None
-    if not bool(visible.all()):
+    if not own_causal and not bool(visible.all()):
         bias = torch.zeros(visible.shape, dtype=torch.float32).masked_fill_(~visible, float("-inf")).to(device)
     starts = torch.tensor(q_starts, dtype=torch.int64)
     in_order = n == 1 and b == total_q and q_starts == list(range(b))
@@ -108,7 +114,7 @@ def build_pass(
     q_index = (starts.unsqueeze(1) + torch.minimum(t.unsqueeze(0), (q_len - 1).unsqueeze(1))).reshape(-1)
     valid = None if bool(q_ok.all()) else q_ok.reshape(-1).to(device)
     out_rows = q_index if valid is None else q_index[q_ok.reshape(-1)]
-    return PaddedPass(q_index.to(device), out_rows.to(device), valid, slots, bias, b, n, l)
+    return PaddedPass(q_index.to(device), out_rows.to(device), valid, slots, bias, b, n, l, causal=own_causal)
 
 
 def padded_attend(
@@ -134,22 +140,17 @@ def padded_attend(
     qs = q if p.q_index is None else q.index_select(0, p.q_index)  # [B * N, Hq, D]
     qs = qs.float().view(b, n, hq, d).transpose(1, 2)  # [B, Hq, N, D]
     mask = None if p.bias is None else p.bias.view(b, 1, n, l)
-    attend = _fused_attend_lse if FUSED_LSE is not None else attend_lse_by_heads
-    out, lse = attend(qs, k, v, mask, scale)  # [B, Hq, N, D], [B, Hq, N]
+    if FUSED_LSE is not None:
+        out, lse = FUSED_LSE(qs, k, v, 0.0, p.causal, attn_mask=mask, scale=scale)  # [B, Hq, N, D], [B, Hq, N]
+    else:
+        if p.causal:
+            mask = torch.full((n, l), float("-inf"), device=q.device).triu_(1).view(1, 1, n, l)
+        out, lse = attend_lse_by_heads(qs, k, v, mask, scale)
     out = out.transpose(1, 2).reshape(b * n, hq, d)
     lse = lse.transpose(0, 1).reshape(hq, b * n)
     if p.valid is not None:
         out, lse = out[p.valid], lse[:, p.valid]
     return out.to(q.dtype), lse
-
-
-def _fused_attend_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """PyTorch's fused CPU attention (the kernel behind SDPA on CPU), which also returns the
-    log-sum-exp and takes grouped-query K/V heads as they are."""
-    assert FUSED_LSE is not None, "padded_attend picks this only where torch has the op"
-    return FUSED_LSE(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
 
 
 def attend_lse_by_heads(
@@ -189,10 +190,14 @@ def split_passes(
     ones = [i for i, (n, k) in enumerate(zip(q_lens, key_lens)) if n == 1 and k > 0]
     many = [i for i, (n, k) in enumerate(zip(q_lens, key_lens)) if n > 1 and k > 0]
     groups = [ones] if ones else []
-    if many:
-        need = sum(q_lens[i] * key_lens[i] for i in many)
-        padded = len(many) * max(q_lens[i] for i in many) * max(key_lens[i] for i in many)
-        groups += [many] if padded <= MAX_PADDING_WASTE * need else [[i] for i in many]
+    # Chunks whose keys are their own queries (fresh prompts) apart: they take the kernel's causal mask.
+    fresh = [i for i in many if causal and q_lens[i] == key_lens[i]]
+    for like in (fresh, [i for i in many if i not in fresh]):
+        if not like:
+            continue
+        need = sum(q_lens[i] * key_lens[i] for i in like)
+        padded = len(like) * max(q_lens[i] for i in like) * max(key_lens[i] for i in like)
+        groups += [like] if padded <= MAX_PADDING_WASTE * need else [[i] for i in like]
 
     def pick(values: Sequence[int], idx: list[int]) -> list[int]:
         return [values[i] for i in idx]
