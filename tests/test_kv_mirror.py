@@ -164,3 +164,15 @@ def test_a_new_pool_tensor_is_read_afresh():
     assert got is not None
     assert torch.equal(got[0][0, :, :3].transpose(0, 1), k2[slots[0]])
     assert torch.equal(got[1][0, :, :3].transpose(0, 1), v2[slots[0]])
+
+
+def test_release_drops_the_kept_copies(tiny_qwen3_path, make_engine):
+    """A shut-down engine's runner releases its memory, the backend's K/V copies with it."""
+    from radixserve import SamplingParams
+
+    engine = make_engine(tiny_qwen3_path)
+    engine.generate([[5, 6, 7, 8], [9, 10, 11]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    backend = engine.core.runner.backend
+    assert any(m.layers for m in backend._mirrors.values())
+    engine.core.runner.release_memory()
+    assert not backend._mirrors

@@ -221,6 +221,7 @@ class ModelRunner:
         this process can size its pool from the memory they held."""
         self.graphs = self.pieces = None
         self.pool.k, self.pool.v = [], []
+        self.backend.release()
         self.model = None  # type: ignore[assignment]  # released: the runner serves no call after this
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

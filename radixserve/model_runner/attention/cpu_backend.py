@@ -319,6 +319,11 @@ class CPUAttention(AttentionBackend):
             if role not in used:
                 mirror.forget()  # this batch's writes never reached it
 
+    def release(self) -> None:
+        """Drop the kept K/V copies and the last batch's passes."""
+        self._mirrors.clear()
+        self._passes, self._cascade = [], None
+
     def _mirrored(
         self, passes: list[PaddedPass], kind: str, written: torch.Tensor, used: set[str], every: bool = False
     ) -> list[PaddedPass]:
