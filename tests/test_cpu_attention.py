@@ -105,7 +105,12 @@ def test_uneven_prefill_chunks_run_apart_and_decodes_together():
     ones = split_passes(table, [0, 1, 2], [0, 0, 0], [50, 60, 70], [0, 1, 2], [1, 1, 1], True, 3)
     assert [(p.b, p.n, p.l) for p in ones] == [(3, 1, 70)]
     uneven = split_passes(table, [0, 1, 2], [0, 0, 0], [200, 5, 5], [0, 200, 202], [200, 2, 2], True, 204)
-    assert [(p.b, p.n) for p in uneven] == [(1, 200), (1, 2), (1, 2)]
+    assert [(p.b, p.n) for p in uneven] == [(1, 200), (2, 2)]  # a fresh prompt apart from chunks over a prefix
+    assert [p.causal for p in uneven] == [True, False]
+    apart = split_passes(table, [0, 1, 2, 3], [0] * 4, [200, 5, 5, 70], [0, 200, 202, 204], [200, 2, 2, 60], True, 264)
+    assert [(p.b, p.n) for p in apart] == [(1, 200), (1, 2), (1, 2), (1, 60)]  # too uneven to pad together
+    fresh = split_passes(table, [0, 1], [0, 0], [30, 20], [0, 30], [30, 20], True, 50)
+    assert [(p.b, p.n, p.l, p.causal, p.bias) for p in fresh] == [(2, 30, 30, True, None)]
     even = split_passes(table, [0, 1], [0, 0], [40, 44], [0, 30], [30, 34], True, 64)
     assert [(p.b, p.n, p.l) for p in even] == [(2, 34, 44)]
 

@@ -9,7 +9,10 @@ other jobs, a decode step of 32 sequences of the built-in model took 0.14 s to
 1.8 s from run to run with two threads, 0.26 to 0.37 s with one; a prefill of
 12 prompts of 320 tokens ran at 533-597 tokens/s with one thread and 175-197
 with two (alternating in one process); end to end (benchmarks/cpu_e2e.py) one
-thread did as well or better. So the default leaves
+thread did as well or better. With the packed linears and kept K/V copies,
+prefill of 12 prompts of 320 tokens alternating one and two threads took 13.4 and
+15.0 s with one, 14.5 and 14.9 s with two (decode steps 227-256 ms against
+237-260): a second thread buys nothing while anything else runs. So the default leaves
 one CPU to the host, as vLLM's CPU backend does: every CPU this process may run
 on, less one, at least one. OMP_NUM_THREADS, when set, wins.
 """

@@ -29,6 +29,7 @@ from radixserve.model_runner.graphs import DecodeGraphRunner, GraphParts, Piecew
 from radixserve.model_runner.kv_pool import FP8_KV_DTYPE, KVPool, KVScales, ReqToTokenPool, SlotAllocator
 from radixserve.model_runner.kv_scales import load_kv_scales
 from radixserve.model_runner.loader import load_model, weight_files
+from radixserve.model_runner.models.cpu_linear import packing_supported
 from radixserve.model_runner.models.kernels import compile_unsupported_reason, compiled_kernels
 from radixserve.model_runner.parallel import TPComm
 from radixserve.model_runner.sampler import SamplingBatch, TokenBitmask, sample
@@ -66,6 +67,8 @@ class ModelRunner:
         )
         cfg = self.model_config
         self._set_kernels(config.fused_kernels)
+        if packing_supported(device, dtype):  # decode-sized matmuls through oneDNN (models/cpu_linear.py)
+            self.model.pack_cpu_weights()
         model_max = cfg.max_position_embeddings
         if max_context is not None and max_context > model_max:
             raise ValueError(f"max_context {max_context} exceeds the model's max_position_embeddings {model_max}")
@@ -235,6 +238,7 @@ class ModelRunner:
         this process can size its pool from the memory they held."""
         self.graphs = self.pieces = None
         self.pool.k, self.pool.v = [], []
+        self.backend.release()
         self.model = None  # type: ignore[assignment]  # released: the runner serves no call after this
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

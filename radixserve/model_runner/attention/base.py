@@ -54,6 +54,10 @@ class AttentionBackend:
         """Take metadata built on the device for a captured decode step (`runs_in_graphs` only)."""
         raise NotImplementedError(f"attention backend {self.name!r} does not run under CUDA graphs")
 
+    def release(self) -> None:
+        """Drop what the backend keeps between batches (the engine shut down; the runner
+        released the pool)."""
+
     def finish_warm_up(self) -> None:
         """The runner has run every shape class serving meets (ModelRunner.warm_up): from here
         on, a backend that compiles kernels counts each compile in `compiles`."""

@@ -9,10 +9,13 @@ batch's sequences are laid out once per batch as a padded pass:
     slots    [B * L]    the slot of key j of sequence i (padding: the dummy slot 0)
     bias     [B, N, L]  0 where query t sees key j, -inf elsewhere (padding, causality)
 
-and each layer gathers K/V `[B * L, Hkv, D]` in one index_select (slot order:
-the pool is read row by row) and makes one call of PyTorch's fused CPU
-attention kernel on the strided heads; it takes grouped-query heads without
-copies of K/V and returns the log-sum-exp a cascade merges by.
+and each layer makes one call of PyTorch's fused CPU attention kernel on K/V
+laid out `[B, Hkv, L, D]`; it takes grouped-query heads without copies of K/V
+and returns the log-sum-exp a cascade merges by. The passes that recur from step
+to step (the decodes, a cascade's shared prefixes and its decoding suffixes) read
+a kept copy of that layout (kv_mirror.py), into which each step copies only the
+positions whose slot changed (in steady decode, one token per sequence); the
+others gather K/V `[B * L, Hkv, D]` from the pool in one index_select per layer.
 
 Padding costs work, so sequences are split into passes of like shapes: the
 decodes (one query row each) form one pass; sequences with several new tokens
@@ -36,6 +39,7 @@ import torch
 
 from radixserve.model_runner.attention.base import AttentionBackend
 from radixserve.model_runner.attention.cascade import merge_states
+from radixserve.model_runner.attention.kv_mirror import KVMirror, MirrorPlan
 from radixserve.model_runner.forward_batch import CascadePlan, ForwardBatch
 from radixserve.model_runner.kv_pool import fold_kv_scales
 
@@ -60,6 +64,10 @@ class PaddedPass(NamedTuple):
     b: int
     n: int
     l: int
+    mirror: tuple[KVMirror, MirrorPlan] | None = None  # K/V read from a kept copy (kv_mirror.py)
+    # The kernel's own causal mask (query t sees keys j <= t, N == L), in place of `bias`: every
+    # sequence's keys are its new tokens alone, and the kernel skips the blocks above the diagonal.
+    causal: bool = False
 
 
 def build_pass(
@@ -74,8 +82,11 @@ def build_pass(
 ) -> PaddedPass:
     """Sequence i: q rows `q_starts[i] .. + q_lens[i]` against the slots
     `req_to_token[rows[i], key_starts[i] : key_starts[i] + key_lens[i]]`. Causal masking is
-    aligned to the end: query t of n sees keys j <= key_len - n + t."""
+    aligned to the end: query t of n sees keys j <= key_len - n + t. Where every sequence's
+    keys are its queries (a fresh prompt's chunk), that is the kernel's own causal mask: a
+    real query t sees keys 0..t, never the padding past its sequence's end."""
     b, n, l = len(rows), max(q_lens), max(key_lens)
+    own_causal = causal and n > 1 and list(key_lens) == list(q_lens)
     device = req_to_token.device
     key_len = torch.tensor(key_lens, dtype=torch.int64)
     q_len = torch.tensor(q_lens, dtype=torch.int64)
@@ -93,7 +104,7 @@ def build_pass(
             last = (key_len - q_len).view(b, 1, 1) + t.view(1, n, 1)  # the last key query t sees
             visible = visible & (j.view(1, 1, l) <= last)
     bias = None
-    if not bool(visible.all()):
+    if not own_causal and not bool(visible.all()):
         bias = torch.zeros(visible.shape, dtype=torch.float32).masked_fill_(~visible, float("-inf")).to(device)
     starts = torch.tensor(q_starts, dtype=torch.int64)
     in_order = n == 1 and b == total_q and q_starts == list(range(b))
@@ -104,7 +115,7 @@ def build_pass(
     q_index = (starts.unsqueeze(1) + torch.minimum(t.unsqueeze(0), (q_len - 1).unsqueeze(1))).reshape(-1)
     valid = None if bool(q_ok.all()) else q_ok.reshape(-1).to(device)
     out_rows = q_index if valid is None else q_index[q_ok.reshape(-1)]
-    return PaddedPass(q_index.to(device), out_rows.to(device), valid, slots, bias, b, n, l)
+    return PaddedPass(q_index.to(device), out_rows.to(device), valid, slots, bias, b, n, l, causal=own_causal)
 
 
 def padded_attend(
@@ -119,29 +130,28 @@ def padded_attend(
     _, hq, d = q.shape
     hkv = k_cache.shape[1]
     b, n, l = p.b, p.n, p.l
-    # Whole slots in key order (the pool is read row by row); a head's keys are then a
-    # strided view, which the kernel reads as it is.
-    k = k_cache.index_select(0, p.slots).float().view(b, l, hkv, d).transpose(1, 2)  # [B, Hkv, L, D]
-    v = v_cache.index_select(0, p.slots).float().view(b, l, hkv, d).transpose(1, 2)
+    kv = None if p.mirror is None else p.mirror[0].read(p.mirror[1], k_cache, v_cache)
+    if kv is not None:
+        k, v = kv  # [B, Hkv, L, D] views of the kept copy
+    else:
+        # Whole slots in key order (the pool is read row by row); a head's keys are then a
+        # strided view, which the kernel reads as it is.
+        k = k_cache.index_select(0, p.slots).float().view(b, l, hkv, d).transpose(1, 2)  # [B, Hkv, L, D]
+        v = v_cache.index_select(0, p.slots).float().view(b, l, hkv, d).transpose(1, 2)
     qs = q if p.q_index is None else q.index_select(0, p.q_index)  # [B * N, Hq, D]
     qs = qs.float().view(b, n, hq, d).transpose(1, 2)  # [B, Hq, N, D]
     mask = None if p.bias is None else p.bias.view(b, 1, n, l)
-    attend = _fused_attend_lse if FUSED_LSE is not None else attend_lse_by_heads
-    out, lse = attend(qs, k, v, mask, scale)  # [B, Hq, N, D], [B, Hq, N]
+    if FUSED_LSE is not None:
+        out, lse = FUSED_LSE(qs, k, v, 0.0, p.causal, attn_mask=mask, scale=scale)  # [B, Hq, N, D], [B, Hq, N]
+    else:
+        if p.causal:
+            mask = torch.full((n, l), float("-inf"), device=q.device).triu_(1).view(1, 1, n, l)
+        out, lse = attend_lse_by_heads(qs, k, v, mask, scale)
     out = out.transpose(1, 2).reshape(b * n, hq, d)
     lse = lse.transpose(0, 1).reshape(hq, b * n)
     if p.valid is not None:
         out, lse = out[p.valid], lse[:, p.valid]
     return out.to(q.dtype), lse
-
-
-def _fused_attend_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """PyTorch's fused CPU attention (the kernel behind SDPA on CPU), which also returns the
-    log-sum-exp and takes grouped-query K/V heads as they are."""
-    assert FUSED_LSE is not None, "padded_attend picks this only where torch has the op"
-    return FUSED_LSE(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
 
 
 def attend_lse_by_heads(
@@ -181,10 +191,14 @@ def split_passes(
     ones = [i for i, (n, k) in enumerate(zip(q_lens, key_lens)) if n == 1 and k > 0]
     many = [i for i, (n, k) in enumerate(zip(q_lens, key_lens)) if n > 1 and k > 0]
     groups = [ones] if ones else []
-    if many:
-        need = sum(q_lens[i] * key_lens[i] for i in many)
-        padded = len(many) * max(q_lens[i] for i in many) * max(key_lens[i] for i in many)
-        groups += [many] if padded <= MAX_PADDING_WASTE * need else [[i] for i in many]
+    # Chunks whose keys are their own queries (fresh prompts) apart: they take the kernel's causal mask.
+    fresh = [i for i in many if causal and q_lens[i] == key_lens[i]]
+    for like in (fresh, [i for i in many if i not in fresh]):
+        if not like:
+            continue
+        need = sum(q_lens[i] * key_lens[i] for i in like)
+        padded = len(like) * max(q_lens[i] for i in like) * max(key_lens[i] for i in like)
+        groups += [like] if padded <= MAX_PADDING_WASTE * need else [[i] for i in like]
 
     def pick(values: Sequence[int], idx: list[int]) -> list[int]:
         return [values[i] for i in idx]
@@ -274,10 +288,13 @@ class CPUAttention(AttentionBackend):
     name = "cpu"
     supports_cascade = True
 
-    def __init__(self, auto_cascade_min_prefix: int = AUTO_CASCADE_MIN_PREFIX) -> None:
+    def __init__(self, auto_cascade_min_prefix: int = AUTO_CASCADE_MIN_PREFIX, mirrors: bool = True) -> None:
         self.auto_cascade_min_prefix = auto_cascade_min_prefix
         self._passes: list[PaddedPass] = []
         self._cascade: CascadePasses | None = None
+        # Kept K/V copies of the passes that recur from step to step (kv_mirror.py), by role.
+        self.use_mirrors = mirrors
+        self._mirrors: dict[str, KVMirror] = {}
 
     def prepare(self, batch: ForwardBatch, req_to_token: torch.Tensor) -> None:
         """The batch's passes; a shared prefix (planned, or found here) becomes a cascade."""
@@ -286,13 +303,44 @@ class CPUAttention(AttentionBackend):
         if plan is None and self.auto_cascade_min_prefix > 0:
             plan = auto_cascade_plan(batch, req_to_token, self.auto_cascade_min_prefix)
         if plan is not None:
-            self._cascade = build_cascade_passes(batch, plan, req_to_token)
-            return
-        cu_q = list(accumulate(batch.extend_lens, initial=0))
-        self._passes = split_passes(
-            req_to_token, batch.req_rows, [0] * batch.batch_size, batch.seq_lens, cu_q[:-1], batch.extend_lens,
-            causal=True, total_q=cu_q[-1],
-        )
+            c = build_cascade_passes(batch, plan, req_to_token)
+            used: set[str] = set()
+            self._cascade = c._replace(
+                prefix=self._mirrored(c.prefix, "prefix", batch.out_slots, used, every=True),
+                suffix=self._mirrored(c.suffix, "suffix", batch.out_slots, used),
+            )
+        else:
+            cu_q = list(accumulate(batch.extend_lens, initial=0))
+            used = set()
+            self._passes = self._mirrored(split_passes(
+                req_to_token, batch.req_rows, [0] * batch.batch_size, batch.seq_lens, cu_q[:-1], batch.extend_lens,
+                causal=True, total_q=cu_q[-1],
+            ), "plain", batch.out_slots, used)
+        for role, mirror in self._mirrors.items():
+            if role not in used:
+                mirror.forget()  # this batch's writes never reached it
+
+    def release(self) -> None:
+        """Drop the kept K/V copies and the last batch's passes."""
+        self._mirrors.clear()
+        self._passes, self._cascade = [], None
+
+    def _mirrored(
+        self, passes: list[PaddedPass], kind: str, written: torch.Tensor, used: set[str], every: bool = False
+    ) -> list[PaddedPass]:
+        """The passes, those that recur step to step reading kept K/V copies: the one-row
+        (decode) passes, and with `every` all of them (a cascade's shared prefixes)."""
+        if not self.use_mirrors:
+            return passes
+        out = []
+        for i, p in enumerate(passes):
+            if p.n == 1 or every:
+                role = f"{kind}/{i}/{p.n == 1}"
+                mirror = self._mirrors.setdefault(role, KVMirror())
+                used.add(role)
+                p = p._replace(mirror=(mirror, mirror.plan(p.slots.view(p.b, p.l), written)))
+            out.append(p)
+        return out
 
     def attend(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, *,

@@ -17,11 +17,11 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from radixserve.model_runner.kv_scales import is_kv_scale
 from radixserve.model_runner.model_config import ModelConfig
+from radixserve.model_runner.models.cpu_linear import pack_linears, pack_weight, packed_linear
 from radixserve.model_runner.models.kernels import Kernels, UsesKernels
 from radixserve.model_runner.models.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP
 from radixserve.model_runner.models.parallel_layers import VocabParallelEmbedding, row_linear
@@ -181,6 +181,13 @@ class DecoderForCausalLM(UsesKernels, nn.Module):
             self.lm_head = None
         else:
             self.lm_head = nn.Linear(config.hidden_size, vocab_rows, bias=False, dtype=dtype)
+        self.logits_packed: torch.Tensor | None = None  # the output projection packed (pack_cpu_weights)
+
+    def pack_cpu_weights(self) -> None:
+        """Float32 on the CPU: every linear layer and the output projection also hold their weight
+        packed for oneDNN, which decode-sized inputs take (models/cpu_linear.py). After loading."""
+        pack_linears(self)
+        self.logits_packed = pack_weight(self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
 
     def make_mlp(self, layer_id: int, dtype: torch.dtype) -> nn.Module:
         """The MLP of layer `layer_id` (called from __init__; subclasses pick per layer)."""
@@ -240,7 +247,7 @@ class DecoderForCausalLM(UsesKernels, nn.Module):
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [N, H] -> float32 logits [N, vocab], written to `out` if given (the cast is the copy)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, weight)
+        logits = packed_linear(hidden, weight, self.logits_packed)
         if self.comm is not None:  # this rank's vocabulary columns -> every column, on every rank
             logits = self.comm.all_gather_last(logits)
         return logits.float() if out is None else out.copy_(logits)
