@@ -62,9 +62,9 @@ from radixserve.model_runner.attention.triton_group import (
     choose_group_splits,
     paged_group_attend,
 )
+from radixserve.model_runner.kv_store import FP8_KV_DTYPE, FP8_MAX, quantize_kv
 
 POOL_SLOTS = 1 << 20
-FP8_MAX = 448.0  # the largest float8_e4m3fn
 HEADS = [(16, 8, 128), (32, 8, 128)]  # Qwen3-0.6B, Qwen3-8B
 SPLITS = [1, 2, 4, 8, 16]
 # (BLOCK_N, num_warps, num_stages); num_stages - 1 K/V tiles are in flight per program,
@@ -102,10 +102,9 @@ def to_fp8(k: torch.Tensor, v: torch.Tensor) -> Fp8Pool:
 
     def one(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scale = (x.abs().amax(dim=(0, 2)).float() / FP8_MAX).clamp_min(1e-12)
-        stored = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+        stored = torch.empty(x.shape, dtype=FP8_KV_DTYPE, device=x.device)
         for i in range(0, x.shape[0], 1 << 18):  # in chunks: the float copy of a pool is 4 GB
-            part = x[i : i + (1 << 18)].float() / scale[None, :, None]
-            stored[i : i + (1 << 18)] = part.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+            stored[i : i + (1 << 18)] = quantize_kv(x[i : i + (1 << 18)], scale)  # the pool's write
         return stored, scale
 
     k8, k_scale = one(k)
@@ -264,14 +263,19 @@ def run_case(name, lens, heads, k, v, fa4, tiles, num_sms, iters, g, fp8=None, f
         summary["speedup_vs_fa4"] = round(fa4_row["ms"] / best["ms"], 3)
     if fp8 is not None:
         engine = ours(auto, DECODE_CONFIG)
-        fp8_by_splits = {s: ours(s, FP8_DECODE_CONFIG, fp8) for s in sorted(set(SPLITS) | {auto})}
-        fp8_rows = [r for r in fp8_by_splits.values() if r]
-        fp8_splits = min(fp8_rows, key=lambda r: r["ms"])["splits"]
-        fp8_rows += [r for r in (ours(fp8_splits, t, fp8) for t in dict.fromkeys(fp8_tiles)
-                                 if t != FP8_DECODE_CONFIG) if r]
-        fp8_best = min(fp8_rows, key=lambda r: r["ms"])
+        fp8_by_splits, fp8_best = sweep_fp8(ours, sorted(set(SPLITS) | {auto}), FP8_DECODE_CONFIG, fp8_tiles, fp8)
         summary["fp8"] = fp8_summary(fields, best, fp8_best, engine, fp8_by_splits[auto])
     print(json.dumps(summary), flush=True)
+
+
+def sweep_fp8(ours, splits: list[int], config, tiles, fp8) -> tuple[dict, dict]:
+    """Our kernel over the fp8 pool: every split count at `config`, then the other `tiles` at
+    the fastest split count. Returns the rows by split count and the fastest row."""
+    by_splits = {s: ours(s, config, fp8) for s in splits}
+    measured = [r for r in by_splits.values() if r]
+    best_splits = min(measured, key=lambda r: r["ms"])["splits"]
+    measured += [r for r in (ours(best_splits, t, fp8) for t in dict.fromkeys(tiles) if t != config) if r]
+    return by_splits, min(measured, key=lambda r: r["ms"])
 
 
 def fp8_summary(fields, best: dict, fp8_best: dict, engine: dict | None, fp8_engine: dict | None) -> dict:
@@ -373,12 +377,9 @@ def run_prefix_case(name, members, prefixes, padded, heads, k, v, fa4, tiles, nu
         engine_auto = choose_group_splits(rows, groups, hq, hkv, num_sms, GROUP_CONFIG)
         engine = ours(engine_auto, GROUP_CONFIG)
         fp8_auto = choose_group_splits(rows, groups, hq, hkv, num_sms, FP8_GROUP_CONFIG)
-        fp8_by_splits = {s: ours(s, FP8_GROUP_CONFIG, fp8) for s in sorted(set(PREFIX_SPLITS) | {fp8_auto})}
-        fp8_measured = [r for r in fp8_by_splits.values() if r]
-        fp8_splits = min(fp8_measured, key=lambda r: r["ms"])["splits"]
-        fp8_measured += [r for r in (ours(fp8_splits, t, fp8) for t in dict.fromkeys(fp8_tiles)
-                                     if t != FP8_GROUP_CONFIG) if r]
-        fp8_best = min(fp8_measured, key=lambda r: r["ms"])
+        fp8_by_splits, fp8_best = sweep_fp8(
+            ours, sorted(set(PREFIX_SPLITS) | {fp8_auto}), FP8_GROUP_CONFIG, fp8_tiles, fp8
+        )
         summary["fp8"] = fp8_summary(fields, best, fp8_best, engine, fp8_by_splits[fp8_auto])
     print(json.dumps(summary), flush=True)
 

@@ -11,8 +11,6 @@ the nearest e4m3, the scale per KV head.
 from __future__ import annotations
 
 import importlib
-import importlib.util
-from functools import cache
 
 import torch
 
@@ -26,14 +24,12 @@ def quantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() / scale.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX).to(FP8_KV_DTYPE)
 
 
-@cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def kernel_available(pool_tensor: torch.Tensor) -> bool:
     """Whether `store_kv` launches the Triton kernel for a pool tensor (on CUDA, with triton)."""
-    return pool_tensor.is_cuda and _triton_installed()
+    # Imported here: the attention package imports kv_pool, which imports this module.
+    from radixserve.model_runner.attention.triton_decode import triton_available
+
+    return pool_tensor.is_cuda and triton_available()
 
 
 def store_kv(

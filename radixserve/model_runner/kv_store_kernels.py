@@ -19,7 +19,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-FP8_E4M3_MAX = tl.constexpr(448.0)
+from radixserve.model_runner.kv_store import FP8_MAX
+
+FP8_E4M3_MAX = tl.constexpr(FP8_MAX)
 E4M3_MIN_NORMAL = tl.constexpr(0.015625)  # 2^-6; below it e4m3 steps by 2^-9
 SUBNORMAL_ROUNDER = tl.constexpr(24576.0)  # 1.5 * 2^14: fp32's step between 2^14 and 2^15 is 2^-9
 

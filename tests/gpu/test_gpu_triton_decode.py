@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers.triton_cases import dequantize_fp8, gpu_case, quantize_fp8, random_lens, rel_err, to_fp8_case
+from helpers.triton_cases import dequantize_fp8, gpu_case, random_lens, rel_err, to_fp8_case
 from test_triton_decode import reference
 
 from radixserve.model_runner.attention.triton_decode import (
@@ -19,6 +19,7 @@ from radixserve.model_runner.attention.triton_decode import (
     make_workspace,
     paged_decode,
 )
+from radixserve.model_runner.kv_store import quantize_kv
 
 
 @pytest.mark.gpu
@@ -155,8 +156,8 @@ def test_gpu_fp8_cuda_graph_replay(device):
         s_table.copy_(picks.masked_fill(torch.arange(width, device="cuda") >= s_used[:, None], 0))
         k_scale.copy_(ks)
         v_scale.copy_(vs)
-        k8.copy_(quantize_fp8(k_real, ks))  # the pool rewritten with the new scales
-        v8.copy_(quantize_fp8(v_real, vs))
+        k8.copy_(quantize_kv(k_real, ks))  # the pool rewritten with the new scales
+        v8.copy_(quantize_kv(v_real, vs))
 
     def capture(ks: torch.Tensor, vs: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         def call():
@@ -185,8 +186,8 @@ def test_gpu_fp8_cuda_graph_replay(device):
     graph, lse = capture(one.expand(hkv), one.expand(hkv))
     fill(4, one.expand(hkv), one.expand(hkv))
     one.fill_(0.03)  # the graph's copy of the expanded view reads it at replay
-    k8.copy_(quantize_fp8(k_real, one.expand(hkv)))
-    v8.copy_(quantize_fp8(v_real, one.expand(hkv)))
+    k8.copy_(quantize_kv(k_real, one.expand(hkv)))
+    v8.copy_(quantize_kv(v_real, one.expand(hkv)))
     graph.replay()
     torch.cuda.synchronize()
     ref_out, ref_lse = reference(s_q, dequantize_fp8(k8, one.expand(hkv)), dequantize_fp8(v8, one.expand(hkv)),

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 import radixserve
+from radixserve.model_runner.kv_pool import dequantize_kv
+from radixserve.model_runner.kv_store import FP8_MAX, quantize_kv
 
 
 def make_decode_case(lens, hq, hkv, d, seed, dtype=torch.float32, device="cpu", pool_slack=64,
@@ -121,17 +123,9 @@ def compile_check_outside_interpreter(check, test_file: str, group: int) -> None
 
 
 
-FP8_MAX = 448.0  # the largest float8_e4m3fn
-
-
-def quantize_fp8(cache: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The pool's fp8 write: saturate(x / scale[h]) cast to float8_e4m3fn (NaN stays NaN)."""
-    return (cache.float() / scales[None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-
-
 def dequantize_fp8(stored: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The real values an fp8 cache holds: stored.float() * scale[h]."""
-    return stored.float() * scales[None, :, None]
+    """The real values an fp8 cache holds, in float32 (the pool's own dequantize_kv)."""
+    return dequantize_kv(stored, scales, torch.float32)
 
 
 def to_fp8_case(k: torch.Tensor, v: torch.Tensor, saturate_at: float = 2.0):
@@ -144,6 +138,6 @@ def to_fp8_case(k: torch.Tensor, v: torch.Tensor, saturate_at: float = 2.0):
     spread = 1 + torch.arange(k.shape[1], dtype=torch.float32, device=k.device)
     k_scale = saturate_at * spread / FP8_MAX
     v_scale = 1.5 * k_scale
-    k8 = quantize_fp8(k.float() * spread[None, :, None], k_scale)
-    v8 = quantize_fp8(v.float() * spread[None, :, None], v_scale)
+    k8 = quantize_kv(k.float() * spread[None, :, None], k_scale)  # the pool's write (NaN stays NaN)
+    v8 = quantize_kv(v.float() * spread[None, :, None], v_scale)
     return k8, v8, k_scale, v_scale

@@ -71,7 +71,9 @@ class KernelConfig(NamedTuple):
 FP8_DECODE_CONFIG = KernelConfig(block_n=128, num_warps=4, num_stages=3)
 
 
+@functools.cache
 def triton_available() -> bool:
+    """Whether triton imports (asked once: the pool's write asks on every eager step)."""
     try:
         import triton  # noqa: F401
     except ImportError:
