@@ -111,14 +111,12 @@ class ModelRunner:
 
     def _kv_scales(self, model_path: str | Path) -> KVScales | None:
         """An fp8 pool's scales from the checkpoint, for this rank's KV heads (None: it stores
-        none, and the pool takes 1.0). A model-dtype pool ignores them."""
+        none, and the pool takes 1.0). A model-dtype pool ignores them: they are not read."""
+        if self.kv_dtype != FP8_KV_DTYPE:
+            return None
         cfg = self.model_config
         first, count = self.model.shard.kv_heads(cfg)
         scales = load_kv_scales(weight_files(Path(model_path)), cfg.num_layers, cfg.num_kv_heads, first, count)
-        if self.kv_dtype != FP8_KV_DTYPE:
-            if scales is not None:
-                logger.info("the checkpoint's KV cache scales are unused: the KV cache stores %s", self.kv_dtype)
-            return None
         logger.info("fp8 KV cache scales: %s", "from the checkpoint" if scales is not None else "1.0 (none stored)")
         return scales
 
