@@ -189,11 +189,10 @@ class FA4Attention(AttentionBackend):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # The Triton kernels' scale arguments, passed only for an fp8 pool (read in place, with them).
         scales: dict[str, Any] = {} if k_scale is None else {"k_scale": k_scale, "v_scale": v_scale}
-        triton = self.triton_decode
-        if triton and meta.max_seqlen_q == 1 and q.shape[0] == meta.seqused_k.shape[0]:
+        if self.triton_decode and meta.max_seqlen_q == 1 and q.shape[0] == meta.seqused_k.shape[0]:
             # One query row per sequence, the last position: causal or not attends to every key.
             return self._decode(q, k_cache, v_cache, scale, meta, return_lse, scales)
-        if triton and meta.decode_rows and not causal:
+        if self.triton_decode and meta.decode_rows and not causal:
             # A decode step's cascade prefix pass: a group's members x G heads form one tile.
             return self._group(q, k_cache, v_cache, scale, meta, return_lse, scales)
         if meta.table_rows is not None:
