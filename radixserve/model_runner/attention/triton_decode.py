@@ -64,11 +64,12 @@ class KernelConfig(NamedTuple):
 
 
 # The tile config for an fp8 cache (fa4_backend's DECODE_CONFIG is (128, 4, 2) for bf16):
-# an e4m3 tile is half the bytes, so one more stage keeps the bytes in flight per program
-# (two 32 KB K+V tiles) and the shared memory per program (~72 KB: three programs per
-# H100 SM) of the bf16 config. The split count is chosen as for bf16 (choose_num_splits
-# counts programs, not bytes).
-FP8_DECODE_CONFIG = KernelConfig(block_n=128, num_warps=4, num_stages=3)
+# the fastest of the fp8 sweep on the H100 (docs/benchmarks.md): 1.64-1.71x as fast as
+# the bf16 config at 256 sequences of 1,024 and of 100-2,048 keys, where (128, 4, 3) was
+# 1.40-1.49x. Two 16 KB K+V tiles in flight per program at ~146 registers a thread
+# (three programs an SM), where 128-key tiles take ~198 (two). The split count is chosen
+# as for bf16 (choose_num_splits counts programs, not bytes).
+FP8_DECODE_CONFIG = KernelConfig(block_n=64, num_warps=4, num_stages=3)
 
 
 @functools.cache

@@ -24,10 +24,11 @@ Both attend a tile of query rows over one sequence's keys, cut into S splits:
 
 An fp8 cache (KV_FP8, a constexpr: the bf16 kernels compile as without it): K and V
 are float8_e4m3fn, head h's real rows stored * KScale[h] (VScale[h]). Tiles are loaded
-as e4m3 (half the bytes of bf16) and widened in registers: K to q's dtype for Q K^T,
-V to fp16 for P V (fp32 for fp32 q). KScale[h] is folded into the score scale and
-VScale[h] multiplies each program's normalized output, so lse, partials and merge are
-those of the real values.
+as e4m3 (half the bytes of bf16) and widened in registers to fp16 (fp32 for fp32 q)
+for both products: e4m3 -> fp16 is one instruction a pair on SM 8.9+, where -> bf16
+takes two more, so a 16-bit q is taken to fp16 once, with the softmax scale folded in.
+KScale[h] scales the scores and VScale[h] multiplies each program's normalized output,
+so lse, partials and merge are those of the real values.
 
 Page tables are gathered (`[B, W]`, row b is sequence b's) or indirect (the request
 table itself, row b at `PageTable[TableRows[b], TableStart[b]:]`: no per-step gather
@@ -300,13 +301,20 @@ def _attend_keys(
 
     KV_FP8: the K and V rows are float8_e4m3fn, this head's real keys stored * k_scale
     (*k_scale_ptr) and values stored * v_scale. Tiles are loaded as fp8 (half the bytes)
-    and widened for tl.dot, K to q's dtype and V to fp16 (fp32 for fp32 q): exact, every
-    e4m3 value is a bf16, fp16 and fp32 value. k_scale is folded into the score scale, so
-    the scores, and from them m, l and the lse, are those of the real keys; v_scale
-    multiplies the normalized output once, before any store, so the split merge sees
-    real partial outputs."""
+    and widened for tl.dot to fp16 (fp32 for fp32 q): exact, every e4m3 value is an fp16
+    and fp32 value. A bf16 or fp16 q is taken to fp16 once, times the softmax scale: the
+    scaled row stays far inside fp16's range (|q| would need to pass 500,000 at D = 128)
+    and loses nothing a bf16 q holds. The scores are then scaled by k_scale, so they,
+    and from them m, l and the lse, are those of the real keys; v_scale multiplies the
+    normalized output once, before any store, so the split merge sees real partial
+    outputs."""
     if KV_FP8:
-        scale_log2 = scale_log2 * tl.load(k_scale_ptr)
+        kv_dtype = tl.float32 if q.dtype == tl.float32 else tl.float16
+        if q.dtype != tl.float32:
+            q = (q.to(tl.float32) * scale_log2).to(tl.float16)
+            scale_log2 = tl.load(k_scale_ptr)
+        else:
+            scale_log2 = scale_log2 * tl.load(k_scale_ptr)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     d_mask = offs_d < HEAD_DIM
@@ -327,7 +335,7 @@ def _attend_keys(
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_head + slots[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
         if KV_FP8:
-            k = k.to(q.dtype)
+            k = k.to(kv_dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N], fp32
         s = tl.where(n_mask[None, :], s, float("-inf"))
         # Every tile holds at least one key (start < hi), so m_new is finite.
@@ -337,9 +345,7 @@ def _attend_keys(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_head + slots[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
         if KV_FP8:
-            # fp16 for P.V whatever q's dtype: e4m3 -> fp16 is one instruction per pair on
-            # SM 8.9+ (-> bf16 takes two more), and P (in [0, 1]) is finer in fp16 than bf16.
-            v = v.to(tl.float32 if q.dtype == tl.float32 else tl.float16)
+            v = v.to(kv_dtype)  # and P (in [0, 1]) is finer in fp16 than in bf16
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
