@@ -64,11 +64,11 @@ class KernelConfig(NamedTuple):
 
 
 # The tile config for an fp8 cache (fa4_backend's DECODE_CONFIG is (128, 4, 2) for bf16):
-# the fastest of the fp8 sweep on the H100 (docs/benchmarks.md): 1.64-1.71x as fast as
-# the bf16 config at 256 sequences of 1,024 and of 100-2,048 keys, where (128, 4, 3) was
-# 1.40-1.49x. Two 16 KB K+V tiles in flight per program at ~146 registers a thread
-# (three programs an SM), where 128-key tiles take ~198 (two). The split count is chosen
-# as for bf16 (choose_num_splits counts programs, not bytes).
+# the fastest tile of the fp8 sweep on the H100 in all 8 of decode_kernel_bench's decode cases,
+# 1.51-1.73x as fast as the bf16 config over a bf16 pool (docs/benchmarks.md). Two 16 KB
+# K+V tiles in flight per program at ~146 registers a thread (three programs an SM),
+# where 128-key tiles take ~198 (two). The split count is chosen as for bf16
+# (choose_num_splits counts programs, not bytes).
 FP8_DECODE_CONFIG = KernelConfig(block_n=64, num_warps=4, num_stages=3)
 
 
