@@ -27,7 +27,7 @@ With `--kv-dtype fp8_e4m3` each case also runs ours over an fp8 copy of the pool
 fp8 config, FP8_DECODE_CONFIG / FP8_GROUP_CONFIG, with the fp8 tile candidates added),
 rows tagged "triton-fp8" whose kv_tb_s counts the fp8 bytes read (1 byte a value) and
 whose max_abs_err is against the bf16 reference (the quantization error), and in the
-summary: the fp8 best, the engine's configs (fa4_backend's DECODE_CONFIG / GROUP_CONFIG
+summary: the fp8 best, the engine's configs (DECODE_CONFIG / GROUP_CONFIG
 over bf16, the fp8 config over fp8, both at the rule's split count) and the speedups
 of fp8 over bf16 (best over best, engine config over engine config).
 
@@ -48,8 +48,9 @@ from typing import NamedTuple
 import torch
 from triton.runtime.errors import OutOfResources
 
-from radixserve.model_runner.attention.fa4_backend import DECODE_CONFIG, GROUP_CONFIG, load_fa4
+from radixserve.model_runner.attention.fa4_backend import load_fa4
 from radixserve.model_runner.attention.triton_decode import (
+    DECODE_CONFIG,
     FP8_DECODE_CONFIG,
     KernelConfig,
     choose_num_splits,
@@ -58,6 +59,7 @@ from radixserve.model_runner.attention.triton_decode import (
 )
 from radixserve.model_runner.attention.triton_group import (
     FP8_GROUP_CONFIG,
+    GROUP_CONFIG,
     GroupKernelConfig,
     choose_group_splits,
     paged_group_attend,

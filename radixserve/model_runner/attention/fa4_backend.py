@@ -51,15 +51,15 @@ from radixserve.model_runner.attention.cascade import (
 from radixserve.model_runner.attention.fallback import ReferenceFallback
 from radixserve.model_runner.attention.metadata import VarlenMetadata, build_varlen_metadata, flat_kv_slots
 from radixserve.model_runner.attention.triton_decode import (
+    DECODE_CONFIG,
     FP8_DECODE_CONFIG,
-    KernelConfig,
     choose_num_splits,
     paged_decode,
     triton_available,
 )
 from radixserve.model_runner.attention.triton_group import (
     FP8_GROUP_CONFIG,
-    GroupKernelConfig,
+    GROUP_CONFIG,
     choose_group_splits,
     paged_group_attend,
 )
@@ -100,15 +100,6 @@ def _fa4_compiled() -> dict | None:
 @functools.cache
 def _compiled_merge() -> Callable[..., torch.Tensor]:
     return torch.compile(merge_states, dynamic=True, fullgraph=True)
-
-
-# The tile config that was fastest or within 1% of it in every case measured on the H100
-# (256 x 100-2048, 256 x 1024, 64 x 4096 and 1,024 x 129-385 keys; GQA 2 and 4).
-DECODE_CONFIG = KernelConfig(block_n=128, num_warps=4, num_stages=2)
-# The prefix pass as CUDA graphs run it (groups padded to one per row): the fastest tile
-# config in every graph-padded case measured on the H100 (64 x 16, 256 x ~4 and 1 x 1,024
-# members over 2,048-token prefixes; GQA 2 and 4): 2.30 TB/s where FA4 reads 1.71.
-GROUP_CONFIG = GroupKernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=3)
 
 
 class FA4Attention(AttentionBackend):

@@ -63,12 +63,16 @@ class KernelConfig(NamedTuple):
     num_stages: int = 3  # K/V tiles in flight = num_stages - 1
 
 
-# The tile config for an fp8 cache (fa4_backend's DECODE_CONFIG is (128, 4, 2) for bf16):
-# the fastest tile of the fp8 sweep on the H100 in all 8 of decode_kernel_bench's decode cases,
-# 1.51-1.73x as fast as the bf16 config over a bf16 pool (docs/benchmarks.md). Two 16 KB
-# K+V tiles in flight per program at ~146 registers a thread (three programs an SM),
-# where 128-key tiles take ~198 (two). The split count is chosen as for bf16
-# (choose_num_splits counts programs, not bytes).
+# The engine's tile config over a bf16/fp16 pool: the fastest or within 1% of it in every
+# case measured on the H100 (256 x 100-2048, 256 x 1024, 64 x 4096 and 1,024 x 129-385
+# keys; GQA 2 and 4).
+DECODE_CONFIG = KernelConfig(block_n=128, num_warps=4, num_stages=2)
+
+# The tile config over an fp8 cache: the fastest tile of the fp8 sweep on the H100 in all
+# 8 of decode_kernel_bench's decode cases, 1.51-1.73x as fast as DECODE_CONFIG over a bf16
+# pool (docs/benchmarks.md). Two 16 KB K+V tiles in flight per program at ~146 registers
+# a thread (three programs an SM), where 128-key tiles take ~198 (two). The split count
+# is chosen as for bf16 (choose_num_splits counts programs, not bytes).
 FP8_DECODE_CONFIG = KernelConfig(block_n=64, num_warps=4, num_stages=3)
 
 
