@@ -184,16 +184,18 @@ def test_fp8_cache_matches_dequantized_reference(device, heads, num_splits):
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-4)
 
 
-def test_fp8_cache_with_half_precision_q(device):
-    """q in fp16 over an fp8 cache (the interpreter computes bf16 tl.dot wrongly; the gpu
-    tests run bf16 q): out in fp16, close to the reference over the dequantized cache."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fp8_cache_with_half_precision_q(device, dtype):
+    """q in fp16 or bf16 over an fp8 cache: out in q's dtype, close to the reference over the
+    dequantized cache. A bf16 q runs here under the interpreter too: over an fp8 cache both
+    products are fp16 (the kernel takes q to fp16, scaled)."""
     q, k, v, table, seqused = make_decode_case(LENS, 8, 4, 32, seed=21, device=device)
     k8, v8, k_scale, v_scale = to_fp8_case(k, v)
-    q = q.half()
+    q = q.to(dtype)
     out, lse = paged_decode(q, k8, v8, table, seqused, 0.2, 3, return_lse=True, config=SMALL,
                             k_scale=k_scale, v_scale=v_scale)
     ref_out, ref_lse = reference(q, dequantize_fp8(k8, k_scale), dequantize_fp8(v8, v_scale), table, seqused, 0.2)
-    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert out.dtype == dtype and torch.isfinite(out).all()
     assert rel_err(out, ref_out) < 1e-2
     torch.testing.assert_close(lse, ref_lse, rtol=1e-2, atol=2e-2)
 
@@ -247,7 +249,8 @@ def test_preallocated_out_and_workspace(device):
 def check_hopper_compile(group: int) -> None:
     """The split and merge kernels compile for SM 9.0 over a bf16 cache (the default config)
     and an fp8 one (the fp8 config; tiles loaded as e4m3 and widened in registers), and
-    fit an SM."""
+    fit an SM. Over fp8 with a bf16 q both products run in fp16: each e4m3 pair widens in
+    one instruction, with no second step to bf16."""
     from radixserve.model_runner.attention import triton_decode_kernels as kernels
 
     for fp8, config in ((False, KernelConfig()), (True, FP8_DECODE_CONFIG)):
@@ -259,7 +262,9 @@ def check_hopper_compile(group: int) -> None:
                 "bf16", config.num_warps, config.num_stages, kv_dtype="fp8e4nv" if fp8 else None,
             )
             assert 0 < split.metadata.shared <= 227 * 1024, split.metadata.shared
-            assert ("cvt.rn.f16x2.e4m3x2" in split.asm["ptx"]) == fp8
+            ptx = split.asm["ptx"]
+            assert ("cvt.rn.f16x2.e4m3x2" in ptx) == fp8
+            assert ("cvt.bf16.f16" in ptx or "f32.bf16.bf16.f32" in ptx) != fp8  # bf16 mma only without fp8
     merge = compile_for_hopper(
         kernels.merge_splits_kernel, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_S=16, WRITE_LSE=True), "bf16", 4
     )

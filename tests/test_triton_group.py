@@ -206,6 +206,21 @@ def test_fp8_cache_matches_dequantized_reference(device, heads, num_splits):
     assert_matches(out, lse, *ref, seqused, cu)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fp8_cache_with_half_precision_q(device, dtype):
+    """q in fp16 or bf16 over an fp8 cache: out in q's dtype, close to the reference over the
+    dequantized cache (a bf16 q runs under the interpreter too: over fp8 both products are fp16)."""
+    q, k, v, table, seqused, cu = make_group_case(ROWS, KEYS, 8, 4, 32, seed=31, device=device)
+    k8, v8, k_scale, v_scale = to_fp8_case(k, v)
+    q = q.to(dtype)
+    out, lse = paged_group_attend(q, k8, v8, table, seqused, cu, 0.2, 3, return_lse=True, config=SMALL,
+                                  k_scale=k_scale, v_scale=v_scale)
+    ref_out, ref_lse = reference(q, dequantize_fp8(k8, k_scale), dequantize_fp8(v8, v_scale), table, seqused, cu, 0.2)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert rel_err(out, ref_out) < 1e-2
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-2, atol=2e-2)
+
+
 def test_workspace_for_more_rows(device):
     """A workspace sized for more rows serves fewer (the graph runner's static buffers)."""
     q, k, v, table, seqused, cu = make_group_case([1, 17, 0, 5], [5, 130, 30, 0], 8, 4, 32, seed=4, device=device)
