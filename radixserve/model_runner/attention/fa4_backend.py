@@ -255,7 +255,7 @@ class FA4Attention(AttentionBackend):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The Triton split-KV kernel; the split count depends on shapes only (graph-safe)."""
         splits = choose_num_splits(q.shape[0], k_cache.shape[1], self._sms(q.device))
-        config = FP8_DECODE_CONFIG if scales else DECODE_CONFIG  # fp8: the same bytes in flight
+        config = FP8_DECODE_CONFIG if scales else DECODE_CONFIG  # each the fastest of its sweep
         result = paged_decode(
             q, k_cache, v_cache, meta.page_table, meta.seqused_k, scale, splits,
             return_lse=return_lse, config=config, table_rows=meta.table_rows, table_start=meta.table_start,
