@@ -13,8 +13,8 @@ this process may run on, less one, at least one.
 Steps of many rows (prefill chunks) compute on every usable CPU (`StepThreads`).
 Their host work is nothing beside their compute, and each of their operations
 runs for milliseconds, so a thread of the team that another job delays holds
-the barrier for a small part of the operation: at worst the step takes about
-what one thread takes. Measured on the same VM (32 prompts of 320 tokens, each
+the barrier for a small part of the operation: at worst the step takes a little
+longer than on one thread. Measured on the same VM (32 prompts of 320 tokens, each
 prefill step 2,048 tokens, the model's threads set in the engine's own thread):
 a prefill step 2.3-2.5 s on two threads against 3.9-4.3 s on one with the other
 CPU free; against a busy loop on the other CPU, 4.3-5.2 s against 4.0-4.4 s.
