@@ -14,6 +14,14 @@ from radixserve.model_runner import cpu_threads
 from radixserve.model_runner.cpu_threads import WIDE_STEP_ROWS, StepThreads
 
 
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    """The engines built here set this thread's torch count (configure_cpu_threads): put it back."""
+    count = torch.get_num_threads()
+    yield
+    torch.set_num_threads(count)
+
+
 @pytest.fixture
 def four_cpus(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
