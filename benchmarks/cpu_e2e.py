@@ -67,7 +67,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--attention-backend", default="auto", help="radixserve's attention_backend")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads of radixserve and transformers (this process); default: the engine's choice")
+                   help="torch threads of radixserve (every step) and transformers, through OMP_NUM_THREADS; "
+                   "default: the engine's choice per step (radixserve/model_runner/cpu_threads.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--serve-vllm", default=None, help=argparse.SUPPRESS)  # model dir: run as vLLM's server
     return p.parse_args()
@@ -196,11 +197,25 @@ def agreement(ours: list[list[int]], peer: list[list[int]]) -> dict[str, Any]:
     return {"identical": shared["identical"], "mean_common_prefix": statistics.mean(shared["common_prefix_tokens"])}
 
 
+def torch_threads(engine: Any, fixed: int | None) -> str:
+    """radixserve's torch threads: those --threads fixed, or its count for wide and narrow steps."""
+    from radixserve.model_runner.cpu_threads import WIDE_STEP_ROWS
+
+    steps = engine.core.runner.step_threads
+    if fixed is not None or steps is None or not steps.enabled:
+        return f"{fixed if fixed is not None else os.environ.get('OMP_NUM_THREADS')} every step"
+    return f"{steps.wide} for steps of {WIDE_STEP_ROWS}+ rows, else {steps.narrow}"
+
+
 def main() -> None:
     args = parse_args()
     if args.serve_vllm:
         serve_vllm(args.serve_vllm, args.vllm_memory)
         return
+    if args.threads is not None:
+        # Before torch loads: the count is per OpenMP thread, and the engine computes on a thread
+        # of its own, which a torch.set_num_threads here would not reach.
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
 
     from radixserve import Engine
@@ -217,8 +232,6 @@ def main() -> None:
         vllm = VLLMPeer(python, model_dir, args)
     engine = Engine(str(model_dir), device="cpu", dtype="float32", show_progress=False,
                     attention_backend=args.attention_backend, max_running_requests=max(args.prompts, 8))
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     hf = None
     if not args.skip_transformers:
         from transformers import AutoModelForCausalLM
@@ -256,7 +269,7 @@ def main() -> None:
     summary: dict[str, Any] = {
         "summary": "median output tok/s over rounds", "rounds": args.rounds, "prompts": args.prompts,
         "prefix_len": args.prefix_len, "question_len": args.question_len, "output_len": args.output_len,
-        "torch_threads": torch.get_num_threads(), "attention_backend": engine.core.runner.backend.name,
+        "torch_threads": torch_threads(engine, args.threads), "attention_backend": engine.core.runner.backend.name,
         "vllm": vllm.info.get("engine") if vllm else "skipped",
     }
     for workload in workloads:

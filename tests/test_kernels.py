@@ -86,3 +86,35 @@ def test_many_model_shapes_share_the_compiled_kernels(fused):
             for a, b in zip(fused.qk_norm_rope(q, k, w, w, 1e-6, cache, positions),
                             EAGER.qk_norm_rope(q, k, w, w, 1e-6, cache, positions)):
                 torch.testing.assert_close(a, b)
+
+
+def transformers_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm's steps (float32 variance, cast back, then the weight)."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 32, 300, 2048])
+def test_float32_cpu_rms_norm_is_bitwise_the_step_by_step_one(rows):
+    """The fused float32 path (torch's rms_norm) gives transformers' bits: hidden rows, and q/k
+    heads as the decoder hands them (strided views into the qkv output)."""
+    g = torch.Generator().manual_seed(rows)
+    for scale in (1e-3, 1.0, 40.0):
+        x, weight = torch.randn(rows, 576, generator=g) * scale, torch.rand(576, generator=g) + 0.5
+        assert torch.equal(EAGER.rms_norm(x, weight, 1e-5), transformers_rms_norm(x, weight, 1e-5))
+        qkv = torch.randn(rows, (9 + 2 * 3) * 64, generator=g) * scale
+        q = qkv[:, : 9 * 64].view(rows, 9, 64)
+        k = qkv[:, 9 * 64 : 12 * 64].view(rows, 3, 64)
+        head_weight = torch.rand(64, generator=g) + 0.5
+        for heads in (q, k):
+            want = transformers_rms_norm(heads, head_weight, 1e-6)
+            assert torch.equal(EAGER.rms_norm(heads, head_weight, 1e-6), want)
+
+
+def test_silu_and_mul_is_bitwise_silu_times_up():
+    gate_up = torch.randn(300, 2 * 96, generator=torch.Generator().manual_seed(0))
+    gate, up = gate_up[:, :96], gate_up[:, 96:]
+    before = gate_up.clone()
+    assert torch.equal(EAGER.silu_and_mul(gate_up), torch.nn.functional.silu(gate) * up)
+    assert torch.equal(gate_up, before)  # the input is left as it was

@@ -132,11 +132,51 @@ def test_steady_decode_copies_only_the_new_tokens():
         step(backend, ref, pool, [(row, 0)], hq, d)
     for i in range(5):
         step(backend, ref, pool, decode_all(pool), hq, d)
-        (p,) = backend._passes
-        assert p.mirror is not None
-        stale = int(p.mirror[1].stale_slots.numel())
+        stale = decode_stale(backend)
         # The first step copies every real token (padding never); later ones each new token only.
         assert stale == (sum(map(len, pool.seqs.values())) if i == 0 else 4), stale
+
+
+def decode_stale(backend) -> int:
+    (p,) = backend._passes
+    assert p.mirror is not None
+    return int(p.mirror[1].stale_slots.numel())
+
+
+def test_sequences_that_change_rows_keep_their_copies():
+    """When the first sequences finish, the others move up a row each: each step still copies
+    in one position per sequence (and the output equals the reference)."""
+    hq, hkv, d = 4, 2, 8
+    pool = Pool(num_slots=600, rows=6, width=100, hkv=hkv, d=d, seed=2)
+    backend, ref = CPUAttention(0), TorchAttention()
+    for length in (30, 41, 17, 25, 33):
+        row, _ = pool.admit(length)
+        step(backend, ref, pool, [(row, 0)], hq, d)
+    step(backend, ref, pool, decode_all(pool), hq, d)
+    for finished in range(3):
+        pool.release(min(pool.seqs))  # the sequence in the first row
+        step(backend, ref, pool, decode_all(pool), hq, d)
+        assert decode_stale(backend) == len(pool.seqs), finished
+
+
+def test_a_growing_batch_keeps_the_copies_of_its_sequences():
+    """Sequences joining the decodes past the copies' capacity (more rows, longer keys): the
+    copies grow and keep what they held, so the sequences decoding before copy in their new
+    token only, the newcomers all of theirs."""
+    hq, hkv, d = 4, 2, 8
+    pool = Pool(num_slots=900, rows=8, width=200, hkv=hkv, d=d, seed=3)
+    backend, ref = CPUAttention(0), TorchAttention()
+    for length in (20, 31):
+        row, _ = pool.admit(length)
+        step(backend, ref, pool, [(row, 0)], hq, d)
+    step(backend, ref, pool, decode_all(pool), hq, d)
+    for length in (12, 90, 150):  # more rows each time; 90 and 150 keys outgrow the length too
+        work = decode_all(pool)  # the newcomer's prefill beside the decodes, as the engine batches it
+        row, _ = pool.admit(length)
+        step(backend, ref, pool, work + [(row, 0)], hq, d)
+        old = len(pool.seqs) - 1
+        step(backend, ref, pool, decode_all(pool), hq, d)
+        assert decode_stale(backend) == old + len(pool.seqs[row]), length
 
 
 def test_a_pool_too_small_for_the_copy_gathers_instead():

@@ -6,15 +6,23 @@ thread on every CPU, that Python thread, or any other process, takes a core
 from the team, and each of a step's hundreds of parallel operations then waits
 at its barrier for the descheduled thread. Measured on a 2-core VM shared with
 other jobs, a decode step of 32 sequences of the built-in model took 0.14 s to
-1.8 s from run to run with two threads, 0.26 to 0.37 s with one; a prefill of
-12 prompts of 320 tokens ran at 533-597 tokens/s with one thread and 175-197
-with two (alternating in one process); end to end (benchmarks/cpu_e2e.py) one
-thread did as well or better. With the packed linears and kept K/V copies,
-prefill of 12 prompts of 320 tokens alternating one and two threads took 13.4 and
-15.0 s with one, 14.5 and 14.9 s with two (decode steps 227-256 ms against
-237-260): a second thread buys nothing while anything else runs. So the default leaves
-one CPU to the host, as vLLM's CPU backend does: every CPU this process may run
-on, less one, at least one. OMP_NUM_THREADS, when set, wins.
+1.8 s from run to run with two threads, 0.26 to 0.37 s with one. So steps of few
+rows (decodes) leave one CPU to the host, as vLLM's CPU backend does: every CPU
+this process may run on, less one, at least one.
+
+Steps of many rows (prefill chunks) compute on every usable CPU (`StepThreads`).
+Their host work is nothing beside their compute, and each of their operations
+runs for milliseconds, so a thread of the team that another job delays holds
+the barrier for a small part of the operation: at worst the step takes a little
+longer than on one thread. Measured on the same VM (32 prompts of 320 tokens, each
+prefill step 2,048 tokens, the model's threads set in the engine's own thread):
+a prefill step 2.3-2.5 s on two threads against 3.9-4.3 s on one with the other
+CPU free; against a busy loop on the other CPU, 4.3-5.2 s against 4.0-4.4 s.
+
+torch's thread count is kept per thread (OpenMP's): `torch.set_num_threads` in one
+thread leaves another that has already computed at the count it had, so the runner
+sets it in the thread that runs the forward. OMP_NUM_THREADS, when set, wins: every
+step then runs on that many threads.
 """
 
 from __future__ import annotations
@@ -25,6 +33,10 @@ import os
 import torch
 
 logger = logging.getLogger(__name__)
+
+# A forward of at least this many rows (a prefill chunk; a decode step of this many
+# sequences) runs on every usable CPU; smaller ones on default_cpu_threads().
+WIDE_STEP_ROWS = 256
 
 
 def usable_cpus() -> int:
@@ -50,3 +62,27 @@ def configure_cpu_threads() -> int:
                     "OMP_NUM_THREADS overrides)", threads, usable_cpus())
         torch.set_num_threads(threads)
     return threads
+
+
+class StepThreads:
+    """Torch's intra-op threads for each forward on the CPU, by its rows: every usable CPU
+    for WIDE_STEP_ROWS rows or more, `default_cpu_threads()` below. Off (every step keeps
+    the count in force) where OMP_NUM_THREADS is set. `apply` must run in the thread that
+    runs the forward (the count is per thread)."""
+
+    def __init__(self) -> None:
+        self.enabled = not os.environ.get("OMP_NUM_THREADS")
+        self.narrow = default_cpu_threads()
+        self.wide = usable_cpus()
+
+    def threads_for(self, rows: int) -> int:
+        return self.wide if rows >= WIDE_STEP_ROWS else self.narrow
+
+    def apply(self, rows: int) -> int:
+        """Set the calling thread's count for a forward of `rows` rows; returns the count in force."""
+        if not self.enabled:
+            return torch.get_num_threads()
+        threads = self.threads_for(rows)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        return threads

@@ -15,6 +15,7 @@ import torch
 
 from radixserve.model_runner.attention import create_backend
 from radixserve.model_runner.config import DTYPES, RunnerConfig
+from radixserve.model_runner.cpu_threads import StepThreads
 from radixserve.model_runner.forward_batch import (
     CascadePlan,
     ForwardBatch,
@@ -84,6 +85,9 @@ class ModelRunner:
         self.backend = create_backend(config.attention_backend, device, dtype, cfg.head_dim, config.triton_decode,
                                       cascade=config.cascade_attention is not False, kv_dtype=self.kv_dtype)
         self.scale = cfg.softmax_scale
+        # One process on the CPU: each forward's thread count by its rows (cpu_threads.py).
+        # Tensor-parallel ranks share the host's CPUs at a fixed count (tp_worker.py).
+        self.step_threads = StepThreads() if device.type == "cpu" and comm is None else None
         logger.info(
             "model %s on %s (%s): %d KV slots (%s), attention %s",
             cfg.architecture, device, dtype, num_slots, self.kv_dtype, self.backend.name,
@@ -254,6 +258,8 @@ class ModelRunner:
             self.graph_batches += 1
             return ForwardOutput(self.graphs.run(batch), None, None)
         batch = batch.to(self.device)
+        if self.step_threads is not None:
+            self.step_threads.apply(int(batch.input_ids.shape[0]))
         if batch.sourced is not None:
             assert batch.input_source is not None, "sourced ids come with their source"
             resolve_inputs(batch.input_ids, batch.sourced, batch.input_source)

@@ -28,6 +28,10 @@ import torch.nn.functional as F
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension (any leading shape)."""
+    if x.dtype == torch.float32 and x.device.type == "cpu":
+        # torch's fused op computes the same float32 steps in one pass (bitwise equal on the
+        # CPU, tests/test_kernels.py), where the steps below make five passes over x.
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     dtype = x.dtype
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
@@ -74,7 +78,7 @@ def qk_norm_rope(
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate_up = [gate | up] along the last dimension."""
     gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return F.silu(gate).mul_(up)  # in place: one [T, I] tensor fewer to allocate and fill
 
 
 class Kernels(NamedTuple):
