@@ -190,22 +190,21 @@ class FA4Attention(AttentionBackend):
             raise RuntimeError("an indirect page table reached FA4, which takes gathered tables only")
         known = len(self._variants) if self._variants is not None else 0
         start = time.perf_counter()
+        # What both FA4 calls share: the query side, the key bound, the scale and the mask.
+        common = dict(cu_seqlens_q=meta.cu_seqlens_q, max_seqlen_q=meta.max_seqlen_q, max_seqlen_k=meta.max_seqlen_k,
+                      softmax_scale=scale, causal=causal, return_lse=return_lse)
         if k_scale is None:
             result = self._fn(
                 q,
                 k_cache.unsqueeze(1),  # [pages, page_size = 1, Hkv, D], a view
                 v_cache.unsqueeze(1),
-                cu_seqlens_q=meta.cu_seqlens_q,
-                max_seqlen_q=meta.max_seqlen_q,
-                max_seqlen_k=meta.max_seqlen_k,
                 seqused_k=meta.seqused_k,
                 page_table=meta.page_table,
-                softmax_scale=scale,
-                causal=causal,
-                return_lse=return_lse,
+                **common,
             )
         else:
-            result = self._gathered(q, k_cache, v_cache, scale, meta, causal, return_lse, k_scale, v_scale)
+            k, v = self._gathered(k_cache, v_cache, meta, k_scale, v_scale, q.dtype)
+            result = self._fn(q, k, v, cu_seqlens_k=meta.cu_seqlens_k, **common)
         if self._variants is not None and len(self._variants) > known:
             seconds = time.perf_counter() - start
             if self.warmed:
@@ -220,29 +219,18 @@ class FA4Attention(AttentionBackend):
         return result
 
     def _gathered(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, meta: VarlenMetadata,
-        causal: bool, return_lse: bool, k_scale: torch.Tensor, v_scale: torch.Tensor | None,
-    ) -> Any:
-        """FA4 over an fp8 pool: the pass's K/V `[total_k, Hkv, D]` gathered in sequence order
-        and dequantized to q's dtype (a scratch buffer per layer), one varlen call with
+        self, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: VarlenMetadata, k_scale: torch.Tensor,
+        v_scale: torch.Tensor | None, dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """An fp8 pool's K/V for an FA4 pass: `[total_k, Hkv, D]` each, gathered in sequence
+        order and dequantized to `dtype` (a scratch buffer per layer), for one varlen call with
         `cu_seqlens_k`. The slot index is built once per pass and batch."""
         if meta.total_k < 0:
             raise RuntimeError("an fp8 pool's FA4 pass needs the batch's key count, which graph metadata lacks")
         index = self._gather_index.get(id(meta))
         if index is None:
             index = self._gather_index[id(meta)] = flat_kv_slots(meta)
-        return self._fn(
-            q,
-            gather_kv(k_cache, index, k_scale, q.dtype),
-            gather_kv(v_cache, index, v_scale, q.dtype),
-            cu_seqlens_q=meta.cu_seqlens_q,
-            cu_seqlens_k=meta.cu_seqlens_k,
-            max_seqlen_q=meta.max_seqlen_q,
-            max_seqlen_k=meta.max_seqlen_k,
-            softmax_scale=scale,
-            causal=causal,
-            return_lse=return_lse,
-        )
+        return gather_kv(k_cache, index, k_scale, dtype), gather_kv(v_cache, index, v_scale, dtype)
 
     def _sms(self, device: torch.device) -> int:
         if self._num_sms is None:
