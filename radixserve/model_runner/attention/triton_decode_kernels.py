@@ -304,17 +304,18 @@ def _attend_keys(
     and widened for tl.dot to fp16 (fp32 for fp32 q): exact, every e4m3 value is an fp16
     and fp32 value. A bf16 or fp16 q is taken to fp16 once, times the softmax scale: the
     scaled row stays far inside fp16's range (|q| would need to pass 500,000 at D = 128)
-    and rounds to fp16's 11 significant bits, finer than bf16's 8. The scores are then scaled by k_scale, so they,
-    and from them m, l and the lse, are those of the real keys; v_scale multiplies the
-    normalized output once, before any store, so the split merge sees real partial
-    outputs."""
+    and rounds to fp16's 11 significant bits, finer than bf16's 8. The scores are then
+    scaled by k_scale, so they, and from them m, l and the lse, are those of the real
+    keys; v_scale multiplies the normalized output once, before any store, so the split
+    merge sees real partial outputs."""
     if KV_FP8:
-        kv_dtype = tl.float32 if q.dtype == tl.float32 else tl.float16
-        if q.dtype != tl.float32:
+        if q.dtype == tl.float32:
+            kv_dtype = tl.float32
+            scale_log2 = scale_log2 * tl.load(k_scale_ptr)
+        else:
+            kv_dtype = tl.float16
             q = (q.to(tl.float32) * scale_log2).to(tl.float16)
             scale_log2 = tl.load(k_scale_ptr)
-        else:
-            scale_log2 = scale_log2 * tl.load(k_scale_ptr)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     d_mask = offs_d < HEAD_DIM
