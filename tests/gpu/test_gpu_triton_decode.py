@@ -6,6 +6,7 @@ reference these share)."""
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -14,12 +15,44 @@ from test_triton_decode import reference
 
 from radixserve.model_runner.attention.triton_decode import (
     FP8_DECODE_CONFIG,
+    DecodeWorkspace,
     KernelConfig,
     choose_num_splits,
     make_workspace,
     paged_decode,
 )
 from radixserve.model_runner.kv_store import quantize_kv
+
+
+class GraphInputs(NamedTuple):
+    """A decode batch's static buffers under a CUDA graph: what each replay reads, and where it writes."""
+
+    q: torch.Tensor  # [B, Hq, D]
+    table: torch.Tensor  # [B, width] int32
+    used: torch.Tensor  # [B] int32
+    workspace: DecodeWorkspace
+    out: torch.Tensor
+
+
+def graph_inputs(q: torch.Tensor, width: int, num_splits: int) -> GraphInputs:
+    batch, hq, d = q.shape
+    return GraphInputs(
+        torch.empty_like(q), torch.zeros(batch, width, dtype=torch.int32, device=q.device),
+        torch.zeros(batch, dtype=torch.int32, device=q.device), make_workspace(batch, hq, d, num_splits, q.device),
+        torch.empty_like(q),
+    )
+
+
+def refill(inputs: GraphInputs, valid: torch.Tensor, seed: int) -> None:
+    """New queries, lengths up to the table's width, slots drawn from the pool's `valid` ones;
+    entries past each length are slot 0 (NaN)."""
+    batch, width = inputs.table.shape
+    device = inputs.q.device
+    g = torch.Generator(device=device).manual_seed(seed)
+    inputs.q.normal_(generator=g)
+    inputs.used.copy_(torch.randint(1, width + 1, (batch,), generator=g, device=device))
+    picks = valid[torch.randint(0, len(valid), (batch, width), generator=g, device=device)]
+    inputs.table.copy_(picks.masked_fill(torch.arange(width, device=device) >= inputs.used[:, None], 0))
 
 
 @pytest.mark.gpu
@@ -65,38 +98,26 @@ def test_gpu_cuda_graph_replay(device):
     batch, hq, hkv = 32, 32, 8
     q, k, v, _, _ = gpu_case(random_lens(batch, 1, 4096, 0), hq, hkv, seed=0)
     width = 8192  # a fixed table width covers every replay, as under the engine's graphs
-    s_table = torch.zeros(batch, width, dtype=torch.int32, device="cuda")
-    s_used = torch.zeros(batch, dtype=torch.int32, device="cuda")
-    s_q = torch.empty_like(q)
     num_splits = 8
-    ws = make_workspace(batch, hq, 128, num_splits, "cuda")
-    out = torch.empty_like(q)
-    lse = None
-
+    static = graph_inputs(q, width, num_splits)
     valid = torch.isfinite(k[:, 0, 0]).nonzero().flatten().to(torch.int32)
 
-    def fill(seed):
-        """New queries, lengths up to the width, slots drawn from the pool's valid ones;
-        entries past each length are slot 0 (NaN)."""
-        g = torch.Generator(device="cuda").manual_seed(seed)
-        s_q.normal_(generator=g)
-        s_used.copy_(torch.randint(1, width + 1, (batch,), generator=g, device="cuda"))
-        picks = valid[torch.randint(0, len(valid), (batch, width), generator=g, device="cuda")]
-        past = torch.arange(width, device="cuda") >= s_used[:, None]
-        s_table.copy_(picks.masked_fill(past, 0))
+    def call():
+        return paged_decode(static.q, k, v, static.table, static.used, 0.1, num_splits, out=static.out,
+                            workspace=static.workspace, return_lse=True)
 
-    fill(1)
-    paged_decode(s_q, k, v, s_table, s_used, 0.1, num_splits, out=out, workspace=ws, return_lse=True)  # compile
+    refill(static, valid, 1)
+    call()  # compile
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        _, lse = paged_decode(s_q, k, v, s_table, s_used, 0.1, num_splits, out=out, workspace=ws, return_lse=True)
+        _, lse = call()
     for seed in (2, 3):
-        fill(seed)
+        refill(static, valid, seed)
         graph.replay()
         torch.cuda.synchronize()
-        ref_out, ref_lse = reference(s_q, k, v, s_table, s_used, 0.1)
-        assert rel_err(out, ref_out) < 1e-2
+        ref_out, ref_lse = reference(static.q, k, v, static.table, static.used, 0.1)
+        assert rel_err(static.out, ref_out) < 1e-2
         torch.testing.assert_close(lse, ref_lse, rtol=1e-2, atol=2e-2)
 
 
@@ -141,19 +162,11 @@ def test_gpu_fp8_cuda_graph_replay(device):
     v_scale = torch.empty_like(k_scale)
     k8 = torch.empty(k_real.shape, dtype=torch.float8_e4m3fn, device="cuda")
     v8 = torch.empty_like(k8)
-    s_table = torch.zeros(batch, width, dtype=torch.int32, device="cuda")
-    s_used = torch.zeros(batch, dtype=torch.int32, device="cuda")
-    s_q = torch.empty_like(q)
     num_splits = 8
-    ws = make_workspace(batch, hq, 128, num_splits, "cuda")
-    out = torch.empty_like(q)
+    static = graph_inputs(q, width, num_splits)
 
     def fill(seed: int, ks: torch.Tensor, vs: torch.Tensor) -> None:
-        g = torch.Generator(device="cuda").manual_seed(seed)
-        s_q.normal_(generator=g)
-        s_used.copy_(torch.randint(1, width + 1, (batch,), generator=g, device="cuda"))
-        picks = valid[torch.randint(0, len(valid), (batch, width), generator=g, device="cuda")]
-        s_table.copy_(picks.masked_fill(torch.arange(width, device="cuda") >= s_used[:, None], 0))
+        refill(static, valid, seed)
         k_scale.copy_(ks)
         v_scale.copy_(vs)
         k8.copy_(quantize_kv(k_real, ks))  # the pool rewritten with the new scales
@@ -161,8 +174,9 @@ def test_gpu_fp8_cuda_graph_replay(device):
 
     def capture(ks: torch.Tensor, vs: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         def call():
-            return paged_decode(s_q, k8, v8, s_table, s_used, 0.1, num_splits, out=out, workspace=ws,
-                                return_lse=True, config=FP8_DECODE_CONFIG, k_scale=ks, v_scale=vs)
+            return paged_decode(static.q, k8, v8, static.table, static.used, 0.1, num_splits, out=static.out,
+                                workspace=static.workspace, return_lse=True, config=FP8_DECODE_CONFIG,
+                                k_scale=ks, v_scale=vs)
 
         call()  # compile outside the capture
         torch.cuda.synchronize()
@@ -178,8 +192,9 @@ def test_gpu_fp8_cuda_graph_replay(device):
         fill(seed, ks, vs)
         graph.replay()
         torch.cuda.synchronize()
-        ref_out, ref_lse = reference(s_q, dequantize_fp8(k8, ks), dequantize_fp8(v8, vs), s_table, s_used, 0.1)
-        assert rel_err(out, ref_out) < 1e-2, seed
+        ref_out, ref_lse = reference(static.q, dequantize_fp8(k8, ks), dequantize_fp8(v8, vs), static.table,
+                                     static.used, 0.1)
+        assert rel_err(static.out, ref_out) < 1e-2, seed
         torch.testing.assert_close(lse, ref_lse, rtol=1e-2, atol=2e-2)
 
     one = torch.full((1,), 0.02, device="cuda")  # a per-tensor scale, expanded to every head
@@ -190,7 +205,7 @@ def test_gpu_fp8_cuda_graph_replay(device):
     v8.copy_(quantize_kv(v_real, one.expand(hkv)))
     graph.replay()
     torch.cuda.synchronize()
-    ref_out, ref_lse = reference(s_q, dequantize_fp8(k8, one.expand(hkv)), dequantize_fp8(v8, one.expand(hkv)),
-                                 s_table, s_used, 0.1)
-    assert rel_err(out, ref_out) < 1e-2
+    ref_out, ref_lse = reference(static.q, dequantize_fp8(k8, one.expand(hkv)), dequantize_fp8(v8, one.expand(hkv)),
+                                 static.table, static.used, 0.1)
+    assert rel_err(static.out, ref_out) < 1e-2
     torch.testing.assert_close(lse, ref_lse, rtol=1e-2, atol=2e-2)
