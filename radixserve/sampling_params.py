@@ -326,4 +326,14 @@ def _normalize_bad_words(words: object) -> tuple[str, ...]:
     if not isinstance(words, Sequence) or not all(isinstance(w, str) and w.strip() for w in words):
         raise ValueError(f"bad_words must be a string or a sequence of strings with a non-space character, "
                          f"got {words!r}")
+    for i, word in enumerate(words):  # each is tokenized
+        check_text(f"bad_words[{i}]", word)
     return tuple(words)
+
+
+def check_text(field: str, text: str) -> None:
+    """Text a tokenizer can encode: no lone UTF-16 surrogate (ValueError naming the field)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{field} is not valid Unicode text (a lone surrogate at index {exc.start})") from None

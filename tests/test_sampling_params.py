@@ -48,6 +48,13 @@ def test_bad_value_raises_value_error_naming_the_field(field, value):
         SamplingParams(**{field: value})
 
 
+def test_bad_words_that_no_tokenizer_encodes_are_refused():
+    """bad_words are tokenized: a lone UTF-16 surrogate is a ValueError naming the word, not the
+    tokenizer's TypeError from inside a request."""
+    with pytest.raises(ValueError, match=r"^bad_words\[1\] is not valid Unicode text"):
+        SamplingParams(bad_words=["fine", "a\ud800"])
+
+
 def test_defaults_are_valid_and_documented_values():
     p = SamplingParams()
     assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.min_p) == (128, 1.0, 1.0, -1, 0.0)

@@ -30,7 +30,7 @@ from radixserve.engine.model_files import load_tokenizer, resolve_model_path
 from radixserve.engine.outputs import RequestOutput, StreamDelta
 from radixserve.engine.structured import GrammarCompilers, RequestGrammar, bad_word_ids
 from radixserve.engine.tracker import DONE, Tracker, drain, next_delta
-from radixserve.sampling_params import SamplingParams, top_count
+from radixserve.sampling_params import SamplingParams, check_text, top_count
 from radixserve.scheduler.request import POOLINGS, PrefillTask, Submission
 from radixserve.scheduler.scheduler import StepUpdate
 
@@ -59,14 +59,6 @@ _CHAT_TEMPLATE_ARGS = frozenset({
 
 # What a chat message may hold (Engine.apply_chat_template).
 _MESSAGE_KEYS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content"})
-
-
-def _check_text(field: str, text: str) -> None:
-    """Text a tokenizer can encode: no lone UTF-16 surrogate (ValueError naming the field)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"{field} is not valid Unicode text (a lone surrogate at index {exc.start})") from None
 
 
 class Engine:
@@ -150,7 +142,7 @@ class Engine:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
-            _check_text("prompt", prompt)
+            check_text("prompt", prompt)
             tok = self._require_tokenizer("text prompts")
             ids = tok.encode(prompt, add_special_tokens=True)
             text: str | None = prompt
@@ -456,7 +448,7 @@ class Engine:
             if isinstance(c, str):
                 if not c:
                     raise ValueError(f"completions[{i}] is empty")
-                _check_text(f"completions[{i}]", c)
+                check_text(f"completions[{i}]", c)
                 c_ids = self._require_tokenizer("text completions").encode(c, add_special_tokens=False)
             elif isinstance(c, Sequence) and not isinstance(c, bytes):
                 c_ids = list(c)
@@ -552,7 +544,7 @@ class Engine:
                                  "and a list 'tool_calls'")
             if not isinstance(m.get("tool_calls", []), list):
                 raise ValueError(f"messages[{i}].tool_calls must be a list")
-            _check_text(f"messages[{i}].content", m["content"])
+            check_text(f"messages[{i}].content", m["content"])
         if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
             raise ValueError("tools must be a list of tool dicts")
         extra = dict(chat_template_kwargs or {})
